@@ -1,0 +1,178 @@
+"""Mamba mixers on flattened image sequences: the tri-orientated Mamba of SegMamba (ToM).
+
+SegMamba (Xing et al., "SegMamba: Long-range Sequential Modeling Mamba For 3D Medical Image Segmentation",
+MICCAI 2024) runs one Mamba layer over the flattened feature map in three orders and sums the results before a
+shared output projection:
+
+    forward       the raster order (W fastest)
+    backward      the raster order reversed
+    inter-slice   the transpose of an (num_slices, L / num_slices) view: all slices of one in-plane position,
+                  then the next position
+
+Parameter names follow the authors' code (`A_log, D, A_b_log, D_b, A_s_log, D_s, conv1d, conv1d_b, ...`), so
+their checkpoints load with strict=True; with only the forward direction the module's state_dict is exactly
+that of `mamba_ssm.Mamba`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ssm import causal_conv1d, selective_scan
+
+__all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]
+
+# direction name -> parameter-name suffix in the reference
+DIRECTIONS = {"forward": "", "backward": "_b", "slice": "_s"}
+
+
+def slice_order(x: torch.Tensor, num_slices: int, inverse: bool = False) -> torch.Tensor:
+    """Reorder the last axis (length L) into the inter-slice order, or back with `inverse=True`.
+
+    Position q of the reordered sequence holds x[(q mod n) * (L / n) + q // n] for n = num_slices, i.e. the
+    (n, L/n) view transposed. With n = D of a (D, H, W) raster, it visits the D slices of one (h, w) first.
+    """
+    length = x.shape[-1]
+    if num_slices < 1 or length % num_slices != 0:
+        raise ValueError(
+            f"num_slices={num_slices} must be a positive divisor of the sequence length L={length}; "
+            f"pass num_slices equal to the feature map's first spatial size (or leave it None)"
+        )
+    lead = x.shape[:-1]
+    if inverse:
+        return x.reshape(*lead, length // num_slices, num_slices).transpose(-1, -2).reshape(*lead, length)
+    return x.reshape(*lead, num_slices, length // num_slices).transpose(-1, -2).reshape(*lead, length)
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_init_floor: float,
+                  dt_scale: float = 1.0) -> None:
+    """Mamba's dt initialisation: softplus(bias) log-uniform in [dt_min, dt_max], weight uniform(+-dt_rank^-0.5)."""
+    std = dt_rank ** -0.5 * dt_scale
+    nn.init.uniform_(dt_proj.weight, -std, std)
+    dt = torch.exp(
+        torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    ).clamp(min=dt_init_floor)
+    inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))
+    with torch.no_grad():
+        dt_proj.bias.copy_(inv_softplus_dt)
+    dt_proj.bias._no_reinit = True
+
+
+class TriOrientedMamba(nn.Module):
+    """The tri-orientated Mamba mixer (ToM) of SegMamba; `directions=("forward",)` is a plain Mamba layer.
+
+    Args:
+        d_model: channels of the input sequence.
+        d_state: SSM state size per channel (16).
+        d_conv: width of the causal depthwise convolution (4).
+        expand: d_inner = expand * d_model (2).
+        dt_rank: rank of the delta projection; "auto" = ceil(d_model / 16).
+        directions: any of "forward", "backward", "slice", in that order (all three: ToM).
+        num_slices: default slice count for the inter-slice direction; None means it must be given at call
+            time (SegMamba passes the depth of the feature map).
+        dt_init_all_branches: the authors' code gives only the forward branch Mamba's dt initialisation (the
+            backward and inter-slice dt_proj keep nn.Linear's default). True gives all branches Mamba's init.
+        dt_min, dt_max, dt_init_floor: Mamba's dt initialisation range.
+        backend: scan backend ("auto", "cuda", "torch"), see `nnunet_segmamba.ssm.selective_scan`.
+
+    Shapes:
+        forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
+
+    Example:
+        >>> mixer = TriOrientedMamba(48)
+        >>> y = mixer(torch.randn(2, 8 * 8 * 8, 48), num_slices=8)
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | str = "auto", directions: Sequence[str] = ("forward", "backward", "slice"),
+                 num_slices: int | None = None, dt_init_all_branches: bool = False, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, backend: str = "auto") -> None:
+        super().__init__()
+        directions = tuple(directions)
+        unknown = [d for d in directions if d not in DIRECTIONS]
+        if not directions or unknown or len(set(directions)) != len(directions):
+            raise ValueError(f"directions must be distinct names from {tuple(DIRECTIONS)}, got {directions}")
+        if d_model < 1 or d_state < 1 or d_conv < 1 or expand < 1:
+            raise ValueError(
+                f"d_model, d_state, d_conv and expand must be positive, got {d_model}, {d_state}, {d_conv}, {expand}"
+            )
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.directions = tuple(d for d in DIRECTIONS if d in directions)  # canonical order
+        self.num_slices = num_slices
+        self.backend = backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        for direction in self.directions:
+            s = DIRECTIONS[direction]
+            # registration order follows the reference so that state_dict keys come out in the same order
+            if direction != "forward":
+                self.register_parameter(f"A{s}_log", self._new_A_log())
+            setattr(self, f"conv1d{s}", nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner,
+                                                  padding=d_conv - 1, bias=True))
+            setattr(self, f"x_proj{s}", nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
+            dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+            if direction == "forward" or dt_init_all_branches:
+                _init_dt_proj(dt_proj, self.dt_rank, dt_min, dt_max, dt_init_floor)
+            setattr(self, f"dt_proj{s}", dt_proj)
+            if direction == "forward":
+                self.A_log = self._new_A_log()
+            self.register_parameter(f"D{s}", self._new_D())
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    def _new_A_log(self) -> nn.Parameter:
+        # S4D-real initialisation: A = -(1, 2, ..., d_state) for every channel
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        p = nn.Parameter(torch.log(A))
+        p._no_weight_decay = True
+        return p
+
+    def _new_D(self) -> nn.Parameter:
+        p = nn.Parameter(torch.ones(self.d_inner))
+        p._no_weight_decay = True
+        return p
+
+    def branch(self, xz: torch.Tensor, direction: str) -> torch.Tensor:
+        """One direction's Mamba branch on a sequence already in that direction's order.
+
+        Args:
+            xz: (B, 2 * d_inner, L), the in_proj output (x and gate z stacked on channels).
+        Returns:
+            (B, d_inner, L): y * silu(z), before out_proj.
+        """
+        s = DIRECTIONS[direction]
+        conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
+        A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, d_state)
+        x, z = xz.chunk(2, dim=1)
+        u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.backend)  # (B, d_inner, L)
+        x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, dt_rank + 2 d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
+        return selective_scan(
+            u, delta, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(), z,
+            delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(
+                f"expected hidden_states of shape (B, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}"
+            )
+        # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
+        out = 0
+        if "forward" in self.directions:
+            out = out + self.branch(xz, "forward")
+        if "backward" in self.directions:
+            out = out + self.branch(xz.flip(-1), "backward").flip(-1)
+        if "slice" in self.directions:
+            n = num_slices if num_slices is not None else self.num_slices
+            if n is None:
+                raise ValueError("the inter-slice direction needs num_slices (at construction or call time)")
+            out = out + slice_order(self.branch(slice_order(xz, n), "slice"), n, inverse=True)
+        return F.linear(out.transpose(1, 2), self.out_proj.weight)

@@ -1,0 +1,130 @@
+"""Finding and calling the compiled kernels (mamba-ssm's selective scan, causal-conv1d), and choosing a backend.
+
+mamba-ssm's package `__init__` imports its generation utilities, which fail with transformers 5.x
+(`GreedySearchDecoderOnlyOutput` was removed). The compiled extension `selective_scan_cuda` that the wheel
+installs as a top-level module imports fine, so we call it directly through our own autograd function and
+never import `mamba_ssm` itself. Nothing here may raise at import time: a missing or broken kernel only makes
+its backend unavailable, with the reason kept for `nnunet-segmamba doctor`.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
+BACKENDS = ("auto", "cuda", "torch")
+CUDA_INSTALL_HINT = (
+    "install the GPU extra: pip install 'nnunet-segmamba[cuda]' (mamba-ssm and causal-conv1d built for your "
+    "torch and CUDA), or use NNUNET_SEGMAMBA_SCAN_BACKEND=torch"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def load_extension(name: str):
+    """Import a compiled extension module once. Returns (module or None, reason it is unusable or '')."""
+    try:
+        return importlib.import_module(name), ""
+    except Exception as exc:  # ImportError, OSError (ABI / missing .so), anything a broken build raises
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def cuda_scan_status() -> tuple[bool, str]:
+    """Whether mamba-ssm's selective-scan kernel can be used, and why not."""
+    module, reason = load_extension("selective_scan_cuda")
+    if module is None:
+        return False, f"selective_scan_cuda (mamba-ssm) not importable: {reason}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, "mamba-ssm selective_scan_cuda kernel"
+
+
+@functools.lru_cache(maxsize=None)
+def causal_conv1d_function():
+    """causal-conv1d's fused conv + SiLU, or None (with the reason) when it cannot be imported."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        return causal_conv1d_fn, ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend a scan on `device` uses: an explicit choice, else the environment variable, else the best."""
+    if backend == "auto":
+        backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"scan backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    usable, reason = cuda_scan_status()
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"scan backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if not usable:
+            raise RuntimeError(f"scan backend 'cuda' is unavailable ({reason}); {CUDA_INSTALL_HINT}")
+        return "cuda"
+    return "cuda" if device.type == "cuda" and usable else "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_takes_cu_seqlens() -> bool:
+    # mamba-ssm releases after 2.2.6 added a `cu_seqlens` argument to fwd/bwd; count the pybind signature.
+    module, _ = load_extension("selective_scan_cuda")
+    doc = (module.fwd.__doc__ or "") if module is not None else ""
+    return "cu_seqlens" in doc or doc.split("->")[0].count(",") >= 9
+
+
+class _CudaSelectiveScan(torch.autograd.Function):
+    """Autograd around mamba-ssm's kernel. It saves the kernel's chunk states and recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        kernel, _ = load_extension("selective_scan_cuda")
+        extra = (None,) if _kernel_takes_cu_seqlens() else ()
+        u, delta = u.contiguous(), delta.to(u.dtype).contiguous()
+        # the kernel wants B/C as (batch, groups, n, L) in u's dtype or float32, and D/delta_bias in float32
+        ctx.squeeze_B, ctx.squeeze_C = B.dim() == 3, C.dim() == 3
+        B = (B.unsqueeze(1) if B.dim() == 3 else B)
+        C = (C.unsqueeze(1) if C.dim() == 3 else C)
+        B = (B if B.dtype == torch.float32 else B.to(u.dtype)).contiguous()
+        C = (C if C.dtype == torch.float32 else C.to(u.dtype)).contiguous()
+        A = A.float().contiguous()
+        D = D.float().contiguous() if D is not None else None
+        z = z.to(u.dtype).contiguous() if z is not None else None
+        delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+        out, states, *rest = kernel.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, *extra)
+        ctx.delta_softplus = delta_softplus
+        ctx.has_z = z is not None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, out if z is not None else None)
+        result = rest[0] if z is not None else out
+        if return_last_state:
+            ctx.mark_non_differentiable(last := states[:, :, -1, 1::2].float())
+            return result, last
+        return result
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        kernel, _ = load_extension("selective_scan_cuda")
+        extra = (None,) if _kernel_takes_cu_seqlens() else ()
+        u, delta, A, B, C, D, z, delta_bias, states, out = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = kernel.bwd(
+            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), states, out, None, ctx.delta_softplus,
+            False, *extra,
+        )
+        dz = rest[0] if ctx.has_z else None
+        dB = dB.squeeze(1) if ctx.squeeze_B else dB
+        dC = dC.squeeze(1) if ctx.squeeze_C else dC
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz,
+                ddelta_bias if delta_bias is not None else None, None, None)
+
+
+def cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    dtype_in = u.dtype
+    result = _CudaSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if return_last_state:
+        return result[0].to(dtype_in), result[1]
+    return result.to(dtype_in)

@@ -1,0 +1,32 @@
+"""Depthwise causal 1D convolution (+ SiLU), the first step of every Mamba branch."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  silu: bool = True, backend: str = "auto") -> torch.Tensor:
+    """out[t] = sum_k weight[k] * x[t - (K-1) + k] (left zero padding), then SiLU.
+
+    Args:
+        x: (batch, d, L).
+        weight: (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d), or (d, K).
+        bias: optional (d,).
+        silu: apply SiLU to the result.
+        backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports.
+    Returns:
+        (batch, d, L) in x's dtype.
+    """
+    weight = weight if weight.dim() == 2 else weight.squeeze(1)
+    if backends.resolve(backend, x.device) == "cuda":
+        fused, _ = backends.causal_conv1d_function()
+        if fused is not None:
+            return fused(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                         activation="silu" if silu else None)
+    length, width = x.shape[-1], weight.shape[-1]
+    out = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                   padding=width - 1, groups=x.shape[1])[..., :length]
+    return F.silu(out) if silu else out
