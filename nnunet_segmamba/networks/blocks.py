@@ -1,0 +1,188 @@
+"""Building blocks shared by the 2D and 3D networks.
+
+Module and attribute names mirror the SegMamba reference (which builds its conv blocks from MONAI's
+UnetrBasicBlock / UnetrUpBlock / UnetOutBlock), so that the reference state_dict keys come out unchanged:
+a conv wrapped as `<name>.conv`, InstanceNorm without affine parameters, no BatchNorm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import TriOrientedMamba
+
+
+def conv_nd(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
+def instance_norm_nd(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims]
+
+
+class _Wrapped(nn.Sequential):
+    """A single conv stored under the name `conv` (MONAI's `Convolution`), for the reference key names."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.add_module("conv", conv)
+
+
+class ResidualConvBlock(nn.Module):
+    """conv3 -> IN -> LeakyReLU -> conv3 -> IN, plus (1-conv -> IN) shortcut when channels change; add, LeakyReLU.
+
+    The reference's `UnetrBasicBlock(res_block=True)`; its state_dict prefix is `layer`.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.layer = _ResBlockLayer(spatial_dims, in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class _ResBlockLayer(nn.Module):
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
+        self.conv1 = _Wrapped(Conv(in_channels, out_channels, 3, padding=1, bias=False))
+        self.conv2 = _Wrapped(Conv(out_channels, out_channels, 3, padding=1, bias=False))
+        self.lrelu = nn.LeakyReLU(0.01, inplace=True)
+        self.norm1, self.norm2 = Norm(out_channels), Norm(out_channels)
+        if in_channels != out_channels:
+            self.conv3 = _Wrapped(Conv(in_channels, out_channels, 1, bias=False))
+            self.norm3 = Norm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lrelu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        residual = self.norm3(self.conv3(x)) if hasattr(self, "conv3") else x
+        return self.lrelu(out + residual)
+
+
+class UpBlock(nn.Module):
+    """Transposed conv (k2 s2, no bias) -> concat [upsampled, skip] -> ResidualConvBlock (2C -> C).
+
+    The reference's `UnetrUpBlock`; keys `transp_conv.conv.weight` and `conv_block.*`.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        ConvT = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+        self.transp_conv = _Wrapped(ConvT(in_channels, out_channels, 2, stride=2, bias=False))
+        self.conv_block = _ResBlockLayer(spatial_dims, 2 * out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv_block(torch.cat([self.transp_conv(x), skip], dim=1))
+
+
+class OutBlock(nn.Module):
+    """1-conv with bias to the output channels (the reference's `UnetOutBlock`; keys `conv.conv.*`)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = _Wrapped(conv_nd(spatial_dims)(in_channels, out_channels, 1, bias=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class GSC(nn.Module):
+    """Gated spatial convolution: two 3-conv paths and a 1-conv path, merged by a 1-conv, plus the input.
+
+    The paper's figure multiplies the two paths; the published code (and so this module) adds them.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int) -> None:
+        super().__init__()
+        Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
+        self.proj, self.norm = Conv(channels, channels, 3, 1, 1), Norm(channels)
+        self.nonliner = nn.ReLU()
+        self.proj2, self.norm2 = Conv(channels, channels, 3, 1, 1), Norm(channels)
+        self.nonliner2 = nn.ReLU()
+        self.proj3, self.norm3 = Conv(channels, channels, 1, 1, 0), Norm(channels)
+        self.nonliner3 = nn.ReLU()
+        self.proj4, self.norm4 = Conv(channels, channels, 1, 1, 0), Norm(channels)
+        self.nonliner4 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.nonliner(self.norm(self.proj(x)))
+        x1 = self.nonliner2(self.norm2(self.proj2(x1)))
+        x2 = self.nonliner3(self.norm3(self.proj3(x)))
+        return self.nonliner4(self.norm4(self.proj4(x1 + x2))) + x
+
+
+class MlpChannel(nn.Module):
+    """1-conv C -> 2C, GELU, 1-conv 2C -> C (the skip-path MLP of the reference)."""
+
+    def __init__(self, spatial_dims: int, channels: int, hidden: int) -> None:
+        super().__init__()
+        Conv = conv_nd(spatial_dims)
+        self.fc1, self.act, self.fc2 = Conv(channels, hidden, 1), nn.GELU(), Conv(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _flatten_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, L, C), raster order with the last axis fastest."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class MambaLayer(nn.Module):
+    """The published SegMamba layer: x + ToM(LayerNorm(flatten(x))), on the whole feature map as one sequence.
+
+    The inter-slice direction uses `num_slices` when given, else the first spatial size of the input (the depth
+    D in 3D; in 2D the height H, which makes it the column-major order).
+    """
+
+    def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
+                 dt_init_all_branches: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mamba = TriOrientedMamba(dim, d_state=16, d_conv=4, expand=2, directions=directions,
+                                      dt_init_all_branches=dt_init_all_branches)
+        self.num_slices = num_slices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_slices = self.num_slices if self.num_slices is not None else x.shape[2]
+        y = self.mamba(self.norm(_flatten_tokens(x)), num_slices=num_slices)
+        return y.transpose(1, 2).reshape(x.shape) + x
+
+
+class MambaLayerV1(nn.Module):
+    """The seed paper's (arXiv v1) block: z = Mamba(LN(z)) + z; z = MLP(LN(z)) + z, MLP ratio 4, GELU.
+
+    Not in the published code; offered for the ablation (`SegMamba(block="v1")`).
+    """
+
+    def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
+                 dt_init_all_branches: bool = False, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mamba = TriOrientedMamba(dim, directions=directions, dt_init_all_branches=dt_init_all_branches)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.num_slices = num_slices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_slices = self.num_slices if self.num_slices is not None else x.shape[2]
+        z = _flatten_tokens(x)
+        z = self.mamba(self.norm(z), num_slices=num_slices) + z
+        z = self.mlp(self.norm2(z)) + z
+        return z.transpose(1, 2).reshape(x.shape)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Zero-pad the spatial axes of (B, C, *spatial) at their ends up to a multiple; returns the original size."""
+    size = tuple(x.shape[2:])
+    pad = []
+    for s in reversed(size):  # F.pad lists the last axis first
+        pad += [0, (-s) % multiple]
+    return (F.pad(x, pad) if any(pad) else x), size
+
+
+def crop_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
