@@ -12,6 +12,7 @@ import sys
 # modules that contribute sub-commands, in the order `--help` lists them
 COMMAND_MODULES = [
     "nnunet_segmamba.doctor",
+    "nnunet_segmamba.evaluation.commands",
 ]
 
 

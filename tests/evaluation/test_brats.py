@@ -1,0 +1,185 @@
+"""Tests for BraTS -> nnU-Net raw conversion on tiny synthetic case folders."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_segmamba import cli
+from nnunet_segmamba.evaluation import commands
+from nnunet_segmamba.evaluation.brats import convert_brats
+
+# per scheme: file tokens in nnU-Net channel order (T2w, FLAIR, T1n, T1c), then seg; and the case name pattern
+SCHEMES = {
+    "2023": (("t2w", "t2f", "t1n", "t1c"), "BraTS-GLI-{:05d}-000", "-"),
+    "2021": (("t2", "flair", "t1", "t1ce"), "BraTS2021_{:05d}", "_"),
+}
+# a distinct value band per channel so the output channel order can be read back from the data
+CHANNEL_OFFSET = (1000, 2000, 3000, 4000)
+
+
+def _write(arr, path, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+
+
+def make_case(root, scheme, index, seed=0, et_label=None):
+    tokens, pattern, sep = SCHEMES[scheme]
+    name = pattern.format(index)
+    rng = np.random.default_rng((seed, index))
+    d = root / name
+    d.mkdir(parents=True)
+    for tok, off in zip(tokens, CHANNEL_OFFSET):
+        _write((off + rng.uniform(0, 100, (8, 8, 8))).astype(np.float32), d / f"{name}{sep}{tok}.nii.gz")
+    seg = rng.choice([0, 1, 2], size=(8, 8, 8)).astype(np.uint8)
+    seg[3:5, 3:5, 3:5] = et_label if et_label is not None else (3 if scheme == "2023" else 4)
+    _write(seg, d / f"{name}{sep}seg.nii.gz")
+    return d, name, sep
+
+
+def make_folder(root, scheme, n=3):
+    root.mkdir(parents=True, exist_ok=True)
+    return [make_case(root, scheme, i) for i in range(n)]
+
+
+@pytest.mark.parametrize("scheme", ["2023", "2021"])
+def test_convert_each_scheme(tmp_path, scheme):
+    cases = make_folder(tmp_path / "src", scheme)
+    (tmp_path / "src" / "name_mapping.csv").write_text("ignored, not a case folder\n")
+    out = convert_brats(tmp_path / "src", 501, "BraTSTest", out_root=tmp_path / "raw")
+    assert out == tmp_path / "raw" / "Dataset501_BraTSTest"
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["channel_names"] == {"0": "T2w", "1": "FLAIR", "2": "T1n", "3": "T1c"}
+    assert ds["labels"] == {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [1, 3],
+                            "enhancing tumor": [3]}
+    assert ds["regions_class_order"] == [1, 2, 3]
+    assert ds["numTraining"] == 3 and ds["file_ending"] == ".nii.gz"
+    for d, name, sep in cases:
+        for ch, off in enumerate(CHANNEL_OFFSET):
+            img = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr" / f"{name}_{ch:04d}.nii.gz")))
+            assert off <= img.min() and img.max() <= off + 100, f"channel {ch} holds the wrong modality"
+        src_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(d / f"{name}{sep}seg.nii.gz")))
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{name}.nii.gz")))
+        assert set(np.unique(seg).tolist()) == {0, 1, 2, 3}
+        expected = np.where(src_seg == 4, 3, src_seg)  # 2021: 4 -> 3; 1 and 2 keep their meaning
+        np.testing.assert_array_equal(seg, expected)
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == sorted(f"{c[1]}.nii.gz" for c in cases)
+
+
+def test_label_form_and_nnunet_reads_dataset_json(tmp_path):
+    make_folder(tmp_path / "src", "2023", n=2)
+    out = convert_brats(tmp_path / "src", 502, "BraTSLabels", out_root=tmp_path / "raw", label_form="labels")
+    ds = json.loads((out / "dataset.json").read_text())
+    assert ds["labels"] == {"background": 0, "NCR": 1, "edema": 2, "ET": 3}
+    assert "regions_class_order" not in ds
+    # nnU-Net reads both forms: its label manager parses them, its dataset checker accepts the region dataset
+    # (the checker spawns a worker process, ~3 s, so it runs on the more intricate region form only)
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    assert LabelManager(ds["labels"], None).all_labels == [0, 1, 2, 3]
+    regions = convert_brats(tmp_path / "src", 503, "BraTSRegions", out_root=tmp_path / "raw")
+    rds = json.loads((regions / "dataset.json").read_text())
+    manager = LabelManager(rds["labels"], rds["regions_class_order"])
+    assert manager.has_regions and manager.foreground_regions == [(1, 2, 3), (1, 3), (3,)]
+    verify_dataset_integrity(str(regions), num_processes=1)
+
+
+def _convert_expect(tmp_path, match):
+    with pytest.raises(ValueError, match=match) as info:
+        convert_brats(tmp_path / "src", 504, "Bad", out_root=tmp_path / "raw")
+    assert not (tmp_path / "raw" / "Dataset504_Bad").exists()  # nothing written when a case is bad
+    return str(info.value)
+
+
+def test_missing_modality(tmp_path):
+    cases = make_folder(tmp_path / "src", "2023")
+    d, name, sep = cases[1]
+    (d / f"{name}{sep}t2f.nii.gz").unlink()
+    msg = _convert_expect(tmp_path, "1 of 3 BraTS cases are bad")
+    assert f"{name}: missing t2f" in msg
+
+
+def test_every_problem_is_listed(tmp_path):
+    cases = make_folder(tmp_path / "src", "2021", n=4)
+    d0, n0, s = cases[0]
+    _write(np.zeros((8, 8, 9), np.float32), d0 / f"{n0}{s}t1ce.nii.gz")                  # size (shape) mismatch
+    d1, n1, _ = cases[1]
+    _write(np.zeros((8, 8, 8), np.float32), d1 / f"{n1}{s}flair.nii.gz", spacing=(1, 1, 1.5))  # spacing mismatch
+    d2, n2, _ = cases[2]
+    bad = np.zeros((8, 8, 8), np.uint8)
+    bad[0, 0, 0] = 3  # 3 is not a 2021 label (2021 enhancing tumour is 4)
+    bad[1, 1, 1] = 7
+    _write(bad, d2 / f"{n2}{s}seg.nii.gz")
+    msg = _convert_expect(tmp_path, "3 of 4 BraTS cases are bad")
+    assert f"{n0}: t1ce size (9, 8, 8) != seg size (8, 8, 8)" in msg
+    assert f"{n1}: flair spacing (1.0, 1.0, 1.5) != seg spacing (1.0, 1.0, 1.0)" in msg
+    assert f"{n2}: unexpected label value(s) [3, 7]" in msg
+    assert cases[3][1] not in msg
+
+
+def test_origin_mismatch_and_label4_in_2023_case(tmp_path):
+    cases = make_folder(tmp_path / "src", "2023")
+    d0, n0, s = cases[0]
+    _write(np.zeros((8, 8, 8), np.float32), d0 / f"{n0}{s}t1n.nii.gz", origin=(0, 5, 0))
+    d1, n1, _ = cases[1]
+    seg = np.zeros((8, 8, 8), np.uint8)
+    seg[2, 2, 2] = 4  # BraTS 2024 post-treatment resection cavity: must not silently become enhancing tumour
+    _write(seg, d1 / f"{n1}{s}seg.nii.gz")
+    msg = _convert_expect(tmp_path, "2 of 3")
+    assert f"{n0}: t1n origin" in msg and f"{n1}: unexpected label value(s) [4]" in msg
+
+
+def test_skip_bad_cases(tmp_path):
+    cases = make_folder(tmp_path / "src", "2023")
+    d, name, sep = cases[0]
+    (d / f"{name}{sep}seg.nii.gz").unlink()
+    with pytest.warns(UserWarning, match=f"skipping 1 of 3 bad BraTS cases:\n  {name}: missing seg"):
+        out = convert_brats(tmp_path / "src", 505, "Skip", out_root=tmp_path / "raw", skip_bad_cases=True)
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
+    assert not (out / "labelsTr" / f"{name}.nii.gz").exists()
+
+
+def test_argument_errors(tmp_path, monkeypatch):
+    make_folder(tmp_path / "src", "2023", n=1)
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(ValueError, match="nnUNet_raw"):
+        convert_brats(tmp_path / "src", 506)
+    with pytest.raises(ValueError, match="label_form"):
+        convert_brats(tmp_path / "src", 506, out_root=tmp_path, label_form="onehot")
+    convert_brats(tmp_path / "src", 506, "First", out_root=tmp_path / "raw")
+    with pytest.raises(ValueError, match="already used by Dataset506_First"):
+        convert_brats(tmp_path / "src", 506, "Second", out_root=tmp_path / "raw")
+    with pytest.raises(ValueError, match="already exists"):
+        convert_brats(tmp_path / "src", 506, "First", out_root=tmp_path / "raw")
+    convert_brats(tmp_path / "src", 506, "First", out_root=tmp_path / "raw", overwrite=True)
+
+
+def cli_main(argv):
+    # only this package's sub-commands: the test must not depend on the other modules listed in cli.py
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_convert_and_evaluate(tmp_path, capsys):
+    assert "nnunet_segmamba.evaluation.commands" in cli.COMMAND_MODULES
+    cases = make_folder(tmp_path / "src", "2021", n=2)
+    rc = cli_main(["convert-brats", str(tmp_path / "src"), "--dataset-id", "507", "--name", "Cli",
+                   "--out", str(tmp_path / "raw"), "--labels", "-np", "1"])
+    assert rc == 0
+    out = tmp_path / "raw" / "Dataset507_Cli"
+    assert json.loads((out / "dataset.json").read_text())["labels"]["ET"] == 3
+    # labels evaluated against themselves: perfect scores, BraTS regions via --brats
+    rc = cli_main(["evaluate", str(out / "labelsTr"), str(out / "labelsTr"), "--brats", "-o", str(tmp_path / "ev"), "-np", "1"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["metrics"]["WT"]["dice"]["mean"] == 1.0 and summary["metrics"]["ET"]["hd95_mm"]["mean"] == 0.0
+    assert "WT" in capsys.readouterr().out
+    assert len(cases) == summary["num_cases"]
