@@ -48,6 +48,11 @@ def slice_order(x: torch.Tensor, num_slices: int, inverse: bool = False) -> torc
     return x.reshape(*lead, num_slices, length // num_slices).transpose(-1, -2).reshape(*lead, length)
 
 
+def _scan_precision(p: torch.Tensor) -> torch.Tensor:
+    """The scan's own parameters in float32 (even under autocast, as mamba-ssm does), or float64 if they are."""
+    return p if p.dtype == torch.float64 else p.float()
+
+
 def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_init_floor: float,
                   dt_scale: float = 1.0) -> None:
     """Mamba's dt initialisation: softplus(bias) log-uniform in [dt_min, dt_max], weight uniform(+-dt_rank^-0.5)."""
@@ -147,15 +152,15 @@ class TriOrientedMamba(nn.Module):
         """
         s = DIRECTIONS[direction]
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
-        A = -torch.exp(getattr(self, f"A{s}_log").float())  # (d_inner, d_state)
+        A = -torch.exp(_scan_precision(getattr(self, f"A{s}_log")))  # (d_inner, d_state)
         x, z = xz.chunk(2, dim=1)
         u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.backend)  # (B, d_inner, L)
         x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, dt_rank + 2 d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
         return selective_scan(
-            u, delta, A, B.transpose(1, 2), C.transpose(1, 2), getattr(self, f"D{s}").float(), z,
-            delta_bias=dt_proj.bias.float(), delta_softplus=True, backend=self.backend,
+            u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _scan_precision(getattr(self, f"D{s}")), z,
+            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.backend,
         )
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:

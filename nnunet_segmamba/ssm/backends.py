@@ -53,12 +53,18 @@ def causal_conv1d_function():
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The backend a scan on `device` uses: an explicit choice, else the environment variable, else the best."""
-    if backend == "auto":
+    """The backend a scan on `device` uses: an explicit choice, else the environment variable, else the best.
+
+    The environment variable chooses among the backends that can run on the device: with it set to "cuda",
+    scans on CPU tensors still use "torch" (one setting serves a job that moves between devices, e.g. nnU-Net's
+    export on CPU after training on GPU), while a missing kernel for CUDA tensors is an error, not a fallback.
+    """
+    from_env = backend == "auto"
+    if from_env:
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"scan backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (from_env and device.type != "cuda"):
         return "torch"
     usable, reason = cuda_scan_status()
     if backend == "cuda":
@@ -86,12 +92,11 @@ class _CudaSelectiveScan(torch.autograd.Function):
         kernel, _ = load_extension("selective_scan_cuda")
         extra = (None,) if _kernel_takes_cu_seqlens() else ()
         u, delta = u.contiguous(), delta.to(u.dtype).contiguous()
-        # the kernel wants B/C as (batch, groups, n, L) in u's dtype or float32, and D/delta_bias in float32
+        # the kernel wants input-dependent B/C as (batch, groups, n, L) in u's dtype (it checks), and A, D and
+        # delta_bias in float32
         ctx.squeeze_B, ctx.squeeze_C = B.dim() == 3, C.dim() == 3
-        B = (B.unsqueeze(1) if B.dim() == 3 else B)
-        C = (C.unsqueeze(1) if C.dim() == 3 else C)
-        B = (B if B.dtype == torch.float32 else B.to(u.dtype)).contiguous()
-        C = (C if C.dtype == torch.float32 else C.to(u.dtype)).contiguous()
+        B = (B.unsqueeze(1) if B.dim() == 3 else B).to(u.dtype).contiguous()
+        C = (C.unsqueeze(1) if C.dim() == 3 else C).to(u.dtype).contiguous()
         A = A.float().contiguous()
         D = D.float().contiguous() if D is not None else None
         z = z.to(u.dtype).contiguous() if z is not None else None

@@ -1,0 +1,236 @@
+"""GPU comparison of the scan backends "torch" and "cuda" (mamba-ssm's kernel): accuracy and CUDA-event timings.
+
+For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d_state 16, float32 and bf16:
+  * accuracy: outputs and the gradients of u, delta, A, B, C, D, z, delta_bias of each backend against the torch
+    backend run on float32 copies of the same inputs (max abs error, and max abs error / max |reference|);
+    in bf16, u/delta/z/B/C are bf16 as nn.Linear under autocast produces them, A/D/delta_bias stay float32;
+  * timings: forward (no_grad) and forward+backward of the scan per backend, median of --runs after --warmup;
+  * the TriOrientedMamba layer (d_model = d_inner / 2, num_slices = cube root of L) forward and forward+backward
+    per backend, float32 and under bf16 autocast.
+The cuda backend being unavailable is reported, and the torch backend is still timed. Nothing is asserted.
+Needs a CUDA device; prints the markdown table and writes --out JSON. Example:
+
+    python benchmarks/bench_scan_gpu.py --out scan_gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nnunet_segmamba.nn import TriOrientedMamba
+from nnunet_segmamba.ssm import backends, selective_scan
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'262144x96,32768x192' -> [(262144, 96), (32768, 192)]."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            length, d_inner = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"shape {item!r} must be LxD_INNER, e.g. 32768x192") from None
+        if round(length ** (1 / 3)) ** 3 != length or d_inner % 2:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: L must be a cube and d_inner even")
+        shapes.append((length, d_inner))
+    return shapes
+
+
+def time_cuda(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": runs}
+
+
+def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale + shift).to(dt)
+
+    return dict(
+        u=r(batch, d_inner, length), delta=r(batch, d_inner, length, scale=0.5, shift=-2.0),
+        A=-torch.arange(1, d_state + 1, device="cuda", dtype=torch.float32).repeat(d_inner, 1),
+        B=r(batch, d_state, length), C=r(batch, d_state, length), D=r(d_inner, dt=torch.float32),
+        z=r(batch, d_inner, length), delta_bias=r(d_inner, scale=0.3, dt=torch.float32),
+    )
+
+
+def with_grad(inputs: dict, dtype: torch.dtype | None = None) -> dict:
+    return {k: (v.to(dtype) if dtype is not None else v).detach().clone().requires_grad_(True)
+            for k, v in inputs.items()}
+
+
+def run_scan(inputs: dict, backend: str) -> torch.Tensor:
+    return selective_scan(**inputs, delta_softplus=True, backend=backend)
+
+
+def errors(actual: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
+    diff = (actual.float() - expected.float()).abs().max().item()
+    return {"max_abs": diff, "max_rel": diff / max(expected.float().abs().max().item(), 1e-30)}
+
+
+def accuracy(base: dict, backend: str) -> dict:
+    """Output and gradient errors of `backend` on `base` against the torch backend on float32 copies."""
+    ref_in = with_grad(base, torch.float32)
+    ref = run_scan(ref_in, "torch")
+    dout = torch.randn(ref.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in GRAD_NAMES], dout)
+    test_in = with_grad(base)
+    out = run_scan(test_in, backend)
+    grads = torch.autograd.grad(out, [test_in[k] for k in GRAD_NAMES], dout.to(out.dtype))
+    result = {"out": errors(out, ref)}
+    result.update({f"d{k}": errors(g, rg) for k, g, rg in zip(GRAD_NAMES, grads, ref_grads)})
+    return result
+
+
+def bench_scan(base: dict, backend: str, warmup: int, runs: int) -> dict:
+    leaves = with_grad(base)
+    dout = torch.randn(base["u"].shape, device="cuda").to(base["u"].dtype)
+
+    def fwd():
+        with torch.no_grad():
+            run_scan(leaves, backend)
+
+    def fwd_bwd():
+        torch.autograd.grad(run_scan(leaves, backend), list(leaves.values()), dout)
+
+    return {"fwd": time_cuda(fwd, warmup, runs), "fwd+bwd": time_cuda(fwd_bwd, warmup, runs)}
+
+
+def bench_layer(length: int, d_inner: int, batch: int, dtype_name: str, backend: str, warmup: int,
+                runs: int) -> dict:
+    side = round(length ** (1 / 3))
+    torch.manual_seed(0)
+    layer = TriOrientedMamba(d_inner // 2, backend=backend).cuda()
+    x = torch.randn(batch, length, d_inner // 2, device="cuda", requires_grad=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype_name == "bf16")
+
+    def fwd():
+        with torch.no_grad(), autocast:
+            layer(x, num_slices=side)
+
+    def fwd_bwd():
+        with autocast:
+            out = layer(x, num_slices=side)
+        torch.autograd.grad(out.float().sum(), [x, *layer.parameters()])
+
+    return {"fwd": time_cuda(fwd, warmup, runs), "fwd+bwd": time_cuda(fwd_bwd, warmup, runs)}
+
+
+def guarded(fn: Callable[[], dict]) -> dict:
+    """Run one case; an OOM or a kernel error becomes {'error': ...} so that the other cases still run."""
+    try:
+        return fn()
+    except Exception as exc:  # OutOfMemoryError, a kernel's RuntimeError...
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=3)}
+
+
+def bench(args: argparse.Namespace) -> dict:
+    cuda_ok, cuda_reason = backends.cuda_scan_status()
+    names = ["torch"] + (["cuda"] if cuda_ok else [])
+    report = {
+        "system": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "cuda_backend": cuda_ok, "cuda_backend_reason": cuda_reason},
+        "config": {"batch": args.batch, "d_state": args.d_state, "warmup": args.warmup, "runs": args.runs,
+                   "shapes": args.shapes, "dtypes": args.dtypes},
+        "cases": [],
+    }
+    for length, d_inner in args.shapes:
+        for dtype_name in args.dtypes:
+            base = scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name])
+            for backend in names:
+                case = {"L": length, "d_inner": d_inner, "dtype": dtype_name, "backend": backend}
+                case["accuracy"] = guarded(lambda: accuracy(base, backend))
+                case["scan"] = guarded(lambda: bench_scan(base, backend, args.warmup, args.runs))
+                if not args.skip_layer:
+                    case["layer"] = guarded(lambda: bench_layer(length, d_inner, args.batch, dtype_name, backend,
+                                                                args.warmup, args.runs))
+                report["cases"].append(case)
+                print(f"done: L={length} d_inner={d_inner} {dtype_name} {backend}", file=sys.stderr)
+            del base
+            torch.cuda.empty_cache()
+    return report
+
+
+def _ms(entry: dict, key: str) -> str:
+    if "error" in entry:
+        return "error"
+    return f"{entry[key]['median_ms']:.2f}"
+
+
+def print_table(report: dict) -> None:
+    s = report["system"]
+    print(f"GPU: {s['gpu']}; torch {s['torch']} (CUDA {s['cuda']}); cuda backend: "
+          f"{'available' if s['cuda_backend'] else 'UNAVAILABLE - ' + s['cuda_backend_reason']}\n")
+    print("| L x d_inner | dtype | backend | scan fwd ms | scan fwd+bwd ms | layer fwd ms | layer fwd+bwd ms "
+          "| out rel err | worst grad rel err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in report["cases"]:
+        acc = c["accuracy"]
+        if "error" in acc:
+            out_err = worst = "error"
+        else:
+            out_err = f"{acc['out']['max_rel']:.1e}"
+            name, val = max(((k, v["max_rel"]) for k, v in acc.items() if k != "out"), key=lambda kv: kv[1])
+            worst = f"{val:.1e} ({name})"
+        layer = c.get("layer", {"error": "skipped"})
+        print(f"| {c['L']} x {c['d_inner']} | {c['dtype']} | {c['backend']} | {_ms(c['scan'], 'fwd')} | "
+              f"{_ms(c['scan'], 'fwd+bwd')} | {_ms(layer, 'fwd')} | {_ms(layer, 'fwd+bwd')} | {out_err} | {worst} |")
+    errors_seen = [(c, part) for c in report["cases"] for part in ("accuracy", "scan", "layer")
+                   if "error" in c.get(part, {})]
+    for c, part in errors_seen:
+        print(f"\n{part} failed for L={c['L']} d_inner={c['d_inner']} {c['dtype']} {c['backend']}: "
+              f"{c[part]['error']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes("262144x96,32768x192"),
+                        help="comma-separated LxD_INNER with L a cube (default 262144x96,32768x192 = 64^3, 32^3)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
+                        help="input precisions (default fp32 bf16)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    parser.add_argument("--d-state", type=int, default=16, help="SSM state size (default 16)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per case (default 5)")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per case; median reported (default 30)")
+    parser.add_argument("--skip-layer", action="store_true", help="time the scan only, not TriOrientedMamba")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_scan_gpu.py needs a CUDA device (torch.cuda.is_available() is False); "
+              f"the cuda backend status here: {backends.cuda_scan_status()[1]}", file=sys.stderr)
+        return 2
+    report = bench(args)
+    print_table(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""TriOrientedMamba (SegMamba's ToM) against the spec (docs: /work/shared/spec/segmamba.md, "Tri-orientated Mamba").
+
+Every branch is recomputed here in float64 from the spec's equations (own conv loop, own scan, own reorderings by
+explicit index arithmetic). A float64 copy of the module must match to 1e-9 (with A = -exp(A_log) formed in
+float32 on both sides, as mamba-ssm and the module do); the float32 module to rtol = 1e-4, atol = 1e-4 times the
+output's largest magnitude.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunet_segmamba.nn import DIRECTIONS, TriOrientedMamba, slice_order
+
+MAMBA_KEYS = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
+              "A_log", "D", "out_proj.weight"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Own float64 implementation of one Mamba branch and of the orderings
+# ----------------------------------------------------------------------------------------------------------------
+def forward_order(length: int) -> list[int]:
+    return list(range(length))
+
+
+def backward_order(length: int) -> list[int]:
+    return [length - 1 - p for p in range(length)]
+
+
+def inter_slice_order(length: int, n: int) -> list[int]:
+    """Position p of the reordered sequence holds element (p mod n) * (L / n) + floor(p / n)."""
+    return [(p % n) * (length // n) + p // n for p in range(length)]
+
+
+def mamba_branch64(x, z, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D, d_state):
+    """x, z (B, d_inner, L) float64 -> y * silu(z) (B, d_inner, L), straight from the spec's equations."""
+    batch, dim, length = x.shape
+    width = conv_w.shape[-1]
+    w = conv_w.reshape(dim, width)
+    conv = conv_b[None, :, None].expand(batch, dim, length).clone()
+    for k in range(width):
+        shift = width - 1 - k  # weight k sees x[t - shift]
+        conv[:, :, shift:] += w[None, :, k, None] * x[:, :, : length - shift]
+    u = conv * torch.sigmoid(conv)
+    x_dbl = torch.einsum("bdl,ed->ble", u, x_proj_w)  # (B, L, dt_rank + 2 d_state)
+    dt_rank = x_dbl.shape[-1] - 2 * d_state
+    dt, Bm, Cm = x_dbl[..., :dt_rank], x_dbl[..., dt_rank:dt_rank + d_state], x_dbl[..., dt_rank + d_state:]
+    delta = F.softplus(torch.einsum("blr,dr->bdl", dt, dt_w) + dt_b[None, :, None])
+    A = -torch.exp(A_log)  # (d_inner, d_state)
+    h = torch.zeros(batch, dim, d_state, dtype=x.dtype)
+    ys = []
+    for t in range(length):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * Bm[:, None, t, :] * u[:, :, t, None]
+        ys.append((h * Cm[:, None, t, :]).sum(-1) + D * u[:, :, t])
+    y = torch.stack(ys, dim=-1)
+    return y * z * torch.sigmoid(z)
+
+
+def params64(mixer: TriOrientedMamba, direction: str) -> dict:
+    s = DIRECTIONS[direction]
+    p = {k: v.detach().double() for k, v in mixer.state_dict().items()}
+    return dict(conv_w=p[f"conv1d{s}.weight"], conv_b=p[f"conv1d{s}.bias"], x_proj_w=p[f"x_proj{s}.weight"],
+                dt_w=p[f"dt_proj{s}.weight"], dt_b=p[f"dt_proj{s}.bias"], A_log=p[f"A{s}_log"], D=p[f"D{s}"],
+                d_state=mixer.d_state)
+
+
+def branch_in_order64(mixer, hidden, direction, num_slices):
+    """One direction's contribution, (B, d_inner, L) in the raster order, before out_proj."""
+    h = hidden.double()
+    xz = torch.einsum("ec,blc->bel", mixer.in_proj.weight.detach().double(), h)
+    x, z = xz[:, : mixer.d_inner], xz[:, mixer.d_inner:]
+    length = h.shape[1]
+    order = {"forward": forward_order(length), "backward": backward_order(length),
+             "slice": inter_slice_order(length, num_slices)}[direction]
+    y = mamba_branch64(x[..., order], z[..., order], **params64(mixer, direction))
+    back = torch.empty_like(y)
+    back[..., order] = y  # element order[p] of the raster sequence came out at position p
+    return back
+
+
+def mixer_out64(mixer, hidden, num_slices):
+    total = sum(branch_in_order64(mixer, hidden, d, num_slices) for d in mixer.directions)
+    return torch.einsum("bel,ce->blc", total, mixer.out_proj.weight.detach().double())
+
+
+def randomise(mixer: TriOrientedMamba, seed: int) -> TriOrientedMamba:
+    """Perturb every parameter (D away from 1, A_log away from its init...) so that no term hides."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            scale = 0.1 if ("A" in name and "log" in name) or "dt_proj" in name else 0.3
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return mixer
+
+
+D_, H_, W_ = 3, 4, 5  # a (D, H, W) feature map, flattened in raster order
+L_ = D_ * H_ * W_
+
+
+def make(directions=("forward", "backward", "slice"), d_model=8, d_state=4, seed=0, **kw):
+    torch.manual_seed(seed)
+    mixer = randomise(TriOrientedMamba(d_model, d_state=d_state, directions=directions, backend="torch", **kw),
+                      seed)
+    hidden = torch.randn(2, L_, d_model, generator=torch.Generator().manual_seed(seed + 1))
+    return mixer, hidden
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state_dict and initialisation
+# ----------------------------------------------------------------------------------------------------------------
+def reference_state_dict_shapes(d_model: int, d_inner: int, dt_rank: int, suffixes=("", "_b", "_s")):
+    """(key, shape) in the order nn.Module lists the authors' ToM: own parameters first, then sub-modules."""
+    own, modules = [], [("in_proj.weight", (2 * d_inner, d_model))]
+    for s in suffixes:
+        own += [(f"A{s}_log", (d_inner, 16)), (f"D{s}", (d_inner,))]
+        modules += [(f"conv1d{s}.weight", (d_inner, 1, 4)), (f"conv1d{s}.bias", (d_inner,)),
+                    (f"x_proj{s}.weight", (dt_rank + 32, d_inner)), (f"dt_proj{s}.weight", (d_inner, dt_rank)),
+                    (f"dt_proj{s}.bias", (d_inner,))]
+    return own + modules + [("out_proj.weight", (d_model, d_inner))]
+
+
+@pytest.mark.parametrize("d_model,d_inner,dt_rank", [(48, 96, 3), (96, 192, 6), (384, 768, 24)])
+def test_state_dict_matches_reference(d_model, d_inner, dt_rank):
+    """Spec: d_inner = 2 d, d_state 16, d_conv 4, dt_rank = ceil(d / 16); keys and shapes, in order."""
+    mixer = TriOrientedMamba(d_model)
+    assert (mixer.d_inner, mixer.dt_rank) == (d_inner, dt_rank)
+    got = [(k, tuple(v.shape)) for k, v in mixer.state_dict().items()]
+    assert got == reference_state_dict_shapes(d_model, d_inner, dt_rank)
+    assert len(got) == 1 + 3 * 7 + 1
+
+
+def test_forward_only_has_mamba_ssm_keys_and_shapes():
+    """directions=("forward",) gives mamba_ssm.Mamba(48)'s state_dict: same keys (and order), same shapes."""
+    mixer = TriOrientedMamba(48, directions=("forward",))
+    shapes = {"in_proj.weight": (192, 48), "conv1d.weight": (96, 1, 4), "conv1d.bias": (96,),
+              "x_proj.weight": (35, 96), "dt_proj.weight": (96, 3), "dt_proj.bias": (96,), "A_log": (96, 16),
+              "D": (96,), "out_proj.weight": (48, 96)}
+    sd = mixer.state_dict()
+    assert set(sd) == set(MAMBA_KEYS)
+    assert list(sd) == ["A_log", "D"] + [k for k in MAMBA_KEYS if k not in ("A_log", "D")]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == reference_state_dict_shapes(48, 96, 3, suffixes=("",))
+
+
+@pytest.mark.parametrize("all_branches", [False, True])
+def test_initialisation(all_branches):
+    torch.manual_seed(0)
+    mixer = TriOrientedMamba(48, dt_init_all_branches=all_branches)
+    expected_A_log = torch.log(torch.arange(1, 17, dtype=torch.float32)).repeat(96, 1)
+    for s in DIRECTIONS.values():
+        torch.testing.assert_close(getattr(mixer, f"A{s}_log").detach(), expected_A_log)
+        assert torch.equal(getattr(mixer, f"D{s}").detach(), torch.ones(96))
+    bound = 3 ** -0.5
+    for s in DIRECTIONS.values():
+        dt_proj = getattr(mixer, f"dt_proj{s}")
+        assert dt_proj.weight.abs().max() <= bound + 1e-7
+        dt = F.softplus(dt_proj.bias.detach().double())
+        special = s == "" or all_branches
+        in_range = bool(((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5))).all())
+        assert in_range == special, (s, dt.min().item(), dt.max().item())
+        if special:
+            # log-uniform: both ends of [1e-3, 0.1] are approached in 96 draws
+            assert dt.min() < 3e-3 and dt.max() > 0.03
+        else:  # nn.Linear's default: uniform(+-1/sqrt(dt_rank)), softplus up to ~1
+            assert dt_proj.bias.abs().max() <= bound + 1e-7 and dt.max() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The inter-slice order
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length,n", [(12, 3), (12, 1), (12, 12), (60, 4), (64, 8)])
+def test_slice_order_formula_and_inverse(length, n):
+    x = torch.arange(length).reshape(1, 1, length).expand(2, 3, length) * 10 + torch.arange(3)[None, :, None]
+    ordered = slice_order(x, n)
+    expected = torch.empty_like(x)
+    for p in range(length):
+        expected[..., p] = x[..., (p % n) * (length // n) + p // n]
+    assert torch.equal(ordered, expected)
+    assert torch.equal(slice_order(ordered, n, inverse=True), x)
+    assert torch.equal(slice_order(slice_order(x, n, inverse=True), n), x)
+
+
+def test_slice_order_visits_depth_first_on_a_raster():
+    depth, height, width = 4, 3, 5
+    index = torch.arange(depth * height * width)  # raster: p = d * H * W + h * W + w, W fastest
+    ordered = slice_order(index, depth)
+    for j in range(height * width):  # the j-th in-plane position (h, w) = divmod(j, W)
+        h, w = divmod(j, width)
+        block = ordered[j * depth:(j + 1) * depth]
+        assert block.tolist() == [d * height * width + h * width + w for d in range(depth)]
+
+
+def test_slice_order_rejects_non_divisor():
+    with pytest.raises(ValueError) as info:
+        slice_order(torch.zeros(2, 21), 4)
+    assert "4" in str(info.value) and "21" in str(info.value)
+    with pytest.raises(ValueError):
+        slice_order(torch.zeros(2, 21), 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward pass against the float64 definition
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_each_branch_method_matches_definition(direction):
+    mixer, hidden = make(seed=3)
+    mixer = mixer.double()
+    xz = torch.einsum("ec,blc->bel", mixer.in_proj.weight.detach(), hidden.double())
+    order = {"forward": forward_order(L_), "backward": backward_order(L_),
+             "slice": inter_slice_order(L_, D_)}[direction]
+    got = mixer.branch(xz[..., order], direction)
+    expected = mamba_branch64(xz[:, : mixer.d_inner, order], xz[:, mixer.d_inner:, order],
+                              **params64(mixer, direction))
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_module_is_out_proj_of_sum_of_three_branches():
+    mixer, hidden = make(seed=4)
+    expected = mixer_out64(mixer, hidden, D_)
+    got32 = mixer(hidden, num_slices=D_)
+    assert got32.shape == hidden.shape and got32.dtype == torch.float32
+    atol = 1e-4 * expected.abs().max().item()
+    torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=atol)
+    got64 = copy.deepcopy(mixer).double()(hidden.double(), num_slices=D_)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, expected, rtol=1e-9, atol=1e-9)
+    # and it is not just one of them
+    only_forward = torch.einsum("bel,ce->blc", branch_in_order64(mixer, hidden, "forward", D_),
+                                mixer.out_proj.weight.detach().double())
+    assert not torch.allclose(got64, only_forward, atol=1e-3)
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_single_direction_module(direction):
+    """A mixer with one direction is out_proj of that branch alone; ("forward",) is a plain Mamba layer."""
+    mixer, hidden = make(directions=(direction,), seed=5)
+    expected = torch.einsum("bel,ce->blc", branch_in_order64(mixer, hidden, direction, D_),
+                            mixer.out_proj.weight.detach().double())
+    got = mixer.double()(hidden.double(), num_slices=D_ if direction == "slice" else None)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_float64_module_is_float64_accurate():
+    mixer, hidden = make(directions=("forward",), seed=5)
+    expected = torch.einsum("bel,ce->blc", branch_in_order64(mixer, hidden, "forward", D_),
+                            mixer.out_proj.weight.detach().double())
+    got = mixer.double()(hidden.double())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_num_slices_at_construction_equals_call_time():
+    mixer, hidden = make(seed=6)
+    fixed, _ = make(seed=6, num_slices=D_)
+    torch.testing.assert_close(fixed(hidden), mixer(hidden, num_slices=D_))
+    # a call-time value overrides the constructor's
+    other = mixer(hidden, num_slices=4)
+    torch.testing.assert_close(fixed(hidden, num_slices=4), other)
+    assert not torch.allclose(other, fixed(hidden))
+
+
+def test_gradients_reach_every_parameter():
+    mixer, hidden = make(seed=7)
+    hidden.requires_grad_(True)
+    out = mixer(hidden, num_slices=D_)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(8))).sum().backward()
+    names = [n for n, _ in mixer.named_parameters()]
+    assert len(names) == 1 + 3 * 7 + 1
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_value_error():
+    mixer, hidden = make(seed=9)
+    with pytest.raises(ValueError, match="d_model=8"):
+        mixer(hidden[..., :7], num_slices=D_)
+    with pytest.raises(ValueError, match="hidden_states"):
+        mixer(hidden[0], num_slices=D_)
+    with pytest.raises(ValueError, match="hidden_states"):
+        mixer(hidden[None], num_slices=D_)
+    with pytest.raises(ValueError, match="num_slices"):
+        mixer(hidden)  # slice direction without a slice count
+    with pytest.raises(ValueError, match="num_slices=7"):
+        mixer(hidden, num_slices=7)  # 7 does not divide 60
+
+
+@pytest.mark.parametrize("kwargs", [dict(directions=()), dict(directions=("forward", "sideways")),
+                                    dict(directions=("forward", "forward")), dict(d_state=0), dict(expand=0)])
+def test_bad_arguments_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        TriOrientedMamba(8, **kwargs)
+
+
+def test_dt_rank_auto():
+    assert TriOrientedMamba(8, directions=("forward",)).dt_rank == 1
+    assert TriOrientedMamba(40, directions=("forward",)).dt_rank == math.ceil(40 / 16)
