@@ -170,6 +170,12 @@ class SegMamba(nn.Module):
                 f"stages halves it. Use a patch size divisible by {TOTAL_STRIDE} or pad_input=True"
             )
         padded = [s + (-s) % TOTAL_STRIDE for s in size]
+        if math.prod(padded) // TOTAL_STRIDE ** self.spatial_dims < 2:
+            raise ValueError(
+                f"spatial size {size} is too small: the deepest stage (stride {TOTAL_STRIDE}) would hold a single "
+                f"voxel, on which instance normalisation is undefined. Use at least {2 * TOTAL_STRIDE} voxels "
+                f"along one axis"
+            )
         for stage, stride in enumerate((2, 4, 8, 16)):
             n, stage_size = self.num_slices[stage], [p // stride for p in padded]
             if n is not None and math.prod(stage_size) % n:

@@ -183,6 +183,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     (dict(), (1, 3, 32, 32, 32), "3 channels but the network was built with in_chans=1"),
     (dict(num_slices=(5, None, None, None)), (1, 1, 32, 32, 32), "num_slices[0]=5 does not divide"),
     (dict(pad_input=False), (1, 1, 40, 56, 40), "not a multiple of the total stride 16"),
+    (dict(), (1, 1, 16, 12, 16), "deepest stage (stride 16) would hold a single voxel"),
 ])
 def test_clear_errors_for_bad_input(kwargs, x_shape, message):
     net = SegMamba(1, 2, **TINY, **kwargs)

@@ -1,0 +1,664 @@
+"""`nnunet-segmamba benchmark`: training step, memory and sliding-window inference of SegMamba and its peers.
+
+Every network runs in one process at the same setting; the defaults are the paper's (batch 2, 4 x 128^3 input,
+3 region outputs, fp16 autocast):
+
+- training step: nnU-Net's `train_step` (SGD lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5; GradScaler;
+  unscale, grad-norm clip 12, step), with BCE-with-logits on random binary targets standing in for nnU-Net's
+  region loss. Median of `iters` steps after `warmup`, timed with CUDA events (time.perf_counter on the CPU).
+  Peak memory is torch.cuda.max_memory_allocated over the steps (weights, gradients, optimizer state and
+  activations), None on the CPU.
+- patch inference: one forward pass of a (1, C, *patch) tile under fp16 autocast, as the reference table in
+  `shared/gpu/README.md` measures it.
+- volume inference: MONAI's `sliding_window_inference` over one (1, C, *volume) image (BraTS: 240 x 240 x 155)
+  with patch-sized tiles, overlap 1 - step (nnU-Net's tile_step_size 0.5), Gaussian weighting (sigma = patch/8),
+  batch-1 tiles, and nnU-Net's mirror TTA applied per tile by `mirror_tta` (the mean over all 8 flips of the three
+  spatial axes). See `tile_layout` for how the tile positions compare with nnU-Net's predictor.
+
+Out-of-memory in one phase is recorded as "OOM" and the run goes on; the memory of each network is freed before
+the next. torch, MONAI and the networks are imported inside functions: importing this module needs no GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+# default run order: the chunked PyTorch scan last, as the one most likely to be slow or run out of memory
+NETWORKS = ("segmamba[cuda]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr", "segmamba[torch]")
+NETWORK_HELP = {
+    "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
+    "segmamba_nomamba": "SegMamba with mixer='none' (identity in place of every Mamba layer)",
+    "plainconv": "nnU-Net PlainConvUNet, BraTS-like 3d_fullres plan (6 stages, 32..320 features)",
+    "resenc_m": "nnU-Net ResEnc-M (ResidualEncoderUNet, blocks 1,3,4,6,6,6)",
+    "swinunetr": "MONAI SwinUNETR, feature_size 48",
+    "segmamba[torch]": "SegMamba, chunked PyTorch scan",
+}
+# nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
+SGD_KWARGS = {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
+GRAD_CLIP = 12.0
+GIB = 1024 ** 3
+# how the MONAI sliding window + `mirror_tta` here relates to nnU-Net's nnUNetPredictor (2.8), recorded in the JSON
+NNUNET_DIFFERENCES = (
+    "same: tiles of the patch size, padding of axes smaller than the patch, tile count per axis, batch-1 tiles, "
+    "Gaussian weights with sigma = patch/8, mirror TTA over all 8 flips per tile, fp16 autocast, inference mode",
+    "tile positions: MONAI steps by int(patch * step) and moves the last tile back to the border; nnU-Net spreads "
+    "the same number of tiles evenly (e.g. 0, 64, 112 vs 0, 56, 112 for 240 voxels)",
+    "accumulation: MONAI sums the weighted logits in the input's dtype (float32); nnU-Net in float16",
+)
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- networks
+
+def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48):
+    """The network `name` (one of NETWORKS), without deep supervision, on the CPU.
+
+    SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
+    use the plan nnU-Net makes for BraTS 3d_fullres (128^3 patch): 6 stages, features 32, 64, 128, 256, 320, 320,
+    kernel 3, strides 1, 2, 2, 2, 2, 2, conv bias, InstanceNorm3d(affine), LeakyReLU.
+    """
+    import torch.nn as nn
+
+    if name.startswith("segmamba"):
+        from .networks.segmamba import SegMamba
+
+        w = segmamba_width
+        return SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
+                        mixer="none" if name == "segmamba_nomamba" else "tom")
+    if name in ("plainconv", "resenc_m"):
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+        plan = dict(input_channels=in_channels, n_stages=6, features_per_stage=(32, 64, 128, 256, 320, 320),
+                    conv_op=nn.Conv3d, kernel_sizes=3, strides=(1, 2, 2, 2, 2, 2), num_classes=out_channels,
+                    conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                    nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
+        if name == "plainconv":
+            return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **plan)
+        return ResidualEncoderUNet(n_blocks_per_stage=(1, 3, 4, 6, 6, 6), n_conv_per_stage_decoder=1, **plan)
+    if name == "swinunetr":
+        from monai.networks.nets import SwinUNETR
+
+        return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=48)
+    raise ValueError(f"unknown network {name!r}; choose from {', '.join(NETWORKS)}")
+
+
+@contextlib.contextmanager
+def scan_backend(name: str | None):
+    """Set NNUNET_SEGMAMBA_SCAN_BACKEND for the duration (every SegMamba scan built with backend='auto' reads it)."""
+    from .ssm.backends import ENV_VAR
+
+    old = os.environ.get(ENV_VAR)
+    if name is not None:
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+def _backend_of(name: str) -> str | None:
+    return name[len("segmamba["):-1] if name.startswith("segmamba[") else None
+
+
+# ----------------------------------------------------------------------------------------------- timing helpers
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> dict[str, float | None]:
+    import torch
+
+    if device.type != "cuda":
+        return {"peak_gib": None, "peak_reserved_gib": None}
+    return {"peak_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+
+
+def _free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[str, float]:
+    """Median/min/max milliseconds of `iters` calls after `warmup`: CUDA events on a GPU, perf_counter on the CPU."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters,
+            "warmup": warmup}
+
+
+# ----------------------------------------------------------------------------------------------- phases
+
+def time_training(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int, amp: bool,
+                  warmup: int, iters: int) -> dict[str, Any]:
+    """nnU-Net's train_step on random data: step time and peak memory."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    data = torch.randn(batch, in_channels, *patch, device=device)
+    target = (torch.rand(batch, out_channels, *patch, device=device) > 0.5).float()
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            loss = loss_fn(model(data), target)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach())
+
+    try:
+        _sync(device)
+        _reset_peak(device)
+        result = _time_calls(step, device, warmup, iters)
+        result.update(_peak(device))
+        result["loss_last"] = float(losses[-1]) if losses else None
+        result["grad_scale"] = float(scaler.get_scale()) if amp else None
+        return result
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def time_patch_inference(model, device, patch: Sequence[int], in_channels: int, amp: bool, warmup: int,
+                         iters: int) -> dict[str, Any]:
+    """One forward pass of a (1, C, *patch) tile, no gradients."""
+    import torch
+
+    model.eval()
+    x = torch.randn(1, in_channels, *patch, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        return _time_calls(lambda: model(x), device, warmup, iters)
+
+
+def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4)):
+    """nnU-Net's `_internal_maybe_mirror_and_predict`: mean of the network over all 2^k flips of `axes`.
+
+    x: (B, C, D, H, W); returns (B, out, D, H, W). With three axes: 1 + 3 + 3 + 1 = 8 forward passes.
+    """
+    import torch
+
+    combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+    prediction = network(x)
+    for c in combos:
+        prediction = prediction + torch.flip(network(torch.flip(x, c)), c)
+    return prediction / (len(combos) + 1)
+
+
+def tile_layout(volume: Sequence[int], patch: Sequence[int], step: float = 0.5) -> dict[str, Any]:
+    """Tile start positions per axis of MONAI's sliding window (overlap 1 - step) and of nnU-Net's predictor.
+
+    Both pad an image smaller than the patch up to the patch size. MONAI steps by int(patch * step) and shifts the
+    last tile back to the border; nnU-Net takes the same number of tiles per axis, ceil((size - patch) /
+    (patch * step)) + 1, but spreads them evenly. The counts agree; the positions can differ by a few voxels.
+    """
+    from monai.data.utils import dense_patch_slices
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    padded = [max(v, p) for v, p in zip(volume, patch)]
+    overlap = 1.0 - step
+    # monai.inferers.utils._get_scan_interval
+    interval = [p if p == s else max(int(p * (1 - overlap)), 1) for p, s in zip(patch, padded)]
+    slices = dense_patch_slices(padded, patch, interval, return_slice=False)
+    monai_starts = [sorted({int(tile[d][0]) for tile in slices}) for d in range(len(patch))]
+    nnunet_starts = [[int(s) for s in axis] for axis in compute_steps_for_sliding_window(padded, patch, step)]
+    return {"padded_size": padded, "monai_starts": monai_starts, "nnunet_starts": nnunet_starts,
+            "tiles_monai": len(slices), "tiles_nnunet": math.prod(len(a) for a in nnunet_starts),
+            "vs_nnunet": NNUNET_DIFFERENCES}
+
+
+def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[int], in_channels: int, amp: bool,
+                          step: float = 0.5) -> dict[str, Any]:
+    """Sliding-window inference with mirror TTA over one random (1, C, *volume) image, timed once."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    image = torch.randn(1, in_channels, *volume, device=device)
+    tiles = 0
+
+    def predictor(tile):
+        nonlocal tiles
+        tiles += tile.shape[0]
+        return mirror_tta(model, tile)
+
+    _sync(device)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        logits = sliding_window_inference(image, list(patch), sw_batch_size=1, predictor=predictor,
+                                          overlap=1.0 - step, mode="gaussian", sigma_scale=0.125)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    finite = bool(torch.isfinite(logits).all())
+    return {"seconds": seconds, "tiles": tiles, "forward_passes": tiles * 8, "output_finite": finite,
+            **_peak(device)}
+
+
+def compare_backends(model, x, fast: str = "cuda", reference: str = "torch") -> dict[str, Any]:
+    """One model's output on scan backend `fast` against `reference`, both under fp16 autocast, on input x.
+
+    Differences are relative to the output scale (max |reference output|). The yardstick for "fp16 rounding" is
+    the reference backend under fp16 autocast against itself in float32: the check passes when
+    rel_max(fast, reference) <= 2 * rel_max(reference fp16, reference fp32) + 1e-3.
+    """
+    import torch
+
+    outs = {}
+    for key, backend, amp in (("fast", fast, True), ("reference", reference, True), ("reference_fp32", reference,
+                                                                                      False)):
+        with scan_backend(backend), torch.inference_mode(), \
+                torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
+            outs[key] = model(x).float()
+
+    def rel(a, b):
+        return {"rel_max": float((a - b).abs().max() / b.abs().max()),
+                "rel_l2": float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))}
+
+    result = {"fast": fast, "reference": reference, "output_scale": float(outs["reference"].abs().max()),
+              "fast_vs_reference": rel(outs["fast"], outs["reference"]),
+              "reference_fp16_vs_fp32": rel(outs["reference"], outs["reference_fp32"]),
+              "fast_vs_reference_fp32": rel(outs["fast"], outs["reference_fp32"]),
+              "finite": all(bool(torch.isfinite(o).all()) for o in outs.values())}
+    result["tolerance_rel_max"] = 2 * result["reference_fp16_vs_fp32"]["rel_max"] + 1e-3
+    result["within_fp16_rounding"] = (result["finite"]
+                                      and result["fast_vs_reference"]["rel_max"] <= result["tolerance_rel_max"])
+    return result
+
+
+def check_equivalence(device, patch: Sequence[int], in_channels: int, out_channels: int, segmamba_width: int,
+                      log: Log = _print) -> dict[str, Any]:
+    """SegMamba (seeded weights, one random (1, C, *patch) input): the `cuda` scan backend against `torch`.
+
+    Skipped (status "skipped" with the reason) unless the device is CUDA and mamba-ssm's kernel loads.
+    See `compare_backends` for the metrics and the tolerance.
+    """
+    import torch
+
+    from .ssm import backends
+
+    usable, reason = backends.cuda_scan_status()
+    if device.type != "cuda" or not usable:
+        why = "needs --device cuda" if device.type != "cuda" else reason
+        log(f"[equivalence] skipped: {why}")
+        return {"status": "skipped", "reason": why}
+    log(f"[equivalence] SegMamba(width {segmamba_width}) on (1, {in_channels}, {'x'.join(map(str, patch))}): "
+        "cuda vs torch scan backend, fp16 autocast")
+    torch.manual_seed(0)
+    model = build_network("segmamba[cuda]", in_channels, out_channels, segmamba_width).to(device).eval()
+    x = torch.randn(1, in_channels, *patch, device=device)
+    result = {"status": "ok", "patch": list(patch), "segmamba_width": segmamba_width,
+              **compare_backends(model, x, "cuda", "torch")}
+    del model, x
+    _free(device)
+    log(f"[equivalence] cuda vs torch rel max {result['fast_vs_reference']['rel_max']:.2e} "
+        f"(tolerance {result['tolerance_rel_max']:.2e}): {'ok' if result['within_fp16_rounding'] else 'MISMATCH'}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def _guarded(phase: Callable[[], dict], device, log: Log, label: str):
+    """Run one phase; out-of-memory gives "OOM", another error {"error": ...}; memory is freed either way."""
+    import torch
+
+    try:
+        return phase()
+    except Exception as exc:  # one broken network must not cost the GPU run of the others
+        # cuDNN and some kernels report an allocation failure as a plain RuntimeError
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or any(
+                text in str(exc) for text in ("out of memory", "CUDNN_STATUS_ALLOC_FAILED")):
+            log(f"{label}: out of memory")
+            result: Any = "OOM"
+        else:
+            traceback.print_exc()
+            log(f"{label}: failed ({type(exc).__name__}: {exc})")
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+    _free(device)  # outside the except block, so the traceback's frames (and their tensors) are gone
+    return result
+
+
+def _versions() -> dict[str, str | None]:
+    out = {}
+    for dist in ("torch", "monai", "nnunetv2", "dynamic-network-architectures", "mamba-ssm", "causal-conv1d"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _check_sizes(name: str, value: Sequence[int]) -> tuple[int, int, int]:
+    value = tuple(int(v) for v in value)
+    if len(value) != 3 or min(value) < 1:
+        raise ValueError(f"{name} needs three positive sizes (D, H, W), got {value}")
+    return value
+
+
+def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batch: int = 2,
+                  patch: Sequence[int] = (128, 128, 128), volume: Sequence[int] = (240, 240, 155),
+                  in_channels: int = 4, out_channels: int = 3, train: bool = True, inference: bool = True,
+                  warmup: int = 5, iters: int = 20, precision: str = "auto", segmamba_width: int = 48,
+                  equivalence: bool = False, step: float = 0.5, command: str | None = None,
+                  out: str | Path | None = None, log: Log = _print) -> dict[str, Any]:
+    """Benchmark `networks` in this process; returns (and writes to `out` as JSON) the results.
+
+    Args:
+        networks: names from NETWORKS, run in this order.
+        device: "cuda", "cpu" or "auto" (cuda where available).
+        batch: training batch size.
+        patch: training patch and inference tile size (D, H, W).
+        volume: size of the image for sliding-window inference (D, H, W).
+        in_channels, out_channels: input channels and region outputs.
+        train, inference: run the training / the inference phases.
+        warmup, iters: untimed and timed repetitions of the training step and of the patch inference.
+        precision: "fp16" (autocast + GradScaler), "fp32", or "auto" (fp16 on CUDA, fp32 on the CPU, as nnU-Net).
+        segmamba_width: channels of SegMamba's first stage (48 is the reference).
+        equivalence: compare SegMamba's cuda and torch scan backends (CUDA only).
+        step: sliding-window tile step as a fraction of the patch (nnU-Net's tile_step_size; overlap = 1 - step).
+        command: the command line, recorded as given.
+        out: JSON file to write.
+        log: progress printer.
+
+    Returns:
+        {"command", "device", "gpu", "cpu", "versions", "settings", "sliding_window", "networks": {name: {...}},
+        "equivalence", "table"}. Per network: "params", and per phase ("train", "patch_inference",
+        "volume_inference") a dict of numbers, "OOM", {"error": ...} or None (not run); or {"skipped": reason}.
+    """
+    import torch
+
+    from .ssm import backends
+
+    unknown = [n for n in networks if n not in NETWORKS]
+    if unknown:
+        raise ValueError(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    if precision not in ("auto", "fp16", "fp32"):
+        raise ValueError(f"precision must be auto, fp16 or fp32, got {precision!r}")
+    if batch < 1 or warmup < 0 or iters < 1 or segmamba_width < 1 or min(in_channels, out_channels) < 1 \
+            or not 0 < step <= 1:
+        raise ValueError(f"need batch, iters, segmamba_width, in/out channels >= 1, warmup >= 0 and 0 < step <= 1; "
+                         f"got batch={batch}, warmup={warmup}, iters={iters}, segmamba_width={segmamba_width}, "
+                         f"in_channels={in_channels}, out_channels={out_channels}, step={step}")
+    patch, volume = _check_sizes("patch", patch), _check_sizes("volume", volume)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+    dev = torch.device(device)
+    amp = precision == "fp16" or (precision == "auto" and dev.type == "cuda")
+    cuda_ok, cuda_reason = backends.cuda_scan_status()
+
+    report: dict[str, Any] = {
+        "command": command, "device": dev.type,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+        "versions": _versions(), "torch_cuda": torch.version.cuda,
+        "scan_backend_cuda": {"available": cuda_ok, "reason": cuda_reason,
+                              "causal_conv1d": backends.causal_conv1d_function()[0] is not None},
+        "settings": {"batch": batch, "patch": list(patch), "volume": list(volume), "in_channels": in_channels,
+                     "out_channels": out_channels, "precision": "fp16" if amp else "fp32", "warmup": warmup,
+                     "iters": iters, "segmamba_width": segmamba_width, "train": train, "inference": inference,
+                     "optimizer": {"SGD": SGD_KWARGS, "grad_clip": GRAD_CLIP}, "loss": "BCEWithLogits",
+                     "tile_step": step, "sw_batch_size": 1, "blend": "gaussian, sigma 0.125 * patch",
+                     "mirror_axes": [2, 3, 4], "cudnn_benchmark": dev.type == "cuda"},
+        "sliding_window": tile_layout(volume, patch, step),
+        "networks": {},
+    }
+    log(f"benchmark on {report['gpu'] or 'CPU'} (torch {torch.__version__}, precision "
+        f"{report['settings']['precision']}); networks: {', '.join(networks)}")
+    old_cudnn = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = dev.type == "cuda"  # as nnU-Net's training
+    try:
+        # first: cheap, and what the cuda backend's numbers rest on
+        report["equivalence"] = (
+            _guarded(lambda: check_equivalence(dev, patch, in_channels, out_channels, segmamba_width, log), dev,
+                     log, "[equivalence]") if equivalence else None)
+        for name in networks:
+            report["networks"][name] = _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels,
+                                                  train, inference, warmup, iters, segmamba_width, step,
+                                                  report["sliding_window"]["tiles_monai"], cuda_ok, cuda_reason,
+                                                  log)
+            if out is not None:  # partial results survive a run killed by a time limit
+                _write(out, report)
+    finally:
+        torch.backends.cudnn.benchmark = old_cudnn
+    report["table"] = format_table(report)
+    log(report["table"])
+    if out is not None:
+        _write(out, report)
+        log(f"wrote {out}")
+    return report
+
+
+def _write(path: str | Path, report: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, train, inference, warmup, iters,
+               segmamba_width, step, tiles, cuda_ok, cuda_reason, log) -> dict[str, Any]:
+    import torch
+
+    backend = _backend_of(name)
+    if backend == "cuda" and (dev.type != "cuda" or not cuda_ok):
+        why = "needs --device cuda" if dev.type != "cuda" else cuda_reason
+        log(f"[{name}] skipped: {why}")
+        return {"skipped": why}
+    entry: dict[str, Any] = {"params": None, "scan_backend": backend, "train": None, "patch_inference": None,
+                             "volume_inference": None}
+    with scan_backend(backend):
+        log(f"[{name}] building")
+        torch.manual_seed(0)
+        model = build_network(name, in_channels, out_channels, segmamba_width)
+        entry["params"] = sum(p.numel() for p in model.parameters())
+        log(f"[{name}] {entry['params'] / 1e6:.2f} M parameters")
+
+        moved = _guarded(lambda: model.to(dev) and {"ok": True}, dev, log, f"[{name}] to {dev.type}")
+        if not (isinstance(moved, dict) and moved.get("ok")):  # "OOM" or {"error": ...}: every phase gets it
+            entry["train"] = entry["patch_inference"] = entry["volume_inference"] = moved
+        else:
+            if train:
+                log(f"[{name}] train: {warmup} warm-up + {iters} timed steps, batch {batch}")
+                entry["train"] = _guarded(lambda: time_training(model, dev, batch, patch, in_channels, out_channels,
+                                                                amp, warmup, iters), dev, log, f"[{name}] train")
+                _report_phase(log, name, "train", entry["train"], "ms_median", "ms/step")
+            if inference:
+                log(f"[{name}] patch inference: {warmup} warm-up + {iters} timed passes")
+                entry["patch_inference"] = _guarded(
+                    lambda: time_patch_inference(model, dev, patch, in_channels, amp, warmup, iters),
+                    dev, log, f"[{name}] patch inference")
+                _report_phase(log, name, "patch inference", entry["patch_inference"], "ms_median", "ms")
+                log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, "
+                    f"{tiles} tiles x 8 mirrorings")
+                entry["volume_inference"] = _guarded(
+                    lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step),
+                    dev, log, f"[{name}] volume inference")
+                _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
+    del model
+    _free(dev)
+    return entry
+
+
+def _report_phase(log: Log, name: str, phase: str, result, key: str, unit: str) -> None:
+    if isinstance(result, dict) and key in result:
+        peak = result.get("peak_gib")
+        log(f"[{name}] {phase}: {result[key]:.4g} {unit}" + (f", peak {peak:.2f} GiB" if peak is not None else ""))
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A markdown table of the results, headed by the device, versions and the command line."""
+    def cell(phase, key, fmt):
+        if phase is None:
+            return "-"
+        if phase == "OOM":
+            return "OOM"
+        if "error" in phase:
+            return "error"
+        return "n/a" if phase.get(key) is None else format(phase[key], fmt)
+
+    sw = report["sliding_window"]
+    lines = [
+        f"device: {report['gpu'] or 'CPU ' + report['cpu']}; torch {report['versions']['torch']} "
+        f"(CUDA {report['torch_cuda']}); monai {report['versions']['monai']}; precision "
+        f"{report['settings']['precision']}",
+        f"command: {report['command']}",
+        f"settings: batch {report['settings']['batch']}, patch {'x'.join(map(str, report['settings']['patch']))}, "
+        f"volume {'x'.join(map(str, report['settings']['volume']))}; tiles MONAI {sw['tiles_monai']} / nnU-Net "
+        f"{sw['tiles_nnunet']}",
+        "",
+        "| network | params | train step ms | train peak GiB | patch fwd ms | volume inference s | tiles "
+        "| inference peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, e in report["networks"].items():
+        if "skipped" in e:
+            lines.append(f"| {name} | skipped: {e['skipped']} | | | | | | |")
+            continue
+        vol = e["volume_inference"]
+        tiles = f"{vol['tiles']} / {sw['tiles_nnunet']}" if isinstance(vol, dict) and "tiles" in vol else "-"
+        lines.append(f"| {name} | {e['params'] / 1e6:.2f} M | {cell(e['train'], 'ms_median', '.1f')} | "
+                     f"{cell(e['train'], 'peak_gib', '.2f')} | {cell(e['patch_inference'], 'ms_median', '.1f')} | "
+                     f"{cell(vol, 'seconds', '.2f')} | {tiles} | {cell(vol, 'peak_gib', '.2f')} |")
+    eq = report.get("equivalence")
+    if eq == "OOM" or (isinstance(eq, dict) and "error" in eq):
+        lines.append(f"\nequivalence: {eq if eq == 'OOM' else eq['error']}")
+    elif eq and eq.get("status") == "ok":
+        lines.append(f"\nequivalence (SegMamba cuda vs torch scan, fp16): rel max diff "
+                     f"{eq['fast_vs_reference']['rel_max']:.2e}, tolerance {eq['tolerance_rel_max']:.2e} -> "
+                     f"{'within fp16 rounding' if eq['within_fp16_rounding'] else 'MISMATCH'}")
+    elif eq:
+        lines.append(f"\nequivalence: {eq['status']} ({eq.get('reason', '')})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+def _sizes(text: str) -> tuple[int, int, int]:
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or D,H,W (integers), got {text!r}") from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or D,H,W (positive integers), got {text!r}")
+    return tuple(values)
+
+
+def _network_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NETWORKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")
+    return names
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "benchmark", help="time training step, peak memory and sliding-window inference of SegMamba and peers",
+        description="Benchmark SegMamba (per scan backend), its no-Mamba ablation, nnU-Net's PlainConvUNet and "
+                    "ResEnc-M and MONAI's SwinUNETR in one process at one setting (default: the paper's, batch 2, "
+                    "4x128^3, 3 outputs, fp16). Prints a markdown table; --out writes the JSON. Out of memory is "
+                    "recorded as OOM and the run goes on.")
+    p.add_argument("--networks", type=_network_list, default=list(NETWORKS),
+                   help="comma-separated, in run order (quote it: brackets); default all of: "
+                        + "; ".join(f"{k} = {v}" for k, v in NETWORK_HELP.items()))
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="device (default auto: cuda where available)")
+    p.add_argument("--batch", type=int, default=2, help="training batch size (default 2)")
+    p.add_argument("--patch", type=_sizes, default=(128, 128, 128),
+                   help="training patch and inference tile, N or D,H,W (default 128); SegMamba needs more than one "
+                        "voxel after 16x downsampling, the nnU-Net networks after 32x (e.g. 64,32,32)")
+    p.add_argument("--volume", type=_sizes, default=(240, 240, 155),
+                   help="image size for sliding-window inference, D,H,W (default 240,240,155, BraTS)")
+    p.add_argument("--in-channels", type=int, default=4, help="input channels (default 4)")
+    p.add_argument("--out-channels", type=int, default=3, help="output channels / regions (default 3)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step phase")
+    p.add_argument("--no-inference", action="store_true", help="skip the patch and volume inference phases")
+    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up repetitions per phase (default 5)")
+    p.add_argument("--iters", type=int, default=20, help="timed repetitions per phase, median reported (default 20)")
+    p.add_argument("--precision", choices=("auto", "fp16", "fp32"), default="auto",
+                   help="fp16 autocast + GradScaler or fp32 (default auto: fp16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--segmamba-width", type=int, default=48,
+                   help="SegMamba first-stage channels; stages w,2w,4w,8w, bottleneck 16w (default 48, the paper)")
+    p.add_argument("--step", type=float, default=0.5,
+                   help="sliding-window tile step as a fraction of the patch, nnU-Net's tile_step_size (default 0.5)")
+    p.add_argument("--equivalence", action="store_true",
+                   help="also compare SegMamba's output on the cuda and torch scan backends under fp16 (CUDA only)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = run_benchmark(
+        networks=args.networks, device=args.device, batch=args.batch, patch=args.patch, volume=args.volume,
+        in_channels=args.in_channels, out_channels=args.out_channels, train=not args.no_train,
+        inference=not args.no_inference, warmup=args.warmup, iters=args.iters, precision=args.precision,
+        segmamba_width=args.segmamba_width, equivalence=args.equivalence, step=args.step,
+        command=shlex.join(sys.argv), out=args.out,
+    )
+    failed = any(isinstance(phase, dict) and "error" in phase
+                 for e in report["networks"].values() for phase in e.values())
+    eq = report.get("equivalence")
+    eq_failed = isinstance(eq, dict) and ("error" in eq
+                                          or (eq.get("status") == "ok" and not eq["within_fp16_rounding"]))
+    return 1 if failed or eq_failed else 0

@@ -1,0 +1,175 @@
+"""`nnunet-segmamba benchmark` on the CPU at tiny settings: JSON structure, finite numbers, tile counts, OOM handling.
+
+No timing thresholds: the numbers are only checked to be positive and finite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nnunet_segmamba import benchmark, cli
+from nnunet_segmamba.ssm import backends
+
+PHASES = ("train", "patch_inference", "volume_inference")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    # two OpenMP threads on a shared two-core machine run these tiny convolutions up to 10x slower than one
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_cli_cpu_run_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    # 64x32x32: PlainConvUNet's five stride-2 stages need more than one voxel at the bottleneck (InstanceNorm)
+    rc = cli.main(["benchmark", "--device", "cpu", "--batch", "1", "--patch", "64,32,32", "--volume", "64,32,24",
+                   "--warmup", "1", "--iters", "2", "--segmamba-width", "4", "--equivalence",
+                   "--networks", "segmamba[cuda],segmamba[torch],segmamba_nomamba,plainconv", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+
+    assert {"command", "device", "gpu", "versions", "settings", "sliding_window", "networks", "equivalence",
+            "table"} <= set(report)
+    assert report["device"] == "cpu" and report["gpu"] is None
+    assert report["command"]  # the process's own command line (pytest's here)
+    assert report["settings"]["precision"] == "fp32"
+    assert report["settings"]["patch"] == [64, 32, 32] and report["settings"]["volume"] == [64, 32, 24]
+    sw = report["sliding_window"]
+    assert sw["tiles_monai"] == sw["tiles_nnunet"] == 1  # 24 is padded to the patch's 32 (several tiles: below)
+    assert report["equivalence"]["status"] == "skipped"
+
+    networks = report["networks"]
+    assert list(networks) == ["segmamba[cuda]", "segmamba[torch]", "segmamba_nomamba", "plainconv"]  # as given
+    assert "skipped" in networks["segmamba[cuda]"]  # CPU device (and no mamba-ssm here)
+    params = {name: networks[name]["params"] for name in ("segmamba[torch]", "segmamba_nomamba", "plainconv")}
+    assert params["plainconv"] == 31_198_991  # nnU-Net's BraTS-like plan, 3 outputs: 31.2 M as in the reference
+    assert 0 < params["segmamba_nomamba"] < params["segmamba[torch]"]
+    for name in params:
+        entry = networks[name]
+        for phase in PHASES:
+            assert isinstance(entry[phase], dict), (name, phase, entry[phase])
+        train, patch, volume = entry["train"], entry["patch_inference"], entry["volume_inference"]
+        assert train["iters"] == 2 and train["warmup"] == 1
+        assert all(_positive(train[k]) for k in ("ms_median", "ms_min", "ms_max", "loss_last"))
+        assert train["ms_min"] <= train["ms_median"] <= train["ms_max"]
+        assert train["peak_gib"] is None and train["grad_scale"] is None  # CPU, fp32
+        assert _positive(patch["ms_median"])
+        assert _positive(volume["seconds"]) and volume["output_finite"]
+        assert volume["tiles"] == sw["tiles_monai"] and volume["forward_passes"] == 8 * volume["tiles"]
+        assert volume["peak_gib"] is None
+        assert f"| {name} |" in printed
+    for phase in ("train:", "patch inference:", "volume inference:"):
+        assert f"[plainconv] {phase}" in printed
+    assert report["table"] in printed
+
+
+def test_brats_volume_tiles_match_nnunet():
+    layout = benchmark.tile_layout((240, 240, 155), (128, 128, 128), 0.5)
+    assert layout["tiles_monai"] == layout["tiles_nnunet"] == 18
+    assert layout["monai_starts"] == [[0, 64, 112], [0, 64, 112], [0, 27]]
+    assert layout["nnunet_starts"] == [[0, 56, 112], [0, 56, 112], [0, 27]]
+
+
+def test_volume_inference_counts_monai_tiles():
+    net = torch.nn.Conv3d(4, 3, 1)
+    result = benchmark.time_volume_inference(net, torch.device("cpu"), (40, 40, 24), (32, 32, 32), 4, amp=False)
+    layout = benchmark.tile_layout((40, 40, 24), (32, 32, 32), 0.5)
+    assert result["tiles"] == layout["tiles_monai"] == layout["tiles_nnunet"] == 4
+    assert result["forward_passes"] == 32 and result["output_finite"] and _positive(result["seconds"])
+
+
+def test_mirror_tta_averages_eight_flips():
+    calls = []
+
+    def net(x):
+        calls.append(x)
+        return x * 2
+
+    x = torch.randn(1, 2, 3, 4, 5)
+    torch.testing.assert_close(benchmark.mirror_tta(net, x), 2 * x)
+    assert len(calls) == 8
+    assert len({tuple(c.flatten()[:8].tolist()) for c in calls}) == 8  # eight distinct flips
+
+    def first_axis_ramp(x):  # not flip-equivariant: TTA averages its weight over both directions of axis 2
+        ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
+        return x * ramp
+
+    ones = torch.ones(1, 1, 4, 2, 2)
+    expected = torch.full_like(ones, (4 - 1) / 2)
+    torch.testing.assert_close(benchmark.mirror_tta(first_axis_ramp, ones), expected)
+
+
+def test_oom_and_errors_are_recorded_and_the_run_continues(monkeypatch):
+    failures = iter([torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"),
+                     RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED (simulated)")])
+
+    def train_fails(*args, **kwargs):
+        raise next(failures)
+
+    def patch_fails(*args, **kwargs):
+        raise ValueError("a bug (simulated)")
+
+    monkeypatch.setattr(benchmark, "time_training", train_fails)
+    monkeypatch.setattr(benchmark, "time_patch_inference", patch_fails)
+    monkeypatch.setattr(benchmark, "time_volume_inference", lambda *a, **k: {"seconds": 1.0, "tiles": 1,
+                                                                             "peak_gib": None})
+    lines = []
+    report = benchmark.run_benchmark(networks=["segmamba_nomamba", "segmamba[torch]"], device="cpu", batch=1,
+                                     patch=(32, 32, 32), volume=(32, 32, 32), warmup=0, iters=1,
+                                     segmamba_width=2, log=lines.append)
+    for name in ("segmamba_nomamba", "segmamba[torch]"):
+        entry = report["networks"][name]
+        assert entry["params"] > 0
+        assert entry["train"] == "OOM"
+        assert entry["patch_inference"] == {"error": "ValueError: a bug (simulated)"}
+        assert entry["volume_inference"]["seconds"] == 1.0  # the phases after a failure still run
+    assert "| segmamba[torch] |" in report["table"] and "OOM" in report["table"]
+    assert sum("out of memory" in line for line in lines) == 2
+
+
+def test_compare_backends_metrics_on_cpu():
+    # the cuda-vs-torch check itself needs mamba-ssm on a GPU; here the torch backend against itself
+    torch.manual_seed(0)
+    model = benchmark.build_network("segmamba[torch]", 4, 3, segmamba_width=2).eval()
+    result = benchmark.compare_backends(model, torch.randn(1, 4, 32, 32, 32), fast="torch", reference="torch")
+    assert result["fast_vs_reference"] == {"rel_max": 0.0, "rel_l2": 0.0}
+    assert result["finite"] and result["within_fp16_rounding"]
+    assert 0 < result["reference_fp16_vs_fp32"]["rel_max"] < 0.1  # CPU fp16 autocast does round
+    assert result["tolerance_rel_max"] > 1e-3
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown network"):
+        benchmark.run_benchmark(networks=["unet"], device="cpu")
+    with pytest.raises(ValueError, match="patch needs three"):
+        benchmark.run_benchmark(networks=[], device="cpu", patch=(32, 32))
+    with pytest.raises(ValueError, match="precision"):
+        benchmark.run_benchmark(networks=[], device="cpu", precision="bf16")
+    assert benchmark._sizes("128") == (128, 128, 128)
+    assert benchmark._sizes("240,240,155") == (240, 240, 155)
+    with pytest.raises(argparse.ArgumentTypeError):
+        benchmark._sizes("32,32")
+    assert benchmark._network_list("segmamba[torch], plainconv") == ["segmamba[torch]", "plainconv"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown network"):
+        benchmark._network_list("segmamba,plainconv")
+
+
+def test_import_needs_no_torch():
+    code = ("import sys, argparse, nnunet_segmamba.benchmark as b; "
+            "b.register(argparse.ArgumentParser().add_subparsers()); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
