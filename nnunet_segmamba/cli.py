@@ -13,6 +13,10 @@ import sys
 COMMAND_MODULES = [
     "nnunet_segmamba.doctor",
     "nnunet_segmamba.evaluation.commands",
+    "nnunet_segmamba.training.commands",
+    "nnunet_segmamba.classification.commands",
+    "nnunet_segmamba.benchmark",
+    "nnunet_segmamba.demo",
 ]
 
 

@@ -1,0 +1,173 @@
+"""The one base trainer that puts SegMamba (Xing et al. 2024, arXiv:2401.13560) into nnU-Net v2.
+
+Everything the plugin changes in nnU-Net's `nnUNetTrainer` lives here; the variants in `trainers.py` only set
+the class attributes of the "tunables" block below or override one hook. Compared with nnU-Net's trainer:
+
+* network: `SegMamba` instead of nnU-Net's U-Net (`build_network_architecture`, a classmethod so that
+  variants change the network through `network_kwargs` and `nnUNetv2_predict` rebuilds the same one);
+  2D when the configuration's patch is 2D. The network keeps its own initialisation (nnU-Net's He init is
+  only applied to its own architectures).
+* patch: rounded up per axis to a multiple of SegMamba's total stride (16). The network pads to that multiple
+  internally anyway, so the bigger patch costs nothing extra and adds context; it also makes the deep
+  supervision targets (downsampled by nnU-Net with `round`) exactly as large as the network's heads. The
+  adapted patch is written into the plans the trainer saves, so inference uses it too.
+* deep supervision: through the network's heads at strides `net.deep_supervision_strides` == (1, 2, 4, 8),
+  switched with the `net.deep_supervision` attribute; nnU-Net's loss weights (1, 1/2, 1/4, 0, normalised).
+* split: 70/10/20 train/val/test (`splits.py`) instead of nnU-Net's 5-fold cross-validation.
+* augmentation: nnU-Net's, plus elastic deformation (`augmentation.py`).
+* torch.compile: always off (see `_do_i_compile`). AMP: nnU-Net's autocast + GradScaler on CUDA, unchanged;
+  the selective scan runs in float32 inside the network.
+
+Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
+Nesterov momentum 0.99, weight decay 3e-5), poly learning-rate schedule, gradient-norm clipping at 12,
+checkpointing, `--c` / `--val` / `--npz`, validation and export.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, ClassVar, Mapping
+
+import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_segmamba.training.augmentation import enable_elastic_deformation
+from nnunet_segmamba.training.splits import load_or_create_split, split_file_path
+
+SEGMAMBA_TOTAL_STRIDE = 16  # four stride-2 downsamplings in the Mamba encoder
+
+
+class nnUNetTrainerSegMambaBase(nnUNetTrainer):
+    """nnU-Net's trainer with SegMamba as the network, the 70/10/20 split and elastic deformation.
+
+    Not meant to be trained directly: use `nnUNetTrainerSegMamba` or a variant (`trainers.py`).
+    """
+
+    # ---- tunables: variants override these class attributes (applied after nnU-Net's own defaults) ----
+    #: SegMamba arguments besides in_chans / out_chans / spatial_dims / deep_supervision (defaults: the paper's)
+    network_kwargs: ClassVar[Mapping[str, Any]] = {}
+    #: None keeps nnU-Net's value (1000 epochs of 250 training and 50 validation iterations)
+    epochs: ClassVar[int | None] = None
+    iterations_per_epoch: ClassVar[int | None] = None
+    val_iterations_per_epoch: ClassVar[int | None] = None
+    #: upper bound on the plans' batch size (None: the plans' batch size)
+    max_batch_size: ClassVar[int | None] = None
+    #: deep supervision through the network's heads
+    use_deep_supervision: ClassVar[bool] = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # same signature as nnU-Net's: it records these arguments in checkpoints ('init_args') by name
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for attribute, value in (("num_epochs", self.epochs),
+                                 ("num_iterations_per_epoch", self.iterations_per_epoch),
+                                 ("num_val_iterations_per_epoch", self.val_iterations_per_epoch)):
+            if value is not None:
+                if int(value) < 1:
+                    raise ValueError(f"{type(self).__name__}: {attribute} must be >= 1, got {value}")
+                setattr(self, attribute, int(value))
+        self.enable_deep_supervision = bool(self.use_deep_supervision)
+        self._compile_note_logged = False
+        self._round_patch_size_up_to_network_stride()
+
+    # ---- network -------------------------------------------------------------------------------------------
+    def _round_patch_size_up_to_network_stride(self) -> None:
+        """Round the configuration's patch up to a multiple of SegMamba's total stride, in the plans too."""
+        old = [int(p) for p in self.configuration_manager.patch_size]
+        new = [int(math.ceil(p / SEGMAMBA_TOTAL_STRIDE) * SEGMAMBA_TOTAL_STRIDE) for p in old]
+        if new == old:
+            return
+        self.configuration_manager.configuration["patch_size"] = new
+        # the plans this trainer saves (plans.json, checkpoint init_args) are what nnUNetv2_predict reads
+        self.plans_manager.plans["configurations"][self.configuration_name]["patch_size"] = new
+        self.print_to_log_file(f"SegMamba: patch size {old} rounded up to {new} (multiples of the network's "
+                               f"total stride {SEGMAMBA_TOTAL_STRIDE}; it pads to these sizes internally anyway)")
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """SegMamba for this configuration (also called by nnUNetv2_predict, with deep supervision off).
+
+        2D configurations (2D patch) get `spatial_dims=2`. A classmethod (nnU-Net's is a staticmethod; both are
+        called on the class) so that `network_kwargs` of the variant apply at inference as well.
+
+        The deep-supervision heads are built whenever the trainer class trains with them
+        (`use_deep_supervision`), also when nnUNetv2_predict asks for a network without deep supervision: the
+        heads are then only switched off, so the checkpoint's state_dict (which has them) loads strictly.
+        """
+        from nnunet_segmamba.networks import SegMamba
+
+        spatial_dims = len(configuration_manager.patch_size)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"SegMamba needs a 2D or 3D patch, the configuration has {configuration_manager.patch_size}")
+        net = SegMamba(in_chans=num_input_channels, out_chans=num_output_channels, spatial_dims=spatial_dims,
+                       deep_supervision=bool(cls.use_deep_supervision), **dict(cls.network_kwargs))
+        net.deep_supervision = bool(enable_deep_supervision) and bool(cls.use_deep_supervision)
+        return net
+
+    def _segmamba(self) -> nn.Module:
+        """The SegMamba module itself, unwrapped from DDP / torch.compile."""
+        if self.network is None:
+            raise RuntimeError("The network is not built yet: call initialize() first.")
+        net = self.network.module if self.is_ddp else self.network
+        return net._orig_mod if isinstance(net, OptimizedModule) else net
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """Toggle the network's deep-supervision heads (nnU-Net's version reaches into its own U-Net decoder).
+
+        A trainer without deep supervision keeps them off: nnU-Net switches them back on unconditionally at the
+        end of `perform_actual_validation`.
+        """
+        self._segmamba().deep_supervision = bool(enabled) and self.enable_deep_supervision
+
+    def _get_deep_supervision_scales(self):
+        """Target scales of the heads, 1 / net.deep_supervision_strides per axis (nnU-Net derives them from
+        its U-Net's pooling kernels, which SegMamba does not have)."""
+        if not self.enable_deep_supervision:
+            return None
+        dim = len(self.configuration_manager.patch_size)
+        return [[1.0 / s] * dim for s in self._segmamba().deep_supervision_strides]
+
+    def _set_batch_size_and_oversample(self) -> None:
+        super()._set_batch_size_and_oversample()
+        if self.max_batch_size is not None:
+            self.batch_size = min(self.batch_size, int(self.max_batch_size))
+
+    def _do_i_compile(self) -> bool:
+        """Never torch.compile SegMamba (nnU-Net compiles by default on CUDA).
+
+        The selective scan and causal conv are custom CUDA kernels (mamba-ssm / causal-conv1d) that dynamo
+        cannot trace: each one is a graph break, compile times grow and gains vanish; on CPU nnU-Net itself
+        never compiles. Setting nnUNet_compile=t has no effect on these trainers.
+        """
+        if not self._compile_note_logged and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
+            self.print_to_log_file("INFO: nnUNet_compile is set, but SegMamba trainers never use torch.compile "
+                                   "(custom scan kernels break the graph).")
+            self._compile_note_logged = True
+        return False
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def get_training_transforms(*args, **kwargs):
+        """nnU-Net's training pipeline (same arguments) with elastic deformation switched on."""
+        return enable_elastic_deformation(nnUNetTrainer.get_training_transforms(*args, **kwargs))
+
+    def do_split(self):
+        """Train on 70 % and validate on 10 % of the cases; the other 20 % (test) are never loaded.
+
+        The split is seeded by the fold and stored in `splits_segmamba_70_10_20.json` next to nnU-Net's
+        splits_final.json, which stays untouched.
+        """
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        identifiers = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+        split = load_or_create_split(self.preprocessed_dataset_folder_base, identifiers, self.fold)
+        self.print_to_log_file(
+            f"SegMamba 70/10/20 split, fold {self.fold}: {len(split['train'])} training, {len(split['val'])} "
+            f"validation, {len(split['test'])} held-out test cases ({split_file_path(self.preprocessed_dataset_folder_base)})")
+        return split["train"], split["val"]

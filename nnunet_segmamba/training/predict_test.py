@@ -1,0 +1,118 @@
+"""Predict and score the held-out 20 % test cases of the 70/10/20 split after training.
+
+The test cases are labelled training cases of the raw dataset (`nnUNet_raw/<dataset>/imagesTr`) that the
+SegMamba trainers never loaded. They are predicted with nnU-Net's own `nnUNetPredictor` from the trained fold
+(sliding window, overlap 0.5, Gaussian weighting, mirroring on unless disabled) into
+`<results>/<trainer>__<plans>__<configuration>/fold_<f>/test_predictions/` and scored against `labelsTr` with
+`nnunet_segmamba.evaluation.metrics.evaluate_folder` (summary in `test_predictions/evaluation/`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CONVENTIONS = ("brats", "reference")
+
+
+@contextlib.contextmanager
+def _without_compile():
+    # nnUNetPredictor compiles when nnUNet_compile is true; SegMamba is never compiled (see base._do_i_compile)
+    old = os.environ.get("nnUNet_compile")
+    os.environ["nnUNet_compile"] = "f"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("nnUNet_compile", None)
+        else:
+            os.environ["nnUNet_compile"] = old
+
+
+def _require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise RuntimeError(f"{name} is not set; export it (see `nnunet-segmamba env`).")
+    return value
+
+
+def predict_test_split(dataset: str | int, configuration: str, fold: int, trainer: str,
+                       plans: str = "nnUNetPlans", device: str = "cuda", use_mirroring: bool = True,
+                       convention: str = "brats", checkpoint_name: str = "checkpoint_final.pth",
+                       num_processes: int = 2) -> dict:
+    """Predict the test cases of `fold` and evaluate them.
+
+    Args:
+        dataset: dataset id (e.g. 4) or name (Dataset004_Hippocampus).
+        configuration: nnU-Net configuration, e.g. 3d_fullres.
+        fold: the trained fold (its split holds the test cases).
+        trainer: trainer class name used for training, e.g. nnUNetTrainerSegMamba.
+        plans: plans identifier.
+        device: "cuda" or "cpu".
+        use_mirroring: mirror test-time augmentation over the axes the trainer allowed.
+        convention: empty-mask scoring of the evaluation, "brats" or "reference".
+        checkpoint_name: checkpoint file in the fold folder.
+        num_processes: preprocessing / export / evaluation worker processes.
+
+    Returns:
+        The evaluation summary (see `evaluate_folder`), with "prediction_folder" added.
+    """
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    from nnunet_segmamba.evaluation.metrics import evaluate_folder
+    from nnunet_segmamba.training.splits import read_split
+
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is available; pass --device cpu")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+    dataset_name = maybe_convert_to_dataset_name(dataset)
+    raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
+    model_folder = Path(_require_env("nnUNet_results")) / dataset_name / f"{trainer}__{plans}__{configuration}"
+    if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
+        raise FileNotFoundError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} with "
+                                f"-tr {trainer} first (or pass the checkpoint name)")
+    test_ids = read_split(str(Path(_require_env("nnUNet_preprocessed")) / dataset_name), fold)["test"]
+
+    dataset_json = load_json(str(raw_folder / "dataset.json"))
+    files = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
+    missing = [i for i in test_ids if i not in files]
+    if missing:
+        raise ValueError(f"test cases {missing[:5]} of the split are not in the raw dataset {raw_folder}")
+
+    output_folder = model_folder / f"fold_{fold}" / "test_predictions"
+    output_folder.mkdir(parents=True, exist_ok=True)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                verbose=False, allow_tqdm=False)
+    with _without_compile():
+        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                       checkpoint_name=checkpoint_name)
+    predictor.predict_from_files([files[i]["images"] for i in test_ids],
+                                 [str(output_folder / i) for i in test_ids], save_probabilities=False,
+                                 overwrite=True, num_processes_preprocessing=num_processes,
+                                 num_processes_segmentation_export=num_processes)
+
+    # evaluate_folder scores every file of its ground-truth folder: give it the test labels only
+    file_ending = dataset_json["file_ending"]
+    with tempfile.TemporaryDirectory(prefix="segmamba_test_gt_") as gt_dir:
+        for i in test_ids:
+            target = os.path.join(gt_dir, i + file_ending)
+            try:
+                os.symlink(files[i]["label"], target)
+            except OSError:
+                shutil.copy(files[i]["label"], target)
+        summary = evaluate_folder(output_folder, gt_dir, dataset_json=dataset_json, convention=convention,
+                                  output_dir=output_folder / "evaluation", num_processes=num_processes,
+                                  file_ending=file_ending)
+    summary["prediction_folder"] = str(output_folder)
+    return summary

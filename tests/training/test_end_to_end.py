@@ -1,0 +1,117 @@
+"""End to end through nnU-Net's own command line on CPU: plan and preprocess 20 real hippocampus cases, train
+nnUNetTrainerSegMamba_tiny on fold 0 of the 70/10/20 split, predict the held-out test cases with mirroring.
+
+About 2-3 minutes on a 2-core CPU. Needs ../shared/data/hippocampus next to the repository (skipped without).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
+N_CASES = 20
+DATASET_ID = 987
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_HippocampusSegMambaE2E"
+TRAINER = "nnUNetTrainerSegMamba_tiny"
+
+
+def _nnunet_command(name: str) -> str:
+    # the console scripts of the interpreter running the tests (the project's virtualenv)
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"{name} not found next to {sys.executable}; install nnunetv2 into this environment")
+    return str(path)
+
+
+def _convert_hippocampus(raw_root: Path, n_cases: int) -> Path:
+    """The first `n_cases` hippocampus cases (sorted) as an nnU-Net raw dataset, labels cast to uint8."""
+    import SimpleITK as sitk
+
+    out = raw_root / DATASET_NAME
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS / "labels").glob("*.nii.gz"))[:n_cases]
+    for case in cases:
+        shutil.copy(HIPPOCAMPUS / "images" / f"{case}.nii.gz", out / "imagesTr" / f"{case}_0000.nii.gz")
+        label = sitk.ReadImage(str(HIPPOCAMPUS / "labels" / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.Cast(label, sitk.sitkUInt8), str(out / "labelsTr" / f"{case}.nii.gz"))
+    dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+                    "numTraining": len(cases), "file_ending": ".nii.gz"}
+    (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return out
+
+
+def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.mark.slow
+def test_plan_train_predict_through_nnunet_command_line(tmp_path):
+    if not (HIPPOCAMPUS / "images").is_dir():
+        pytest.skip(f"hippocampus data not found at {HIPPOCAMPUS} (expected ../shared/data/hippocampus "
+                    f"relative to the repository root)")
+    import SimpleITK as sitk
+
+    raw_dataset = _convert_hippocampus(tmp_path / "raw", N_CASES)
+    env = {**os.environ,
+           "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
+           "nnUNet_results": str(tmp_path / "results"), "nnUNet_extTrainer": str(REPO / "trainers"),
+           "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f",
+           "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0: plan with 1
+    _run([_nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+          "-np", "2", "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"}, timeout=300)
+    # nnUNet_n_proc_DA=0: augmentation in the training process (no worker processes on a 2-core machine)
+    _run([_nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER,
+          "-device", "cpu"], env, timeout=600)
+
+    # the 70/10/20 split: written next to (not over) nnU-Net's splits_final.json, 14/2/4 of 20 cases
+    preprocessed = tmp_path / "preprocessed" / DATASET_NAME
+    split = json.loads((preprocessed / "splits_segmamba_70_10_20.json").read_text())["folds"]["0"]
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (14, 2, 4)
+    assert not (preprocessed / "splits_final.json").exists()
+
+    model_dir = tmp_path / "results" / DATASET_NAME / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    fold_dir = model_dir / "fold_0"
+    assert (fold_dir / "checkpoint_final.pth").is_file()
+    # nnU-Net's final validation ran on exactly the 10 % validation cases
+    validated = sorted(p.name[: -len(".nii.gz")] for p in (fold_dir / "validation").glob("*.nii.gz"))
+    assert validated == split["val"]
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    # the patch was rounded up to multiples of 16 in the plans the trainer saved (read back by predict)
+    saved_plans = json.loads((model_dir / "plans.json").read_text())
+    assert all(p % 16 == 0 for p in saved_plans["configurations"]["3d_fullres"]["patch_size"])
+
+    # predict the held-out test cases through nnUNetv2_predict (trainer looked up by name again), mirroring on
+    test_in, test_out = tmp_path / "test_in", tmp_path / "test_out"
+    test_in.mkdir()
+    for case in split["test"]:
+        shutil.copy(raw_dataset / "imagesTr" / f"{case}_0000.nii.gz", test_in)
+    _run([_nnunet_command("nnUNetv2_predict"), "-i", str(test_in), "-o", str(test_out), "-d", str(DATASET_ID),
+          "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+         env, timeout=300)
+
+    for case in split["test"]:
+        prediction_file = test_out / f"{case}.nii.gz"
+        assert prediction_file.is_file(), f"no prediction for test case {case}"
+        prediction = sitk.ReadImage(str(prediction_file))
+        image = sitk.ReadImage(str(raw_dataset / "imagesTr" / f"{case}_0000.nii.gz"))
+        assert prediction.GetSize() == image.GetSize()
+        np.testing.assert_allclose(prediction.GetSpacing(), image.GetSpacing(), rtol=1e-5)
+        np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin(), atol=1e-4)
+        labels = np.unique(sitk.GetArrayFromImage(prediction))
+        assert set(labels.tolist()) <= {0, 1, 2}

@@ -1,0 +1,179 @@
+"""SegMamba trainers: lookup through nnUNet_extTrainer, pickling, network built from real plans (3D and 2D),
+deep supervision, elastic deformation, compile policy. Uses a tiny synthetic dataset planned and preprocessed
+by nnU-Net itself (in-process, a few seconds)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_segmamba.training import trainers
+from nnunet_segmamba.training.augmentation import ELASTIC_P, find_spatial_transforms
+
+REPO = Path(__file__).resolve().parents[2]
+DATASET_ID = 986
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_SegMambaUnit"
+TINY = trainers.nnUNetTrainerSegMamba_tiny
+
+
+@pytest.fixture(scope="module")
+def nnunet_dirs(tmp_path_factory):
+    """Raw, preprocessed and results folders of a 6-case synthetic dataset, planned for 2d and 3d_fullres."""
+    import SimpleITK as sitk
+
+    root = tmp_path_factory.mktemp("nnunet")
+    mp = pytest.MonkeyPatch()
+    for name in ("raw", "preprocessed", "results"):
+        mp.setenv(f"nnUNet_{name}", str(root / name))
+    mp.setenv("nnUNet_n_proc_DA", "1")
+    mp.setenv("nnUNet_def_n_proc", "1")
+    raw = root / "raw" / DATASET_NAME
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(6):
+        shape = (20 + i, 28, 24)
+        zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+        label = np.zeros(shape, np.uint8)
+        label[((zz - 10) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2) < 25] = 1
+        label[((zz - 10) ** 2 + (yy - 20) ** 2 + (xx - 12) ** 2) < 9] = 2
+        image = (label * 100 + rng.normal(0, 20, shape)).astype(np.float32)
+        for array, path in ((image, raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz"),
+                            (label, raw / "labelsTr" / f"case_{i:03d}.nii.gz")):
+            sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    (raw / "dataset.json").write_text(
+        '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, '
+        '"numTraining": 6, "file_ending": ".nii.gz"}')
+
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                      preprocess)
+    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
+    plan_experiments([DATASET_ID])
+    preprocess([DATASET_ID], configurations=("2d", "3d_fullres"), num_processes=(1, 1))
+    yield root
+    mp.undo()
+
+
+def _trainer(cls, configuration: str):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    folder = Path(str(nnUNet_preprocessed)) / DATASET_NAME
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    return cls(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+
+
+# ---- lookup and pickling ------------------------------------------------------------------------------------
+def test_every_trainer_is_found_through_nnunet_ext_trainer(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "trainers"))
+    names = [n for n in trainers.__all__ if n != "nnUNetTrainerSegMambaBase"]
+    assert len(names) == 4 + 3 * len(trainers.EPOCH_VARIANT_COUNTS)
+    for name in names:
+        found = recursive_find_trainer_class_by_name(name)
+        assert found is getattr(trainers, name)
+
+
+@pytest.mark.parametrize("name", trainers.__all__)
+def test_trainer_classes_pickle_by_reference(name):
+    cls = getattr(trainers, name)
+    assert cls.__module__.startswith("nnunet_segmamba.training.") and cls.__qualname__ == name
+    assert pickle.loads(pickle.dumps(cls)) is cls
+
+
+def test_epoch_variants_change_only_the_epochs():
+    for parent in trainers.EPOCH_VARIANT_PARENTS:
+        for n in trainers.EPOCH_VARIANT_COUNTS:
+            cls = getattr(trainers, f"{parent.__name__}_{n}epoch{'' if n == 1 else 's'}")
+            assert cls.__bases__ == (parent,) and cls.epochs == n
+            assert set(vars(cls)) - {"__module__", "__qualname__", "__doc__"} == {"epochs"}
+
+
+# ---- with a real plans file ---------------------------------------------------------------------------------
+def test_init_applies_tunables_and_rounds_the_patch(nnunet_dirs):
+    t = _trainer(TINY, "3d_fullres")
+    assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (2, 4, 2)
+    assert all(p % 16 == 0 for p in t.configuration_manager.patch_size)
+    assert t.plans_manager.plans["configurations"]["3d_fullres"]["patch_size"] == t.configuration_manager.patch_size
+    assert t.my_init_kwargs["configuration"] == "3d_fullres" and t.my_init_kwargs["fold"] == 0
+
+
+@pytest.mark.parametrize("configuration, dims", [("3d_fullres", 3), ("2d", 2)])
+def test_network_from_plans_trains_with_deep_supervision(nnunet_dirs, configuration, dims):
+    from nnunet_segmamba.networks import SegMamba
+
+    torch.manual_seed(0)
+    t = _trainer(TINY, configuration)
+    t.initialize()
+    assert isinstance(t.network, SegMamba) and t.network.spatial_dims == dims
+    assert t._get_deep_supervision_scales() == [[1 / s] * dims for s in (1, 2, 4, 8)]
+    t.set_deep_supervision_enabled(True)
+    patch = t.configuration_manager.patch_size
+    target = [torch.randint(0, 3, (2, 1, *[p // s for p in patch])).float() for s in (1, 2, 4, 8)]
+    out = t.train_step({"data": torch.randn(2, 1, *patch), "target": target})
+    assert np.isfinite(out["loss"])
+    t.set_deep_supervision_enabled(False)
+    with torch.no_grad():
+        assert t.network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
+
+
+def test_checkpoint_loads_into_the_inference_network(nnunet_dirs):
+    # nnUNetv2_predict builds the network with enable_deep_supervision=False and loads the weights strictly
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    net = TINY.build_network_architecture(t.plans_manager, t.configuration_manager, 1, 3,
+                                          enable_deep_supervision=False)
+    net.load_state_dict(t.network.state_dict())  # strict
+    assert net.deep_supervision is False
+
+
+def test_no_deep_supervision_variant_keeps_heads_off(nnunet_dirs):
+    t = _trainer(trainers.nnUNetTrainerSegMambaCE_1epoch, "3d_fullres")
+    t.initialize()
+    assert t.enable_deep_supervision is False and t._get_deep_supervision_scales() is None
+    t.set_deep_supervision_enabled(True)  # what nnU-Net does after its final validation
+    assert t.network.deep_supervision is False
+    assert type(t.loss).__name__ == "RobustCrossEntropyLoss"
+
+
+def test_no_mamba_variant_builds_the_ablation(nnunet_dirs):
+    t = _trainer(trainers.nnUNetTrainerSegMambaNoMamba_1epoch, "3d_fullres")
+    net = type(t).build_network_architecture(t.plans_manager, t.configuration_manager, 1, 3, False)
+    assert all(isinstance(stage, torch.nn.Identity) for stage in net.vit.stages)
+
+
+def test_never_compiles(nnunet_dirs, monkeypatch):
+    monkeypatch.setenv("nnUNet_compile", "t")
+    assert _trainer(TINY, "3d_fullres")._do_i_compile() is False
+
+
+def test_split_used_for_training(nnunet_dirs):
+    t = _trainer(TINY, "3d_fullres")
+    train, val = t.do_split()
+    assert (len(train), len(val)) == (4, 1)
+    assert (Path(t.preprocessed_dataset_folder_base) / "splits_segmamba_70_10_20.json").is_file()
+
+
+def test_elastic_deformation_is_on_and_visible(nnunet_dirs):
+    t = _trainer(TINY, "3d_fullres")
+    rot, dummy_2d, _, mirror = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    patch = t.configuration_manager.patch_size
+    pipeline = t.get_training_transforms(patch, rot, None, mirror, dummy_2d)
+    (spatial,) = find_spatial_transforms(pipeline)
+    assert spatial.p_elastic_deform == ELASTIC_P > 0
+    assert spatial.p_rotation == 0.2 and spatial.p_scaling == 0.2  # nnU-Net's others unchanged
+
+    # with p=1 and no rotation/scaling: a real displacement of more than one voxel, and the image changes
+    spatial.p_elastic_deform, spatial.p_rotation, spatial.p_scaling = 1.0, 0.0, 0.0
+    np.random.seed(0)
+    torch.manual_seed(0)
+    params = spatial.get_parameters(image=torch.zeros(1, *patch))
+    assert params["elastic_offsets"].abs().max() > 1.0
+    image = torch.arange(int(np.prod(patch)), dtype=torch.float32).reshape(1, *patch)
+    deformed = spatial._apply_to_image(image, **params)
+    assert deformed.shape == image.shape and not torch.allclose(deformed, image, atol=1)
