@@ -10,8 +10,15 @@ NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 def ext_trainer_folder() -> str:
     """The folder nnUNet_extTrainer must point at: the installed `nnunet_segmamba.ext_trainers` package."""
-    import nnunet_segmamba.ext_trainers as ext
+    try:
+        import nnunet_segmamba.ext_trainers as ext
+    except ImportError:  # a source checkout on sys.path without installing: the repo's trainers/ folder
+        import nnunet_segmamba
 
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(nnunet_segmamba.__file__))), "trainers")
+        if not os.path.isfile(os.path.join(folder, "segmamba_trainers.py")):
+            raise RuntimeError("nnunet_segmamba.ext_trainers is missing: install the package (pip install .)")
+        return folder
     return os.path.dirname(os.path.abspath(ext.__file__))
 
 

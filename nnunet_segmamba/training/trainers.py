@@ -3,12 +3,15 @@
     nnUNetTrainerSegMamba            SegMamba with nnU-Net's recipe (Dice+CE, deep supervision), see base.py
     nnUNetTrainerSegMambaCE          the paper's recipe: cross-entropy only, no deep supervision
     nnUNetTrainerSegMambaNoMamba     ablation: SegMamba without its Mamba mixers (mixer="none")
-    nnUNetTrainerSegMamba_tiny       a narrow network and a few short epochs, for demos and CPU tests
+    nnUNetTrainerSegMamba_tiny       a narrow network and a few short epochs, for CPU tests
+    nnUNetTrainerSegMamba_demo       the tiny network with the demo's budget (minutes on a 2-core CPU)
     <any of the first three>_{1,5,50,100,250,500}epoch(s)   shorter schedules (generated below)
 
 All of them use the 70/10/20 split, elastic deformation and no torch.compile (base.py).
 """
 from __future__ import annotations
+
+import os
 
 from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
 
@@ -67,11 +70,20 @@ class nnUNetTrainerSegMamba_tiny(nnUNetTrainerSegMamba):
     max_batch_size = 2
 
 
+class nnUNetTrainerSegMamba_demo(nnUNetTrainerSegMamba_tiny):
+    """The demo's budget (`nnunet-segmamba demo`): the tiny network trained long enough to learn the phantom on a
+    2-core CPU in a few minutes. Changes from `_tiny`: NNUNET_SEGMAMBA_DEMO_EPOCHS epochs (default 10) of 16
+    training iterations."""
+
+    epochs = int(os.environ.get("NNUNET_SEGMAMBA_DEMO_EPOCHS", "10"))
+    iterations_per_epoch = 16
+
+
 EPOCH_VARIANT_PARENTS = (nnUNetTrainerSegMamba, nnUNetTrainerSegMambaCE, nnUNetTrainerSegMambaNoMamba)
 EPOCH_VARIANT_COUNTS = (1, 5, 50, 100, 250, 500)
 
 __all__ = ["nnUNetTrainerSegMambaBase", "nnUNetTrainerSegMamba", "nnUNetTrainerSegMambaCE",
-           "nnUNetTrainerSegMambaNoMamba", "nnUNetTrainerSegMamba_tiny"]
+           "nnUNetTrainerSegMambaNoMamba", "nnUNetTrainerSegMamba_tiny", "nnUNetTrainerSegMamba_demo"]
 
 
 def _make_epoch_variant(parent: type, epochs: int) -> type:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnunet_segmamba.datasets import convert_hippocampus
+
 REPO = Path(__file__).resolve().parents[2]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
 N_CASES = 20
@@ -29,24 +31,6 @@ def _nnunet_command(name: str) -> str:
     if not path.exists():
         pytest.skip(f"{name} not found next to {sys.executable}; install nnunetv2 into this environment")
     return str(path)
-
-
-def _convert_hippocampus(raw_root: Path, n_cases: int) -> Path:
-    """The first `n_cases` hippocampus cases (sorted) as an nnU-Net raw dataset, labels cast to uint8."""
-    import SimpleITK as sitk
-
-    out = raw_root / DATASET_NAME
-    (out / "imagesTr").mkdir(parents=True)
-    (out / "labelsTr").mkdir()
-    cases = sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS / "labels").glob("*.nii.gz"))[:n_cases]
-    for case in cases:
-        shutil.copy(HIPPOCAMPUS / "images" / f"{case}.nii.gz", out / "imagesTr" / f"{case}_0000.nii.gz")
-        label = sitk.ReadImage(str(HIPPOCAMPUS / "labels" / f"{case}.nii.gz"))
-        sitk.WriteImage(sitk.Cast(label, sitk.sitkUInt8), str(out / "labelsTr" / f"{case}.nii.gz"))
-    dataset_json = {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "Anterior": 1, "Posterior": 2},
-                    "numTraining": len(cases), "file_ending": ".nii.gz"}
-    (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    return out
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -64,7 +48,7 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
                     f"relative to the repository root)")
     import SimpleITK as sitk
 
-    raw_dataset = _convert_hippocampus(tmp_path / "raw", N_CASES)
+    raw_dataset = convert_hippocampus(HIPPOCAMPUS, tmp_path / "raw", DATASET_ID, DATASET_NAME.split("_", 1)[1], N_CASES)
     env = {**os.environ,
            "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
            "nnUNet_results": str(tmp_path / "results"), "nnUNet_extTrainer": str(REPO / "trainers"),

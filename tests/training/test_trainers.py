@@ -73,7 +73,7 @@ def test_every_trainer_is_found_through_nnunet_ext_trainer(monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "trainers"))
     names = [n for n in trainers.__all__ if n != "nnUNetTrainerSegMambaBase"]
-    assert len(names) == 4 + 3 * len(trainers.EPOCH_VARIANT_COUNTS)
+    assert len(names) == 5 + 3 * len(trainers.EPOCH_VARIANT_COUNTS)
     for name in names:
         found = recursive_find_trainer_class_by_name(name)
         assert found is getattr(trainers, name)
