@@ -87,11 +87,15 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
                "preprocess_seconds": round(preprocess_s, 1), "trainers": {}}
     for base in trainers:
         trainer = f"{base}_{epochs}epochs"
-        t0 = time.time()
-        out = _nnunet("train", [str(DATASET_ID), CONFIG, "0", "-tr", trainer], env, report_peak_memory=True)
-        train_s = time.time() - t0
-        peak = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_MEMORY_BYTES")]
         fold = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
+        t0 = time.time()
+        if (fold / "checkpoint_final.pth").is_file():  # trained by an earlier run in this --work: only predict
+            print(f"reusing {fold / 'checkpoint_final.pth'} (training time and peak memory are in that run's log)")
+            out, train_s = "", float("nan")
+        else:
+            out = _nnunet("train", [str(DATASET_ID), CONFIG, "0", "-tr", trainer], env, report_peak_memory=True)
+            train_s = time.time() - t0
+        peak = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_MEMORY_BYTES")]
         epoch_s = _epoch_seconds(fold / "checkpoint_final.pth")
         summary = predict_test_split(DATASET_ID, CONFIG, 0, trainer, device="cuda", num_processes=num_processes)
         results["trainers"][trainer] = {

@@ -75,6 +75,13 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
 
+    from nnunet_segmamba.training.commands import ext_trainer_folder
+
+    # nnU-Net looks the trainer up by name; ours are found through nnUNet_extTrainer, which we know
+    folders = [f for f in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
+    if ext_trainer_folder() not in folders:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join(folders + [ext_trainer_folder()])
+
     dataset_name = maybe_convert_to_dataset_name(dataset)
     raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
     model_folder = Path(_require_env("nnUNet_results")) / dataset_name / f"{trainer}__{plans}__{configuration}"
