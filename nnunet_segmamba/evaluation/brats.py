@@ -244,7 +244,9 @@ def convert_brats(src_dir: str | os.PathLike, dataset_id: int, dataset_name: str
         labels=dict(REGION_LABELS if regions else PLAIN_LABELS),
         num_training_cases=len(good),
         file_ending=".nii.gz",
-        regions_class_order=(1, 2, 3) if regions else None,
+        # nnU-Net turns region outputs back into labels by painting WT, then TC, then ET with these values: the
+        # part of WT outside TC is edema (2), of TC outside ET necrosis (1), ET is 3. (1, 2, 3) would swap 1 and 2.
+        regions_class_order=(2, 1, 3) if regions else None,
         dataset_name=folder_name,
         description="BraTS glioma, converted by nnunet-segmamba convert-brats; labels 1 NCR, 2 edema, 3 ET",
         reference="https://www.synapse.org/brats",

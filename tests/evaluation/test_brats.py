@@ -57,7 +57,7 @@ def test_convert_each_scheme(tmp_path, scheme):
     assert ds["channel_names"] == {"0": "T2w", "1": "FLAIR", "2": "T1n", "3": "T1c"}
     assert ds["labels"] == {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [1, 3],
                             "enhancing tumor": [3]}
-    assert ds["regions_class_order"] == [1, 2, 3]
+    assert ds["regions_class_order"] == [2, 1, 3]
     assert ds["numTraining"] == 3 and ds["file_ending"] == ".nii.gz"
     for d, name, sep in cases:
         for ch, off in enumerate(CHANNEL_OFFSET):
@@ -88,6 +88,22 @@ def test_label_form_and_nnunet_reads_dataset_json(tmp_path):
     manager = LabelManager(rds["labels"], rds["regions_class_order"])
     assert manager.has_regions and manager.foreground_regions == [(1, 2, 3), (1, 3), (3,)]
     verify_dataset_integrity(str(regions), num_processes=1)
+
+
+def test_region_predictions_turn_back_into_the_original_labels(tmp_path):
+    # what nnU-Net does with a region-trained model's output: regions (WT, TC, ET) -> one label map through
+    # regions_class_order. A perfect prediction must give back the ground truth's labels 1 NCR, 2 edema, 3 ET.
+    import numpy as np
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    make_folder(tmp_path / "src", "2023")
+    ds = json.loads((convert_brats(tmp_path / "src", 505, "RoundTrip", out_root=tmp_path / "raw")
+                     / "dataset.json").read_text())
+    manager = LabelManager(ds["labels"], ds["regions_class_order"])
+    seg = np.random.default_rng(0).integers(0, 4, size=(6, 7, 8))
+    probabilities = np.stack([np.isin(seg, region) for region in manager.foreground_regions]).astype(np.float32)
+    back = manager.convert_probabilities_to_segmentation(probabilities)
+    np.testing.assert_array_equal(back, seg)
 
 
 def _convert_expect(tmp_path, match):

@@ -238,7 +238,7 @@ def test_evaluate_folder_brats_regions(tmp_path, label_et):
 def test_evaluate_folder_reference_convention_and_dataset_json(tmp_path):
     gt_dir, pred_dir, _ = _make_folders(tmp_path)
     ds = {"labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [1, 3], "enhancing tumor": [3]},
-          "regions_class_order": [1, 2, 3], "file_ending": ".nii.gz"}
+          "regions_class_order": [2, 1, 3], "file_ending": ".nii.gz"}
     (tmp_path / "dataset.json").write_text(json.dumps(ds))
     summary = evaluate_folder(pred_dir, gt_dir, dataset_json=tmp_path / "dataset.json", convention="reference",
                               output_dir=tmp_path / "e", verbose=False)
