@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,22 @@ def _step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
+def nnunet_command(name: str) -> str:
+    """Path of one of nnU-Net's console scripts: beside the running interpreter (a virtualenv that is not
+    activated), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found beside {sys.executable} or on PATH; install nnunetv2 (>= 2.8) "
+                                f"into this environment")
+    return found
+
+
 def _run(cmd: list[str], env: dict) -> None:
     """Run an nnU-Net command, streaming its output; a failure stops the demo with the command in the message."""
+    cmd = [nnunet_command(cmd[0])] + cmd[1:]
     print("$ " + " ".join(cmd), flush=True)
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:

@@ -9,13 +9,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nnunet_segmamba.datasets import convert_hippocampus
+from nnunet_segmamba.demo import nnunet_command
 
 REPO = Path(__file__).resolve().parents[2]
 HIPPOCAMPUS = REPO.parent / "shared" / "data" / "hippocampus"
@@ -23,14 +23,6 @@ N_CASES = 20
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_HippocampusSegMambaE2E"
 TRAINER = "nnUNetTrainerSegMamba_tiny"
-
-
-def _nnunet_command(name: str) -> str:
-    # the console scripts of the interpreter running the tests (the project's virtualenv)
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        pytest.skip(f"{name} not found next to {sys.executable}; install nnunetv2 into this environment")
-    return str(path)
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -56,10 +48,10 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
            "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
 
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0: plan with 1
-    _run([_nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
+    _run([nnunet_command("nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres",
           "-np", "2", "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"}, timeout=300)
     # nnUNet_n_proc_DA=0: augmentation in the training process (no worker processes on a 2-core machine)
-    _run([_nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER,
+    _run([nnunet_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", TRAINER,
           "-device", "cpu"], env, timeout=600)
 
     # the 70/10/20 split: written next to (not over) nnU-Net's splits_final.json, 14/2/4 of 20 cases
@@ -85,7 +77,7 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
     test_in.mkdir()
     for case in split["test"]:
         shutil.copy(raw_dataset / "imagesTr" / f"{case}_0000.nii.gz", test_in)
-    _run([_nnunet_command("nnUNetv2_predict"), "-i", str(test_in), "-o", str(test_out), "-d", str(DATASET_ID),
+    _run([nnunet_command("nnUNetv2_predict"), "-i", str(test_in), "-o", str(test_out), "-d", str(DATASET_ID),
           "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
          env, timeout=300)
 
