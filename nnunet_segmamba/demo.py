@@ -171,8 +171,12 @@ def write_overlay_figure(raw_dataset: Path, prediction_folder: Path, out_png: Pa
     cases = sorted(p.name[: -len(ending)] for p in prediction_folder.glob(f"*{ending}"))[:max_cases]
     if not cases:
         raise FileNotFoundError(f"no predictions ({ending}) in {prediction_folder}")
-    label_names = {int(v) if not isinstance(v, list) else int(v[-1]): k
-                   for k, v in dataset_json["labels"].items() if k != "background"}
+    foreground = {k: v for k, v in dataset_json["labels"].items() if k != "background"}
+    if "regions_class_order" in dataset_json:
+        # region datasets: nnU-Net paints region i with regions_class_order[i], later regions on top
+        label_names = {int(v): f"in {name}" for name, v in zip(foreground, dataset_json["regions_class_order"])}
+    else:
+        label_names = {int(v): name for name, v in foreground.items()}
     colours = ListedColormap(["none", "#2ca02c", "#ffdd00", "#d62728", "#1f77b4", "#9467bd", "#8c564b"])
 
     fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
@@ -188,8 +192,9 @@ def write_overlay_figure(raw_dataset: Path, prediction_folder: Path, out_png: Pa
                           alpha=0.6, interpolation="nearest")
             ax.set_title(f"{case} z={z}: {title}", fontsize=8)
             ax.axis("off")
-    legend = ", ".join(f"{i}: {n}" for i, n in sorted(label_names.items()))
-    fig.suptitle(f"Test-split predictions (labels {legend}; green 1, yellow 2, red 3)", fontsize=9)
+    legend = ", ".join(f"{i} {n}" for i, n in sorted(label_names.items()))
+    fig.suptitle(f"Test-split predictions. Labels: {legend} (innermost region wins). "
+                 f"Colours: 1 green, 2 yellow, 3 red", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
