@@ -19,7 +19,6 @@ setup() {
     fi
     echo "[dev.sh] creating the environment in $venv (about 2 minutes) ..."
     "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip
     # torch first, pinned together with its torchvision (constraints-cpu.txt says why)
     "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" torch torchvision
     "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" -e "$root[test]"
