@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -31,8 +32,28 @@ def load_extension(name: str):
         return None, f"{type(exc).__name__}: {exc}"
 
 
+# ---- run-time failure policy (docs/reliability.md) -------------------------------------------------------------
+# The first RuntimeError of the kernel's forward (e.g. "no kernel image is available for execution on the device"
+# from a wheel built for another GPU architecture) switches this process to the torch scan, with one warning;
+# with NNUNET_SEGMAMBA_SCAN_BACKEND=cuda it is re-raised instead. Either way the kernel counts as unusable
+# afterwards (`cuda_scan_status`), so later scans and `nnunet-segmamba doctor` see the reason.
+_runtime_failure: str | None = None
+
+
+def _cuda_explicitly_requested() -> bool:
+    return os.environ.get(ENV_VAR, "").strip().lower() == "cuda"
+
+
+def _record_runtime_failure(exc: BaseException, where: str) -> None:
+    global _runtime_failure
+    if _runtime_failure is None:
+        _runtime_failure = f"the kernel's {where} failed in this process with {type(exc).__name__}: {exc}"
+
+
 def cuda_scan_status() -> tuple[bool, str]:
     """Whether mamba-ssm's selective-scan kernel can be used, and why not."""
+    if _runtime_failure is not None:
+        return False, f"selective_scan_cuda (mamba-ssm) disabled: {_runtime_failure}"
     module, reason = load_extension("selective_scan_cuda")
     if module is None:
         return False, f"selective_scan_cuda (mamba-ssm) not importable: {reason}"
@@ -116,10 +137,16 @@ class _CudaSelectiveScan(torch.autograd.Function):
         kernel, _ = load_extension("selective_scan_cuda")
         extra = (None,) if _kernel_takes_cu_seqlens() else ()
         u, delta, A, B, C, D, z, delta_bias, states, out = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = kernel.bwd(
-            u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), states, out, None, ctx.delta_softplus,
-            False, *extra,
-        )
+        try:
+            du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = kernel.bwd(
+                u, delta, A, B, C, D, z, delta_bias, dout.contiguous(), states, out, None, ctx.delta_softplus,
+                False, *extra,
+            )
+        except RuntimeError as exc:  # this step cannot be saved; later scans use the torch backend
+            _record_runtime_failure(exc, "backward")
+            raise RuntimeError(f"mamba-ssm's selective-scan backward failed ({type(exc).__name__}: {exc}); "
+                               f"scans after this one use the torch backend unless {ENV_VAR}=cuda. "
+                               f"{CUDA_INSTALL_HINT}") from exc
         dz = rest[0] if ctx.has_z else None
         dB = dB.squeeze(1) if ctx.squeeze_B else dB
         dC = dC.squeeze(1) if ctx.squeeze_C else dC
@@ -127,9 +154,28 @@ class _CudaSelectiveScan(torch.autograd.Function):
                 ddelta_bias if delta_bias is not None else None, None, None)
 
 
-def cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+def cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                        fallback: bool = True):
+    """mamba-ssm's kernel; on its first RuntimeError, the torch scan (see the failure policy above), unless
+    `fallback` is False (the caller asked for backend="cuda" by name) or the environment variable says cuda."""
     dtype_in = u.dtype
-    result = _CudaSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    try:
+        result = _CudaSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    except RuntimeError as exc:
+        _record_runtime_failure(exc, "forward")
+        if not fallback:
+            raise RuntimeError(f"backend='cuda' was requested, but mamba-ssm's selective-scan kernel failed "
+                               f"({type(exc).__name__}: {exc}). {CUDA_INSTALL_HINT}") from exc
+        if _cuda_explicitly_requested():
+            raise RuntimeError(f"{ENV_VAR}=cuda, but mamba-ssm's selective-scan kernel failed "
+                               f"({type(exc).__name__}: {exc}); unset it to fall back to the torch scan. "
+                               f"{CUDA_INSTALL_HINT}") from exc
+        warnings.warn(f"mamba-ssm's selective-scan kernel failed ({type(exc).__name__}: {exc}); this process "
+                      f"uses the (slower) torch scan from now on. Set {ENV_VAR}=cuda to make this an error. "
+                      f"{CUDA_INSTALL_HINT}", RuntimeWarning, stacklevel=2)
+        from .selective_scan import selective_scan_torch
+
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if return_last_state:
         return result[0].to(dtype_in), result[1]
     return result.to(dtype_in)

@@ -193,5 +193,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     name = backends.resolve(backend, u.device)
     if name == "cuda":
-        return backends.cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return backends.cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                            fallback=backend != "cuda")
     return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -28,14 +28,18 @@ import math
 import os
 from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
+from torch import autocast, nn
+from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_segmamba.training.augmentation import enable_elastic_deformation
+from nnunet_segmamba.training.reliability import atomic_write_path, non_finite_steps_error
 from nnunet_segmamba.training.splits import load_or_create_split, split_file_path
 
 SEGMAMBA_TOTAL_STRIDE = 16  # four stride-2 downsamplings in the Mamba encoder
@@ -58,6 +62,11 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     max_batch_size: ClassVar[int | None] = None
     #: deep supervision through the network's heads
     use_deep_supervision: ClassVar[bool] = True
+    #: training stops (RuntimeError) after this many consecutive steps with a non-finite loss or gradient norm
+    max_consecutive_non_finite_steps: ClassVar[int] = 10
+
+    # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
+    _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -100,15 +109,22 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         (`use_deep_supervision`), also when nnUNetv2_predict asks for a network without deep supervision: the
         heads are then only switched off, so the checkpoint's state_dict (which has them) loads strictly.
         """
-        from nnunet_segmamba.networks import SegMamba
-
         spatial_dims = len(configuration_manager.patch_size)
         if spatial_dims not in (2, 3):
             raise ValueError(f"SegMamba needs a 2D or 3D patch, the configuration has {configuration_manager.patch_size}")
-        net = SegMamba(in_chans=num_input_channels, out_chans=num_output_channels, spatial_dims=spatial_dims,
-                       deep_supervision=bool(cls.use_deep_supervision), **dict(cls.network_kwargs))
+        net = cls._network(num_input_channels, num_output_channels, spatial_dims, bool(cls.use_deep_supervision))
         net.deep_supervision = bool(enable_deep_supervision) and bool(cls.use_deep_supervision)
         return net
+
+    @classmethod
+    def _network(cls, in_chans: int, out_chans: int, spatial_dims: int, deep_supervision: bool) -> nn.Module:
+        """The network itself: SegMamba with `network_kwargs`. Trainers for another architecture override this
+        one hook; it must return a module with the `deep_supervision` attribute and `deep_supervision_strides`,
+        and a total stride of SEGMAMBA_TOTAL_STRIDE."""
+        from nnunet_segmamba.networks import SegMamba
+
+        return SegMamba(in_chans=in_chans, out_chans=out_chans, spatial_dims=spatial_dims,
+                        deep_supervision=deep_supervision, **dict(cls.network_kwargs))
 
     def _segmamba(self) -> nn.Module:
         """The SegMamba module itself, unwrapped from DDP / torch.compile."""
@@ -171,3 +187,88 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             f"SegMamba 70/10/20 split, fold {self.fold}: {len(split['train'])} training, {len(split['val'])} "
             f"validation, {len(split['test'])} held-out test cases ({split_file_path(self.preprocessed_dataset_folder_base)})")
         return split["train"], split["val"]
+
+    # ---- reliability (docs/reliability.md) -----------------------------------------------------------------
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._non_finite_in_epoch = self._iteration_in_epoch = 0
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's train_step, except that a step whose loss (or, without a GradScaler, gradient norm) is not
+        finite changes nothing: no optimizer step, gradients cleared, GradScaler untouched.
+
+        Such steps are logged and counted; after `max_consecutive_non_finite_steps` of them in a row training
+        stops with a RuntimeError naming likely causes. With a GradScaler (CUDA AMP), non-finite *gradients*
+        of a finite loss are the scaler's business, as in nnU-Net: it skips that step and lowers its scale.
+        Skipped steps return a NaN loss, which `on_train_epoch_end` leaves out of the epoch's mean.
+        """
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        self._iteration_in_epoch += 1
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            loss = self.loss(output, target)
+
+        if not self._finite_on_all_ranks(loss):
+            return self._skip_non_finite_step(loss, "loss")
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            # gradients are identical on all DDP ranks after backward: every rank takes the same decision
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            if not torch.isfinite(grad_norm):
+                return self._skip_non_finite_step(grad_norm, "gradient norm")
+            self.optimizer.step()
+        self._non_finite_consecutive = 0
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def _finite_on_all_ranks(self, value: torch.Tensor) -> bool:
+        # under DDP a rank that skipped backward would leave the others waiting in the gradient all-reduce
+        finite = torch.isfinite(value.detach()).all()
+        if self.is_ddp:
+            flag = finite.to(self.device, torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.bool()
+        return bool(finite)
+
+    def _skip_non_finite_step(self, value: torch.Tensor, what: str) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._non_finite_consecutive += 1
+        self._non_finite_in_epoch += 1
+        self.num_non_finite_steps += 1
+        self.print_to_log_file(
+            f"WARNING: non-finite {what} ({value.detach().float().cpu().item()}) at epoch {self.current_epoch}, "
+            f"iteration {self._iteration_in_epoch}: step skipped, weights unchanged "
+            f"({self._non_finite_consecutive} in a row, at most {self.max_consecutive_non_finite_steps})")
+        if self._non_finite_consecutive >= self.max_consecutive_non_finite_steps:
+            raise non_finite_steps_error(self._non_finite_consecutive, self.current_epoch,
+                                         self._iteration_in_epoch, what, type(self).__name__)
+        return {"loss": np.array(np.nan, dtype=np.float32)}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        """nnU-Net's, with skipped (non-finite) steps left out of the mean loss and counted in the log."""
+        finite = [o for o in train_outputs if np.all(np.isfinite(o["loss"]))]
+        if len(finite) < len(train_outputs):
+            self.print_to_log_file(
+                f"non-finite steps skipped in epoch {self.current_epoch}: {len(train_outputs) - len(finite)} of "
+                f"{len(train_outputs)} (in this run: {self.num_non_finite_steps})")
+        super().on_train_epoch_end(finite or train_outputs)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint (same content, same rank-0 rule), written to a temporary file in the same folder
+        and renamed over `filename` when complete: a kill mid-write leaves the previous checkpoint intact."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        with atomic_write_path(filename) as tmp:
+            super().save_checkpoint(tmp)

@@ -66,6 +66,8 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     from nnunet_segmamba.evaluation.metrics import evaluate_folder
+    from nnunet_segmamba.training.reliability import (check_channel_count, check_images_finite,
+                                                      is_trainer_lookup_error, trainer_lookup_error)
     from nnunet_segmamba.training.splits import read_split
 
     if device not in ("cuda", "cpu"):
@@ -95,6 +97,12 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     missing = [i for i in test_ids if i not in files]
     if missing:
         raise ValueError(f"test cases {missing[:5]} of the split are not in the raw dataset {raw_folder}")
+    # bad input named before predicting (docs/reliability.md): channel count, NaN / Inf voxels
+    problems = check_channel_count(load_json(str(model_folder / "dataset.json")), dataset_json,
+                                   {i: files[i] for i in test_ids}, dataset=dataset_name, model=str(model_folder))
+    problems = problems or check_images_finite(raw_folder, test_ids, dataset_json)
+    if problems:
+        raise ValueError(f"cannot predict the test cases of {dataset_name}:\n  " + "\n  ".join(problems))
 
     output_folder = model_folder / f"fold_{fold}" / "test_predictions"
     output_folder.mkdir(parents=True, exist_ok=True)
@@ -102,8 +110,13 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
                                 perform_everything_on_device=device == "cuda", device=torch.device(device),
                                 verbose=False, allow_tqdm=False)
     with _without_compile():
-        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
-                                                       checkpoint_name=checkpoint_name)
+        try:
+            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                           checkpoint_name=checkpoint_name)
+        except RuntimeError as exc:
+            if is_trainer_lookup_error(exc):
+                raise trainer_lookup_error(exc, trainer) from exc
+            raise
     predictor.predict_from_files([files[i]["images"] for i in test_ids],
                                  [str(output_folder / i) for i in test_ids], save_probabilities=False,
                                  overwrite=True, num_processes_preprocessing=num_processes,

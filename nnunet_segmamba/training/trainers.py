@@ -5,7 +5,8 @@
     nnUNetTrainerSegMambaNoMamba     ablation: SegMamba without its Mamba mixers (mixer="none")
     nnUNetTrainerSegMamba_tiny       a narrow network and a few short epochs, for CPU tests
     nnUNetTrainerSegMamba_demo       the tiny network with the demo's budget (minutes on a 2-core CPU)
-    <any of the first three>_{1,5,50,100,250,500}epoch(s)   shorter schedules (generated below)
+    nnUNetTrainerMedMamba            2D only: a U-Net with a MedMamba (SS-Conv-SSM) encoder instead of SegMamba
+    <any of the first three, or MedMamba>_{1,5,50,100,250,500}epoch(s)   shorter schedules (generated below)
 
 All of them use the 70/10/20 split, elastic deformation and no torch.compile (base.py).
 """
@@ -15,7 +16,7 @@ import os
 
 from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
 
-from nnunet_segmamba.training.base import nnUNetTrainerSegMambaBase
+from nnunet_segmamba.training.base import SEGMAMBA_TOTAL_STRIDE, nnUNetTrainerSegMambaBase
 
 
 class nnUNetTrainerSegMamba(nnUNetTrainerSegMambaBase):
@@ -79,11 +80,29 @@ class nnUNetTrainerSegMamba_demo(nnUNetTrainerSegMamba_tiny):
     iterations_per_epoch = 16
 
 
-EPOCH_VARIANT_PARENTS = (nnUNetTrainerSegMamba, nnUNetTrainerSegMambaCE, nnUNetTrainerSegMambaNoMamba)
+class nnUNetTrainerMedMamba(nnUNetTrainerSegMambaBase):
+    """2D configurations only (`-c 2d`): `MedMambaUNet`, a U-Net whose encoder stages are MedMamba's SS-Conv-SSM
+    blocks (Yue & Li, arXiv:2403.03849; the U-Net form is ours, see networks/medmamba_unet.py), instead of
+    SegMamba. `network_kwargs` go to MedMambaUNet. Everything else is the base's: nnU-Net's recipe, patch rounded
+    to multiples of 16 (MedMambaUNet's total stride too), deep supervision at strides (1, 2, 4, 8)."""
+
+    @classmethod
+    def _network(cls, in_chans: int, out_chans: int, spatial_dims: int, deep_supervision: bool):
+        from nnunet_segmamba.networks.medmamba_unet import TOTAL_STRIDE, MedMambaUNet
+
+        if spatial_dims != 2:
+            raise ValueError(f"{cls.__name__} is 2D only: use -c 2d (this configuration has a {spatial_dims}D patch)")
+        assert TOTAL_STRIDE == SEGMAMBA_TOTAL_STRIDE  # the base rounds the patch to this multiple
+        return MedMambaUNet(in_chans, out_chans, deep_supervision=deep_supervision, **dict(cls.network_kwargs))
+
+
+EPOCH_VARIANT_PARENTS = (nnUNetTrainerSegMamba, nnUNetTrainerSegMambaCE, nnUNetTrainerSegMambaNoMamba,
+                         nnUNetTrainerMedMamba)
 EPOCH_VARIANT_COUNTS = (1, 5, 50, 100, 250, 500)
 
 __all__ = ["nnUNetTrainerSegMambaBase", "nnUNetTrainerSegMamba", "nnUNetTrainerSegMambaCE",
-           "nnUNetTrainerSegMambaNoMamba", "nnUNetTrainerSegMamba_tiny", "nnUNetTrainerSegMamba_demo"]
+           "nnUNetTrainerSegMambaNoMamba", "nnUNetTrainerSegMamba_tiny", "nnUNetTrainerSegMamba_demo",
+           "nnUNetTrainerMedMamba"]
 
 
 def _make_epoch_variant(parent: type, epochs: int) -> type:

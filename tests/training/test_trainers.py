@@ -73,7 +73,7 @@ def test_every_trainer_is_found_through_nnunet_ext_trainer(monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "trainers"))
     names = [n for n in trainers.__all__ if n != "nnUNetTrainerSegMambaBase"]
-    assert len(names) == 5 + 3 * len(trainers.EPOCH_VARIANT_COUNTS)
+    assert len(names) == 6 + 4 * len(trainers.EPOCH_VARIANT_COUNTS)
     for name in names:
         found = recursive_find_trainer_class_by_name(name)
         assert found is getattr(trainers, name)
@@ -177,3 +177,49 @@ def test_elastic_deformation_is_on_and_visible(nnunet_dirs):
     image = torch.arange(int(np.prod(patch)), dtype=torch.float32).reshape(1, *patch)
     deformed = spatial._apply_to_image(image, **params)
     assert deformed.shape == image.shape and not torch.allclose(deformed, image, atol=1)
+
+
+# ---- nnUNetTrainerMedMamba ------------------------------------------------------------------------------------
+class _TinyMedMamba(trainers.nnUNetTrainerMedMamba):
+    """nnUNetTrainerMedMamba with a narrow network, for a fast CPU step (not exported, not looked up by name)."""
+
+    network_kwargs = {"depths": (1, 1, 1, 1), "dims": (8, 16, 32, 64)}
+    max_batch_size = 2
+
+
+def test_medmamba_trainer_builds_its_network_from_a_2d_plan_and_trains(nnunet_dirs):
+    from nnunet_segmamba.networks.medmamba_unet import MedMambaUNet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a shared 2-core machine are ~10x slower
+    try:
+        torch.manual_seed(0)
+        t = _trainer(_TinyMedMamba, "2d")
+        t.initialize()
+        assert isinstance(t.network, MedMambaUNet) and t.network.dims == [8, 16, 32, 64]
+        assert t._get_deep_supervision_scales() == [[1 / s] * 2 for s in (1, 2, 4, 8)]
+        patch = t.configuration_manager.patch_size
+        assert len(patch) == 2 and all(p % 16 == 0 for p in patch)
+        t.set_deep_supervision_enabled(True)
+        target = [torch.randint(0, 3, (2, 1, *[p // s for p in patch])).float() for s in (1, 2, 4, 8)]
+        before = [p.detach().clone() for p in t.network.parameters()]
+        out = t.train_step({"data": torch.randn(2, 1, *patch), "target": target})
+        assert np.isfinite(out["loss"])
+        assert any(not torch.equal(a, b) for a, b in zip(before, t.network.parameters()))
+        # what nnUNetv2_predict does: rebuild without deep supervision, load strictly
+        net = _TinyMedMamba.build_network_architecture(t.plans_manager, t.configuration_manager, 1, 3,
+                                                       enable_deep_supervision=False)
+        net.load_state_dict(t.network.state_dict())
+        with torch.no_grad():
+            assert net.eval()(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_medmamba_trainer_refuses_3d_configurations(nnunet_dirs):
+    t = _trainer(trainers.nnUNetTrainerMedMamba, "3d_fullres")
+    with pytest.raises(ValueError, match="nnUNetTrainerMedMamba is 2D only: use -c 2d"):
+        t.initialize()
+    with pytest.raises(ValueError, match="2D only"):
+        trainers.nnUNetTrainerMedMamba_1epoch.build_network_architecture(
+            t.plans_manager, t.configuration_manager, 1, 3, enable_deep_supervision=False)
