@@ -14,18 +14,10 @@ from nnunet_segmamba.classification import commands
 from nnunet_segmamba.classification.data import class_names_for, load_split, preprocess
 from nnunet_segmamba.classification.train import classification_metrics, evaluate, save_confusion_matrix, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 BREAST = REPO.parent / "shared" / "data" / "medmnist" / "breastmnist.npz"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These runs are made of many small ops; on a shared 2-core machine OpenMP threads spinning against other
-    # processes made a training epoch ~10x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,16 +8,9 @@ import torch
 from nnunet_segmamba.networks.medmamba import MedMamba, PatchMerging2D, SSConvSSM
 from nnunet_segmamba.networks.medmamba_unet import MedMambaUNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two threads on a shared 2-core machine are ~10x slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _num_params(model: torch.nn.Module) -> int:

@@ -26,49 +26,9 @@ from nnunet_segmamba.training import reliability, trainers
 REPO = Path(__file__).resolve().parents[2]
 DATASET_ID = 984
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_SegMambaReliability"
+CONFIGURATIONS = ("3d_fullres",)  # for the nnunet_dirs fixture (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = trainers.nnUNetTrainerSegMamba_tiny
-
-
-def _write_case(folder: Path, case: str, channels: list[np.ndarray], label: np.ndarray | None = None,
-                ending: str = ".nii.gz") -> None:
-    import SimpleITK as sitk
-
-    for c, image in enumerate(channels):
-        sitk.WriteImage(sitk.GetImageFromArray(image), str(folder / "imagesTr" / f"{case}_{c:04d}{ending}"))
-    if label is not None:
-        sitk.WriteImage(sitk.GetImageFromArray(label), str(folder / "labelsTr" / f"{case}{ending}"))
-
-
-@pytest.fixture(scope="module")
-def nnunet_dirs(tmp_path_factory):
-    """Raw, preprocessed and results folders of a 6-case, one-channel synthetic dataset planned for 3d_fullres."""
-    root = tmp_path_factory.mktemp("nnunet_reliability")
-    mp = pytest.MonkeyPatch()
-    for name in ("raw", "preprocessed", "results"):
-        mp.setenv(f"nnUNet_{name}", str(root / name))
-    mp.setenv("nnUNet_n_proc_DA", "1")
-    mp.setenv("nnUNet_def_n_proc", "1")
-    raw = root / "raw" / DATASET_NAME
-    (raw / "imagesTr").mkdir(parents=True)
-    (raw / "labelsTr").mkdir()
-    rng = np.random.RandomState(0)
-    for i in range(6):
-        shape = (20 + i, 28, 24)
-        zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-        label = np.zeros(shape, np.uint8)
-        label[((zz - 10) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2) < 25] = 1
-        label[((zz - 10) ** 2 + (yy - 20) ** 2 + (xx - 12) ** 2) < 9] = 2
-        _write_case(raw, f"case_{i:03d}", [(label * 100 + rng.normal(0, 20, shape)).astype(np.float32)], label)
-    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"},
-                                                  "labels": {"background": 0, "a": 1, "b": 2},
-                                                  "numTraining": 6, "file_ending": ".nii.gz"}))
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,))
-    yield root
-    mp.undo()
 
 
 def _trainer(cls=TINY, seed: int = 0):
@@ -96,14 +56,6 @@ def _batch(trainer, seed: int, nan: bool = False) -> dict:
 
 def _weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- numerical faults ---------------------------------------------------------------------------------------
@@ -308,7 +260,7 @@ def test_two_seeded_runs_give_identical_losses_on_cpu(nnunet_dirs, monkeypatch):
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------
-def test_check_images_finite_names_case_and_channel(tmp_path):
+def test_check_images_finite_names_case_and_channel(write_nnunet_case, tmp_path):
     # .mha: SimpleITK's NIfTI reader (nnU-Net's default for .nii.gz) already reads NaN and Inf as 0
     raw = tmp_path / "Dataset001_Bad"
     (raw / "imagesTr").mkdir(parents=True)
@@ -319,8 +271,8 @@ def test_check_images_finite_names_case_and_channel(tmp_path):
     bad = image.copy()
     bad[0, 0, :3] = np.nan
     bad[1, 1, 1] = np.inf
-    _write_case(raw, "good", [image, image], label, ".mha")
-    _write_case(raw, "bad", [image, bad], label, ".mha")
+    write_nnunet_case(raw, "good", [image, image], label, ".mha")
+    write_nnunet_case(raw, "bad", [image, bad], label, ".mha")
     problems = reliability.check_images_finite(raw)
     assert problems == ["bad channel 1 (T2, bad_0001.mha): 3 NaN and 1 Inf voxels of 120"]
     assert reliability.check_images_finite(raw, case_ids=["good"]) == []

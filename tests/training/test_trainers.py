@@ -16,45 +16,8 @@ from nnunet_segmamba.training.augmentation import ELASTIC_P, find_spatial_transf
 REPO = Path(__file__).resolve().parents[2]
 DATASET_ID = 986
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_SegMambaUnit"
+CONFIGURATIONS = ("2d", "3d_fullres")  # for the nnunet_dirs fixture (conftest.py)
 TINY = trainers.nnUNetTrainerSegMamba_tiny
-
-
-@pytest.fixture(scope="module")
-def nnunet_dirs(tmp_path_factory):
-    """Raw, preprocessed and results folders of a 6-case synthetic dataset, planned for 2d and 3d_fullres."""
-    import SimpleITK as sitk
-
-    root = tmp_path_factory.mktemp("nnunet")
-    mp = pytest.MonkeyPatch()
-    for name in ("raw", "preprocessed", "results"):
-        mp.setenv(f"nnUNet_{name}", str(root / name))
-    mp.setenv("nnUNet_n_proc_DA", "1")
-    mp.setenv("nnUNet_def_n_proc", "1")
-    raw = root / "raw" / DATASET_NAME
-    (raw / "imagesTr").mkdir(parents=True)
-    (raw / "labelsTr").mkdir()
-    rng = np.random.RandomState(0)
-    for i in range(6):
-        shape = (20 + i, 28, 24)
-        zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-        label = np.zeros(shape, np.uint8)
-        label[((zz - 10) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2) < 25] = 1
-        label[((zz - 10) ** 2 + (yy - 20) ** 2 + (xx - 12) ** 2) < 9] = 2
-        image = (label * 100 + rng.normal(0, 20, shape)).astype(np.float32)
-        for array, path in ((image, raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz"),
-                            (label, raw / "labelsTr" / f"case_{i:03d}.nii.gz")):
-            sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-    (raw / "dataset.json").write_text(
-        '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, '
-        '"numTraining": 6, "file_ending": ".nii.gz"}')
-
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
-    extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
-    plan_experiments([DATASET_ID])
-    preprocess([DATASET_ID], configurations=("2d", "3d_fullres"), num_processes=(1, 1))
-    yield root
-    mp.undo()
 
 
 def _trainer(cls, configuration: str):
