@@ -64,8 +64,6 @@ def nnunet_environment(work_dir: Path, threads: int) -> dict:
     # Augmentation runs in the training process: with background workers on a 2-core machine the scan's many
     # small operations wait on descheduled threads and a step gets 5-50x slower.
     env.setdefault("nnUNet_n_proc_DA", "0")
-    # and OpenMP threads that spin while waiting turn the same contention into 5-50x slowdowns
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -25,6 +25,7 @@ checkpointing, `--c` / `--val` / `--npz`, validation and export.
 from __future__ import annotations
 
 import math
+import random
 import os
 from typing import Any, ClassVar, Mapping
 
@@ -62,6 +63,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     max_batch_size: ClassVar[int | None] = None
     #: deep supervision through the network's heads
     use_deep_supervision: ClassVar[bool] = True
+    #: seed Python's, numpy's and torch's generators before the network is built (None: nnU-Net's behaviour,
+    #: unseeded). With nnUNet_n_proc_DA=0 on CPU this makes a run repeatable: augmentation and sampling then
+    #: happen in the training process.
+    seed: ClassVar[int | None] = None
     #: training stops (RuntimeError) after this many consecutive steps with a non-finite loss or gradient norm
     max_consecutive_non_finite_steps: ClassVar[int] = 10
 
@@ -72,6 +77,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         # same signature as nnU-Net's: it records these arguments in checkpoints ('init_args') by name
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.seed is not None:
+            random.seed(self.seed)
+            np.random.seed(self.seed)
+            torch.manual_seed(self.seed)
         for attribute, value in (("num_epochs", self.epochs),
                                  ("num_iterations_per_epoch", self.iterations_per_epoch),
                                  ("num_val_iterations_per_epoch", self.val_iterations_per_epoch)):

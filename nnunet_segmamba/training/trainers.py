@@ -73,11 +73,12 @@ class nnUNetTrainerSegMamba_tiny(nnUNetTrainerSegMamba):
 
 class nnUNetTrainerSegMamba_demo(nnUNetTrainerSegMamba_tiny):
     """The demo's budget (`nnunet-segmamba demo`): the tiny network trained long enough to learn the phantom on a
-    2-core CPU in a few minutes. Changes from `_tiny`: NNUNET_SEGMAMBA_DEMO_EPOCHS epochs (default 10) of 16
-    training iterations."""
+    2-core CPU in a few minutes. Changes from `_tiny`: NNUNET_SEGMAMBA_DEMO_EPOCHS epochs (default 10) of 25
+    training iterations, seeded (seed 0) so that a CPU run with nnUNet_n_proc_DA=0 is repeatable."""
 
     epochs = int(os.environ.get("NNUNET_SEGMAMBA_DEMO_EPOCHS", "10"))
-    iterations_per_epoch = 16
+    iterations_per_epoch = 25
+    seed = 0
 
 
 class nnUNetTrainerMedMamba(nnUNetTrainerSegMambaBase):

@@ -72,6 +72,13 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
     saved_plans = json.loads((model_dir / "plans.json").read_text())
     assert all(p % 16 == 0 for p in saved_plans["configurations"]["3d_fullres"]["patch_size"])
 
+    # nnU-Net's model selection reads the fold's validation results like those of its own trainers
+    _run([nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER,
+          "-f", "0", "--disable_ensembling", "-np", "1"], env, timeout=300)
+    inference_information = json.loads(
+        (tmp_path / "results" / DATASET_NAME / "inference_information.json").read_text())
+    assert inference_information["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == TRAINER
+
     # predict the held-out test cases through nnUNetv2_predict (trainer looked up by name again), mirroring on
     test_in, test_out = tmp_path / "test_in", tmp_path / "test_out"
     test_in.mkdir()
