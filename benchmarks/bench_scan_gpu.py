@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from nnunet_segmamba.benchmark import time_calls
 from nnunet_segmamba.nn import TriOrientedMamba
 from nnunet_segmamba.ssm import backends, selective_scan
 
@@ -46,18 +46,9 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def time_cuda(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": runs}
+    """CUDA-event timing from the benchmark command, under this script's JSON keys."""
+    timing = time_calls(fn, torch.device("cuda"), warmup, runs)
+    return {"median_ms": timing["ms_median"], "min_ms": timing["ms_min"], "runs": runs}
 
 
 def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:

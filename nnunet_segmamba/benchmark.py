@@ -155,7 +155,7 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[str, float]:
+def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[str, float]:
     """Median/min/max milliseconds of `iters` calls after `warmup`: CUDA events on a GPU, perf_counter on the CPU."""
     import torch
 
@@ -208,7 +208,7 @@ def time_training(model, device, batch: int, patch: Sequence[int], in_channels: 
     try:
         _sync(device)
         _reset_peak(device)
-        result = _time_calls(step, device, warmup, iters)
+        result = time_calls(step, device, warmup, iters)
         result.update(_peak(device))
         result["loss_last"] = float(losses[-1]) if losses else None
         result["grad_scale"] = float(scaler.get_scale()) if amp else None
@@ -225,7 +225,7 @@ def time_patch_inference(model, device, patch: Sequence[int], in_channels: int, 
     model.eval()
     x = torch.randn(1, in_channels, *patch, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        return _time_calls(lambda: model(x), device, warmup, iters)
+        return time_calls(lambda: model(x), device, warmup, iters)
 
 
 def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4)):
