@@ -48,12 +48,15 @@ def _backend_for(device_type: str) -> dict[str, str | None]:
         return {"backend": None, "reason": str(exc)}
     if device_type == "cpu":
         reason = "CPU tensors always use the chunked PyTorch scan"
-    elif env in ("torch", "cuda"):
+    elif env in ("torch", "cuda", "triton"):
         reason = f"forced by {backends.ENV_VAR}={env}"
     elif name == "cuda":
         reason = backends.cuda_scan_status()[1]
+    elif name == "triton":
+        reason = f"{backends.triton_scan_status()[1]}; mamba-ssm's kernel is not used: {backends.cuda_scan_status()[1]}"
     else:
-        reason = f"fallback to the chunked PyTorch scan: {backends.cuda_scan_status()[1]}"
+        reason = (f"fallback to the chunked PyTorch scan: {backends.cuda_scan_status()[1]}; "
+                  f"{backends.triton_scan_status()[1]}")
     return {"backend": name, "reason": reason}
 
 

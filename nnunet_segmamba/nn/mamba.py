@@ -22,12 +22,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ssm import causal_conv1d, selective_scan
+from ..ssm import backends, causal_conv1d, selective_scan, visit
 
 __all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]
 
 # direction name -> parameter-name suffix in the reference
 DIRECTIONS = {"forward": "", "backward": "_b", "slice": "_s"}
+# direction name -> the order in which its branch visits the raster sequence (`nnunet_segmamba.ssm.visit`)
+ORDERS = {"forward": "forward", "backward": "reverse", "slice": "slice"}
 
 
 def slice_order(x: torch.Tensor, num_slices: int, inverse: bool = False) -> torch.Tensor:
@@ -42,10 +44,7 @@ def slice_order(x: torch.Tensor, num_slices: int, inverse: bool = False) -> torc
             f"num_slices={num_slices} must be a positive divisor of the sequence length L={length}; "
             f"pass num_slices equal to the feature map's first spatial size (or leave it None)"
         )
-    lead = x.shape[:-1]
-    if inverse:
-        return x.reshape(*lead, length // num_slices, num_slices).transpose(-1, -2).reshape(*lead, length)
-    return x.reshape(*lead, num_slices, length // num_slices).transpose(-1, -2).reshape(*lead, length)
+    return visit(x, "slice", num_slices, inverse=inverse)
 
 
 def _scan_precision(p: torch.Tensor) -> torch.Tensor:
@@ -142,11 +141,18 @@ class TriOrientedMamba(nn.Module):
         p._no_weight_decay = True
         return p
 
-    def branch(self, xz: torch.Tensor, direction: str) -> torch.Tensor:
-        """One direction's Mamba branch on a sequence already in that direction's order.
+    # Backends that read the reverse and inter-slice orders through index maps (triton) get the raster-ordered
+    # activations; the others get flipped / permuted copies. False forces copies everywhere (for benchmarks).
+    index_maps = True
+
+    def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
+               num_slices: int | None = None) -> torch.Tensor:
+        """One direction's Mamba branch, visiting the sequence in `order` (see `nnunet_segmamba.ssm.visit`).
 
         Args:
             xz: (B, 2 * d_inner, L), the in_proj output (x and gate z stacked on channels).
+            order, num_slices: the visiting order; the output comes back in xz's order. With the default
+                "forward", xz is taken to be in the direction's own order already.
         Returns:
             (B, d_inner, L): y * silu(z), before out_proj.
         """
@@ -154,13 +160,17 @@ class TriOrientedMamba(nn.Module):
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
         A = -torch.exp(_scan_precision(getattr(self, f"A{s}_log")))  # (d_inner, d_state)
         x, z = xz.chunk(2, dim=1)
-        u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.backend)  # (B, d_inner, L)
-        x_dbl = F.linear(u.transpose(1, 2), x_proj.weight)  # (B, L, dt_rank + 2 d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias goes in as delta_bias
+        u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.backend, order=order,
+                          num_slices=num_slices)  # (B, d_inner, L)
+        # The projections act on each position alone, so they commute with the visiting order. Channels-first
+        # products keep every operand of the scan contiguous along L (B and C are row slices of x_dbl).
+        x_dbl = torch.matmul(x_proj.weight, u)  # (B, dt_rank + 2 d_state, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        delta = torch.matmul(dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
         return selective_scan(
-            u, delta, A, B.transpose(1, 2), C.transpose(1, 2), _scan_precision(getattr(self, f"D{s}")), z,
-            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.backend,
+            u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
+            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.backend, order=order,
+            num_slices=num_slices,
         )
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
@@ -168,16 +178,22 @@ class TriOrientedMamba(nn.Module):
             raise ValueError(
                 f"expected hidden_states of shape (B, L, d_model={self.d_model}), got {tuple(hidden_states.shape)}"
             )
-        # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
-        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
-        out = 0
-        if "forward" in self.directions:
-            out = out + self.branch(xz, "forward")
-        if "backward" in self.directions:
-            out = out + self.branch(xz.flip(-1), "backward").flip(-1)
+        n = num_slices if num_slices is not None else self.num_slices
         if "slice" in self.directions:
-            n = num_slices if num_slices is not None else self.num_slices
             if n is None:
                 raise ValueError("the inter-slice direction needs num_slices (at construction or call time)")
-            out = out + slice_order(self.branch(slice_order(xz, n), "slice"), n, inverse=True)
+            if n < 1 or hidden_states.shape[1] % n:
+                raise ValueError(f"num_slices={n} must be a positive divisor of the sequence length "
+                                 f"L={hidden_states.shape[1]}; pass num_slices equal to the feature map's first "
+                                 f"spatial size (or leave it None)")
+        # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
+        in_kernel = self.index_maps and backends.supports_index_maps(backends.resolve(self.backend, xz.device))
+        out = 0
+        for direction in self.directions:
+            order, ns = ORDERS[direction], (n if direction == "slice" else None)
+            if in_kernel or order == "forward":
+                out = out + self.branch(xz, direction, order, ns)
+            else:
+                out = out + visit(self.branch(visit(xz, order, ns), direction), order, ns, inverse=True)
         return F.linear(out.transpose(1, 2), self.out_proj.weight)

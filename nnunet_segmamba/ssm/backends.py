@@ -1,5 +1,8 @@
 """Finding and calling the compiled kernels (mamba-ssm's selective scan, causal-conv1d), and choosing a backend.
 
+Backends, best first for CUDA tensors: "cuda" (mamba-ssm's compiled kernel), "triton" (ours, compiled at run
+time: `triton_scan.py`, no extension to build), "torch" (the chunked PyTorch scan, the only one for CPU tensors).
+
 mamba-ssm's package `__init__` imports its generation utilities, which fail with transformers 5.x
 (`GreedySearchDecoderOnlyOutput` was removed). The compiled extension `selective_scan_cuda` that the wheel
 installs as a top-level module imports fine, so we call it directly through our own autograd function and
@@ -16,10 +19,10 @@ import warnings
 import torch
 
 ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
-BACKENDS = ("auto", "cuda", "torch")
+BACKENDS = ("auto", "cuda", "triton", "torch")
 CUDA_INSTALL_HINT = (
     "install the GPU extra: pip install 'nnunet-segmamba[cuda]' (mamba-ssm and causal-conv1d built for your "
-    "torch and CUDA), or use NNUNET_SEGMAMBA_SCAN_BACKEND=torch"
+    "torch and CUDA), or use NNUNET_SEGMAMBA_SCAN_BACKEND=triton (no build needed) or =torch"
 )
 
 
@@ -62,6 +65,22 @@ def cuda_scan_status() -> tuple[bool, str]:
     return True, "mamba-ssm selective_scan_cuda kernel"
 
 
+def triton_interpreting() -> bool:
+    """Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: how CI checks their math."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def triton_scan_status() -> tuple[bool, str]:
+    """Whether our Triton kernels can run, and why not."""
+    from .triton_scan import TRITON_AVAILABLE, TRITON_REASON
+
+    if not TRITON_AVAILABLE:
+        return False, f"triton not importable: {TRITON_REASON}"
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return False, "no CUDA device (triton kernels need one, or TRITON_INTERPRET=1 for the slow interpreter)"
+    return True, "Triton selective-scan kernels (nnunet_segmamba.ssm.triton_scan)"
+
+
 @functools.lru_cache(maxsize=None)
 def causal_conv1d_function():
     """causal-conv1d's fused conv + SiLU, or None (with the reason) when it cannot be imported."""
@@ -76,25 +95,44 @@ def causal_conv1d_function():
 def resolve(backend: str, device: torch.device) -> str:
     """The backend a scan on `device` uses: an explicit choice, else the environment variable, else the best.
 
-    The environment variable chooses among the backends that can run on the device: with it set to "cuda",
-    scans on CPU tensors still use "torch" (one setting serves a job that moves between devices, e.g. nnU-Net's
-    export on CPU after training on GPU), while a missing kernel for CUDA tensors is an error, not a fallback.
+    The environment variable chooses among the backends that can run on the device: with it set to "cuda" or
+    "triton", scans on CPU tensors still use "torch" (one setting serves a job that moves between devices, e.g.
+    nnU-Net's export on CPU after training on GPU), while a missing kernel for CUDA tensors is an error, not a
+    fallback. "auto" takes mamba-ssm's kernel where it loads, else the Triton kernels, else torch.
     """
     from_env = backend == "auto"
     if from_env:
         backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"scan backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {backend!r}")
-    if backend == "torch" or (from_env and device.type != "cuda"):
+    on_cuda = device.type == "cuda"
+    if backend == "torch" or (from_env and not on_cuda and not (backend == "triton" and triton_interpreting())):
         return "torch"
+    if backend == "triton":
+        usable, reason = triton_scan_status()
+        if not on_cuda and not triton_interpreting():
+            raise ValueError(f"scan backend 'triton' needs CUDA tensors, got tensors on {device}")
+        if not usable:
+            raise RuntimeError(f"scan backend 'triton' is unavailable ({reason}); install triton (it comes with "
+                               f"PyTorch on Linux) or use {ENV_VAR}=torch")
+        return "triton"
     usable, reason = cuda_scan_status()
     if backend == "cuda":
-        if device.type != "cuda":
+        if not on_cuda:
             raise ValueError(f"scan backend 'cuda' needs CUDA tensors, got tensors on {device}")
         if not usable:
             raise RuntimeError(f"scan backend 'cuda' is unavailable ({reason}); {CUDA_INSTALL_HINT}")
         return "cuda"
-    return "cuda" if device.type == "cuda" and usable else "torch"
+    if not on_cuda:
+        return "torch"
+    if usable:
+        return "cuda"
+    return "triton" if triton_scan_status()[0] else "torch"
+
+
+def supports_index_maps(name: str) -> bool:
+    """Whether a resolved backend reads the reverse and inter-slice orders itself (no permuted copies)."""
+    return name == "triton"
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import backends
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "visit"]
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -169,8 +169,30 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, last_state) if return_last_state else out
 
 
+def visit(x: torch.Tensor, order: str, num_slices: int | None = None, inverse: bool = False) -> torch.Tensor:
+    """A copy of x with its last axis in the visiting order `order` ("forward", "reverse", "slice"), or back.
+
+    "slice" is the transpose of the (num_slices, L / num_slices) view. The triton backend reads these orders
+    through index maps instead; this is what the other backends (and the tests) use.
+    """
+    if order == "forward":
+        return x
+    if order == "reverse":
+        return x.flip(-1)
+    if order != "slice":
+        raise ValueError(f"order must be 'forward', 'reverse' or 'slice', got {order!r}")
+    length = x.shape[-1]
+    if num_slices is None or num_slices < 1 or length % num_slices:
+        raise ValueError(f"order='slice' needs num_slices dividing the sequence length L={length}, got "
+                         f"num_slices={num_slices}")
+    lead, n = x.shape[:-1], num_slices
+    shape = (length // n, n) if inverse else (n, length // n)
+    return x.reshape(*lead, *shape).transpose(-1, -2).reshape(*lead, length)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend: str = "auto"):
+                   return_last_state=False, backend: str = "auto", order: str = "forward",
+                   num_slices: int | None = None):
     """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`, on the best available backend.
 
     Args:
@@ -183,16 +205,39 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_bias: optional (d,) added to delta before the softplus.
         delta_softplus: apply softplus to delta.
         return_last_state: also return the final state (batch, d, n) (no gradient flows through it on the
-            CUDA backend, as in mamba-ssm).
-        backend: "auto", "cuda" or "torch". "auto" honours the environment variable
+            CUDA and Triton backends, as in mamba-ssm).
+        backend: "auto", "cuda", "triton" or "torch". "auto" honours the environment variable
             NNUNET_SEGMAMBA_SCAN_BACKEND, then uses mamba-ssm's CUDA kernel for CUDA tensors where it loads,
-            and the chunked PyTorch scan everywhere else.
+            else our Triton kernels, and the chunked PyTorch scan for CPU tensors.
+        order: the order in which the scan visits the L axis: "forward", "reverse" or "slice" (the transpose
+            of the (num_slices, L / num_slices) view); the output comes back in the inputs' order. The triton
+            backend reads through index maps; the others work on permuted copies.
+        num_slices: for order="slice".
 
     Returns:
         out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
     """
     name = backends.resolve(backend, u.device)
-    if name == "cuda":
-        return backends.cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                            fallback=backend != "cuda")
-    return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "triton":
+        from .triton_scan import selective_scan_triton
+
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     mode=order, num_slices=num_slices)
+
+    def run(u, delta, B, C, z):
+        if name == "cuda":
+            return backends.cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                return_last_state, fallback=backend != "cuda")
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    if order == "forward":
+        return run(u, delta, B, C, z)
+
+    def v(t):
+        return visit(t, order, num_slices) if t is not None else None
+
+    result = run(v(u), v(delta), v(B), v(C), v(z))
+    if return_last_state:
+        return visit(result[0], order, num_slices, inverse=True), result[1]
+    return visit(result, order, num_slices, inverse=True)

@@ -296,7 +296,7 @@ def test_explicit_backend_beats_env_var(monkeypatch):
     assert backends.resolve("torch", CPU) == "torch"
 
 
-@pytest.mark.parametrize("name", ["triton", "gpu", "CUDA2"])
+@pytest.mark.parametrize("name", ["tritn", "gpu", "CUDA2"])
 def test_resolve_invalid_name(monkeypatch, name):
     monkeypatch.setenv(backends.ENV_VAR, name)
     with pytest.raises(ValueError, match=backends.ENV_VAR):
@@ -319,13 +319,13 @@ def test_package_imports_without_compiled_kernels():
     """A fresh interpreter in which mamba_ssm, causal_conv1d and selective_scan_cuda cannot be imported."""
     code = (
         "import sys\n"
-        "for m in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'causal_conv1d_cuda'):\n"
+        "for m in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'causal_conv1d_cuda', 'triton'):\n"
         "    sys.modules[m] = None  # makes `import m` raise ImportError\n"
         "import torch, nnunet_segmamba, nnunet_segmamba.ssm, nnunet_segmamba.nn\n"
         "from nnunet_segmamba.ssm import backends\n"
         "assert backends.load_extension('selective_scan_cuda')[0] is None\n"
         "assert backends.causal_conv1d_function()[0] is None\n"
-        "assert backends.resolve('auto', torch.device('cpu')) == 'torch'\n"
+        "assert backends.resolve('auto', torch.device('cpu')) == 'torch'\n"        "assert not backends.triton_scan_status()[0]\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,0 +1,293 @@
+"""Depthwise causal 1D convolution (+ SiLU) in Triton, read through an index map.
+
+Mamba's convolution runs along the order in which the selective scan visits the tokens. The tri-orientated
+layer scans one flattened volume three ways: forwards, backwards, and "inter-slice" (the n slices of length M
+taken in turn, i.e. the transpose of the (n, M) view). Rather than materialising a flipped or permuted copy of
+x for each direction and permuting the result back, the kernel walks scan-order steps t and reads and writes
+memory position p(t):
+
+    mode "forward":  p(t) = t
+    mode "reverse":  p(t) = L - 1 - t
+    mode "slice":    p(t) = (t % n) * M + t // n,   n = num_slices, M = L // n
+
+    out[b, c, p(t)] = act(bias[c] + sum_k weight[c, k] * x[b, c, p(t - (K-1) + k)]),  x[p(t')] = 0 for t' < 0
+
+so input and output both stay in the raster layout. Accumulation is in float32; the output has x's dtype.
+
+The backward recomputes the pre-activation from x instead of saving it (one tensor of x's size less to keep
+alive per direction and layer). The weight and bias gradients are sums over batch and length: each program
+writes its partial sums to a float32 buffer and torch adds them up, so the result does not depend on the
+order in which programs finish (no atomics).
+
+Triton is imported defensively: this module imports on machines without it (`TRITON_AVAILABLE` is False and
+`TRITON_IMPORT_ERROR` says why), and `causal_conv1d_triton` then raises a RuntimeError. The kernels run on CUDA
+tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before this module is imported).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as exc:  # noqa: BLE001 - a broken install can fail with more than ImportError
+    triton = None
+    tl = None
+    TRITON_AVAILABLE = False
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    TRITON_AVAILABLE = True
+    TRITON_IMPORT_ERROR = ""
+
+__all__ = ["causal_conv1d_triton", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "MODES", "MAX_WIDTH"]
+
+MODES = {"forward": 0, "reverse": 1, "slice": 2}
+MAX_WIDTH = 8
+# Largest tile of scan-order steps per program. Module-level so tests can shrink it to cover tile boundaries
+# on short sequences.
+MAX_BLOCK_L = 1024
+_MIN_BLOCK_L = 16
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _memory_position(t, L, n, M, MODE: tl.constexpr):
+        """p(t): where scan-order step t lives along L."""
+        if MODE == 1:
+            return L - 1 - t
+        elif MODE == 2:
+            return (t % n) * M + t // n
+        else:
+            return t
+
+    @triton.jit
+    def _load_scan(row_ptr, t, valid, L, n, M, MODE: tl.constexpr):
+        """x at scan-order steps t as float32, zero where not valid (before the start or past the end)."""
+        # Clamp the masked-off steps: p() of a negative step can land anywhere, and the interpreter may still
+        # form the address.
+        pos = _memory_position(tl.where(valid, t, 0), L, n, M, MODE)
+        return tl.load(row_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M,
+                        K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr):
+        acc = tl.zeros([BLOCK_L], dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c).to(tl.float32)
+        for k in tl.static_range(K):
+            src = t - (K - 1) + k
+            acc += tl.load(w_row + k).to(tl.float32) * _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
+        return acc
+
+    @triton.jit
+    def _causal_conv1d_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr,
+        D, L, n, M,
+        stride_xb, stride_xd, stride_ob, stride_od,
+        K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        tile = tl.program_id(1)
+        # 64-bit row offsets: batch * d * L can pass 2**31 for large volumes.
+        b = (row // D).to(tl.int64)
+        c = (row % D).to(tl.int64)
+        x_row = x_ptr + b * stride_xb + c * stride_xd
+        out_row = out_ptr + b * stride_ob + c * stride_od
+        w_row = w_ptr + c * K
+
+        t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        in_seq = t < L
+        acc = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
+        if SILU:
+            acc = acc * tl.sigmoid(acc)
+        pos = _memory_position(tl.where(in_seq, t, 0), L, n, M, MODE)
+        tl.store(out_row + pos, acc.to(out_ptr.dtype.element_ty), mask=in_seq)
+
+    @triton.jit
+    def _causal_conv1d_bwd_kernel(
+        x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+        D, L, n, M, n_tiles,
+        stride_xb, stride_xd, stride_gb, stride_gd, stride_dxb, stride_dxd,
+        K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        tile = tl.program_id(1)
+        b = (row // D).to(tl.int64)
+        c = (row % D).to(tl.int64)
+        x_row = x_ptr + b * stride_xb + c * stride_xd
+        dout_row = dout_ptr + b * stride_gb + c * stride_gd
+        dx_row = dx_ptr + b * stride_dxb + c * stride_dxd
+        w_row = w_ptr + c * K
+
+        s = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        in_seq = s < L
+        dx = tl.zeros([BLOCK_L], dtype=tl.float32)
+        # x at step s feeds the outputs at steps s .. s + K-1; the one at s + j through weight[K-1-j]. g, the
+        # gradient at the pre-activation, is needed at those K steps, so the tile reaches K-1 steps past its
+        # end (recomputing the pre-activation there rather than reading it from a neighbouring program).
+        for j in tl.static_range(K):
+            u = s + j
+            u_in = u < L
+            g = _load_scan(dout_row, u, u_in, L, n, M, MODE)  # zero past the end: no outputs there
+            if SILU:
+                pre = _pre_activation(x_row, w_row, b_ptr, c, u, u_in, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
+                sig = tl.sigmoid(pre)
+                g = g * sig * (1.0 + pre * (1.0 - sig))
+            dx += tl.load(w_row + (K - 1 - j)).to(tl.float32) * g
+            if j == 0:
+                # g at the tile's own steps: this program's share of the weight and bias sums.
+                part = row.to(tl.int64) * n_tiles + tile
+                for k in tl.static_range(K):
+                    src = s - (K - 1) + k
+                    xk = _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
+                    tl.store(dw_part_ptr + part * K + k, tl.sum(g * xk, axis=0))
+                if HAS_BIAS:
+                    tl.store(db_part_ptr + part, tl.sum(g, axis=0))
+        pos = _memory_position(tl.where(in_seq, s, 0), L, n, M, MODE)
+        tl.store(dx_row + pos, dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
+
+
+def _interpreting() -> bool:
+    """Whether the kernels were decorated under TRITON_INTERPRET=1 (and so take CPU tensors)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(_causal_conv1d_fwd_kernel, InterpretedFunction)
+
+
+def _block_size(length: int) -> int:
+    # Short sequences get a small tile so that few lanes are masked off.
+    return max(_MIN_BLOCK_L, min(MAX_BLOCK_L, triton.next_power_of_2(length)))
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, int]:
+    return t.stride(0), t.stride(1)
+
+
+def _contiguous_along_l(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensor's (cuda:1 under cuda:0 current).
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+class _CausalConv1dTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, mode_id, num_slices, slice_len):
+        x = _contiguous_along_l(x)
+        batch, dim, length = x.shape
+        width = weight.shape[-1]
+        w = weight.contiguous()
+        b = bias.contiguous() if bias is not None else None
+        out = torch.empty((batch, dim, length), dtype=x.dtype, device=x.device)
+        block = _block_size(length)
+        if out.numel():
+            grid = (batch * dim, triton.cdiv(length, block))
+            with _on_device_of(x):
+                _causal_conv1d_fwd_kernel[grid](
+                    x, w, b if b is not None else w, out,
+                    dim, length, num_slices, slice_len,
+                    *_row_strides(x), *_row_strides(out),
+                    K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
+                )
+        ctx.save_for_backward(x, w, b)
+        ctx.config = (silu, mode_id, num_slices, slice_len, block)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, b = ctx.saved_tensors
+        silu, mode_id, num_slices, slice_len, block = ctx.config
+        dout = _contiguous_along_l(dout)
+        batch, dim, length = x.shape
+        width = w.shape[-1]
+        n_tiles = triton.cdiv(length, block)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
+        dw_part = torch.zeros((batch * dim, n_tiles, width), dtype=torch.float32, device=x.device)
+        db_part = torch.zeros((batch * dim, n_tiles) if b is not None else (1,), dtype=torch.float32,
+                              device=x.device)
+        if x.numel():
+            with _on_device_of(x):
+                _causal_conv1d_bwd_kernel[(batch * dim, n_tiles)](
+                    x, w, b if b is not None else w, dout, dx, dw_part, db_part,
+                    dim, length, num_slices, slice_len, n_tiles,
+                    *_row_strides(x), *_row_strides(dout), *_row_strides(dx),
+                    K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
+                )
+        dweight = dw_part.view(batch, dim, n_tiles, width).sum(dim=(0, 2)).to(w.dtype)
+        dbias = db_part.view(batch, dim, n_tiles).sum(dim=(0, 2)).to(b.dtype) if b is not None else None
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None,
+                None, None, None, None)
+
+
+def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                         silu: bool = True, mode: str = "forward", num_slices: int | None = None) -> torch.Tensor:
+    """Depthwise causal convolution (+ SiLU) along the scan order `mode`, in x's raster layout.
+
+    Args:
+        x: (batch, d, L), float16 / bfloat16 / float32, on CUDA (or CPU under TRITON_INTERPRET=1).
+        weight: (d, K) or (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d); K <= 8.
+        bias: optional (d,).
+        silu: apply SiLU to the result.
+        mode: "forward", "reverse" or "slice" (see the module docstring for the index maps).
+        num_slices: for mode "slice", the number n of slices; it must divide L. Ignored by the other modes.
+    Returns:
+        (batch, d, L) in x's dtype; differentiable in x, weight and bias.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (batch, d, L) tensor, got shape {tuple(getattr(x, 'shape', ()))}; "
+                         "reshape it to three dimensions")
+    batch, dim, length = x.shape
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; the Triton causal conv takes float16, bfloat16 or float32 "
+                         "(use causal_conv1d(..., backend='torch') for other dtypes)")
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight.squeeze(1)
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise ValueError(f"weight must be (d, K) or (d, 1, K) with d = {dim} (x's channels), got shape "
+                         f"{tuple(weight.shape)}")
+    width = weight.shape[1]
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"weight has kernel width K = {width}; the Triton causal conv supports 1 <= K <= "
+                         f"{MAX_WIDTH} (use causal_conv1d(..., backend='torch') for wider kernels)")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be floating point, got {weight.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != dim):
+        raise ValueError(f"bias must be (d,) with d = {dim} (x's channels), got shape {tuple(bias.shape)}; "
+                         "pass bias=None for no bias")
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"bias must be floating point, got {bias.dtype}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    if mode == "slice":
+        if num_slices is None:
+            raise ValueError("mode 'slice' needs num_slices, the number of slices n (L = n * slice length)")
+        if isinstance(num_slices, bool) or int(num_slices) != num_slices or num_slices < 1:
+            raise ValueError(f"num_slices must be a positive integer, got {num_slices!r}")
+        num_slices = int(num_slices)
+        if length % num_slices:
+            raise ValueError(f"num_slices = {num_slices} does not divide L = {length}; pass a divisor of the "
+                             "sequence length (the number of slices of the flattened volume)")
+    else:
+        num_slices = 1  # unused by the kernel; a fixed value avoids compiling variants for it
+    slice_len = length // num_slices
+
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"causal_conv1d_triton needs triton, which failed to import ({TRITON_IMPORT_ERROR}); "
+                           "install triton or use causal_conv1d(..., backend='torch')")
+    devices = {t.device for t in (x, weight, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"x, weight and bias must be on one device, got {sorted(str(d) for d in devices)}")
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"x is on {x.device}; the Triton causal conv needs CUDA tensors (or TRITON_INTERPRET=1 "
+                         "set before importing this module, for the CPU interpreter)")
+    return _CausalConv1dTriton.apply(x, weight, bias, bool(silu), MODES[mode], num_slices, slice_len)

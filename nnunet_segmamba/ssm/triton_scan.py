@@ -1,0 +1,482 @@
+"""The selective scan in Triton: mamba-ssm's semantics, forward and backward, with no CUDA extension to build.
+
+Triton ships with PyTorch on Linux and compiles at run time, so this backend works on any CUDA GPU where torch
+does, whatever mamba-ssm's wheels support. It computes what `selective_scan_ref` defines (float32 state and
+arithmetic for fp16 / bf16 / fp32 inputs, D, z gating, delta_bias, softplus, grouped B/C).
+
+How the work is cut. The sequence is split into chunks of `BLOCK_L` steps and every (batch, channel, chunk)
+gets its own program, so even one long sequence fills the GPU:
+
+  forward   1. per chunk, from a zero state: the chunk's end state S_c and its summed step sizes T_c. Both are
+               closed forms (S_c = sum_t exp(A (T_c - cumsum(dt)_t)) dt_t B_t u_t), no scan needed;
+            2. per (batch, channel), a scan over chunks: the state entering chunk c is
+               h_c = exp(A T_{c-1}) h_{c-1} + S_{c-1} (stored: (batch, d, chunks + 1, n) floats, tiny);
+            3. per chunk again, the in-chunk scan from its true entering state (tl.associative_scan), and y.
+  backward  the same three steps for the adjoint, which runs the other way: dh_t = C_t dy_t + a_{t+1} dh_{t+1},
+            then every gradient from the states recomputed in registers (step 3 once more). Only the chunk
+            boundary states are kept between forward and backward, never the (batch, d, L, n) history.
+
+Index maps. `mode` says in which order the scan visits the (raster-ordered) sequence in memory: "forward"
+(p(t) = t), "reverse" (p(t) = L - 1 - t) or "slice" (p(t) = (t mod n) M + t div n for n = num_slices,
+M = L / n: the transpose of the (n, M) view, SegMamba's inter-slice order). Inputs are read and outputs written
+through p, so the tri-orientated layer needs no flipped or permuted copies of its activations.
+
+Gradients of B and C sum over the channels of a group. One program walks all channels of its group (or a
+slice of them, `d_split`, when there are too few chunks to fill the GPU) and owns its block of dB / dC, so no
+atomics are needed and the result is deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:  # the module must import where triton is missing (CI on CPU, macOS); the backend is then unavailable
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE, TRITON_REASON = True, ""
+except Exception as exc:  # ImportError, or a broken install
+    triton = tl = None
+    TRITON_AVAILABLE, TRITON_REASON = False, f"{type(exc).__name__}: {exc}"
+
+__all__ = ["selective_scan_triton", "TRITON_AVAILABLE", "TRITON_REASON", "MODES"]
+
+MODES = {"forward": 0, "reverse": 1, "slice": 2}
+
+
+def _jit(fn):
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+@_jit
+def _position(t, L, M, NS, MODE: tl.constexpr):
+    p = t
+    if MODE == 1:
+        p = L - 1 - t
+    if MODE == 2:
+        p = (t % NS) * M + t // NS
+    return p
+
+
+@_jit
+def _softplus(x):
+    # torch's softplus (threshold 20) without log1p, which the interpreter lacks: exp(x) is exact enough below -15
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@_jit
+def _linear_combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2) for h -> a h + b
+    return a1 * a2, b1 * a2 + b2
+
+
+@_jit
+def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
+    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias
+    dt = x
+    if SOFTPLUS:
+        dt = _softplus(x)
+    return tl.where(mask, dt, 0.0), x
+
+
+@_jit
+def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
+                       D_, G_, N, L, M, NS, NCH, su, sdelta, sB,
+                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    bd = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bd // D_
+    d = bd % D_
+    g = d // (D_ // G_)
+    t = c * BL + tl.arange(0, BL)
+    mask = t < L
+    p = _position(t, L, M, NS, MODE)
+    b64 = b.to(tl.int64)
+    chan = d.to(tl.int64) * L
+    n = tl.arange(0, NP)
+    nmask = n < N
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(tl.float32)
+    dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
+    u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+    m2 = nmask[:, None] & mask[None, :]
+    Bt = tl.load(B_ptr + b64 * sB + g * N * L + n[:, None] * L + p[None, :], mask=m2, other=0.0).to(tl.float32)
+    total = tl.sum(dt, 0)
+    after = total - tl.cumsum(dt, 0)  # step sizes still to come in this chunk
+    S = tl.sum(tl.exp(A[:, None] * after[None, :]) * Bt * (dt * u)[None, :], 1)
+    tl.store(S_ptr + (bd.to(tl.int64) * NCH + c) * N + n, S, mask=nmask)
+    tl.store(T_ptr + bd.to(tl.int64) * NCH + c, total)
+
+
+@_jit
+def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
+                 NP: tl.constexpr, CB: tl.constexpr, REVERSE: tl.constexpr):
+    """Scan over chunks. Forward: out[c + 1] = exp(A T_c) out[c] + X_c, out[0] = 0 (states entering chunks).
+    Reverse: out[c] = X_c + exp(A T_c) out[c + 1], out[NCH] = 0 (adjoint entering each chunk from its right)."""
+    bd = tl.program_id(0)
+    d = bd % D_
+    n = tl.arange(0, NP)
+    nmask = n < N
+    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+    base_in = bd.to(tl.int64) * NCH
+    base_out = bd.to(tl.int64) * (NCH + 1)
+    carry = tl.zeros([NP], dtype=tl.float32)
+    edge = NCH if REVERSE else 0
+    tl.store(out_ptr + (base_out + edge) * N + n, carry, mask=nmask)
+    num_tiles = tl.cdiv(NCH, CB)
+    col = tl.arange(0, CB)
+    for i in range(0, num_tiles):
+        tile = num_tiles - 1 - i if REVERSE else i
+        c = tile * CB + col
+        cmask = c < NCH
+        m2 = nmask[:, None] & cmask[None, :]
+        # padding chunks are the identity (decay 1, input 0), so the tile's edge column is the carry out
+        T = tl.load(T_ptr + base_in + c, mask=cmask, other=0.0)
+        X = tl.load(X_ptr + (base_in + c)[None, :] * N + n[:, None], mask=m2, other=0.0)
+        P = tl.exp(A[:, None] * T[None, :])
+        Pc, H = tl.associative_scan((P, X), axis=1, combine_fn=_linear_combine, reverse=REVERSE)
+        H = H + Pc * carry[:, None]
+        dest = c if REVERSE else c + 1
+        tl.store(out_ptr + (base_out + dest)[None, :] * N + n[:, None], H, mask=m2)
+        edge_col = 0 if REVERSE else CB - 1
+        carry = tl.sum(tl.where((col == edge_col)[None, :], H, 0.0), 1)
+
+
+@_jit
+def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, out_ptr,
+                      D_, G_, N, L, M, NS, NCH, su, sdelta, sz, sB, sC,
+                      NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
+                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    bd = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bd // D_
+    d = bd % D_
+    g = d // (D_ // G_)
+    t = c * BL + tl.arange(0, BL)
+    mask = t < L
+    p = _position(t, L, M, NS, MODE)
+    b64 = b.to(tl.int64)
+    chan = d.to(tl.int64) * L
+    n = tl.arange(0, NP)
+    nmask = n < N
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(tl.float32)
+    dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
+    u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+    m2 = nmask[:, None] & mask[None, :]
+    nl = g * N * L + n[:, None] * L + p[None, :]
+    Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
+    h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
+    decay = tl.exp(A[:, None] * dt[None, :])
+    decay_cum, h = tl.associative_scan((decay, Bt * (dt * u)[None, :]), axis=1, combine_fn=_linear_combine)
+    h = h + decay_cum * h0[:, None]
+    y = tl.sum(h * Ct, 0)
+    if HAS_D:
+        y = y + tl.load(D_ptr + d).to(tl.float32) * u
+    if HAS_Z:
+        z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
+        y = y * z * tl.sigmoid(z)
+    tl.store(out_ptr + bd.to(tl.int64) * L + p, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr,
+                       D_, G_, N, L, M, NS, NCH, sdelta, sz, sC,
+                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t: the adjoint a chunk hands to its left neighbour from a zero start."""
+    bd = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bd // D_
+    d = bd % D_
+    g = d // (D_ // G_)
+    t = c * BL + tl.arange(0, BL)
+    mask = t < L
+    p = _position(t, L, M, NS, MODE)
+    b64 = b.to(tl.int64)
+    chan = d.to(tl.int64) * L
+    n = tl.arange(0, NP)
+    nmask = n < N
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d).to(tl.float32)
+    dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
+    dy = tl.load(dout_ptr + bd.to(tl.int64) * L + p, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
+        dy = dy * z * tl.sigmoid(z)
+    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+    m2 = nmask[:, None] & mask[None, :]
+    Ct = tl.load(C_ptr + b64 * sC + g * N * L + n[:, None] * L + p[None, :], mask=m2, other=0.0).to(tl.float32)
+    R = tl.sum(tl.exp(A[:, None] * tl.cumsum(dt, 0)[None, :]) * Ct * dy[None, :], 1)
+    tl.store(R_ptr + (bd.to(tl.int64) * NCH + c) * N + n, R, mask=nmask)
+
+
+@_jit
+def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
+               du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+               BATCH, D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
+               NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
+    split = pid % D_SPLIT
+    bg = pid // D_SPLIT
+    g = bg % G_
+    b = bg // G_
+    t = c * BL + tl.arange(0, BL)
+    mask = t < L
+    p = _position(t, L, M, NS, MODE)
+    # a_{t+1} carries the adjoint from step t+1 back to t; the chunk's last step gets it from the carry instead
+    t_next = t + 1
+    mask_next = (t_next < L) & (t_next < (c + 1) * BL)
+    p_next = _position(t_next, L, M, NS, MODE)
+    n = tl.arange(0, NP)
+    nmask = n < N
+    m2 = nmask[:, None] & mask[None, :]
+    b64 = b.to(tl.int64)
+    nl = g * N * L + n[:, None] * L + p[None, :]
+    Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
+    dB_acc = tl.zeros([NP, BL], dtype=tl.float32)
+    dC_acc = tl.zeros([NP, BL], dtype=tl.float32)
+    d0 = g * (D_ // G_) + split * D_PER_PROGRAM
+    for i in range(0, D_PER_PROGRAM):
+        d = d0 + i
+        bd = b * D_ + d
+        row = bd.to(tl.int64) * L  # the gradients, allocated contiguous
+        chan = d.to(tl.int64) * L
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + d).to(tl.float32)
+        dt, x = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
+        dt_next, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p_next, mask_next, bias, SOFTPLUS)
+        u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+        # the forward states of this chunk, recomputed from the stored entering state
+        drive = Bt * (dt * u)[None, :]
+        decay_cum, h = tl.associative_scan((tl.exp(A[:, None] * dt[None, :]), drive), axis=1,
+                                           combine_fn=_linear_combine)
+        h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
+        h = h + decay_cum * h0[:, None]
+        dy = tl.load(dout_ptr + row + p, mask=mask, other=0.0).to(tl.float32)
+        Dd = 0.0
+        if HAS_D:
+            Dd = tl.load(D_ptr + d).to(tl.float32)
+        if HAS_Z:
+            y = tl.sum(h * Ct, 0) + Dd * u
+            z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
+            gate = tl.sigmoid(z)
+            tl.store(dz_ptr + row + p, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
+                     mask=mask)
+            dy = dy * z * gate
+        # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right
+        decay_next = tl.exp(A[:, None] * dt_next[None, :])
+        decay_rcum, dh = tl.associative_scan((decay_next, Ct * dy[None, :]), axis=1,
+                                             combine_fn=_linear_combine, reverse=True)
+        adj = tl.load(adj_ptr + (bd.to(tl.int64) * (NCH + 1) + c + 1) * N + n, mask=nmask, other=0.0)
+        dh = dh + decay_rcum * adj[:, None]
+        decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
+        du = tl.sum(dh * Bt, 0) * dt + Dd * dy
+        ddt = tl.sum(dh * (A[:, None] * decayed_prev + Bt * u[None, :]), 0)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(x)
+        ddt = tl.where(mask, ddt, 0.0)
+        tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        part = (b * NCH + c).to(tl.int64) * D_ + d  # per-(batch, chunk) partial sums, reduced by torch
+        tl.store(dA_ptr + part * N + n, tl.sum(dh * decayed_prev * dt[None, :], 1), mask=nmask)
+        if HAS_D:
+            tl.store(dD_ptr + part, tl.sum(dy * u, 0))
+        if HAS_BIAS:
+            tl.store(dbias_ptr + part, tl.sum(ddt, 0))
+        dB_acc += dh * (dt * u)[None, :]
+        dC_acc += h * dy[None, :]
+    out_row = ((split * BATCH + b) * G_ + g).to(tl.int64) * N * L
+    tl.store(dB_ptr + out_row + n[:, None] * L + p[None, :], dB_acc, mask=m2)
+    tl.store(dC_ptr + out_row + n[:, None] * L + p[None, :], dC_acc, mask=m2)
+
+
+# ---- host side ---------------------------------------------------------------------------------------------------
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _block_length(length: int, block_l: int | None) -> int:
+    if block_l is not None:
+        if block_l < 16 or block_l & (block_l - 1):
+            raise ValueError(f"block_l must be a power of two >= 16, got {block_l}")
+        return block_l
+    return min(128, max(16, _next_pow2(length)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device) -> int:
+    """Channels of a group are split over this many programs when there are too few (batch, chunk) pairs."""
+    target = 8 * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
+    split = 1
+    for s in range(1, d_per_group + 1):
+        if d_per_group % s == 0:
+            split = s
+            if batch * groups * chunks * s >= target:
+                break
+    return split
+
+
+def _rows_along_L(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index (batch, rows, L) as batch * stride(0) + row * L + t: any batch stride (e.g. x and z as
+    halves of one in_proj output, B and C as slices of one x_proj output) is read in place."""
+    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and (t.dim() == 3 or t.stride(1) == t.shape[2] * t.shape[3]):
+        return t
+    return t.contiguous()
+
+
+def _batch_strides(u, delta, z, B, C):
+    return u.stride(0), delta.stride(0), (z if z is not None else u).stride(0), B.stride(0), C.stride(0)
+
+
+def _geometry(length: int, mode: str, num_slices: int | None) -> tuple[int, int, int]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    if mode == "slice":
+        if num_slices is None or num_slices < 1 or length % num_slices:
+            raise ValueError(f"mode='slice' needs num_slices dividing L={length}, got {num_slices}")
+        return MODES[mode], length // num_slices, num_slices
+    return MODES[mode], 1, 1
+
+
+class _TritonSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, mode, num_slices,
+                block_l):
+        batch, dim, length = u.shape
+        n = A.shape[1]
+        mode_id, M, NS = _geometry(length, mode, num_slices)
+        ctx.squeeze_B, ctx.squeeze_C = B.dim() == 3, C.dim() == 3
+        B = _rows_along_L(B.unsqueeze(1) if B.dim() == 3 else B)
+        C = _rows_along_L(C.unsqueeze(1) if C.dim() == 3 else C)
+        # the kernels take one group count for B and C: both are expanded to the finer common grouping (the lcm
+        # of the two divides d); Mamba uses 1 for both, which costs nothing
+        ctx.groups_B, ctx.groups_C = B.shape[1], C.shape[1]
+        groups = math.lcm(B.shape[1], C.shape[1])
+        B = B.repeat_interleave(groups // B.shape[1], dim=1) if B.shape[1] != groups else B
+        C = C.repeat_interleave(groups // C.shape[1], dim=1) if C.shape[1] != groups else C
+        u, delta = _rows_along_L(u), _rows_along_L(delta)
+        z = _rows_along_L(z) if z is not None else None
+        A32 = A.float().contiguous()
+        groups = B.shape[1]
+        BL = _block_length(length, block_l)
+        chunks = triton.cdiv(length, BL)
+        NP = max(_next_pow2(n), 2)
+        f32 = dict(device=u.device, dtype=torch.float32)
+        chunk_sum = torch.empty(batch, dim, chunks, **f32)
+        chunk_end = torch.empty(batch, dim, chunks, n, **f32)
+        states = torch.empty(batch, dim, chunks + 1, n, **f32)
+        out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+        dummy = A32
+        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
+        grid = (batch * dim, chunks)
+        _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
+                                 chunk_end, dim, groups, n, length, M, NS, chunks, u.stride(0), delta.stride(0),
+                                 B.stride(0), NP=NP, BL=BL, MODE=mode_id, **flags)
+        _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
+                                     CB=min(256, max(16, _next_pow2(chunks))), REVERSE=False)
+        _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
+                                delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
+                                M, NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None,
+                                HAS_Z=z is not None, **flags)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, chunk_sum)
+        ctx.settings = (bool(delta_softplus), mode_id, M, NS, BL)
+        if return_last_state:
+            last = states[:, :, -1]
+            ctx.mark_non_differentiable(last)
+            return out, last
+        return out
+
+    @staticmethod
+    def backward(ctx, dout, *_):
+        u, delta, A, B, C, D, z, delta_bias, states, chunk_sum = ctx.saved_tensors
+        softplus, mode_id, M, NS, BL = ctx.settings
+        batch, dim, length = u.shape
+        n = A.shape[1]
+        groups = B.shape[1]
+        chunks = chunk_sum.shape[2]
+        NP = max(_next_pow2(n), 2)
+        dout = dout.contiguous()
+        A32 = A.float().contiguous()
+        f32 = dict(device=u.device, dtype=torch.float32)
+        dummy = A32
+        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
+        z_arg = z if z is not None else u
+        bias_arg = delta_bias if delta_bias is not None else dummy
+        adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
+        _bwd_chunk_summary[(batch * dim, chunks)](delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n,
+                                                  length, M, NS, chunks, delta.stride(0), z_arg.stride(0),
+                                                  C.stride(0), NP=NP, BL=BL, MODE=mode_id,
+                                                  HAS_Z=z is not None, **flags)
+        adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
+        _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
+                                     CB=min(256, max(16, _next_pow2(chunks))), REVERSE=True)
+        d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
+        du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+        ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
+        dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
+        dB = torch.empty(d_split, batch, groups, n, length, **f32)
+        dC = torch.empty(d_split, batch, groups, n, length, **f32)
+        dA = torch.empty(batch, chunks, dim, n, **f32)
+        dD = torch.empty(batch, chunks, dim, **f32) if D is not None else None
+        dbias = torch.empty(batch, chunks, dim, **f32) if delta_bias is not None else None
+        _bwd_chunk[(batch * groups * d_split, chunks)](
+            u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
+            du, ddelta, dz if dz is not None else du, dB, dC, dA, dD if dD is not None else dA,
+            dbias if dbias is not None else dA,
+            batch, dim, groups, n, length, M, NS, chunks, dim // groups // d_split, d_split,
+            *_batch_strides(u, delta, z, B, C),
+            NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None, HAS_Z=z is not None, **flags)
+        dB, dC = dB.sum(0), dC.sum(0)  # over the channel splits
+        if ctx.groups_B != groups:
+            dB = dB.reshape(batch, ctx.groups_B, groups // ctx.groups_B, n, length).sum(2)
+        if ctx.groups_C != groups:
+            dC = dC.reshape(batch, ctx.groups_C, groups // ctx.groups_C, n, length).sum(2)
+        dB, dC = dB.to(B.dtype), dC.to(C.dtype)
+        if ctx.squeeze_B:
+            dB = dB.squeeze(1)
+        if ctx.squeeze_C:
+            dC = dC.squeeze(1)
+        dA = dA.sum((0, 1)).to(A.dtype)
+        dD = dD.sum((0, 1)).to(D.dtype) if D is not None else None
+        dbias = dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None, None
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          return_last_state=False, mode: str = "forward", num_slices: int | None = None,
+                          block_l: int | None = None):
+    """The selective scan with Triton kernels; arguments as `selective_scan`, plus the visiting order.
+
+    Args:
+        mode: "forward", "reverse" or "slice": the scan visits the sequence (stored in raster order) in this
+            order, and the output is written back in raster order (see the module docstring).
+        num_slices: for mode="slice", the slice count n (a divisor of L).
+        block_l: steps per chunk (power of two >= 16); None picks 128 (smaller for short sequences).
+
+    Returns out (batch, d, L) in u's dtype, or (out, last_state (batch, d, n) float32) with `return_last_state`
+    (the state after the last step in visiting order; no gradient flows through it).
+    """
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"the triton scan backend needs the triton package ({TRITON_REASON}); it ships with "
+                           f"PyTorch on Linux: pip install triton")
+    return _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      mode, num_slices, block_l)

@@ -1,0 +1,269 @@
+"""The Triton selective scan (`nnunet_segmamba.ssm.triton_scan`) against the float64 definition.
+
+The kernel tests run wherever the kernels can: on CUDA, and on CPU through Triton's interpreter
+(TRITON_INTERPRET=1, which must be set before triton decorates the kernels, so `test_kernels_under_interpreter`
+runs this file again in a subprocess). That way CI, which has no GPU, still checks the kernels' arithmetic:
+forward, last state and every gradient, all three visiting orders, grouped B/C, odd lengths, chunk sizes,
+inputs that are slices of larger tensors.
+
+On CUDA only (`-m gpu`): fp16 / bf16 inputs, long sequences, fp16 autocast at L = 262,144 (finite, equal to the
+float32 computation, NaN propagating from where it enters), and the tri-orientated layer through index maps.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_segmamba.ssm import backends, selective_scan, visit
+from test_selective_scan import F32, GPU_TOL, assert_close, grads_of, leaves, make_inputs, scan_definition
+
+triton_scan = pytest.importorskip("nnunet_segmamba.ssm.triton_scan")
+if not triton_scan.TRITON_AVAILABLE:
+    pytest.skip(f"triton not importable: {triton_scan.TRITON_REASON}", allow_module_level=True)
+
+INTERPRETING = backends.triton_interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else ("cpu" if INTERPRETING else None)
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or TRITON_INTERPRET=1 on CPU "
+                                                          "(test_kernels_under_interpreter does that)")
+needs_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+# float32 on the GPU: Triton's exp is the hardware's approximate exp2 (relative error ~1e-7 per call)
+TOL = F32 if DEVICE == "cpu" else dict(rtol=1e-4, atol_scale=1e-4)
+
+
+def check_order(inputs, order, num_slices=None, tol=None, block_l=None, seed=0):
+    """Triton with `order` against the definition run on inputs permuted into that order (and back)."""
+    tol = tol or TOL
+
+    def v(t, inverse=False):
+        return visit(t, order, num_slices, inverse) if isinstance(t, torch.Tensor) and t.dim() >= 3 else t
+
+    expected_in = leaves({k: (t.cpu() if isinstance(t, torch.Tensor) else t) for k, t in inputs.items()},
+                         torch.float64)
+    permuted = {k: (v(t) if k in ("u", "delta", "z", "B", "C") else t) for k, t in expected_in.items()}
+    out_e, last_e = scan_definition(**permuted)
+    out_e = v(out_e, inverse=True)
+    actual_in = leaves(inputs)
+    out_a, last_a = triton_scan.selective_scan_triton(**actual_in, return_last_state=True, mode=order,
+                                                      num_slices=num_slices, block_l=block_l)
+    assert out_a.dtype == inputs["u"].dtype and out_a.shape == inputs["u"].shape
+    assert_close(out_a.float(), out_e, **tol["out"] if "out" in tol else tol, what="out")
+    assert_close(last_a.float(), last_e, **tol["out"] if "out" in tol else tol, what="last state")
+    dout = torch.randn(out_e.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ge = grads_of(out_e, None, expected_in, dout, None)  # the kernel's last state carries no gradient
+    ga = grads_of(out_a, None, actual_in, dout.to(out_a.dtype).to(out_a.device), None)
+    assert set(ga) == set(ge)
+    for name in ge:
+        assert ga[name].shape == ge[name].shape and ga[name].dtype == actual_in[name].dtype, name
+        assert_close(ga[name].float(), ge[name], **tol["grad"] if "grad" in tol else tol, what=f"grad {name}")
+
+
+SHAPES = {
+    "odd-L37": dict(batch=2, dim=6, n=4, length=37),
+    "L1": dict(batch=3, dim=4, n=4, length=1),
+    "n16-L130": dict(batch=1, dim=4, n=16, length=130),
+    "n3-not-pow2": dict(batch=2, dim=4, n=3, length=21),
+    "grouped-BC": dict(batch=2, dim=6, n=4, length=37, groups_B=2, groups_C=3),
+    "grouped-B-only": dict(batch=2, dim=8, n=4, length=23, groups_B=4),
+}
+OPTIONS = {
+    "no-D": dict(with_D=False),
+    "no-z": dict(with_z=False),
+    "bias-no-softplus": dict(softplus=False),
+    "bare": dict(with_D=False, with_z=False, with_bias=False, softplus=False),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_definition(shape):
+    check_order(make_inputs(11, **shape, device=DEVICE), "forward")
+
+
+@needs_kernels
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_options_match_definition(options):
+    check_order(make_inputs(12, batch=2, dim=4, n=4, length=29, **options, device=DEVICE), "forward")
+
+
+@needs_kernels
+@pytest.mark.parametrize("order, num_slices, length", [("reverse", None, 37), ("slice", 4, 36), ("slice", 3, 48),
+                                                       ("slice", 1, 20), ("slice", 20, 20)])
+def test_visiting_orders_match_definition(order, num_slices, length):
+    check_order(make_inputs(13, batch=2, dim=4, n=4, length=length, groups_B=2, device=DEVICE), order, num_slices)
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_l", [16, 32])
+def test_chunk_sizes_and_long_decay(block_l):
+    # 10 chunks of 16 or 5 of 32: the chunk-to-chunk carries of state and adjoint are exercised
+    check_order(make_inputs(14, batch=2, dim=4, n=4, length=160, device=DEVICE), "forward", block_l=block_l)
+
+
+@needs_kernels
+def test_slices_of_larger_tensors_are_read_in_place():
+    """x and z as halves of one in_proj output, B and C as rows of one x_proj output: same as contiguous."""
+    g = torch.Generator().manual_seed(15)
+    b, d, n, L = 2, 4, 4, 40
+    xz = torch.randn(b, 2 * d, L, generator=g).to(DEVICE)
+    proj = torch.randn(b, 3 + 2 * n, L, generator=g).to(DEVICE)
+    delta = (torch.randn(b, d, L, generator=g) * 0.5 - 1).to(DEVICE)
+    A = -torch.rand(d, n, generator=g).add(0.5).to(DEVICE)
+    u, z = xz.chunk(2, 1)
+    B, C = proj[:, 3:3 + n], proj[:, 3 + n:]
+    assert not u.is_contiguous() and not B.is_contiguous()
+    for order, ns in (("forward", None), ("slice", 5)):
+        strided = triton_scan.selective_scan_triton(u, delta, A, B, C, None, z, None, True, mode=order,
+                                                    num_slices=ns)
+        dense = triton_scan.selective_scan_triton(u.contiguous(), delta, A, B.contiguous(), C.contiguous(), None,
+                                                  z.contiguous(), None, True, mode=order, num_slices=ns)
+        torch.testing.assert_close(strided, dense, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_dispatcher_uses_triton_with_orders():
+    inputs = make_inputs(16, batch=1, dim=4, n=4, length=24, device=DEVICE)
+    out = selective_scan(**inputs, backend="triton", order="slice", num_slices=4)
+    ref = selective_scan(**{k: (t.cpu() if isinstance(t, torch.Tensor) else t) for k, t in inputs.items()},
+                         backend="torch", order="slice", num_slices=4)
+    assert_close(out, ref, **TOL, what="dispatcher")
+
+
+def test_bad_arguments_raise_value_error():
+    inputs = make_inputs(17, batch=1, dim=4, n=4, length=24)
+    with pytest.raises(ValueError, match="mode"):
+        triton_scan.selective_scan_triton(**inputs, mode="sideways")
+    with pytest.raises(ValueError, match="num_slices"):
+        triton_scan.selective_scan_triton(**inputs, mode="slice", num_slices=5)
+    with pytest.raises(ValueError, match="block_l"):
+        triton_scan.selective_scan_triton(**inputs, block_l=24)
+
+
+def test_resolve_triton(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(backends.ENV_VAR, "triton")
+    if not INTERPRETING:
+        # like "cuda": the variable chooses for CUDA tensors, CPU tensors keep the torch scan
+        assert backends.resolve("auto", cpu) == "torch"
+        with pytest.raises(ValueError, match="triton"):
+            backends.resolve("triton", cpu)
+    monkeypatch.delenv(backends.ENV_VAR)
+    assert backends.resolve("torch", cpu) == "torch"
+
+
+def test_kernels_under_interpreter():
+    """Run this file's kernel tests on CPU through Triton's interpreter (how CI checks the kernels)."""
+    if INTERPRETING:
+        pytest.skip("already interpreting")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the interpreter takes CPU tensors
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                             "-k", "not test_kernels_under_interpreter", "-m", "not gpu"],
+                            capture_output=True, text=True, timeout=900, env=env,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1].split("passed")[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA only
+# ----------------------------------------------------------------------------------------------------------------
+HALF_TOL = {torch.float16: dict(out=dict(rtol=1e-2, atol_scale=5e-3), grad=dict(rtol=2e-2, atol_scale=1e-2)),
+            **GPU_TOL}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("order, num_slices, length", [("forward", None, 4099), ("reverse", None, 1031),
+                                                       ("slice", 16, 4096)])
+def test_cuda_dtypes_and_lengths(dtype, order, num_slices, length):
+    inputs = make_inputs(100 + length, batch=2, dim=8, n=16, length=length, groups_B=None, dtype=dtype,
+                         device="cuda")
+    check_order(inputs, order, num_slices, tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL)
+
+
+L_LONG = 64 ** 3
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fp16_autocast_long_sequence_is_finite_and_matches_float32():
+    """L = 262,144 in fp16, as SegMamba's first stage sees it under autocast: no overflow to inf or NaN in the
+    output or any gradient, and the same result as the float32 computation of the same fp16 inputs."""
+    inputs = make_inputs(200, batch=1, dim=8, n=16, length=L_LONG, dtype=torch.float16, device="cuda")
+    half = leaves(inputs)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = triton_scan.selective_scan_triton(**half)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    full = leaves(inputs, torch.float32)
+    ref = triton_scan.selective_scan_triton(**full)
+    assert_close(out.float(), ref, **HALF_TOL[torch.float16]["out"], what="fp16 vs fp32 out")
+    dout = torch.randn_like(ref)
+    g_half = grads_of(out, None, half, dout.half(), None)
+    g_full = grads_of(ref, None, full, dout, None)
+    for name, g in g_half.items():
+        assert torch.isfinite(g).all(), name
+        assert_close(g.float(), g_full[name], **HALF_TOL[torch.float16]["grad"], what=f"grad {name}")
+    torch_ref = selective_scan(**{k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()},
+                               backend="torch")
+    assert_close(ref, torch_ref, rtol=1e-3, atol_scale=1e-3, what="triton vs torch scan at L=262144")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nan_propagates_from_where_it_enters():
+    """A NaN in u at step t poisons the state from t on (as in every backend), never the steps before it."""
+    L = L_LONG
+    inputs = make_inputs(201, batch=1, dim=4, n=16, length=L, dtype=torch.float16, device="cuda")
+    t_nan = L // 2 + 3
+    inputs["u"][0, 1, t_nan] = float("nan")
+    out = triton_scan.selective_scan_triton(**inputs)
+    assert torch.isfinite(out[:, :, :t_nan]).all() and torch.isfinite(out[:, [0, 2, 3]]).all()
+    assert torch.isnan(out[0, 1, t_nan:]).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not backends.cuda_scan_status()[0], reason="mamba-ssm's kernel is not installed")
+def test_cuda_and_triton_backends_agree():
+    inputs = make_inputs(202, batch=2, dim=64, n=16, length=32 ** 3, dtype=torch.bfloat16, device="cuda")
+    a, b = leaves(inputs), leaves(inputs)
+    out_t = selective_scan(**a, backend="triton")
+    out_c = selective_scan(**b, backend="cuda")
+    assert_close(out_t.float(), out_c.float(), **GPU_TOL[torch.bfloat16]["out"], what="out")
+    dout = torch.randn_like(out_t)
+    gt, gc = grads_of(out_t, None, a, dout, None), grads_of(out_c, None, b, dout, None)
+    for name in gt:
+        assert_close(gt[name].float(), gc[name].float(), **GPU_TOL[torch.bfloat16]["grad"], what=f"grad {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tri-orientated layer through index maps
+# ----------------------------------------------------------------------------------------------------------------
+@needs_kernels
+def test_tri_oriented_layer_index_maps_equal_copies_and_torch():
+    """ToM with the triton backend reading the reverse and inter-slice orders in the kernels (no copies) against
+    the same layer on flipped / permuted copies, and against the torch backend: outputs and all gradients."""
+    from nnunet_segmamba.nn import TriOrientedMamba
+
+    torch.manual_seed(18)
+    layer = TriOrientedMamba(8, d_state=4, backend="triton").to(DEVICE)
+    hidden = torch.randn(2, 4 * 3 * 5, 8, device=DEVICE)
+    results = {}
+    for name, backend, index_maps in (("maps", "triton", True), ("copies", "triton", False),
+                                      ("torch", "torch", True)):
+        layer.backend, layer.index_maps = backend, index_maps
+        layer.zero_grad()
+        x = hidden.detach().clone().requires_grad_(True)
+        out = layer(x if backend == "triton" else x, num_slices=4)
+        out.backward(torch.ones_like(out))
+        results[name] = [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.backend, layer.index_maps = "auto", True
+    for name in ("copies", "torch"):
+        for a, b in zip(results["maps"], results[name]):
+            assert_close(a.float().cpu(), b.double().cpu(), **TOL, what=f"maps vs {name}")
