@@ -1,4 +1,5 @@
-"""GPU comparison of the scan backends "torch" and "cuda" (mamba-ssm's kernel): accuracy and CUDA-event timings.
+"""GPU comparison of the scan backends "torch", "cuda" (mamba-ssm's kernel) and "triton" (ours): accuracy and
+CUDA-event timings against the memory-bound floor.
 
 For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d_state 16, float32 and bf16:
   * accuracy: outputs and the gradients of u, delta, A, B, C, D, z, delta_bias of each backend against the torch
@@ -6,8 +7,12 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     in bf16, u/delta/z/B/C are bf16 as nn.Linear under autocast produces them, A/D/delta_bias stay float32;
   * timings: forward (no_grad) and forward+backward of the scan per backend, median of --runs after --warmup;
   * the TriOrientedMamba layer (d_model = d_inner / 2, num_slices = cube root of L) forward and forward+backward
-    per backend, float32 and under bf16 autocast.
-The cuda backend being unavailable is reported, and the torch backend is still timed. Nothing is asserted.
+    per backend, float32 and under bf16 autocast; for triton also with the reverse / inter-slice orders taken from
+    flipped and permuted copies ("triton-copies") instead of index maps;
+  * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
+    bandwidth measured here (a device-to-device copy, bytes read + written);
+  * with --tune: triton's chunk length and warps swept at the first shape in bf16 (scan fwd+bwd).
+An unavailable backend is reported, and the others are still timed. Nothing is asserted.
 Needs a CUDA device; prints the markdown table and writes --out JSON. Example:
 
     python benchmarks/bench_scan_gpu.py --out scan_gpu.json
@@ -25,10 +30,12 @@ import torch
 
 from nnunet_segmamba.benchmark import time_calls
 from nnunet_segmamba.nn import TriOrientedMamba
-from nnunet_segmamba.ssm import backends, selective_scan
+from nnunet_segmamba.ssm import backends, selective_scan, triton_scan
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the layer on the triton backend with other index-map choices than the default (TriOrientedMamba.index_map_orders)
+LAYER_VARIANTS = {"triton-copies": (), "triton-maps-all": ("reverse", "slice")}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -107,11 +114,61 @@ def bench_scan(base: dict, backend: str, warmup: int, runs: int) -> dict:
     return {"fwd": time_cuda(fwd, warmup, runs), "fwd+bwd": time_cuda(fwd_bwd, warmup, runs)}
 
 
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of 20 copies."""
+    src = torch.randn(int(gib * 2 ** 30) // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_calls(lambda: dst.copy_(src), torch.device("cuda"), 3, 20)["ms_median"]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * gib * 2 ** 30 / (ms / 1e3)
+
+
+def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, bandwidth: float) -> dict:
+    """Bytes that must move: forward reads u, delta, z, B, C and writes out; the backward reads u, delta, z, B, C
+    and dout and writes du, ddelta, dz, dB, dC (A, D, delta_bias and the chunk states are negligible)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    rows, bc = batch * d_inner * length, batch * d_state * length
+    fwd = size * (4 * rows + 2 * bc)
+    bwd = size * (7 * rows + 4 * bc)
+    return {"fwd": fwd / bandwidth * 1e3, "fwd+bwd": (fwd + bwd) / bandwidth * 1e3, "bytes_fwd": fwd,
+            "bytes_fwd+bwd": fwd + bwd}
+
+
+TUNE_GRID = [dict(block_l=bl, warps_fwd=wf, warps_bwd=wb) for bl in (128, 256, 512) for wf in (1, 2)
+             for wb in (1, 2, 4)]
+
+
+def tune(bases: dict, warmup: int, runs: int) -> dict:
+    """The triton scan's fwd+bwd time for each launch setting of TUNE_GRID at each shape; the setting with the
+    smallest sum over shapes of (time / best time at that shape) is applied to triton_scan.TUNING."""
+    results = []
+    for setting in TUNE_GRID:
+        triton_scan.TUNING.update(setting)
+        for shape, base in bases.items():
+            entry = {"shape": shape, **setting, **guarded(lambda: bench_scan(base, "triton", warmup, runs))}
+            results.append(entry)
+            print(f"tune: {entry}", file=sys.stderr)
+    ok = [r for r in results if "error" not in r]
+    best_at = {shape: min(r["fwd+bwd"]["median_ms"] for r in ok if r["shape"] == shape) for shape in bases}
+    score = {}
+    for r in ok:
+        key = (r["block_l"], r["warps_fwd"], r["warps_bwd"])
+        score[key] = score.get(key, 0.0) + r["fwd+bwd"]["median_ms"] / best_at[r["shape"]]
+    complete = {k: v for k, v in score.items()
+                if sum(1 for r in ok if (r["block_l"], r["warps_fwd"], r["warps_bwd"]) == k) == len(bases)}
+    block_l, warps_fwd, warps_bwd = min(complete, key=complete.get)
+    triton_scan.TUNING.update(block_l=block_l, warps_fwd=warps_fwd, warps_bwd=warps_bwd)
+    return {"results": results, "chosen": dict(triton_scan.TUNING), "score": {str(k): v for k, v in score.items()}}
+
+
 def bench_layer(length: int, d_inner: int, batch: int, dtype_name: str, backend: str, warmup: int,
                 runs: int) -> dict:
     side = round(length ** (1 / 3))
     torch.manual_seed(0)
-    layer = TriOrientedMamba(d_inner // 2, backend=backend).cuda()
+    layer = TriOrientedMamba(d_inner // 2, backend=backend.split("-")[0]).cuda()
+    if backend in LAYER_VARIANTS:
+        layer.index_map_orders = LAYER_VARIANTS[backend]
     x = torch.randn(batch, length, d_inner // 2, device="cuda", requires_grad=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype_name == "bf16")
 
@@ -138,21 +195,36 @@ def guarded(fn: Callable[[], dict]) -> dict:
 
 def bench(args: argparse.Namespace) -> dict:
     cuda_ok, cuda_reason = backends.cuda_scan_status()
-    names = ["torch"] + (["cuda"] if cuda_ok else [])
+    triton_ok, triton_reason = backends.triton_scan_status()
+    available = {"torch": True, "cuda": cuda_ok, "triton": triton_ok}
+    names = [b for b in args.backends if available[b]]
+    bandwidth = copy_bandwidth()
     report = {
         "system": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "cuda_backend": cuda_ok, "cuda_backend_reason": cuda_reason},
+                   "cuda_backend": cuda_ok, "cuda_backend_reason": cuda_reason, "triton_backend": triton_ok,
+                   "triton_backend_reason": triton_reason, "copy_bandwidth_GBps": bandwidth / 1e9,
+                   "triton_tuning": dict(triton_scan.TUNING)},
         "config": {"batch": args.batch, "d_state": args.d_state, "warmup": args.warmup, "runs": args.runs,
                    "shapes": args.shapes, "dtypes": args.dtypes},
         "cases": [],
     }
+    if args.tune and triton_ok:
+        bases = {f"{length}x{d_inner}": scan_inputs(args.batch, d_inner, args.d_state, length, torch.bfloat16)
+                 for length, d_inner in args.shapes}
+        report["tune"] = {"dtype": "bf16", **tune(bases, args.warmup, args.runs)}
+        report["system"]["triton_tuning"] = dict(triton_scan.TUNING)
+        del bases
+        torch.cuda.empty_cache()
     for length, d_inner in args.shapes:
         for dtype_name in args.dtypes:
             base = scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name])
-            for backend in names:
-                case = {"L": length, "d_inner": d_inner, "dtype": dtype_name, "backend": backend}
-                case["accuracy"] = guarded(lambda: accuracy(base, backend))
-                case["scan"] = guarded(lambda: bench_scan(base, backend, args.warmup, args.runs))
+            floor = floor_ms(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], bandwidth)
+            for backend in names + (list(LAYER_VARIANTS) if "triton" in names and not args.skip_layer else []):
+                case = {"L": length, "d_inner": d_inner, "dtype": dtype_name, "backend": backend, "floor": floor}
+                if backend not in LAYER_VARIANTS:
+                    case["accuracy"] = guarded(lambda: accuracy(base, backend))
+                    runs = args.runs if backend != "torch" else max(3, args.runs // 5)  # the slow one, fewer
+                    case["scan"] = guarded(lambda: bench_scan(base, backend, args.warmup, runs))
                 if not args.skip_layer:
                     case["layer"] = guarded(lambda: bench_layer(length, d_inner, args.batch, dtype_name, backend,
                                                                 args.warmup, args.runs))
@@ -165,30 +237,42 @@ def bench(args: argparse.Namespace) -> dict:
 
 def _ms(entry: dict, key: str) -> str:
     if "error" in entry:
-        return "error"
+        return "-" if entry["error"] == "-" else "error"
     return f"{entry[key]['median_ms']:.2f}"
 
 
 def print_table(report: dict) -> None:
     s = report["system"]
     print(f"GPU: {s['gpu']}; torch {s['torch']} (CUDA {s['cuda']}); cuda backend: "
-          f"{'available' if s['cuda_backend'] else 'UNAVAILABLE - ' + s['cuda_backend_reason']}\n")
-    print("| L x d_inner | dtype | backend | scan fwd ms | scan fwd+bwd ms | layer fwd ms | layer fwd+bwd ms "
-          "| out rel err | worst grad rel err |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{'available' if s['cuda_backend'] else 'UNAVAILABLE - ' + s['cuda_backend_reason']}; triton backend: "
+          f"{'available' if s['triton_backend'] else 'UNAVAILABLE - ' + s['triton_backend_reason']}; "
+          f"copy bandwidth {s['copy_bandwidth_GBps']:.0f} GB/s; triton tuning {s['triton_tuning']}\n")
+    if "tune" in report:
+        t = report["tune"]
+        print(f"triton launch settings, scan in {t['dtype']} (chosen: {t['chosen']}):")
+        for r in t["results"]:
+            print(f"  {r['shape']:>10} block_l {r['block_l']:4d} warps fwd {r['warps_fwd']} bwd {r['warps_bwd']}: "
+                  f"fwd {_ms(r, 'fwd')} ms, fwd+bwd {_ms(r, 'fwd+bwd')} ms")
+        print()
+    print("| L x d_inner | dtype | backend | scan fwd ms | scan fwd+bwd ms | floor fwd / fwd+bwd ms | layer fwd ms "
+          "| layer fwd+bwd ms | out rel err | worst grad rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in report["cases"]:
-        acc = c["accuracy"]
+        acc = c.get("accuracy", {"error": "-"})
         if "error" in acc:
-            out_err = worst = "error"
+            out_err = worst = "-" if acc["error"] == "-" else "error"
         else:
             out_err = f"{acc['out']['max_rel']:.1e}"
             name, val = max(((k, v["max_rel"]) for k, v in acc.items() if k != "out"), key=lambda kv: kv[1])
             worst = f"{val:.1e} ({name})"
         layer = c.get("layer", {"error": "skipped"})
-        print(f"| {c['L']} x {c['d_inner']} | {c['dtype']} | {c['backend']} | {_ms(c['scan'], 'fwd')} | "
-              f"{_ms(c['scan'], 'fwd+bwd')} | {_ms(layer, 'fwd')} | {_ms(layer, 'fwd+bwd')} | {out_err} | {worst} |")
+        scan = c.get("scan", {"error": "-"})
+        fl = c["floor"]
+        print(f"| {c['L']} x {c['d_inner']} | {c['dtype']} | {c['backend']} | {_ms(scan, 'fwd')} | "
+              f"{_ms(scan, 'fwd+bwd')} | {fl['fwd']:.2f} / {fl['fwd+bwd']:.2f} | {_ms(layer, 'fwd')} | "
+              f"{_ms(layer, 'fwd+bwd')} | {out_err} | {worst} |")
     errors_seen = [(c, part) for c in report["cases"] for part in ("accuracy", "scan", "layer")
-                   if "error" in c.get(part, {})]
+                   if c.get(part, {}).get("error", "-") not in ("-", "skipped")]
     for c, part in errors_seen:
         print(f"\n{part} failed for L={c['L']} d_inner={c['d_inner']} {c['dtype']} {c['backend']}: "
               f"{c[part]['error']}")
@@ -205,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per case (default 5)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per case; median reported (default 30)")
     parser.add_argument("--skip-layer", action="store_true", help="time the scan only, not TriOrientedMamba")
+    parser.add_argument("--backends", nargs="+", choices=("torch", "cuda", "triton"),
+                        default=["cuda", "triton", "torch"], help="scan backends to compare (default all available)")
+    parser.add_argument("--tune", action="store_true", help="sweep the triton launch settings first")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
     return parser
 

@@ -38,15 +38,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 # default run order: the chunked PyTorch scan last, as the one most likely to be slow or run out of memory
-NETWORKS = ("segmamba[cuda]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr", "segmamba[torch]")
+NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr",
+            "segmamba[torch]")
+# further choices for --networks, not run by default: gradient checkpointing of the Mamba stages (memory)
+EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]")
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
+    "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
     "segmamba_nomamba": "SegMamba with mixer='none' (identity in place of every Mamba layer)",
     "plainconv": "nnU-Net PlainConvUNet, BraTS-like 3d_fullres plan (6 stages, 32..320 features)",
     "resenc_m": "nnU-Net ResEnc-M (ResidualEncoderUNet, blocks 1,3,4,6,6,6)",
     "swinunetr": "MONAI SwinUNETR, feature_size 48",
     "segmamba[torch]": "SegMamba, chunked PyTorch scan",
+    "segmamba_ckpt[cuda]": "SegMamba with gradient checkpointing of the Mamba stages, cuda scan",
+    "segmamba_ckpt[triton]": "SegMamba with gradient checkpointing of the Mamba stages, triton scan",
 }
+KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 # nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
 SGD_KWARGS = {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
 GRAD_CLIP = 12.0
@@ -83,7 +90,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
 
         w = segmamba_width
         return SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
-                        mixer="none" if name == "segmamba_nomamba" else "tom")
+                        mixer="none" if name == "segmamba_nomamba" else "tom",
+                        gradient_checkpointing=name.startswith("segmamba_ckpt"))
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
@@ -98,7 +106,7 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         from monai.networks.nets import SwinUNETR
 
         return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=48)
-    raise ValueError(f"unknown network {name!r}; choose from {', '.join(NETWORKS)}")
+    raise ValueError(f"unknown network {name!r}; choose from {', '.join(KNOWN_NETWORKS)}")
 
 
 @contextlib.contextmanager
@@ -119,7 +127,7 @@ def scan_backend(name: str | None):
 
 
 def _backend_of(name: str) -> str | None:
-    return name[len("segmamba["):-1] if name.startswith("segmamba[") else None
+    return name[name.index("[") + 1:-1] if name.startswith("segmamba") and "[" in name else None
 
 
 # ----------------------------------------------------------------------------------------------- timing helpers
@@ -250,7 +258,6 @@ def tile_layout(volume: Sequence[int], patch: Sequence[int], step: float = 0.5) 
     (patch * step)) + 1, but spreads them evenly. The counts agree; the positions can differ by a few voxels.
     """
     from monai.data.utils import dense_patch_slices
-    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
     padded = [max(v, p) for v, p in zip(volume, patch)]
     overlap = 1.0 - step
@@ -258,9 +265,15 @@ def tile_layout(volume: Sequence[int], patch: Sequence[int], step: float = 0.5) 
     interval = [p if p == s else max(int(p * (1 - overlap)), 1) for p, s in zip(patch, padded)]
     slices = dense_patch_slices(padded, patch, interval, return_slice=False)
     monai_starts = [sorted({int(tile[d][0]) for tile in slices}) for d in range(len(patch))]
-    nnunet_starts = [[int(s) for s in axis] for axis in compute_steps_for_sliding_window(padded, patch, step)]
+    try:  # for the record only: a run of the SegMamba variants alone needs no nnU-Net
+        from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    except ImportError:
+        nnunet_starts = None
+    else:
+        nnunet_starts = [[int(s) for s in axis] for axis in compute_steps_for_sliding_window(padded, patch, step)]
     return {"padded_size": padded, "monai_starts": monai_starts, "nnunet_starts": nnunet_starts,
-            "tiles_monai": len(slices), "tiles_nnunet": math.prod(len(a) for a in nnunet_starts),
+            "tiles_monai": len(slices),
+            "tiles_nnunet": math.prod(len(a) for a in nnunet_starts) if nnunet_starts else None,
             "vs_nnunet": NNUNET_DIFFERENCES}
 
 
@@ -426,9 +439,9 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
 
     from .ssm import backends
 
-    unknown = [n for n in networks if n not in NETWORKS]
+    unknown = [n for n in networks if n not in KNOWN_NETWORKS]
     if unknown:
-        raise ValueError(f"unknown network(s) {unknown}; choose from {', '.join(NETWORKS)}")
+        raise ValueError(f"unknown network(s) {unknown}; choose from {', '.join(KNOWN_NETWORKS)}")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
     if precision not in ("auto", "fp16", "fp32"):
@@ -454,6 +467,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         "versions": _versions(), "torch_cuda": torch.version.cuda,
         "scan_backend_cuda": {"available": cuda_ok, "reason": cuda_reason,
                               "causal_conv1d": backends.causal_conv1d_function()[0] is not None},
+        "scan_backend_triton": dict(zip(("available", "reason"), backends.triton_scan_status())),
         "settings": {"batch": batch, "patch": list(patch), "volume": list(volume), "in_channels": in_channels,
                      "out_channels": out_channels, "precision": "fp16" if amp else "fp32", "warmup": warmup,
                      "iters": iters, "segmamba_width": segmamba_width, "train": train, "inference": inference,
@@ -498,9 +512,12 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                segmamba_width, step, tiles, cuda_ok, cuda_reason, log) -> dict[str, Any]:
     import torch
 
+    from .ssm import backends
+
     backend = _backend_of(name)
-    if backend == "cuda" and (dev.type != "cuda" or not cuda_ok):
-        why = "needs --device cuda" if dev.type != "cuda" else cuda_reason
+    triton_ok, triton_reason = backends.triton_scan_status()
+    if backend in ("cuda", "triton") and (dev.type != "cuda" or not (cuda_ok if backend == "cuda" else triton_ok)):
+        why = "needs --device cuda" if dev.type != "cuda" else (cuda_reason if backend == "cuda" else triton_reason)
         log(f"[{name}] skipped: {why}")
         return {"skipped": why}
     entry: dict[str, Any] = {"params": None, "scan_backend": backend, "train": None, "patch_inference": None,
@@ -606,9 +623,10 @@ def _sizes(text: str) -> tuple[int, int, int]:
 
 def _network_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in NETWORKS]
+    unknown = [n for n in names if n not in KNOWN_NETWORKS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown network(s) {', '.join(unknown)}; choose from {', '.join(NETWORKS)}")
+        raise argparse.ArgumentTypeError(f"unknown network(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(KNOWN_NETWORKS)}")
     return names
 
 

@@ -141,9 +141,11 @@ class TriOrientedMamba(nn.Module):
         p._no_weight_decay = True
         return p
 
-    # Backends that read the reverse and inter-slice orders through index maps (triton) get the raster-ordered
-    # activations; the others get flipped / permuted copies. False forces copies everywhere (for benchmarks).
-    index_maps = True
+    # The visiting orders that a backend with index maps (triton) reads in its kernels; the others, and every
+    # order on the other backends, run on flipped / permuted copies of xz. Measured on an H200 (docs/benchmarks.md):
+    # the reverse order costs nothing in the kernels, while the inter-slice order's gathers (stride L / num_slices)
+    # made the layer slower than one transpose copy, so it stays a copy.
+    index_map_orders: tuple[str, ...] = ("reverse",)
 
     def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
                num_slices: int | None = None) -> torch.Tensor:
@@ -188,11 +190,11 @@ class TriOrientedMamba(nn.Module):
                                  f"spatial size (or leave it None)")
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
-        in_kernel = self.index_maps and backends.supports_index_maps(backends.resolve(self.backend, xz.device))
+        maps = backends.supports_index_maps(backends.resolve(self.backend, xz.device))
         out = 0
         for direction in self.directions:
             order, ns = ORDERS[direction], (n if direction == "slice" else None)
-            if in_kernel or order == "forward":
+            if order == "forward" or (maps and order in self.index_map_orders):
                 out = out + self.branch(xz, direction, order, ns)
             else:
                 out = out + visit(self.branch(visit(xz, order, ns), direction), order, ns, inverse=True)

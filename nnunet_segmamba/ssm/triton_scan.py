@@ -44,6 +44,9 @@ except Exception as exc:  # ImportError, or a broken install
 __all__ = ["selective_scan_triton", "TRITON_AVAILABLE", "TRITON_REASON", "MODES"]
 
 MODES = {"forward": 0, "reverse": 1, "slice": 2}
+# Launch settings: steps per chunk and warps per program of the forward kernels and of the backward's main
+# kernel. benchmarks/bench_scan_gpu.py --tune sweeps them; docs/benchmarks.md records the choice.
+TUNING = {"block_l": 128, "warps_fwd": 4, "warps_bwd": 4}
 
 
 def _jit(fn):
@@ -315,7 +318,7 @@ def _block_length(length: int, block_l: int | None) -> int:
         if block_l < 16 or block_l & (block_l - 1):
             raise ValueError(f"block_l must be a power of two >= 16, got {block_l}")
         return block_l
-    return min(128, max(16, _next_pow2(length)))
+    return min(TUNING["block_l"], max(16, _next_pow2(length)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,12 +393,13 @@ class _TritonSelectiveScan(torch.autograd.Function):
         grid = (batch * dim, chunks)
         _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
                                  chunk_end, dim, groups, n, length, M, NS, chunks, u.stride(0), delta.stride(0),
-                                 B.stride(0), NP=NP, BL=BL, MODE=mode_id, **flags)
+                                 B.stride(0), NP=NP, BL=BL, MODE=mode_id, num_warps=TUNING["warps_fwd"], **flags)
         _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
                                      CB=min(256, max(16, _next_pow2(chunks))), REVERSE=False)
         _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                                 delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
-                                M, NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None,
+                                M, NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=BL, MODE=mode_id,
+                                num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
                                 HAS_Z=z is not None, **flags)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, chunk_sum)
         ctx.settings = (bool(delta_softplus), mode_id, M, NS, BL)
@@ -424,7 +428,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
         _bwd_chunk_summary[(batch * dim, chunks)](delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n,
                                                   length, M, NS, chunks, delta.stride(0), z_arg.stride(0),
-                                                  C.stride(0), NP=NP, BL=BL, MODE=mode_id,
+                                                  C.stride(0), NP=NP, BL=BL, MODE=mode_id, num_warps=TUNING["warps_fwd"],
                                                   HAS_Z=z is not None, **flags)
         adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
         _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
@@ -444,8 +448,9 @@ class _TritonSelectiveScan(torch.autograd.Function):
             dbias if dbias is not None else dA,
             batch, dim, groups, n, length, M, NS, chunks, dim // groups // d_split, d_split,
             *_batch_strides(u, delta, z, B, C),
-            NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None, HAS_Z=z is not None, **flags)
-        dB, dC = dB.sum(0), dC.sum(0)  # over the channel splits
+            NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
+            **flags)
+        dB, dC = (dB[0], dC[0]) if d_split == 1 else (dB.sum(0), dC.sum(0))  # over the channel splits
         if ctx.groups_B != groups:
             dB = dB.reshape(batch, ctx.groups_B, groups // ctx.groups_B, n, length).sum(2)
         if ctx.groups_C != groups:

@@ -1,8 +1,9 @@
 # Sourced at the start of every device-tool command (see docs/benchmarks.md): installs the carried wheels once
 # per machine into /root/gpusite and puts them, the repo and nnU-Net's console scripts on the paths.
-# .gpu/nn: nnU-Net and its pure-Python dependencies (+ SimpleITK, blosc2); .gpu/kern: mamba-ssm, monai, data.
+# .gpu/nn: nnU-Net and its pure-Python dependencies (+ SimpleITK, blosc2); .gpu/kern: mamba-ssm, monai, data;
+# .gpu/bench: mamba-ssm, monai, dynamic-network-architectures, BreastMNIST (benchmarks and MedMNIST runs).
 export PYTHONNOUSERSITE=1 PYTHONUNBUFFERED=1
-for group in nn nn2 kern; do
+for group in nn nn2 kern bench; do
     if [ -d ".gpu/$group" ] && ls .gpu/$group/*.whl >/dev/null 2>&1 && [ ! -f "/root/gpusite/.$group" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /root/gpusite .gpu/$group/*.whl && touch "/root/gpusite/.$group"
