@@ -7,8 +7,8 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     in bf16, u/delta/z/B/C are bf16 as nn.Linear under autocast produces them, A/D/delta_bias stay float32;
   * timings: forward (no_grad) and forward+backward of the scan per backend, median of --runs after --warmup;
   * the TriOrientedMamba layer (d_model = d_inner / 2, num_slices = cube root of L) forward and forward+backward
-    per backend, float32 and under bf16 autocast; for triton also with the reverse / inter-slice orders taken from
-    flipped and permuted copies ("triton-copies") instead of index maps;
+    per backend, float32 and under bf16 autocast; for triton also with the reverse order ("triton-maps-reverse") and
+    both orders ("triton-maps-all") read through index maps instead of flipped / permuted copies;
   * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
     bandwidth measured here (a device-to-device copy, bytes read + written);
   * with --tune: triton's chunk length and warps swept at the first shape in bf16 (scan fwd+bwd).
@@ -35,7 +35,7 @@ from nnunet_segmamba.ssm import backends, selective_scan, triton_scan
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # the layer on the triton backend with other index-map choices than the default (TriOrientedMamba.index_map_orders)
-LAYER_VARIANTS = {"triton-copies": (), "triton-maps-all": ("reverse", "slice")}
+LAYER_VARIANTS = {"triton-maps-reverse": ("reverse",), "triton-maps-all": ("reverse", "slice")}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Sequence
 NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr",
             "segmamba[torch]")
 # further choices for --networks, not run by default: gradient checkpointing of the Mamba stages (memory)
-EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]")
+EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]")
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
     "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
@@ -52,6 +52,8 @@ NETWORK_HELP = {
     "segmamba[torch]": "SegMamba, chunked PyTorch scan",
     "segmamba_ckpt[cuda]": "SegMamba with gradient checkpointing of the Mamba stages, cuda scan",
     "segmamba_ckpt[triton]": "SegMamba with gradient checkpointing of the Mamba stages, triton scan",
+    "segmamba_cl[cuda]": "SegMamba with weights and input in channels_last_3d (cuDNN's NDHWC convolutions), cuda scan",
+    "segmamba_cl[triton]": "SegMamba in channels_last_3d, triton scan",
 }
 KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 # nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
@@ -89,9 +91,10 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         from .networks.segmamba import SegMamba
 
         w = segmamba_width
-        return SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
+        net = SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
                         mixer="none" if name == "segmamba_nomamba" else "tom",
                         gradient_checkpointing=name.startswith("segmamba_ckpt"))
+        return _ChannelsLast3d(net) if name.startswith("segmamba_cl") else net
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
@@ -107,6 +110,21 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
 
         return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=48)
     raise ValueError(f"unknown network {name!r}; choose from {', '.join(KNOWN_NETWORKS)}")
+
+
+def _ChannelsLast3d(net):
+    """`net` with its weights, and every input, in torch.channels_last_3d."""
+    import torch
+
+    class ChannelsLast3d(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.net = inner.to(memory_format=torch.channels_last_3d)
+
+        def forward(self, x):
+            return self.net(x.contiguous(memory_format=torch.channels_last_3d))
+
+    return ChannelsLast3d(net)
 
 
 @contextlib.contextmanager
@@ -337,31 +355,32 @@ def compare_backends(model, x, fast: str = "cuda", reference: str = "torch") -> 
 
 
 def check_equivalence(device, patch: Sequence[int], in_channels: int, out_channels: int, segmamba_width: int,
-                      log: Log = _print) -> dict[str, Any]:
-    """SegMamba (seeded weights, one random (1, C, *patch) input): the `cuda` scan backend against `torch`.
+                      log: Log = _print, fast: str = "cuda") -> dict[str, Any]:
+    """SegMamba (seeded weights, one random (1, C, *patch) input): the `fast` scan backend ("cuda" or "triton")
+    against `torch`.
 
-    Skipped (status "skipped" with the reason) unless the device is CUDA and mamba-ssm's kernel loads.
+    Skipped (status "skipped" with the reason) unless the device is CUDA and the backend's kernels load.
     See `compare_backends` for the metrics and the tolerance.
     """
     import torch
 
     from .ssm import backends
 
-    usable, reason = backends.cuda_scan_status()
+    usable, reason = backends.cuda_scan_status() if fast == "cuda" else backends.triton_scan_status()
     if device.type != "cuda" or not usable:
         why = "needs --device cuda" if device.type != "cuda" else reason
         log(f"[equivalence] skipped: {why}")
         return {"status": "skipped", "reason": why}
     log(f"[equivalence] SegMamba(width {segmamba_width}) on (1, {in_channels}, {'x'.join(map(str, patch))}): "
-        "cuda vs torch scan backend, fp16 autocast")
+        f"{fast} vs torch scan backend, fp16 autocast")
     torch.manual_seed(0)
-    model = build_network("segmamba[cuda]", in_channels, out_channels, segmamba_width).to(device).eval()
+    model = build_network(f"segmamba[{fast}]", in_channels, out_channels, segmamba_width).to(device).eval()
     x = torch.randn(1, in_channels, *patch, device=device)
     result = {"status": "ok", "patch": list(patch), "segmamba_width": segmamba_width,
-              **compare_backends(model, x, "cuda", "torch")}
+              **compare_backends(model, x, fast, "torch")}
     del model, x
     _free(device)
-    log(f"[equivalence] cuda vs torch rel max {result['fast_vs_reference']['rel_max']:.2e} "
+    log(f"[equivalence] {fast} vs torch rel max {result['fast_vs_reference']['rel_max']:.2e} "
         f"(tolerance {result['tolerance_rel_max']:.2e}): {'ok' if result['within_fp16_rounding'] else 'MISMATCH'}")
     return result
 
@@ -486,6 +505,9 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         report["equivalence"] = (
             _guarded(lambda: check_equivalence(dev, patch, in_channels, out_channels, segmamba_width, log), dev,
                      log, "[equivalence]") if equivalence else None)
+        report["equivalence_triton"] = (
+            _guarded(lambda: check_equivalence(dev, patch, in_channels, out_channels, segmamba_width, log, "triton"),
+                     dev, log, "[equivalence triton]") if equivalence else None)
         for name in networks:
             report["networks"][name] = _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels,
                                                   train, inference, warmup, iters, segmamba_width, step,
@@ -595,15 +617,16 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {e['params'] / 1e6:.2f} M | {cell(e['train'], 'ms_median', '.1f')} | "
                      f"{cell(e['train'], 'peak_gib', '.2f')} | {cell(e['patch_inference'], 'ms_median', '.1f')} | "
                      f"{cell(vol, 'seconds', '.2f')} | {tiles} | {cell(vol, 'peak_gib', '.2f')} |")
-    eq = report.get("equivalence")
-    if eq == "OOM" or (isinstance(eq, dict) and "error" in eq):
-        lines.append(f"\nequivalence: {eq if eq == 'OOM' else eq['error']}")
-    elif eq and eq.get("status") == "ok":
-        lines.append(f"\nequivalence (SegMamba cuda vs torch scan, fp16): rel max diff "
-                     f"{eq['fast_vs_reference']['rel_max']:.2e}, tolerance {eq['tolerance_rel_max']:.2e} -> "
-                     f"{'within fp16 rounding' if eq['within_fp16_rounding'] else 'MISMATCH'}")
-    elif eq:
-        lines.append(f"\nequivalence: {eq['status']} ({eq.get('reason', '')})")
+    for key, fast in (("equivalence", "cuda"), ("equivalence_triton", "triton")):
+        eq = report.get(key)
+        if eq == "OOM" or (isinstance(eq, dict) and "error" in eq):
+            lines.append(f"\nequivalence ({fast}): {eq if eq == 'OOM' else eq['error']}")
+        elif eq and eq.get("status") == "ok":
+            lines.append(f"\nequivalence (SegMamba {fast} vs torch scan, fp16): rel max diff "
+                         f"{eq['fast_vs_reference']['rel_max']:.2e}, tolerance {eq['tolerance_rel_max']:.2e} -> "
+                         f"{'within fp16 rounding' if eq['within_fp16_rounding'] else 'MISMATCH'}")
+        elif eq:
+            lines.append(f"\nequivalence ({fast}): {eq['status']} ({eq.get('reason', '')})")
     return "\n".join(lines)
 
 
@@ -676,7 +699,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     failed = any(isinstance(phase, dict) and "error" in phase
                  for e in report["networks"].values() for phase in e.values())
-    eq = report.get("equivalence")
-    eq_failed = isinstance(eq, dict) and ("error" in eq
-                                          or (eq.get("status") == "ok" and not eq["within_fp16_rounding"]))
+    eq_failed = any(isinstance(eq, dict) and ("error" in eq
+                                              or (eq.get("status") == "ok" and not eq["within_fp16_rounding"]))
+                    for eq in (report.get("equivalence"), report.get("equivalence_triton")))
     return 1 if failed or eq_failed else 0

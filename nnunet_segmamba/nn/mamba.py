@@ -142,10 +142,11 @@ class TriOrientedMamba(nn.Module):
         return p
 
     # The visiting orders that a backend with index maps (triton) reads in its kernels; the others, and every
-    # order on the other backends, run on flipped / permuted copies of xz. Measured on an H200 (docs/benchmarks.md):
-    # the reverse order costs nothing in the kernels, while the inter-slice order's gathers (stride L / num_slices)
-    # made the layer slower than one transpose copy, so it stays a copy.
-    index_map_orders: tuple[str, ...] = ("reverse",)
+    # order on the other backends, run on flipped / permuted copies of xz. Measured on an H200 (docs/benchmarks.md,
+    # "Index maps"): the layer was fastest with copies for both orders (the inter-slice gathers at stride
+    # L / num_slices cost more than one transpose, and descending addresses lose the vectorised loads), so by
+    # default none is read in the kernels.
+    index_map_orders: tuple[str, ...] = ()
 
     def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
                num_slices: int | None = None) -> torch.Tensor:

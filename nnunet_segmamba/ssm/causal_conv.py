@@ -18,8 +18,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         weight: (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d), or (d, K).
         bias: optional (d,).
         silu: apply SiLU to the result.
-        backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports, "triton"
-            our Triton kernel.
+        backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports (else our
+            Triton kernel), "triton" our Triton kernel.
         order: the order in which the convolution runs along L ("forward", "reverse" or "slice", as for
             `selective_scan`); the output comes back in x's order. Only the triton backend avoids copies.
         num_slices: for order="slice".
@@ -40,6 +40,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if fused is not None:
             return fused(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
                          activation="silu" if silu else None)
+        if backends.triton_scan_status()[0]:
+            # without causal-conv1d, our Triton kernel: measured faster than cuDNN's depthwise conv1d + SiLU
+            from .triton_conv import causal_conv1d_triton
+
+            return causal_conv1d_triton(x, weight, bias, silu=silu)
     length, width = x.shape[-1], weight.shape[-1]
     out = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
                    padding=width - 1, groups=x.shape[1])[..., :length]
