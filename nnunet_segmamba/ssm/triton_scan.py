@@ -32,35 +32,28 @@ import math
 
 import torch
 
-try:  # the module must import where triton is missing (CI on CPU, macOS); the backend is then unavailable
+# triton_conv imports triton defensively (this module must import where it is missing: CI on CPU, macOS) and
+# holds the index maps p(t) that both kernels read through
+from .triton_conv import MODES, TRITON_AVAILABLE
+from .triton_conv import TRITON_IMPORT_ERROR as TRITON_REASON
+
+if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    TRITON_AVAILABLE, TRITON_REASON = True, ""
-except Exception as exc:  # ImportError, or a broken install
+    from .triton_conv import _memory_position
+else:
     triton = tl = None
-    TRITON_AVAILABLE, TRITON_REASON = False, f"{type(exc).__name__}: {exc}"
 
 __all__ = ["selective_scan_triton", "TRITON_AVAILABLE", "TRITON_REASON", "MODES"]
 
-MODES = {"forward": 0, "reverse": 1, "slice": 2}
 # Launch settings: steps per chunk and warps per program of the forward kernels and of the backward's main
 # kernel. benchmarks/bench_scan_gpu.py --tune sweeps them; docs/benchmarks.md records the choice.
-TUNING = {"block_l": 128, "warps_fwd": 4, "warps_bwd": 4}
+TUNING = {"block_l": 128, "warps_fwd": 1, "warps_bwd": 2}
 
 
 def _jit(fn):
     return triton.jit(fn) if TRITON_AVAILABLE else fn
-
-
-@_jit
-def _position(t, L, M, NS, MODE: tl.constexpr):
-    p = t
-    if MODE == 1:
-        p = L - 1 - t
-    if MODE == 2:
-        p = (t % NS) * M + t // NS
-    return p
 
 
 @_jit
@@ -96,7 +89,7 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
     g = d // (D_ // G_)
     t = c * BL + tl.arange(0, BL)
     mask = t < L
-    p = _position(t, L, M, NS, MODE)
+    p = _memory_position(t, L, NS, M, MODE)
     b64 = b.to(tl.int64)
     chan = d.to(tl.int64) * L
     n = tl.arange(0, NP)
@@ -162,7 +155,7 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     g = d // (D_ // G_)
     t = c * BL + tl.arange(0, BL)
     mask = t < L
-    p = _position(t, L, M, NS, MODE)
+    p = _memory_position(t, L, NS, M, MODE)
     b64 = b.to(tl.int64)
     chan = d.to(tl.int64) * L
     n = tl.arange(0, NP)
@@ -203,7 +196,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
     g = d // (D_ // G_)
     t = c * BL + tl.arange(0, BL)
     mask = t < L
-    p = _position(t, L, M, NS, MODE)
+    p = _memory_position(t, L, NS, M, MODE)
     b64 = b.to(tl.int64)
     chan = d.to(tl.int64) * L
     n = tl.arange(0, NP)
@@ -237,11 +230,11 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     b = bg // G_
     t = c * BL + tl.arange(0, BL)
     mask = t < L
-    p = _position(t, L, M, NS, MODE)
+    p = _memory_position(t, L, NS, M, MODE)
     # a_{t+1} carries the adjoint from step t+1 back to t; the chunk's last step gets it from the carry instead
     t_next = t + 1
     mask_next = (t_next < L) & (t_next < (c + 1) * BL)
-    p_next = _position(t_next, L, M, NS, MODE)
+    p_next = _memory_position(t_next, L, NS, M, MODE)
     n = tl.arange(0, NP)
     nmask = n < N
     m2 = nmask[:, None] & mask[None, :]

@@ -8,4 +8,4 @@ seed=${1:-0}
 timeout 575 python3 -m nnunet_segmamba.cli classify train --data .gpu/bench/data/medmnist/breastmnist.npz \
     --out runs/breast_t224_s$seed --variant t --image-size 224 --device cuda --seed "$seed" 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/medmamba_t224_s$seed.log" | tail -25
-cp runs/breast_t224_s$seed/*.json runs/breast_t224_s$seed/*.png "$OUT/" 2>/dev/null; ls runs/breast_t224_s$seed
+mkdir -p "$OUT/s$seed"; cp runs/breast_t224_s$seed/*.json runs/breast_t224_s$seed/*.png "$OUT/s$seed/" 2>/dev/null
