@@ -70,10 +70,33 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+_triton_failure: str | None = None
+
+
+def run_triton(kernel_call, fallback_call, explicit: bool):
+    """Run a Triton-backed call; on its first failure (a GPU Triton cannot compile for, a broken install) warn
+    once, mark the kernels unusable in this process and run `fallback_call` (the torch path) instead, unless
+    the triton backend was asked for by name or by the environment variable."""
+    global _triton_failure
+    try:
+        return kernel_call()
+    except Exception as exc:  # triton raises compilation and driver errors of several types
+        if _triton_failure is None:
+            _triton_failure = f"the Triton kernels failed in this process with {type(exc).__name__}: {exc}"
+        if explicit or os.environ.get(ENV_VAR, "").strip().lower() == "triton":
+            raise
+        warnings.warn(f"our Triton kernels failed ({type(exc).__name__}: {exc}); this process uses the (slower) "
+                      f"torch scan from now on. Set {ENV_VAR}=triton to make this an error.", RuntimeWarning,
+                      stacklevel=3)
+        return fallback_call()
+
+
 def triton_scan_status() -> tuple[bool, str]:
     """Whether our Triton kernels can run, and why not."""
     from .triton_scan import TRITON_AVAILABLE, TRITON_REASON
 
+    if _triton_failure is not None:
+        return False, f"triton kernels disabled: {_triton_failure}"
     if not TRITON_AVAILABLE:
         return False, f"triton not importable: {TRITON_REASON}"
     if not torch.cuda.is_available() and not triton_interpreting():
@@ -183,7 +206,8 @@ class _CudaSelectiveScan(torch.autograd.Function):
         except RuntimeError as exc:  # this step cannot be saved; later scans use the torch backend
             _record_runtime_failure(exc, "backward")
             raise RuntimeError(f"mamba-ssm's selective-scan backward failed ({type(exc).__name__}: {exc}); "
-                               f"scans after this one use the torch backend unless {ENV_VAR}=cuda. "
+                               f"scans after this one use the next backend (triton where it runs, else torch) "
+                               f"unless {ENV_VAR}=cuda. "
                                f"{CUDA_INSTALL_HINT}") from exc
         dz = rest[0] if ctx.has_z else None
         dB = dB.squeeze(1) if ctx.squeeze_B else dB
@@ -208,8 +232,9 @@ def cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ret
             raise RuntimeError(f"{ENV_VAR}=cuda, but mamba-ssm's selective-scan kernel failed "
                                f"({type(exc).__name__}: {exc}); unset it to fall back to the torch scan. "
                                f"{CUDA_INSTALL_HINT}") from exc
-        warnings.warn(f"mamba-ssm's selective-scan kernel failed ({type(exc).__name__}: {exc}); this process "
-                      f"uses the (slower) torch scan from now on. Set {ENV_VAR}=cuda to make this an error. "
+        warnings.warn(f"mamba-ssm's selective-scan kernel failed ({type(exc).__name__}: {exc}); this scan is "
+                      f"redone with the torch scan, and later scans in this process use the next backend (triton "
+                      f"where it runs, else torch). Set {ENV_VAR}=cuda to make this an error. "
                       f"{CUDA_INSTALL_HINT}", RuntimeWarning, stacklevel=2)
         from .selective_scan import selective_scan_torch
 

@@ -31,7 +31,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if name == "triton":
         from .triton_conv import causal_conv1d_triton
 
-        return causal_conv1d_triton(x, weight, bias, silu=silu, mode=order, num_slices=num_slices)
+        return backends.run_triton(
+            lambda: causal_conv1d_triton(x, weight, bias, silu=silu, mode=order, num_slices=num_slices),
+            lambda: causal_conv1d(x, weight, bias, silu, backend="torch", order=order, num_slices=num_slices),
+            explicit=backend == "triton")
     if order != "forward":
         out = causal_conv1d(visit(x, order, num_slices), weight, bias, silu, backend=name)
         return visit(out, order, num_slices, inverse=True)
@@ -44,7 +47,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             # without causal-conv1d, our Triton kernel: measured faster than cuDNN's depthwise conv1d + SiLU
             from .triton_conv import causal_conv1d_triton
 
-            return causal_conv1d_triton(x, weight, bias, silu=silu)
+            return backends.run_triton(lambda: causal_conv1d_triton(x, weight, bias, silu=silu),
+                                       lambda: causal_conv1d(x, weight, bias, silu, backend="torch"),
+                                       explicit=False)
     length, width = x.shape[-1], weight.shape[-1]
     out = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
                    padding=width - 1, groups=x.shape[1])[..., :length]

@@ -222,8 +222,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         from .triton_scan import selective_scan_triton
 
         _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-        return selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                     mode=order, num_slices=num_slices)
+        return backends.run_triton(
+            lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                          mode=order, num_slices=num_slices),
+            lambda: selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                   backend="torch", order=order, num_slices=num_slices),
+            explicit=backend == "triton")
 
     def run(u, delta, B, C, z):
         if name == "cuda":

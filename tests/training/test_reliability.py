@@ -358,11 +358,12 @@ def test_kernel_failure_falls_back_to_torch_once(failing_kernel):
     backends = failing_kernel
     assert backends.resolve("auto", torch.device("cuda")) == "cuda"
     inputs = _scan_inputs()
-    with pytest.warns(RuntimeWarning, match="no kernel image.*torch scan from now on"):
+    with pytest.warns(RuntimeWarning, match="no kernel image.*redone with the torch scan.*next backend"):
         out = backends.cuda_selective_scan(**inputs)
     torch.testing.assert_close(out, selective_scan_torch(**inputs))
-    # from now on the kernel counts as unusable: auto picks torch (no second warning), doctor sees why
-    assert backends.resolve("auto", torch.device("cuda")) == "torch"
+    # from now on the kernel counts as unusable: auto picks the next backend (no second warning), doctor sees why
+    assert backends.resolve("auto", torch.device("cuda")) == ("triton" if backends.triton_scan_status()[0]
+                                                              else "torch")
     usable, reason = backends.cuda_scan_status()
     assert not usable and "no kernel image" in reason
     with pytest.raises(RuntimeError, match="unavailable"):
@@ -385,3 +386,40 @@ def test_kernel_failure_is_an_error_when_the_caller_named_the_cuda_backend(faili
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match=r"backend='cuda' was requested, but .*no kernel image"):
             backends.cuda_selective_scan(**_scan_inputs(), fallback=False)
+
+
+@pytest.fixture
+def failing_triton(monkeypatch):
+    """Our Triton kernels as if usable on a CUDA device but failing when called (e.g. a GPU Triton cannot compile
+    for); no GPU needed, the policy is CPU logic."""
+    from nnunet_segmamba.ssm import backends, triton_scan
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_61")
+
+    monkeypatch.setattr(backends, "_triton_failure", None)
+    monkeypatch.setattr(backends, "cuda_scan_status", lambda: (False, "mamba-ssm not installed"))
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: True)  # CPU tensors may take the triton path
+    monkeypatch.setattr(triton_scan, "selective_scan_triton", broken)
+    monkeypatch.setenv("NNUNET_SEGMAMBA_SCAN_BACKEND", "triton")
+    return backends
+
+
+def test_triton_failure_falls_back_to_torch_once(failing_triton, monkeypatch):
+    from nnunet_segmamba.ssm import selective_scan, selective_scan_torch
+
+    backends = failing_triton
+    inputs = _scan_inputs()
+    # the environment variable asks for triton: an error, not a fallback
+    with pytest.raises(RuntimeError, match="sm_61"):
+        selective_scan(**inputs)
+    monkeypatch.setattr(backends, "_triton_failure", None)
+    monkeypatch.delenv("NNUNET_SEGMAMBA_SCAN_BACKEND")
+    monkeypatch.setattr(backends, "resolve", lambda backend, device: "triton" if backend == "auto" else backend)
+    with pytest.warns(RuntimeWarning, match="Triton kernels failed.*sm_61.*torch scan from now on"):
+        out = selective_scan(**inputs)
+    torch.testing.assert_close(out, selective_scan_torch(**inputs))
+    usable, reason = backends.triton_scan_status()
+    assert not usable and "sm_61" in reason
+    with pytest.raises(RuntimeError, match="sm_61"):
+        selective_scan(**inputs, backend="triton")  # by name: raises
