@@ -78,30 +78,42 @@ def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
 
 
 @_jit
-def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
-                       D_, G_, N, L, M, NS, NCH, su, sdelta, sB,
-                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
+                   NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SOFTPLUS: tl.constexpr):
+    """What every (batch * d + channel, chunk) program of the chunk kernels starts with: its coordinates, the
+    positions p(t) of its steps and their masks, offsets into its group's rows of B / C (before the batch
+    stride), the channel's A row and the step sizes dt."""
     bd = tl.program_id(0)
     c = tl.program_id(1)
-    b = bd // D_
+    b64 = (bd // D_).to(tl.int64)
     d = bd % D_
     g = d // (D_ // G_)
     t = c * BL + tl.arange(0, BL)
     mask = t < L
     p = _memory_position(t, L, NS, M, MODE)
-    b64 = b.to(tl.int64)
     chan = d.to(tl.int64) * L
     n = tl.arange(0, NP)
     nmask = n < N
+    m2 = nmask[:, None] & mask[None, :]
+    bc = g * N * L + n[:, None] * L + p[None, :]
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d).to(tl.float32)
     dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
-    u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
-    m2 = nmask[:, None] & mask[None, :]
-    Bt = tl.load(B_ptr + b64 * sB + g * N * L + n[:, None] * L + p[None, :], mask=m2, other=0.0).to(tl.float32)
+    return bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A
+
+
+@_jit
+def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
+                       D_, G_, N, L, M, NS, NCH, su, sdelta, sB,
+                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A = _channel_chunk(
+        delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
+    u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + b64 * sB + bc, mask=m2, other=0.0).to(tl.float32)
     total = tl.sum(dt, 0)
     after = total - tl.cumsum(dt, 0)  # step sizes still to come in this chunk
     S = tl.sum(tl.exp(A[:, None] * after[None, :]) * Bt * (dt * u)[None, :], 1)
@@ -148,28 +160,11 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
                       D_, G_, N, L, M, NS, NCH, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    bd = tl.program_id(0)
-    c = tl.program_id(1)
-    b = bd // D_
-    d = bd % D_
-    g = d // (D_ // G_)
-    t = c * BL + tl.arange(0, BL)
-    mask = t < L
-    p = _memory_position(t, L, NS, M, MODE)
-    b64 = b.to(tl.int64)
-    chan = d.to(tl.int64) * L
-    n = tl.arange(0, NP)
-    nmask = n < N
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(tl.float32)
-    dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
+    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A = _channel_chunk(
+        delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
-    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
-    m2 = nmask[:, None] & mask[None, :]
-    nl = g * N * L + n[:, None] * L + p[None, :]
-    Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
+    Bt = tl.load(B_ptr + b64 * sB + bc, mask=m2, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
     h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
     decay = tl.exp(A[:, None] * dt[None, :])
     decay_cum, h = tl.associative_scan((decay, Bt * (dt * u)[None, :]), axis=1, combine_fn=_linear_combine)
@@ -189,29 +184,13 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t: the adjoint a chunk hands to its left neighbour from a zero start."""
-    bd = tl.program_id(0)
-    c = tl.program_id(1)
-    b = bd // D_
-    d = bd % D_
-    g = d // (D_ // G_)
-    t = c * BL + tl.arange(0, BL)
-    mask = t < L
-    p = _memory_position(t, L, NS, M, MODE)
-    b64 = b.to(tl.int64)
-    chan = d.to(tl.int64) * L
-    n = tl.arange(0, NP)
-    nmask = n < N
-    bias = 0.0
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(tl.float32)
-    dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
+    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A = _channel_chunk(
+        delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
     dy = tl.load(dout_ptr + bd.to(tl.int64) * L + p, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
         dy = dy * z * tl.sigmoid(z)
-    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
-    m2 = nmask[:, None] & mask[None, :]
-    Ct = tl.load(C_ptr + b64 * sC + g * N * L + n[:, None] * L + p[None, :], mask=m2, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
     R = tl.sum(tl.exp(A[:, None] * tl.cumsum(dt, 0)[None, :]) * Ct * dy[None, :], 1)
     tl.store(R_ptr + (bd.to(tl.int64) * NCH + c) * N + n, R, mask=nmask)
 
