@@ -38,13 +38,16 @@ def slice_order(x: torch.Tensor, num_slices: int, inverse: bool = False) -> torc
     Position q of the reordered sequence holds x[(q mod n) * (L / n) + q // n] for n = num_slices, i.e. the
     (n, L/n) view transposed. With n = D of a (D, H, W) raster, it visits the D slices of one (h, w) first.
     """
-    length = x.shape[-1]
+    _check_num_slices(num_slices, x.shape[-1])
+    return visit(x, "slice", num_slices, inverse=inverse)
+
+
+def _check_num_slices(num_slices: int, length: int) -> None:
     if num_slices < 1 or length % num_slices != 0:
         raise ValueError(
             f"num_slices={num_slices} must be a positive divisor of the sequence length L={length}; "
             f"pass num_slices equal to the feature map's first spatial size (or leave it None)"
         )
-    return visit(x, "slice", num_slices, inverse=inverse)
 
 
 def _scan_precision(p: torch.Tensor) -> torch.Tensor:
@@ -185,10 +188,7 @@ class TriOrientedMamba(nn.Module):
         if "slice" in self.directions:
             if n is None:
                 raise ValueError("the inter-slice direction needs num_slices (at construction or call time)")
-            if n < 1 or hidden_states.shape[1] % n:
-                raise ValueError(f"num_slices={n} must be a positive divisor of the sequence length "
-                                 f"L={hidden_states.shape[1]}; pass num_slices equal to the feature map's first "
-                                 f"spatial size (or leave it None)")
+            _check_num_slices(n, hidden_states.shape[1])
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
         maps = backends.supports_index_maps(backends.resolve(self.backend, xz.device))

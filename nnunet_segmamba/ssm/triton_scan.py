@@ -281,16 +281,12 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
 
 
 # ---- host side ---------------------------------------------------------------------------------------------------
-def _next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
-
-
 def _block_length(length: int, block_l: int | None) -> int:
     if block_l is not None:
         if block_l < 16 or block_l & (block_l - 1):
             raise ValueError(f"block_l must be a power of two >= 16, got {block_l}")
         return block_l
-    return min(TUNING["block_l"], max(16, _next_pow2(length)))
+    return min(TUNING["block_l"], max(16, triton.next_power_of_2(length)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,7 +350,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         groups = B.shape[1]
         BL = _block_length(length, block_l)
         chunks = triton.cdiv(length, BL)
-        NP = max(_next_pow2(n), 2)
+        NP = max(triton.next_power_of_2(n), 2)
         f32 = dict(device=u.device, dtype=torch.float32)
         chunk_sum = torch.empty(batch, dim, chunks, **f32)
         chunk_end = torch.empty(batch, dim, chunks, n, **f32)
@@ -367,7 +363,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
                                  chunk_end, dim, groups, n, length, M, NS, chunks, u.stride(0), delta.stride(0),
                                  B.stride(0), NP=NP, BL=BL, MODE=mode_id, num_warps=TUNING["warps_fwd"], **flags)
         _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
-                                     CB=min(256, max(16, _next_pow2(chunks))), REVERSE=False)
+                                     CB=min(256, max(16, triton.next_power_of_2(chunks))), REVERSE=False)
         _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                                 delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                                 M, NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=BL, MODE=mode_id,
@@ -389,7 +385,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         n = A.shape[1]
         groups = B.shape[1]
         chunks = chunk_sum.shape[2]
-        NP = max(_next_pow2(n), 2)
+        NP = max(triton.next_power_of_2(n), 2)
         dout = dout.contiguous()
         A32 = A.float().contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
@@ -404,7 +400,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
                                                   HAS_Z=z is not None, **flags)
         adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
         _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
-                                     CB=min(256, max(16, _next_pow2(chunks))), REVERSE=True)
+                                     CB=min(256, max(16, triton.next_power_of_2(chunks))), REVERSE=True)
         d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
         du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
         ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
