@@ -121,11 +121,12 @@ def grads_of(out, last, inputs, dout, dlast):
     return dict(zip(names, gs))
 
 
-def assert_close(actual, expected, rtol, atol_scale, what=""):
-    """Elementwise |a - e| <= atol_scale * max|e| + rtol * |e| (atol relative to the tensor's own magnitude)."""
+def assert_close(actual, expected, rtol, atol_scale, what="", scale=None):
+    """Elementwise |a - e| <= atol_scale * max|e| + rtol * |e| (atol relative to the tensor's own magnitude, or to
+    `scale` where that is larger: for a tensor that is zero by construction but computed from O(scale) terms)."""
     expected = expected.detach().double().cpu()
     actual = actual.detach().double().cpu()
-    atol = atol_scale * max(expected.abs().max().item(), 1e-12)
+    atol = atol_scale * max(expected.abs().max().item(), scale or 0.0, 1e-12)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 

@@ -58,9 +58,14 @@ def check_order(inputs, order, num_slices=None, tol=None, block_l=None, seed=0):
     ge = grads_of(out_e, None, expected_in, dout, None)  # the kernel's last state carries no gradient
     ga = grads_of(out_a, None, actual_in, dout.to(out_a.dtype).to(out_a.device), None)
     assert set(ga) == set(ge)
+    # a gradient that is exactly zero by construction (dA at L = 1: no state precedes the first step) comes out of
+    # the kernel as a float32 difference of O(1) terms (a_t h_{t-1} = h_t - dt_t B_t u_t): on the GPU it is
+    # checked at the scale of the other gradients, not at zero
+    scale = max(g.abs().max().item() for g in ge.values())
     for name in ge:
         assert ga[name].shape == ge[name].shape and ga[name].dtype == actual_in[name].dtype, name
-        assert_close(ga[name].float(), ge[name], **tol["grad"] if "grad" in tol else tol, what=f"grad {name}")
+        assert_close(ga[name].float(), ge[name], **tol["grad"] if "grad" in tol else tol, what=f"grad {name}",
+                     scale=scale if ge[name].abs().max() == 0 else None)
 
 
 SHAPES = {
@@ -156,10 +161,23 @@ def test_resolve_triton(monkeypatch):
     assert backends.resolve("torch", cpu) == "torch"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 def test_kernels_under_interpreter():
     """Run this file's kernel tests on CPU through Triton's interpreter (how CI checks the kernels)."""
+    import numpy
+    import triton
+
     if INTERPRETING:
         pytest.skip("already interpreting")
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        # the interpreter, not the kernels: Triton < 3.7 takes int() of a 1-element array for a loop bound that is
+        # a kernel argument, which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed in 3.7)
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} on runtime loop "
+                    f"bounds (fixed in Triton 3.7); the compiled kernels are tested on CUDA")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["CUDA_VISIBLE_DEVICES"] = ""  # the interpreter takes CPU tensors
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
