@@ -11,7 +11,8 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     both orders ("triton-maps-all") read through index maps instead of flipped / permuted copies;
   * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
     bandwidth measured here (a device-to-device copy, bytes read + written);
-  * with --tune: triton's chunk length and warps swept at the first shape in bf16 (scan fwd+bwd).
+  * with --tune: triton's launch settings (TUNE_GRID) swept at every shape in bf16 (scan fwd+bwd), the best
+    overall applied before the table.
 An unavailable backend is reported, and the others are still timed. Nothing is asserted.
 Needs a CUDA device; prints the markdown table and writes --out JSON. Example:
 
@@ -135,8 +136,12 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
             "bytes_fwd+bwd": fwd + bwd}
 
 
-TUNE_GRID = [dict(block_l=bl, warps_fwd=wf, warps_bwd=wb) for bl in (128, 256, 512) for wf in (1, 2)
-             for wb in (1, 2, 4)]
+# the forward's warps were settled at 1 by the sweep over (128, 256, 512) x (1, 2) x (1, 2, 4) recorded in
+# docs/benchmarks.md (4 backward warps lost there too); this grid looks at the backward: shorter chunks (fewer
+# registers per program) and how many programs per multiprocessor the channel split aims for
+TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=pp) for bl in (32, 64, 128)
+             for wb in (1, 2) for pp in (8, 16)]
+TUNE_KEYS = tuple(TUNE_GRID[0])
 
 
 def tune(bases: dict, warmup: int, runs: int) -> dict:
@@ -153,12 +158,11 @@ def tune(bases: dict, warmup: int, runs: int) -> dict:
     best_at = {shape: min(r["fwd+bwd"]["median_ms"] for r in ok if r["shape"] == shape) for shape in bases}
     score = {}
     for r in ok:
-        key = (r["block_l"], r["warps_fwd"], r["warps_bwd"])
+        key = tuple(r[k] for k in TUNE_KEYS)
         score[key] = score.get(key, 0.0) + r["fwd+bwd"]["median_ms"] / best_at[r["shape"]]
     complete = {k: v for k, v in score.items()
-                if sum(1 for r in ok if (r["block_l"], r["warps_fwd"], r["warps_bwd"]) == k) == len(bases)}
-    block_l, warps_fwd, warps_bwd = min(complete, key=complete.get)
-    triton_scan.TUNING.update(block_l=block_l, warps_fwd=warps_fwd, warps_bwd=warps_bwd)
+                if sum(1 for r in ok if tuple(r[k] for k in TUNE_KEYS) == k) == len(bases)}
+    triton_scan.TUNING.update(zip(TUNE_KEYS, min(complete, key=complete.get)))
     return {"results": results, "chosen": dict(triton_scan.TUNING), "score": {str(k): v for k, v in score.items()}}
 
 
@@ -251,8 +255,8 @@ def print_table(report: dict) -> None:
         t = report["tune"]
         print(f"triton launch settings, scan in {t['dtype']} (chosen: {t['chosen']}):")
         for r in t["results"]:
-            print(f"  {r['shape']:>10} block_l {r['block_l']:4d} warps fwd {r['warps_fwd']} bwd {r['warps_bwd']}: "
-                  f"fwd {_ms(r, 'fwd')} ms, fwd+bwd {_ms(r, 'fwd+bwd')} ms")
+            setting = " ".join(f"{k} {r[k]}" for k in TUNE_KEYS)
+            print(f"  {r['shape']:>10} {setting}: fwd {_ms(r, 'fwd')} ms, fwd+bwd {_ms(r, 'fwd+bwd')} ms")
         print()
     print("| L x d_inner | dtype | backend | scan fwd ms | scan fwd+bwd ms | floor fwd / fwd+bwd ms | layer fwd ms "
           "| layer fwd+bwd ms | out rel err | worst grad rel err |")

@@ -47,9 +47,10 @@ else:
 
 __all__ = ["selective_scan_triton", "TRITON_AVAILABLE", "TRITON_REASON", "MODES"]
 
-# Launch settings: steps per chunk and warps per program of the forward kernels and of the backward's main
-# kernel. benchmarks/bench_scan_gpu.py --tune sweeps them; docs/benchmarks.md records the choice.
-TUNING = {"block_l": 128, "warps_fwd": 1, "warps_bwd": 2}
+# Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
+# and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
+# benchmarks/bench_scan_gpu.py --tune sweeps them; docs/benchmarks.md records the choice.
+TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8}
 
 
 def _jit(fn):
@@ -296,7 +297,7 @@ def _sm_count(device_index: int) -> int:
 
 def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device) -> int:
     """Channels of a group are split over this many programs when there are too few (batch, chunk) pairs."""
-    target = 8 * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
+    target = TUNING["bwd_programs_per_sm"] * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     split = 1
     for s in range(1, d_per_group + 1):
         if d_per_group % s == 0:
@@ -443,7 +444,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         mode: "forward", "reverse" or "slice": the scan visits the sequence (stored in raster order) in this
             order, and the output is written back in raster order (see the module docstring).
         num_slices: for mode="slice", the slice count n (a divisor of L).
-        block_l: steps per chunk (power of two >= 16); None picks 128 (smaller for short sequences).
+        block_l: steps per chunk (power of two >= 16); None picks TUNING's (smaller for short sequences).
 
     Returns out (batch, d, L) in u's dtype, or (out, last_state (batch, d, n) float32) with `return_last_state`
     (the state after the last step in visiting order; no gradient flows through it).
