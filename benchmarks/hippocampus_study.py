@@ -8,6 +8,10 @@ per label, mean time per epoch, total training time, peak GPU memory of the trai
     python benchmarks/hippocampus_study.py --data ../shared/data/hippocampus --work /tmp/hippo --epochs 5 \
         --out hippocampus_study.json
 
+Multi-GPU (issue 9): `--num-gpus 2` trains with `nnUNetv2_train ... -num_gpus 2` (nnU-Net's DDP), and
+`--device-check N` then predicts the first N test cases with the trained checkpoint on one GPU (fp16 autocast,
+the CUDA scan) and on the CPU (float32, the PyTorch scan) and reports how far the two results are apart.
+
 Prints a markdown table and writes JSON. Not a test: it needs a GPU and minutes.
 """
 from __future__ import annotations
@@ -52,9 +56,60 @@ def _epoch_seconds(checkpoint: Path) -> list[float]:
     return [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
 
 
-def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int) -> dict:
+def compare_devices(model_folder: Path, fold: int, cases: dict[str, dict], devices=("cuda", "cpu")) -> dict:
+    """Predict `cases` (identifier -> nnU-Net's {"images", "label"}) with the same checkpoint on each device.
+
+    nnU-Net's predictor as `nnUNetv2_predict` runs it (sliding window, Gaussian weighting, mirror TTA; autocast
+    on CUDA). Returns per case the largest and mean absolute difference of the class probabilities between the
+    first device and each other one, the fraction of voxels labelled differently, the per-label Dice between
+    the two segmentations, and each device's Dice against the ground truth.
+    """
+    import SimpleITK as sitk
+    import numpy as np
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_segmamba.evaluation.metrics import dice
+    from nnunet_segmamba.training.predict_test import _without_compile
+
+    ids = list(cases)
+    results, seconds = {}, {}
+    for device in devices:
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                    perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                    verbose=False, allow_tqdm=False)
+        with _without_compile():
+            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                           checkpoint_name="checkpoint_final.pth")
+        t0 = time.time()
+        results[device] = predictor.predict_from_files([cases[i]["images"] for i in ids], None,
+                                                       save_probabilities=True, num_processes_preprocessing=2,
+                                                       num_processes_segmentation_export=2)
+        seconds[device] = round(time.time() - t0, 1)
+        print(f"predicted {len(ids)} cases on {device} in {seconds[device]} s", flush=True)
+
+    labels = range(1, results[devices[0]][0][1].shape[0])
+    reference, per_case = devices[0], {}
+    for k, case in enumerate(ids):
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(cases[case]["label"]))
+        seg_ref, prob_ref = results[reference][k]
+        row = {f"dice_gt_{reference}": {c: dice(seg_ref == c, gt == c) for c in labels}}
+        for other in devices[1:]:
+            seg, prob = results[other][k]
+            diff = np.abs(prob.astype(np.float64) - prob_ref.astype(np.float64))
+            row[f"dice_gt_{other}"] = {c: dice(seg == c, gt == c) for c in labels}
+            row[f"{reference}_vs_{other}"] = {
+                "max_abs_prob_diff": float(diff.max()), "mean_abs_prob_diff": float(diff.mean()),
+                "voxels_differing": float((seg != seg_ref).mean()),
+                "dice_between": {c: dice(seg == c, seg_ref == c) for c in labels}}
+        per_case[case] = row
+    return {"devices": list(devices), "seconds": seconds, "cases": per_case}
+
+
+def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int, num_gpus: int = 1,
+              device_check_cases: int = 0) -> dict:
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
     from nnunet_segmamba.datasets import convert_hippocampus
     from nnunet_segmamba.training.commands import ext_trainer_folder
@@ -67,6 +122,8 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
         (work / name).mkdir(parents=True, exist_ok=True)
     env.update(nnUNet_extTrainer=ext_trainer_folder(), nnUNet_compile="f", PYTHONUNBUFFERED="1")
     env.setdefault("nnUNet_n_proc_DA", str(max(1, num_processes - 4)))
+    # the device tool's multi-GPU machines must never use NVLink multicast (docs/benchmarks.md, issue 9)
+    env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
 
     raw = Path(env["nnUNet_raw"]) / f"Dataset{DATASET_ID:03d}_Hippocampus"
@@ -84,6 +141,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
 
     results = {"dataset": raw.name, "cases": len(identifiers), "split": {k: len(v) for k, v in split.items()},
                "epochs": epochs, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "num_gpus": num_gpus, "gpus_visible": torch.cuda.device_count(),
                "preprocess_seconds": round(preprocess_s, 1), "trainers": {}}
     for base in trainers:
         trainer = f"{base}_{epochs}epochs"
@@ -93,7 +151,10 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
             print(f"reusing {fold / 'checkpoint_final.pth'} (training time and peak memory are in that run's log)")
             out, train_s = "", float("nan")
         else:
-            out = _nnunet("train", [str(DATASET_ID), CONFIG, "0", "-tr", trainer], env, report_peak_memory=True)
+            gpus = ["-num_gpus", str(num_gpus)] if num_gpus > 1 else []
+            # with DDP the ranks are spawned processes: the parent's peak memory says nothing, so none is reported
+            out = _nnunet("train", [str(DATASET_ID), CONFIG, "0", "-tr", trainer] + gpus, env,
+                          report_peak_memory=num_gpus == 1)
             train_s = time.time() - t0
         peak = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_MEMORY_BYTES")]
         epoch_s = _epoch_seconds(fold / "checkpoint_final.pth")
@@ -107,6 +168,12 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
                      for region in summary["metrics"]},
             "test_cases": summary["num_cases"], "convention": summary["convention"],
         }
+        if device_check_cases:
+            from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+            files = get_filenames_of_train_images_and_targets(str(raw), load_json(str(raw / "dataset.json")))
+            cases = {i: files[i] for i in split["test"][:device_check_cases]}
+            results["trainers"][trainer]["device_check"] = compare_devices(fold.parent, 0, cases)
         print(json.dumps(results["trainers"][trainer], indent=2), flush=True)
     return results
 
@@ -120,6 +187,22 @@ def markdown(results: dict) -> str:
         rows.append(f"| {name} | " + " | ".join(f"{r['test'][g]['dice']:.4f}" for g in regions) + " | " +
                     " | ".join(f"{r['test'][g]['hd95_mm']:.2f}" for g in regions) +
                     f" | {r['epoch_seconds_mean']:.1f} | {r['peak_memory_gib']} |")
+    for name, r in results["trainers"].items():
+        if "device_check" not in r:
+            continue
+        check = r["device_check"]
+        ref, others = check["devices"][0], check["devices"][1:]
+        rows += ["", f"{name}: the same checkpoint predicted on {' and '.join(check['devices'])} "
+                     f"({', '.join(f'{d} {s} s' for d, s in check['seconds'].items())})", "",
+                 "| case | pair | max abs prob diff | voxels differing | Dice between | Dice vs GT |", "|---|---|---|---|---|---|"]
+        for case, c in check["cases"].items():
+            for other in others:
+                pair = c[f"{ref}_vs_{other}"]
+                rows.append(f"| {case} | {ref} vs {other} | {pair['max_abs_prob_diff']:.2e} | "
+                            f"{pair['voxels_differing']:.2e} | "
+                            + ", ".join(f"{v:.4f}" for v in pair["dice_between"].values()) + " | "
+                            + " / ".join(", ".join(f"{v:.4f}" for v in c[f"dice_gt_{d}"].values())
+                                         for d in (ref, other)) + " |")
     return "\n".join(rows)
 
 
@@ -131,10 +214,13 @@ def main() -> int:
     parser.add_argument("--trainers", default="nnUNetTrainer,nnUNetTrainerSegMamba",
                         help="comma-separated trainer base names; '_<epochs>epochs' is appended")
     parser.add_argument("--num-processes", type=int, default=os.cpu_count() or 4, help="worker processes")
+    parser.add_argument("--num-gpus", type=int, default=1, help="nnUNetv2_train -num_gpus (DDP when > 1)")
+    parser.add_argument("--device-check", type=int, default=0, metavar="N",
+                        help="predict the first N test cases on one GPU and on the CPU and compare the results")
     parser.add_argument("--out", type=Path, default=Path("hippocampus_study.json"), help="JSON output")
     args = parser.parse_args()
     results = run_study(args.data.resolve(), args.work.resolve(), args.epochs, args.trainers.split(","),
-                        args.num_processes)
+                        args.num_processes, args.num_gpus, args.device_check)
     results["command"] = " ".join(sys.argv)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
