@@ -1,0 +1,105 @@
+"""Registers and spills of the Triton scan kernels, compiled for a GPU architecture on any machine (no GPU needed).
+
+Triton compiles each kernel to PTX and its bundled `ptxas -v` reports the registers per thread and the bytes
+spilled to local memory. A kernel that needs more than 255 registers spills, and a program's registers bound how
+many programs share a multiprocessor: the H200 sweeps in docs/benchmarks.md found the backward's main kernel
+limited by exactly this, so this script lets launch settings and kernel changes be compared without a GPU.
+Pointers and the length / batch strides are specialised as divisible by 16, as Triton does at run time for
+SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).
+Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
+
+    python benchmarks/triton_registers.py --out triton_registers.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from nnunet_segmamba.ssm import triton_scan  # noqa: E402
+
+# pointers to tensors in the inputs' dtype; every other pointer is a float32 buffer
+INPUT_DTYPE_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
+                        "dz_ptr", "out_ptr"}
+DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC"}
+KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan._fwd_chunk_output,
+           "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary}
+FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}  # Mamba's configuration
+
+
+def ptxas_path() -> str:
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not path.is_file():
+        raise SystemExit(f"no ptxas at {path}: this Triton install lacks the NVIDIA backend's tools")
+    return str(path)
+
+
+def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int) -> dict:
+    consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
+    consts.update({k: v for k, v in FLAGS.items() if k in kernel.arg_names})
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*" + (dtype if name in INPUT_DTYPE_POINTERS else "fp32")
+        else:
+            signature[name] = "i32"
+        if name.endswith("_ptr") or name in DIVISIBLE_INTS:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([ptxas_path(), "-v", "--gpu-name", f"sm_{arch}a", str(ptx), "-o",
+                                 os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
+    text = report.stdout + report.stderr
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
+            "spill_loads": int(spills.group(2))}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["bwd_chunk", "fwd_chunk_output"])
+    parser.add_argument("--block-l", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16"])
+    parser.add_argument("--d-state", type=int, default=16)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
+    args = parser.parse_args()
+
+    rows = []
+    print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}\n")
+    print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) |")
+    print("|---|---|---|---|---|---|")
+    for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
+        row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
+               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch)}
+        rows.append(row)
+        print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
+              f"{row['spill_stores']} / {row['spill_loads']} |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,
+                                        "command": " ".join(sys.argv), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
