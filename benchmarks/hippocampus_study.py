@@ -194,7 +194,8 @@ def markdown(results: dict) -> str:
         ref, others = check["devices"][0], check["devices"][1:]
         rows += ["", f"{name}: the same checkpoint predicted on {' and '.join(check['devices'])} "
                      f"({', '.join(f'{d} {s} s' for d, s in check['seconds'].items())})", "",
-                 "| case | pair | max abs prob diff | voxels differing | Dice between | Dice vs GT |", "|---|---|---|---|---|---|"]
+                 "| case | pair | max abs prob diff | voxels differing | Dice between | Dice vs GT |",
+                 "|---|---|---|---|---|---|"]
         for case, c in check["cases"].items():
             for other in others:
                 pair = c[f"{ref}_vs_{other}"]
