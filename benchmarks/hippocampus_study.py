@@ -56,7 +56,8 @@ def _epoch_seconds(checkpoint: Path) -> list[float]:
     return [e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"])]
 
 
-def compare_devices(model_folder: Path, fold: int, cases: dict[str, dict], devices=("cuda", "cpu")) -> dict:
+def compare_devices(model_folder: Path, fold: int, trainer: str, cases: dict[str, dict],
+                    devices=("cuda", "cpu")) -> dict:
     """Predict `cases` (identifier -> nnU-Net's {"images", "label"}) with the same checkpoint on each device.
 
     nnU-Net's predictor as `nnUNetv2_predict` runs it (sliding window, Gaussian weighting, mirror TTA; autocast
@@ -66,21 +67,14 @@ def compare_devices(model_folder: Path, fold: int, cases: dict[str, dict], devic
     """
     import SimpleITK as sitk
     import numpy as np
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from nnunet_segmamba.evaluation.metrics import dice
-    from nnunet_segmamba.training.predict_test import _without_compile
+    from nnunet_segmamba.training.predict_test import trained_predictor
 
     ids = list(cases)
     results, seconds = {}, {}
     for device in devices:
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                    perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                    verbose=False, allow_tqdm=False)
-        with _without_compile():
-            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
-                                                           checkpoint_name="checkpoint_final.pth")
+        predictor = trained_predictor(model_folder, fold, trainer, device)
         t0 = time.time()
         results[device] = predictor.predict_from_files([cases[i]["images"] for i in ids], None,
                                                        save_probabilities=True, num_processes_preprocessing=2,
@@ -173,7 +167,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
 
             files = get_filenames_of_train_images_and_targets(str(raw), load_json(str(raw / "dataset.json")))
             cases = {i: files[i] for i in split["test"][:device_check_cases]}
-            results["trainers"][trainer]["device_check"] = compare_devices(fold.parent, 0, cases)
+            results["trainers"][trainer]["device_check"] = compare_devices(fold.parent, 0, trainer, cases)
         print(json.dumps(results["trainers"][trainer], indent=2), flush=True)
     return results
 

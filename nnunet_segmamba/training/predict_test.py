@@ -38,6 +38,35 @@ def _require_env(name: str) -> str:
     return value
 
 
+def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, device: str = "cuda",
+                      use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth"):
+    """nnU-Net's `nnUNetPredictor` for one trained fold, set up as `nnUNetv2_predict` does (sliding window, overlap
+    0.5, Gaussian weighting), never compiled, and with our trainers found by name (a failed lookup says what to
+    export)."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
+
+    # nnU-Net looks the trainer up by name; ours are found through nnUNet_extTrainer, which we know
+    folders = [f for f in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
+    if ext_trainer_folder() not in folders:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join(folders + [ext_trainer_folder()])
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                verbose=False, allow_tqdm=False)
+    with _without_compile():
+        try:
+            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                           checkpoint_name=checkpoint_name)
+        except RuntimeError as exc:
+            if is_trainer_lookup_error(exc):
+                raise trainer_lookup_error(exc, trainer) from exc
+            raise
+    return predictor
+
+
 def predict_test_split(dataset: str | int, configuration: str, fold: int, trainer: str,
                        plans: str = "nnUNetPlans", device: str = "cuda", use_mirroring: bool = True,
                        convention: str = "brats", checkpoint_name: str = "checkpoint_final.pth",
@@ -61,13 +90,11 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     """
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     from nnunet_segmamba.evaluation.metrics import evaluate_folder
-    from nnunet_segmamba.training.reliability import (check_channel_count, check_images_finite,
-                                                      is_trainer_lookup_error, trainer_lookup_error)
+    from nnunet_segmamba.training.reliability import check_channel_count, check_images_finite
     from nnunet_segmamba.training.splits import read_split
 
     if device not in ("cuda", "cpu"):
@@ -76,13 +103,6 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         raise RuntimeError("device='cuda' but no CUDA device is available; pass --device cpu")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-
-    from nnunet_segmamba.training.commands import ext_trainer_folder
-
-    # nnU-Net looks the trainer up by name; ours are found through nnUNet_extTrainer, which we know
-    folders = [f for f in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
-    if ext_trainer_folder() not in folders:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join(folders + [ext_trainer_folder()])
 
     dataset_name = maybe_convert_to_dataset_name(dataset)
     raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
@@ -106,17 +126,7 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
 
     output_folder = model_folder / f"fold_{fold}" / "test_predictions"
     output_folder.mkdir(parents=True, exist_ok=True)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device == "cuda", device=torch.device(device),
-                                verbose=False, allow_tqdm=False)
-    with _without_compile():
-        try:
-            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
-                                                           checkpoint_name=checkpoint_name)
-        except RuntimeError as exc:
-            if is_trainer_lookup_error(exc):
-                raise trainer_lookup_error(exc, trainer) from exc
-            raise
+    predictor = trained_predictor(model_folder, fold, trainer, device, use_mirroring, checkpoint_name)
     predictor.predict_from_files([files[i]["images"] for i in test_ids],
                                  [str(output_folder / i) for i in test_ids], save_probabilities=False,
                                  overwrite=True, num_processes_preprocessing=num_processes,
