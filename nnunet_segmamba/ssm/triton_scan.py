@@ -168,8 +168,9 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
     h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
     decay = tl.exp(A[:, None] * dt[None, :])
-    decay_cum, h = tl.associative_scan((decay, Bt * (dt * u)[None, :]), axis=1, combine_fn=_linear_combine)
-    h = h + decay_cum * h0[:, None]
+    first = (tl.arange(0, BL) == 0)[None, :]  # the entering state, folded into the first step's input
+    _, h = tl.associative_scan((decay, Bt * (dt * u)[None, :] + tl.where(first, decay * h0[:, None], 0.0)), axis=1,
+                               combine_fn=_linear_combine)
     y = tl.sum(h * Ct, 0)
     if HAS_D:
         y = y + tl.load(D_ptr + d).to(tl.float32) * u
@@ -208,7 +209,8 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     bg = pid // D_SPLIT
     g = bg % G_
     b = bg // G_
-    t = c * BL + tl.arange(0, BL)
+    s = tl.arange(0, BL)
+    t = c * BL + s
     mask = t < L
     p = _memory_position(t, L, NS, M, MODE)
     # a_{t+1} carries the adjoint from step t+1 back to t; the chunk's last step gets it from the carry instead
@@ -233,20 +235,26 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         bias = 0.0
         if HAS_BIAS:
             bias = tl.load(bias_ptr + d).to(tl.float32)
+        # every load of the iteration first, so that their latencies overlap
         dt, x = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
         dt_next, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p_next, mask_next, bias, SOFTPLUS)
         u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
         A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
-        # the forward states of this chunk, recomputed from the stored entering state
-        drive = Bt * (dt * u)[None, :]
-        decay_cum, h = tl.associative_scan((tl.exp(A[:, None] * dt[None, :]), drive), axis=1,
-                                           combine_fn=_linear_combine)
         h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
-        h = h + decay_cum * h0[:, None]
+        adj = tl.load(adj_ptr + (bd.to(tl.int64) * (NCH + 1) + c + 1) * N + n, mask=nmask, other=0.0)
         dy = tl.load(dout_ptr + row + p, mask=mask, other=0.0).to(tl.float32)
         Dd = 0.0
         if HAS_D:
             Dd = tl.load(D_ptr + d).to(tl.float32)
+        # the forward states of this chunk, recomputed from the stored entering state (folded into the first
+        # step's input); what the backward needs of them is taken at once, so that neither the states nor the
+        # scan's input stay live through the adjoint's scan (fewer registers spilled)
+        dtu = dt * u
+        drive = Bt * dtu[None, :]
+        decay = tl.exp(A[:, None] * dt[None, :])
+        _, h = tl.associative_scan((decay, drive + tl.where((s == 0)[None, :], decay * h0[:, None], 0.0)),
+                                   axis=1, combine_fn=_linear_combine)
+        decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
         if HAS_Z:
             y = tl.sum(h * Ct, 0) + Dd * u
             z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
@@ -254,28 +262,32 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
             tl.store(dz_ptr + row + p, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
                      mask=mask)
             dy = dy * z * gate
-        # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right
-        decay_next = tl.exp(A[:, None] * dt_next[None, :])
-        decay_rcum, dh = tl.associative_scan((decay_next, Ct * dy[None, :]), axis=1,
-                                             combine_fn=_linear_combine, reverse=True)
-        adj = tl.load(adj_ptr + (bd.to(tl.int64) * (NCH + 1) + c + 1) * N + n, mask=nmask, other=0.0)
-        dh = dh + decay_rcum * adj[:, None]
-        decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
-        du = tl.sum(dh * Bt, 0) * dt + Dd * dy
-        ddt = tl.sum(dh * (A[:, None] * decayed_prev + Bt * u[None, :]), 0)
+        dC_acc += h * dy[None, :]
+        # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right folded into
+        # the chunk's last step. tl.associative_scan(reverse=True) flips both operands and both results across the
+        # lanes (more shuffles than the scan itself); flipping the 1-D operands, C (the same for every channel)
+        # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/benchmarks.md)
+        _, dh = tl.associative_scan(
+            (tl.exp(A[:, None] * tl.flip(dt_next, 0)[None, :]),
+             tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),
+            axis=1, combine_fn=_linear_combine)
+        dh = tl.flip(dh, 1)
+        dh_B = tl.sum(dh * Bt, 0)
+        dh_prev = dh * decayed_prev
+        du = dh_B * dt + Dd * dy
+        ddt = tl.sum(dh_prev * A[:, None], 0) + dh_B * u
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(x)
         ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
         part = (b * NCH + c).to(tl.int64) * D_ + d  # per-(batch, chunk) partial sums, reduced by torch
-        tl.store(dA_ptr + part * N + n, tl.sum(dh * decayed_prev * dt[None, :], 1), mask=nmask)
+        tl.store(dA_ptr + part * N + n, tl.sum(dh_prev * dt[None, :], 1), mask=nmask)
         if HAS_D:
             tl.store(dD_ptr + part, tl.sum(dy * u, 0))
         if HAS_BIAS:
             tl.store(dbias_ptr + part, tl.sum(ddt, 0))
-        dB_acc += dh * (dt * u)[None, :]
-        dC_acc += h * dy[None, :]
+        dB_acc += dh * dtu[None, :]
     out_row = ((split * BATCH + b) * G_ + g).to(tl.int64) * N * L
     tl.store(dB_ptr + out_row + n[:, None] * L + p[None, :], dB_acc, mask=m2)
     tl.store(dC_ptr + out_row + n[:, None] * L + p[None, :], dC_acc, mask=m2)
