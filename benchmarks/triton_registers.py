@@ -67,8 +67,9 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
         ptx.write_text(compiled.asm["ptx"])
         report = subprocess.run([ptxas_path(), "-v", "--gpu-name", f"sm_{arch}a", str(ptx), "-o",
                                  os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
-        sass = subprocess.run([str(Path(ptxas_path()).parent / "cuobjdump"), "-sass", os.path.join(tmp, "kernel.cubin")],
-                              capture_output=True, text=True, check=True).stdout
+        cuobjdump = str(Path(ptxas_path()).parent / "cuobjdump")
+        sass = subprocess.run([cuobjdump, "-sass", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True,
+                              check=True).stdout
     text = report.stdout + report.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
@@ -76,16 +77,21 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
             "spill_loads": int(spills.group(2)), **loop_body(sass)}
 
 
+# one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+
+
 def loop_body(sass: str) -> dict:
     """Instructions in the kernel's innermost loop (between a backward branch and its target): the backward's
     channel loop runs once per channel, so its length is what the kernel's time scales with. 0 without a loop."""
-    code = [(int(addr, 16), op) for addr, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)[^;]*;", sass)]
-    branches = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\S*\s+(0x[0-9a-f]+)", sass)
-    loops = [(int(target, 16), int(addr, 16)) for addr, target in branches if int(target, 16) < int(addr, 16)]
+    code = [(int(addr, 16), op, operands) for addr, op, operands in SASS_LINE.findall(sass)]
+    loops = [(int(operands.split()[0], 16), addr) for addr, op, operands in code
+             if op.startswith("BRA") and operands.split() and operands.split()[0].startswith("0x")
+             and int(operands.split()[0], 16) < addr]
     if not loops:
         return {"loop_instructions": 0, "loop_shuffles": 0}
     lo, hi = min(loops, key=lambda span: span[1] - span[0])
-    body = [op for addr, op in code if lo <= addr <= hi]
+    body = [op for addr, op, _ in code if lo <= addr <= hi]
     return {"loop_instructions": len(body), "loop_shuffles": sum(op.startswith("SHFL") for op in body)}
 
 
@@ -102,14 +108,16 @@ def main() -> int:
 
     rows = []
     print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}\n")
-    print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) | loop instructions (shuffles) |")
+    print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) "
+          "| loop instructions (shuffles) |")
     print("|---|---|---|---|---|---|---|")
     for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
         row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
                **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch)}
         rows.append(row)
         print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
-              f"{row['spill_stores']} / {row['spill_loads']} | {row['loop_instructions']} ({row['loop_shuffles']}) |", flush=True)
+              f"{row['spill_stores']} / {row['spill_loads']} | {row['loop_instructions']} ({row['loop_shuffles']}) |",
+              flush=True)
     if args.out:
         args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,
                                         "command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -10,7 +10,8 @@ source scripts/gpu/setup.sh
 OUT=${OUT:-runs/gpu}; WORK=$(mktemp -d); mkdir -p "$OUT"
 SHAPE=${SHAPE:-32768x192}; DTYPE=${DTYPE:-bf16}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$OUT/gpu.txt"
 ncu --version | tail -1 | tee -a "$OUT/gpu.txt"
 for dtype in bf16 fp32; do
     timeout 120 python3 benchmarks/profile_scan_gpu.py breakdown --shape "$SHAPE" --dtype $dtype \
@@ -30,5 +31,6 @@ done
 [ -f "$WORK/triton.ncu-rep" ] && ncu --import "$WORK/triton.ncu-rep" --kernel-name regex:'^_bwd_chunk$' --page source \
     --csv --print-source sass > "$OUT/triton_bwd_sass.csv" 2>&1
 # the headline numbers of each kernel, for the reply
-grep -E '^  [A-Za-z_]+.*\(|Duration|Registers Per Thread|Achieved Occupancy|Executed Ipc Active|Issue Slots Busy|No Eligible|Local Memory Spilling Requests  ' \
+headline='^  [A-Za-z_]+.*\(|Duration|Registers Per Thread|Achieved Occupancy|Executed Ipc Active|Issue Slots Busy'
+grep -E "$headline|No Eligible|Local Memory Spilling Requests  " \
     "$OUT/triton_details.txt" "$OUT/cuda_details.txt" 2>/dev/null | cut -c1-150
