@@ -1,4 +1,5 @@
-"""Registers and spills of the Triton scan kernels, compiled for a GPU architecture on any machine (no GPU needed).
+"""Registers, spills and channel-loop length of the Triton scan kernels, compiled for a GPU architecture on any
+machine (no GPU needed).
 
 Triton compiles each kernel to PTX and its bundled `ptxas -v` reports the registers per thread and the bytes
 spilled to local memory. A kernel that needs more than 255 registers spills, and a program's registers bound how
@@ -6,6 +7,9 @@ many programs share a multiprocessor: the H200 sweeps in docs/benchmarks.md foun
 limited by exactly this, so this script lets launch settings and kernel changes be compared without a GPU.
 Pointers and the length / batch strides are specialised as divisible by 16, as Triton does at run time for
 SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).
+The SASS instructions of a kernel's channel loop (`cuobjdump` from the same package) are what its time scaled
+with in the backward's changes recorded there. The GPU machine's Triton may differ from this machine's, and its
+code can differ a lot: put an install of the GPU's version first on PYTHONPATH to compile as it does.
 Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
 
     python benchmarks/triton_registers.py --out triton_registers.json
