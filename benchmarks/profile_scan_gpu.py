@@ -2,7 +2,7 @@
 attach Nsight Compute to.
 
     python benchmarks/profile_scan_gpu.py breakdown --out breakdown.json   # torch.profiler, per kernel
-    ncu --clock-control none --kernel-name regex:_bwd_chunk --launch-skip 3 --launch-count 1 --set full \
+    ncu --clock-control none --kernel-name regex:'^_bwd_chunk$' --launch-skip 3 --launch-count 1 --set full \
         python benchmarks/profile_scan_gpu.py step --backend triton        # 4 steps: 3 to skip, 1 to profile
 
 Inputs are the scan benchmark's (benchmarks/bench_scan_gpu.py: batch 2, d_state 16, Mamba's options), one shape
