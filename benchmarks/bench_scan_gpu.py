@@ -101,18 +101,24 @@ def accuracy(base: dict, backend: str) -> dict:
     return result
 
 
+def scan_leaves(base: dict) -> tuple[dict, torch.Tensor]:
+    """Inputs that take gradients, and an output gradient, for timing forward+backward steps."""
+    return with_grad(base), torch.randn(base["u"].shape, device="cuda").to(base["u"].dtype)
+
+
+def fwd_bwd_step(leaves: dict, dout: torch.Tensor, backend: str) -> None:
+    torch.autograd.grad(run_scan(leaves, backend), list(leaves.values()), dout)
+
+
 def bench_scan(base: dict, backend: str, warmup: int, runs: int) -> dict:
-    leaves = with_grad(base)
-    dout = torch.randn(base["u"].shape, device="cuda").to(base["u"].dtype)
+    leaves, dout = scan_leaves(base)
 
     def fwd():
         with torch.no_grad():
             run_scan(leaves, backend)
 
-    def fwd_bwd():
-        torch.autograd.grad(run_scan(leaves, backend), list(leaves.values()), dout)
-
-    return {"fwd": time_cuda(fwd, warmup, runs), "fwd+bwd": time_cuda(fwd_bwd, warmup, runs)}
+    return {"fwd": time_cuda(fwd, warmup, runs),
+            "fwd+bwd": time_cuda(lambda: fwd_bwd_step(leaves, dout, backend), warmup, runs)}
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:

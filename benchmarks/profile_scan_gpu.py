@@ -18,18 +18,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan_gpu import DTYPES, parse_shapes, run_scan, scan_inputs, with_grad  # noqa: E402
-
-
-def fwd_bwd_step(leaves: dict, dout: torch.Tensor, backend: str) -> None:
-    torch.autograd.grad(run_scan(leaves, backend), list(leaves.values()), dout)
+from bench_scan_gpu import DTYPES, fwd_bwd_step, parse_shapes, scan_inputs, scan_leaves  # noqa: E402
 
 
 def prepared(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
     (length, d_inner), = args.shape
-    leaves = with_grad(scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[args.dtype]))
-    dout = torch.randn(leaves["u"].shape, device="cuda").to(leaves["u"].dtype)
-    return leaves, dout
+    return scan_leaves(scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[args.dtype]))
 
 
 def breakdown(args: argparse.Namespace) -> dict:
