@@ -202,8 +202,8 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
 
 @_jit
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
-               du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-               BATCH, D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
+               du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
+               BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     pid = tl.program_id(0)
@@ -284,16 +284,21 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
-        part = (b * NCH + c).to(tl.int64) * D_ + d  # per-(batch, chunk) partial sums, reduced by torch
-        tl.store(dA_ptr + part * N + n, tl.sum(dh_prev * dt[None, :], 1), mask=nmask)
+        # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W so that torch reduces them
+        # with one launch
+        part = ((b * NCH + c).to(tl.int64) * D_ + d) * W
+        tl.store(dparam_ptr + part + n, tl.sum(dh_prev * dt[None, :], 1), mask=nmask)
         if HAS_D:
-            tl.store(dD_ptr + part, tl.sum(dy * u, 0))
+            tl.store(dparam_ptr + part + N, tl.sum(dy * u, 0))
         if HAS_BIAS:
-            tl.store(dbias_ptr + part, tl.sum(ddt, 0))
+            tl.store(dparam_ptr + part + W - 1, tl.sum(ddt, 0))
         dB_acc += dh * dtu[None, :]
-    out_row = ((split * BATCH + b) * G_ + g).to(tl.int64) * N * L
-    tl.store(dB_ptr + out_row + n[:, None] * L + p[None, :], dB_acc, mask=m2)
-    tl.store(dC_ptr + out_row + n[:, None] * L + p[None, :], dC_acc, mask=m2)
+    # dB and dC of each channel split, one buffer (split, 2, batch, group, n, L): in the inputs' dtype when there
+    # is one split, else float32 partial sums for torch to add up
+    dB_row = (((split * 2) * BATCH + b) * G_ + g).to(tl.int64) * N * L
+    dC_row = dB_row + BATCH * G_ * N * L
+    tl.store(dBC_ptr + dB_row + n[:, None] * L + p[None, :], dB_acc.to(dBC_ptr.dtype.element_ty), mask=m2)
+    tl.store(dBC_ptr + dC_row + n[:, None] * L + p[None, :], dC_acc.to(dBC_ptr.dtype.element_ty), mask=m2)
 
 
 # ---- host side ---------------------------------------------------------------------------------------------------
@@ -421,32 +426,37 @@ class _TritonSelectiveScan(torch.autograd.Function):
         du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
         ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
         dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
-        dB = torch.empty(d_split, batch, groups, n, length, **f32)
-        dC = torch.empty(d_split, batch, groups, n, length, **f32)
-        dA = torch.empty(batch, chunks, dim, n, **f32)
-        dD = torch.empty(batch, chunks, dim, **f32) if D is not None else None
-        dbias = torch.empty(batch, chunks, dim, **f32) if delta_bias is not None else None
+        # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one
+        # channel split, B and C of one dtype and grouping), else float32 partial sums, added up below
+        same_kind = B.dtype == C.dtype and ctx.groups_B == ctx.groups_C == groups
+        dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
+                          dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
+        width = n + (D is not None) + (delta_bias is not None)  # dA | dD | dbias
+        dparams = torch.empty(batch, chunks, dim, width, **f32)
         _bwd_chunk[(batch * groups * d_split, chunks)](
             u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
-            du, ddelta, dz if dz is not None else du, dB, dC, dA, dD if dD is not None else dA,
-            dbias if dbias is not None else dA,
-            batch, dim, groups, n, length, M, NS, chunks, dim // groups // d_split, d_split,
+            du, ddelta, dz if dz is not None else du, dBC, dparams,
+            batch, dim, groups, n, width, length, M, NS, chunks, dim // groups // d_split, d_split,
             *_batch_strides(u, delta, z, B, C),
             NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
             **flags)
-        dB, dC = (dB[0], dC[0]) if d_split == 1 else (dB.sum(0), dC.sum(0))  # over the channel splits
+        dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
+        if same_kind:
+            dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
+        dB, dC = dBC.unbind(0)
         if ctx.groups_B != groups:
             dB = dB.reshape(batch, ctx.groups_B, groups // ctx.groups_B, n, length).sum(2)
         if ctx.groups_C != groups:
             dC = dC.reshape(batch, ctx.groups_C, groups // ctx.groups_C, n, length).sum(2)
-        dB, dC = dB.to(B.dtype), dC.to(C.dtype)
+        dB, dC = dB.to(B.dtype), dC.to(C.dtype)  # no-ops where done above
         if ctx.squeeze_B:
             dB = dB.squeeze(1)
         if ctx.squeeze_C:
             dC = dC.squeeze(1)
-        dA = dA.sum((0, 1)).to(A.dtype)
-        dD = dD.sum((0, 1)).to(D.dtype) if D is not None else None
-        dbias = dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+        dparams = dparams.sum((0, 1))
+        dA = dparams[:, :n].to(A.dtype)
+        dD = dparams[:, n].to(D.dtype) if D is not None else None
+        dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
         return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None, None
 
 

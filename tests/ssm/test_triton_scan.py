@@ -111,6 +111,19 @@ def test_chunk_sizes_and_long_decay(block_l):
 
 
 @needs_kernels
+@pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (10 ** 6, 8)], ids=["one-split", "split-per-channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
+                         ids=["fp32", "bf16"])
+def test_channel_splits_of_the_backward(monkeypatch, programs_per_sm, splits, dtype):
+    """With one split the backward's kernel writes dB / dC in the inputs' dtype itself; with several, torch adds
+    up float32 partial sums: both give the definition's gradients."""
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
+    assert triton_scan._d_split(2, 1, 4, 8, torch.device(DEVICE)) == splits
+    inputs = make_inputs(17, batch=2, dim=8, n=4, length=200, dtype=dtype, device=DEVICE)
+    check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=64)
+
+
+@needs_kernels
 def test_slices_of_larger_tensors_are_read_in_place():
     """x and z as halves of one in_proj output, B and C as rows of one x_proj output: same as contiguous."""
     g = torch.Generator().manual_seed(15)
