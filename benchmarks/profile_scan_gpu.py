@@ -1,7 +1,8 @@
-"""Where the scan's time goes on the GPU: per-kernel CUDA time of one forward+backward, and a single step to
-attach Nsight Compute to.
+"""Where the scan's time goes on the GPU: per-kernel CUDA time of one forward+backward, where the GPU waits for
+the host within a step, and a single step to attach Nsight Compute to.
 
     python benchmarks/profile_scan_gpu.py breakdown --out breakdown.json   # torch.profiler, per kernel
+    python benchmarks/profile_scan_gpu.py timeline --out timeline.json     # per step: wall, kernels, idle, host
     ncu --clock-control none --kernel-name regex:'^_bwd_chunk$' --launch-skip 3 --launch-count 1 --set full \
         python benchmarks/profile_scan_gpu.py step --backend triton        # 4 steps: 3 to skip, 1 to profile
 
@@ -11,8 +12,14 @@ and dtype per call. Nothing is asserted; the breakdown prints a table and writes
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -55,6 +62,95 @@ def breakdown(args: argparse.Namespace) -> dict:
     return report
 
 
+def _step_spans(trace: dict) -> list[dict]:
+    """Per profiled step (a "step" range on the host): microseconds from the step's start to its first kernel, to
+    its last kernel's end, and the time kernels ran (the union of their intervals) in between."""
+    events = trace["traceEvents"]
+    steps = sorted((e for e in events if e.get("name") == "step" and e.get("cat") == "user_annotation"),
+                   key=lambda e: e["ts"])
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                    key=lambda e: e["ts"])
+    spans = []
+    for i, s in enumerate(steps):
+        stop = steps[i + 1]["ts"] if i + 1 < len(steps) else float("inf")
+        mine = [e for e in device if s["ts"] <= e["ts"] < stop]
+        if not mine:
+            continue
+        busy, reach, gaps = 0.0, mine[0]["ts"], {}
+        for i, e in enumerate(mine):
+            start, end = max(e["ts"], reach), e["ts"] + e["dur"]
+            busy += max(0.0, end - start)
+            if i and e["ts"] > reach:
+                gaps[f"{i}: {mine[i - 1]['name'][:28]} -> {e['name'][:28]}"] = e["ts"] - reach
+            reach = max(reach, end)
+        spans.append({"to_first_kernel_us": mine[0]["ts"] - s["ts"], "span_us": reach - s["ts"],
+                      "kernels_us": busy, "device_ops": len(mine), "host_us": s["dur"], "gaps_us": gaps})
+    return spans
+
+
+def timeline(args: argparse.Namespace) -> dict:
+    """Per forward+backward step: CUDA-event wall time (the benchmark's way, a sync after each step), the steady
+    state time when steps are launched back to back, the host's time per step, and from a profiler trace the
+    time from a step's start to its first kernel and the GPU's idle time inside the step; plus the host's
+    hottest Python functions (cProfile)."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = {"command": " ".join(["python", *sys.argv]), "config": config, "backends": {}}
+    for backend in args.backends:
+        leaves, dout = prepared(args)
+        for _ in range(5):
+            fwd_bwd_step(leaves, dout, backend)
+        torch.cuda.synchronize()
+        walls = []
+        for _ in range(args.steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fwd_bwd_step(leaves, dout, backend)
+            end.record()
+            end.synchronize()
+            walls.append(start.elapsed_time(end) * 1e3)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fwd_bwd_step(leaves, dout, backend)
+        host_us = (time.perf_counter() - t0) / args.steps * 1e6
+        end.record()
+        end.synchronize()
+        back_to_back_us = start.elapsed_time(end) * 1e3 / args.steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                with torch.profiler.record_function("step"):
+                    fwd_bwd_step(leaves, dout, backend)
+                torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            spans = _step_spans(json.loads(Path(f"{tmp}/trace.json").read_text()))
+        med = {k: statistics.median(s[k] for s in spans) for k in spans[0] if k != "gaps_us"} if spans else {}
+        gaps = {k: statistics.median(s["gaps_us"].get(k, 0.0) for s in spans) for k in spans[0]["gaps_us"]}
+        med["gaps_us"] = dict(sorted(gaps.items(), key=lambda kv: -kv[1]))
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.steps):
+            fwd_bwd_step(leaves, dout, backend)
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+        entry = {"wall_us_median": statistics.median(walls), "back_to_back_us": back_to_back_us,
+                 "host_us_per_step": host_us, "profiled_step_median": med, "cprofile_tottime": text.getvalue()}
+        report["backends"][backend] = entry
+        idle = med.get("span_us", 0) - med.get("kernels_us", 0)
+        print(f"\n{backend} {args.shape[0][0]}x{args.shape[0][1]} {args.dtype}: wall {entry['wall_us_median']:.0f} us, "
+              f"back-to-back {back_to_back_us:.0f} us, host {host_us:.0f} us/step; profiled: first kernel after "
+              f"{med.get('to_first_kernel_us', 0):.0f} us, kernels {med.get('kernels_us', 0):.0f} us, idle in span "
+              f"{idle:.0f} us, {med.get('device_ops', 0):.0f} device ops")
+        print("  idle before a device op (median us, op index: previous -> next):",
+              ", ".join(f"{k} {v:.0f}" for k, v in list(med.get("gaps_us", {}).items())[:6]))
+        print("\n".join(text.getvalue().splitlines()[:34]))
+    return report
+
+
 def step(args: argparse.Namespace) -> dict:
     leaves, dout = prepared(args)
     for _ in range(args.steps):
@@ -65,13 +161,13 @@ def step(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("breakdown", "step"))
+    parser.add_argument("what", choices=("breakdown", "timeline", "step"))
     parser.add_argument("--shape", type=parse_shapes, default=parse_shapes("32768x192"), help="LxD_INNER")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--backends", "--backend", nargs="+", choices=("cuda", "triton"), default=["triton", "cuda"])
-    parser.add_argument("--steps", type=int, default=None, help="profiled steps (breakdown: 10) or steps run (step: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="profiled steps (breakdown: 10, timeline: 30) or steps run (step: 4)")
     parser.add_argument("--out", type=Path, default=None)
     return parser
 
@@ -79,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps is None:
-        args.steps = 10 if args.what == "breakdown" else 4
-    report = (breakdown if args.what == "breakdown" else step)(args)
+        args.steps = {"breakdown": 10, "timeline": 30, "step": 4}[args.what]
+    report = {"breakdown": breakdown, "timeline": timeline, "step": step}[args.what](args)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=1))
     return 0
