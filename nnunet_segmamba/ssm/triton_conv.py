@@ -160,9 +160,19 @@ def _interpreting() -> bool:
     return isinstance(_causal_conv1d_fwd_kernel, InterpretedFunction)
 
 
+def next_power_of_2(x: int) -> int:
+    """triton.next_power_of_2 for x >= 1, without the call overhead of a constexpr function (as Triton 3.8 wraps
+    it), which counts on the host side of every launch."""
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _block_size(length: int) -> int:
     # Short sequences get a small tile so that few lanes are masked off.
-    return max(_MIN_BLOCK_L, min(MAX_BLOCK_L, triton.next_power_of_2(length)))
+    return max(_MIN_BLOCK_L, min(MAX_BLOCK_L, next_power_of_2(length)))
 
 
 def _row_strides(t: torch.Tensor) -> tuple[int, int]:
@@ -189,7 +199,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         out = torch.empty((batch, dim, length), dtype=x.dtype, device=x.device)
         block = _block_size(length)
         if out.numel():
-            grid = (batch * dim, triton.cdiv(length, block))
+            grid = (batch * dim, cdiv(length, block))
             with _on_device_of(x):
                 _causal_conv1d_fwd_kernel[grid](
                     x, w, b if b is not None else w, out,
@@ -208,7 +218,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         dout = _contiguous_along_l(dout)
         batch, dim, length = x.shape
         width = w.shape[-1]
-        n_tiles = triton.cdiv(length, block)
+        n_tiles = cdiv(length, block)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
         dw_part = torch.zeros((batch * dim, n_tiles, width), dtype=torch.float32, device=x.device)

@@ -37,7 +37,7 @@ import torch
 
 # triton_conv imports triton defensively (this module must import where it is missing: CI on CPU, macOS) and
 # holds the index maps p(t) that both kernels read through
-from .triton_conv import MODES, TRITON_AVAILABLE
+from .triton_conv import MODES, TRITON_AVAILABLE, cdiv, next_power_of_2
 from .triton_conv import TRITON_IMPORT_ERROR as TRITON_REASON
 
 if TRITON_AVAILABLE:
@@ -67,6 +67,13 @@ def _softplus(x):
 
 
 @_jit
+def _base_2(A):
+    # tl.exp(x) is the hardware's exp2 of x log2(e): with A scaled once per channel, exp(A dt) = exp2(A2 dt) saves
+    # a multiplication per (state, step) in every decay
+    return A.to(tl.float32) * 1.4426950408889634
+
+
+@_jit
 def _linear_combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2) for h -> a h + b
     return a1 * a2, b1 * a2 + b2
@@ -87,7 +94,7 @@ def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
                    SOFTPLUS: tl.constexpr):
     """What every (batch * d + channel, chunk) program of the chunk kernels starts with: its coordinates, the
     positions p(t) of its steps and their masks, offsets into its group's rows of B / C (before the batch
-    stride), the channel's A row and the step sizes dt."""
+    stride), the channel's A row in base 2 (A log2(e), see _exp_of) and the step sizes dt."""
     bd = tl.program_id(0)
     c = tl.program_id(1)
     b64 = (bd // D_).to(tl.int64)
@@ -105,8 +112,8 @@ def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d).to(tl.float32)
     dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
-    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
-    return bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A
+    A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
+    return bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2
 
 
 @_jit
@@ -114,13 +121,13 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
                        D_, G_, N, L, M, NS, NCH, su, sdelta, sB,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A = _channel_chunk(
+    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2 = _channel_chunk(
         delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
     Bt = tl.load(B_ptr + b64 * sB + bc, mask=m2, other=0.0).to(tl.float32)
     total = tl.sum(dt, 0)
     after = total - tl.cumsum(dt, 0)  # step sizes still to come in this chunk
-    S = tl.sum(tl.exp(A[:, None] * after[None, :]) * Bt * (dt * u)[None, :], 1)
+    S = tl.sum(tl.exp2(A2[:, None] * after[None, :]) * Bt * (dt * u)[None, :], 1)
     tl.store(S_ptr + (bd.to(tl.int64) * NCH + c) * N + n, S, mask=nmask)
     tl.store(T_ptr + bd.to(tl.int64) * NCH + c, total)
 
@@ -134,7 +141,7 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
     d = bd % D_
     n = tl.arange(0, NP)
     nmask = n < N
-    A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+    A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
     base_in = bd.to(tl.int64) * NCH
     base_out = bd.to(tl.int64) * (NCH + 1)
     carry = tl.zeros([NP], dtype=tl.float32)
@@ -150,7 +157,7 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
         # padding chunks are the identity (decay 1, input 0), so the tile's edge column is the carry out
         T = tl.load(T_ptr + base_in + c, mask=cmask, other=0.0)
         X = tl.load(X_ptr + (base_in + c)[None, :] * N + n[:, None], mask=m2, other=0.0)
-        P = tl.exp(A[:, None] * T[None, :])
+        P = tl.exp2(A2[:, None] * T[None, :])
         Pc, H = tl.associative_scan((P, X), axis=1, combine_fn=_linear_combine, reverse=REVERSE)
         H = H + Pc * carry[:, None]
         dest = c if REVERSE else c + 1
@@ -164,13 +171,13 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
                       D_, G_, N, L, M, NS, NCH, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A = _channel_chunk(
+    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2 = _channel_chunk(
         delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
     u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
     Bt = tl.load(B_ptr + b64 * sB + bc, mask=m2, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
     h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
-    decay = tl.exp(A[:, None] * dt[None, :])
+    decay = tl.exp2(A2[:, None] * dt[None, :])
     first = (tl.arange(0, BL) == 0)[None, :]  # the entering state, folded into the first step's input
     _, h = tl.associative_scan((decay, Bt * (dt * u)[None, :] + tl.where(first, decay * h0[:, None], 0.0)), axis=1,
                                combine_fn=_linear_combine)
@@ -189,14 +196,14 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t: the adjoint a chunk hands to its left neighbour from a zero start."""
-    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A = _channel_chunk(
+    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2 = _channel_chunk(
         delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
     dy = tl.load(dout_ptr + bd.to(tl.int64) * L + p, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
         dy = dy * z * tl.sigmoid(z)
     Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
-    R = tl.sum(tl.exp(A[:, None] * tl.cumsum(dt, 0)[None, :]) * Ct * dy[None, :], 1)
+    R = tl.sum(tl.exp2(A2[:, None] * tl.cumsum(dt, 0)[None, :]) * Ct * dy[None, :], 1)
     tl.store(R_ptr + (bd.to(tl.int64) * NCH + c) * N + n, R, mask=nmask)
 
 
@@ -242,7 +249,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         dt, x = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
         dt_next, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p_next, mask_next, bias, SOFTPLUS)
         u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
-        A = tl.load(A_ptr + d * N + n, mask=nmask, other=0.0).to(tl.float32)
+        A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
         h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
         adj = tl.load(adj_ptr + (bd.to(tl.int64) * (NCH + 1) + c + 1) * N + n, mask=nmask, other=0.0)
         dy = tl.load(dout_ptr + row + p, mask=mask, other=0.0).to(tl.float32)
@@ -254,7 +261,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         # scan's input stay live through the adjoint's scan (fewer registers spilled)
         dtu = dt * u
         drive = Bt * dtu[None, :]
-        decay = tl.exp(A[:, None] * dt[None, :])
+        decay = tl.exp2(A2[:, None] * dt[None, :])
         _, h = tl.associative_scan((decay, drive + tl.where((s == 0)[None, :], decay * h0[:, None], 0.0)),
                                    axis=1, combine_fn=_linear_combine)
         decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
@@ -271,14 +278,14 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         # lanes (more shuffles than the scan itself); flipping the 1-D operands, C (the same for every channel)
         # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/benchmarks.md)
         _, dh = tl.associative_scan(
-            (tl.exp(A[:, None] * tl.flip(dt_next, 0)[None, :]),
+            (tl.exp2(A2[:, None] * tl.flip(dt_next, 0)[None, :]),
              tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),
             axis=1, combine_fn=_linear_combine)
         dh = tl.flip(dh, 1)
         dh_B = tl.sum(dh * Bt, 0)
         dh_prev = dh * decayed_prev
         du = dh_B * dt + Dd * dy
-        ddt = tl.sum(dh_prev * A[:, None], 0) + dh_B * u
+        ddt = tl.sum(dh_prev * A2[:, None], 0) * 0.6931471805599453 + dh_B * u  # ln(2): A2 back to A
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(x)
         ddt = tl.where(mask, ddt, 0.0)
@@ -307,7 +314,7 @@ def _block_length(length: int, block_l: int | None) -> int:
         if block_l < 16 or block_l & (block_l - 1):
             raise ValueError(f"block_l must be a power of two >= 16, got {block_l}")
         return block_l
-    return min(TUNING["block_l"], max(16, triton.next_power_of_2(length)))
+    return min(TUNING["block_l"], max(16, next_power_of_2(length)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -370,8 +377,8 @@ class _TritonSelectiveScan(torch.autograd.Function):
         A32 = A.float().contiguous()
         groups = B.shape[1]
         BL = _block_length(length, block_l)
-        chunks = triton.cdiv(length, BL)
-        NP = max(triton.next_power_of_2(n), 2)
+        chunks = cdiv(length, BL)
+        NP = max(next_power_of_2(n), 2)
         f32 = dict(device=u.device, dtype=torch.float32)
         chunk_sum = torch.empty(batch, dim, chunks, **f32)
         chunk_end = torch.empty(batch, dim, chunks, n, **f32)
@@ -384,7 +391,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
                                  chunk_end, dim, groups, n, length, M, NS, chunks, u.stride(0), delta.stride(0),
                                  B.stride(0), NP=NP, BL=BL, MODE=mode_id, num_warps=TUNING["warps_fwd"], **flags)
         _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
-                                     CB=min(256, max(16, triton.next_power_of_2(chunks))), REVERSE=False)
+                                     CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=False)
         _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                                 delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                                 M, NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=BL, MODE=mode_id,
@@ -406,7 +413,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
         n = A.shape[1]
         groups = B.shape[1]
         chunks = chunk_sum.shape[2]
-        NP = max(triton.next_power_of_2(n), 2)
+        NP = max(next_power_of_2(n), 2)
         dout = dout.contiguous()
         A32 = A.float().contiguous()
         f32 = dict(device=u.device, dtype=torch.float32)
@@ -421,7 +428,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
                                                   HAS_Z=z is not None, **flags)
         adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
         _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
-                                     CB=min(256, max(16, triton.next_power_of_2(chunks))), REVERSE=True)
+                                     CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=True)
         d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
         du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
         ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)

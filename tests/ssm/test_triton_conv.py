@@ -296,3 +296,13 @@ class TestCuda:
 
 if __name__ == "__main__":
     run_interpreter_checks()
+
+
+def test_host_side_sizes_match_triton():
+    """The launch sizes are computed without Triton's constexpr helpers (slow to call on the host): same values."""
+    triton = pytest.importorskip("triton")
+    from nnunet_segmamba.ssm.triton_conv import cdiv, next_power_of_2
+
+    for x in (1, 2, 3, 15, 16, 17, 1000, 1024, 1025, 262144):
+        assert next_power_of_2(x) == triton.next_power_of_2(x), x
+        assert cdiv(x, 64) == triton.cdiv(x, 64), x
