@@ -86,17 +86,19 @@ SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([
 
 
 def loop_body(sass: str) -> dict:
-    """Instructions in the kernel's innermost loop (between a backward branch and its target): the backward's
-    channel loop runs once per channel, so its length is what the kernel's time scales with. 0 without a loop."""
+    """The kernel's SASS instruction count, and those in its innermost loop (between a backward branch and its
+    target): the backward's channel loop runs once per channel, so its length is what the kernel's time scales
+    with. 0 without a loop."""
     code = [(int(addr, 16), op, operands) for addr, op, operands in SASS_LINE.findall(sass)]
+    whole = {"instructions": len(code)}
     loops = [(int(operands.split()[0], 16), addr) for addr, op, operands in code
              if op.startswith("BRA") and operands.split() and operands.split()[0].startswith("0x")
              and int(operands.split()[0], 16) < addr]
     if not loops:
-        return {"loop_instructions": 0, "loop_shuffles": 0}
+        return {**whole, "loop_instructions": 0, "loop_shuffles": 0}
     lo, hi = min(loops, key=lambda span: span[1] - span[0])
     body = [op for addr, op, _ in code if lo <= addr <= hi]
-    return {"loop_instructions": len(body), "loop_shuffles": sum(op.startswith("SHFL") for op in body)}
+    return {**whole, "loop_instructions": len(body), "loop_shuffles": sum(op.startswith("SHFL") for op in body)}
 
 
 def main() -> int:
@@ -112,15 +114,16 @@ def main() -> int:
 
     rows = []
     print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}\n")
-    print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) "
+    print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) | instructions "
           "| loop instructions (shuffles) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
         row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
                **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch)}
         rows.append(row)
         print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
-              f"{row['spill_stores']} / {row['spill_loads']} | {row['loop_instructions']} ({row['loop_shuffles']}) |",
+              f"{row['spill_stores']} / {row['spill_loads']} | {row['instructions']} | {row['loop_instructions']} "
+              f"({row['loop_shuffles']}) |",
               flush=True)
     if args.out:
         args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,
