@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -69,11 +70,13 @@ def time_queued(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, f
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
+    t0 = time.perf_counter()
     for _ in range(runs):
         fn()
+    host_ms = (time.perf_counter() - t0) * 1e3 / runs  # the host's time per call: the GPU is still busy here
     end.record()
     end.synchronize()
-    return {"mean_ms": start.elapsed_time(end) / runs, "runs": runs}
+    return {"mean_ms": start.elapsed_time(end) / runs, "host_ms": host_ms, "runs": runs}
 
 
 def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:

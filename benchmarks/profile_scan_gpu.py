@@ -19,13 +19,15 @@ import pstats
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan_gpu import DTYPES, fwd_bwd_step, parse_shapes, scan_inputs, scan_leaves  # noqa: E402
+from bench_scan_gpu import (DTYPES, fwd_bwd_step, parse_shapes, scan_inputs, scan_leaves,  # noqa: E402
+                            time_queued)
+
+from nnunet_segmamba.benchmark import time_calls  # noqa: E402
 
 
 def prepared(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
@@ -33,15 +35,25 @@ def prepared(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
     return scan_leaves(scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[args.dtype]))
 
 
+def warmed_up(args: argparse.Namespace, backend: str) -> tuple[dict, torch.Tensor]:
+    """Inputs, after three steps on `backend` (compilation and the allocator's first blocks out of the way)."""
+    leaves, dout = prepared(args)
+    for _ in range(3):
+        fwd_bwd_step(leaves, dout, backend)
+    torch.cuda.synchronize()
+    return leaves, dout
+
+
+def new_report(args: argparse.Namespace) -> dict:
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {"command": " ".join(["python", *sys.argv]), "config": config, "backends": {}}
+
+
 def breakdown(args: argparse.Namespace) -> dict:
     """Mean CUDA time per step of each kernel over `--steps` forward+backward steps, for each backend."""
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {"command": " ".join(["python", *sys.argv]), "config": config, "backends": {}}
+    report = new_report(args)
     for backend in args.backends:
-        leaves, dout = prepared(args)
-        for _ in range(3):
-            fwd_bwd_step(leaves, dout, backend)
-        torch.cuda.synchronize()
+        leaves, dout = warmed_up(args, backend)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
                 fwd_bwd_step(leaves, dout, backend)
@@ -93,30 +105,12 @@ def timeline(args: argparse.Namespace) -> dict:
     state time when steps are launched back to back, the host's time per step, and from a profiler trace the
     time from a step's start to its first kernel and the GPU's idle time inside the step; plus the host's
     hottest Python functions (cProfile)."""
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    report = {"command": " ".join(["python", *sys.argv]), "config": config, "backends": {}}
+    report = new_report(args)
     for backend in args.backends:
-        leaves, dout = prepared(args)
-        for _ in range(5):
-            fwd_bwd_step(leaves, dout, backend)
-        torch.cuda.synchronize()
-        walls = []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fwd_bwd_step(leaves, dout, backend)
-            end.record()
-            end.synchronize()
-            walls.append(start.elapsed_time(end) * 1e3)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            fwd_bwd_step(leaves, dout, backend)
-        host_us = (time.perf_counter() - t0) / args.steps * 1e6
-        end.record()
-        end.synchronize()
-        back_to_back_us = start.elapsed_time(end) * 1e3 / args.steps
+        leaves, dout = warmed_up(args, backend)
+        step = lambda: fwd_bwd_step(leaves, dout, backend)  # noqa: E731
+        per_call = time_calls(step, torch.device("cuda"), 2, args.steps)
+        queued = time_queued(step, 2, args.steps)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(args.steps):
@@ -127,7 +121,8 @@ def timeline(args: argparse.Namespace) -> dict:
             prof.export_chrome_trace(f"{tmp}/trace.json")
             spans = _step_spans(json.loads(Path(f"{tmp}/trace.json").read_text()))
         med = {k: statistics.median(s[k] for s in spans) for k in spans[0] if k != "gaps_us"} if spans else {}
-        gaps = {k: statistics.median(s["gaps_us"].get(k, 0.0) for s in spans) for k in spans[0]["gaps_us"]}
+        gaps = {k: statistics.median(s["gaps_us"].get(k, 0.0) for s in spans) for k in spans[0]["gaps_us"]} \
+            if spans else {}
         med["gaps_us"] = dict(sorted(gaps.items(), key=lambda kv: -kv[1]))
         profiler = cProfile.Profile()
         profiler.enable()
@@ -137,12 +132,14 @@ def timeline(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
-        entry = {"wall_us_median": statistics.median(walls), "back_to_back_us": back_to_back_us,
-                 "host_us_per_step": host_us, "profiled_step_median": med, "cprofile_tottime": text.getvalue()}
+        entry = {"wall_us_median": per_call["ms_median"] * 1e3, "back_to_back_us": queued["mean_ms"] * 1e3,
+                 "host_us_per_step": queued["host_ms"] * 1e3, "profiled_step_median": med,
+                 "cprofile_tottime": text.getvalue()}
         report["backends"][backend] = entry
         idle = med.get("span_us", 0) - med.get("kernels_us", 0)
         print(f"\n{backend} {args.shape[0][0]}x{args.shape[0][1]} {args.dtype}: wall {entry['wall_us_median']:.0f} us, "
-              f"back-to-back {back_to_back_us:.0f} us, host {host_us:.0f} us/step; profiled: first kernel after "
+              f"back-to-back {entry['back_to_back_us']:.0f} us, host {entry['host_us_per_step']:.0f} us/step; "
+              f"profiled: first kernel after "
               f"{med.get('to_first_kernel_us', 0):.0f} us, kernels {med.get('kernels_us', 0):.0f} us, idle in span "
               f"{idle:.0f} us, {med.get('device_ops', 0):.0f} device ops")
         print("  idle before a device op (median us, op index: previous -> next):",
