@@ -16,9 +16,9 @@ gets its own program, so even one long sequence fills the GPU:
             then every gradient from the states recomputed in registers (step 3 once more). Only the chunk
             boundary states are kept between forward and backward, never the (batch, d, L, n) history. The
             in-chunk adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton).
-            At 32^3 x 192 the backward's main kernel is now faster than mamba-ssm's whole backward kernel, and
-            the GPU time of a fwd+bwd within 1.1x of it; what a single call adds on top is host time (Python,
-            Triton's launcher: about 2.5x mamba-ssm's per call; docs/benchmarks.md).
+            At 32^3 x 192 the backward's main kernel is now faster than mamba-ssm's whole backward kernel and a
+            fwd+bwd takes within 1.1x of mamba-ssm's GPU time; a single call adds the host's time on top (Python
+            and Triton's launcher: 2-3x mamba-ssm's per call; docs/benchmarks.md).
 
 Index maps. `mode` says in which order the scan visits the (raster-ordered) sequence in memory: "forward"
 (p(t) = t), "reverse" (p(t) = L - 1 - t) or "slice" (p(t) = (t mod n) M + t div n for n = num_slices,
