@@ -96,7 +96,7 @@ def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
                    SOFTPLUS: tl.constexpr):
     """What every (batch * d + channel, chunk) program of the chunk kernels starts with: its coordinates, the
     positions p(t) of its steps and their masks, offsets into its group's rows of B / C (before the batch
-    stride), the channel's A row in base 2 (A log2(e), see _exp_of) and the step sizes dt."""
+    stride), the channel's A row in base 2 (A log2(e), see _base_2) and the step sizes dt."""
     bd = tl.program_id(0)
     c = tl.program_id(1)
     b64 = (bd // D_).to(tl.int64)
