@@ -268,8 +268,6 @@ def bench(args: argparse.Namespace) -> dict:
 def _ms(entry: dict, key: str) -> str:
     if "error" in entry:
         return "-" if entry["error"] in ("-", "skipped") else "error"
-    if key not in entry:
-        return "-"
     return f"{entry[key].get('median_ms', entry[key].get('mean_ms')):.2f}"
 
 

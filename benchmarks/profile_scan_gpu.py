@@ -76,7 +76,8 @@ def breakdown(args: argparse.Namespace) -> dict:
 
 def _step_spans(trace: dict) -> list[dict]:
     """Per profiled step (a "step" range on the host): microseconds from the step's start to its first kernel, to
-    its last kernel's end, and the time kernels ran (the union of their intervals) in between."""
+    its last kernel's end, the time kernels ran (the union of their intervals) in between, and each idle gap
+    before a device op, keyed by the op's index and the names on either side."""
     events = trace["traceEvents"]
     steps = sorted((e for e in events if e.get("name") == "step" and e.get("cat") == "user_annotation"),
                    key=lambda e: e["ts"])
@@ -89,11 +90,11 @@ def _step_spans(trace: dict) -> list[dict]:
         if not mine:
             continue
         busy, reach, gaps = 0.0, mine[0]["ts"], {}
-        for i, e in enumerate(mine):
+        for k, e in enumerate(mine):
             start, end = max(e["ts"], reach), e["ts"] + e["dur"]
             busy += max(0.0, end - start)
-            if i and e["ts"] > reach:
-                gaps[f"{i}: {mine[i - 1]['name'][:28]} -> {e['name'][:28]}"] = e["ts"] - reach
+            if k and e["ts"] > reach:
+                gaps[f"{k}: {mine[k - 1]['name'][:28]} -> {e['name'][:28]}"] = e["ts"] - reach
             reach = max(reach, end)
         spans.append({"to_first_kernel_us": mine[0]["ts"] - s["ts"], "span_us": reach - s["ts"],
                       "kernels_us": busy, "device_ops": len(mine), "host_us": s["dur"], "gaps_us": gaps})
