@@ -48,7 +48,7 @@ def time_runs(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, flo
 def bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     length = args.side ** 3
-    mixer = TriOrientedMamba(args.d_model, backend="torch")
+    mixer = TriOrientedMamba(args.d_model, scan_backend="torch")
     x = torch.randn(args.batch, length, args.d_model, requires_grad=True)
 
     def mixer_fwd():

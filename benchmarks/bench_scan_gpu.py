@@ -33,7 +33,7 @@ import torch
 
 from nnunet_segmamba.benchmark import time_calls
 from nnunet_segmamba.nn import TriOrientedMamba
-from nnunet_segmamba.ssm import backends, selective_scan, triton_scan
+from nnunet_segmamba.ssm import dispatch, selective_scan, triton_scan
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -196,7 +196,7 @@ def bench_layer(length: int, d_inner: int, batch: int, dtype_name: str, backend:
                 runs: int) -> dict:
     side = round(length ** (1 / 3))
     torch.manual_seed(0)
-    layer = TriOrientedMamba(d_inner // 2, backend=backend.split("-")[0]).cuda()
+    layer = TriOrientedMamba(d_inner // 2, scan_backend=backend.split("-")[0]).cuda()
     if backend in LAYER_VARIANTS:
         layer.index_map_orders = LAYER_VARIANTS[backend]
     x = torch.randn(batch, length, d_inner // 2, device="cuda", requires_grad=True)
@@ -224,8 +224,8 @@ def guarded(fn: Callable[[], dict]) -> dict:
 
 
 def bench(args: argparse.Namespace) -> dict:
-    cuda_ok, cuda_reason = backends.cuda_scan_status()
-    triton_ok, triton_reason = backends.triton_scan_status()
+    cuda_ok, cuda_reason = dispatch.cuda_scan_status()
+    triton_ok, triton_reason = dispatch.triton_scan_status()
     available = {"torch": True, "cuda": cuda_ok, "triton": triton_ok}
     names = [b for b in args.backends if available[b]]
     bandwidth = copy_bandwidth()
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_scan_gpu.py needs a CUDA device (torch.cuda.is_available() is False); "
-              f"the cuda backend status here: {backends.cuda_scan_status()[1]}", file=sys.stderr)
+              f"the cuda backend status here: {dispatch.cuda_scan_status()[1]}", file=sys.stderr)
         return 2
     report = bench(args)
     print_table(report)

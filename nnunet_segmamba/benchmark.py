@@ -21,13 +21,11 @@ the next. torch, MONAI and the networks are imported inside functions: importing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.metadata
 import itertools
 import json
 import math
-import os
 import platform
 import shlex
 import statistics
@@ -79,7 +77,8 @@ def _print(message: str) -> None:
 # ----------------------------------------------------------------------------------------------- networks
 
 def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48):
-    """The network `name` (one of NETWORKS), without deep supervision, on the CPU.
+    """The network `name` (one of KNOWN_NETWORKS), without deep supervision, on the CPU. A SegMamba name's
+    bracket is its scan backend (`segmamba[triton]`); without one, "auto".
 
     SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
     use the plan nnU-Net makes for BraTS 3d_fullres (128^3 patch): 6 stages, features 32, 64, 128, 256, 320, 320,
@@ -93,7 +92,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         w = segmamba_width
         net = SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
                         mixer="none" if name == "segmamba_nomamba" else "tom",
-                        gradient_checkpointing=name.startswith("segmamba_ckpt"))
+                        gradient_checkpointing=name.startswith("segmamba_ckpt"),
+                        scan_backend=_backend_of(name) or "auto")
         return _ChannelsLast3d(net) if name.startswith("segmamba_cl") else net
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -125,23 +125,6 @@ def _ChannelsLast3d(net):
             return self.net(x.contiguous(memory_format=torch.channels_last_3d))
 
     return ChannelsLast3d(net)
-
-
-@contextlib.contextmanager
-def scan_backend(name: str | None):
-    """Set NNUNET_SEGMAMBA_SCAN_BACKEND for the duration (every SegMamba scan built with backend='auto' reads it)."""
-    from .ssm.backends import ENV_VAR
-
-    old = os.environ.get(ENV_VAR)
-    if name is not None:
-        os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = old
 
 
 def _backend_of(name: str) -> str | None:
@@ -332,11 +315,13 @@ def compare_backends(model, x, fast: str = "cuda", reference: str = "torch") -> 
     """
     import torch
 
+    from .nn import set_scan_backend
+
     outs = {}
     for key, backend, amp in (("fast", fast, True), ("reference", reference, True), ("reference_fp32", reference,
                                                                                       False)):
-        with scan_backend(backend), torch.inference_mode(), \
-                torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
+        set_scan_backend(model, backend)
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
             outs[key] = model(x).float()
 
     def rel(a, b):
@@ -364,9 +349,9 @@ def check_equivalence(device, patch: Sequence[int], in_channels: int, out_channe
     """
     import torch
 
-    from .ssm import backends
+    from .ssm import dispatch
 
-    usable, reason = backends.cuda_scan_status() if fast == "cuda" else backends.triton_scan_status()
+    usable, reason = dispatch.cuda_scan_status() if fast == "cuda" else dispatch.triton_scan_status()
     if device.type != "cuda" or not usable:
         why = "needs --device cuda" if device.type != "cuda" else reason
         log(f"[equivalence] skipped: {why}")
@@ -456,7 +441,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
     """
     import torch
 
-    from .ssm import backends
+    from .ssm import dispatch, mamba_ssm_kernels
 
     unknown = [n for n in networks if n not in KNOWN_NETWORKS]
     if unknown:
@@ -477,7 +462,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         raise ValueError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
     dev = torch.device(device)
     amp = precision == "fp16" or (precision == "auto" and dev.type == "cuda")
-    cuda_ok, cuda_reason = backends.cuda_scan_status()
+    cuda_ok, cuda_reason = dispatch.cuda_scan_status()
 
     report: dict[str, Any] = {
         "command": command, "device": dev.type,
@@ -485,8 +470,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
         "versions": _versions(), "torch_cuda": torch.version.cuda,
         "scan_backend_cuda": {"available": cuda_ok, "reason": cuda_reason,
-                              "causal_conv1d": backends.causal_conv1d_function()[0] is not None},
-        "scan_backend_triton": dict(zip(("available", "reason"), backends.triton_scan_status())),
+                              "causal_conv1d": mamba_ssm_kernels.causal_conv1d_function()[0] is not None},
+        "scan_backend_triton": dict(zip(("available", "reason"), dispatch.triton_scan_status())),
         "settings": {"batch": batch, "patch": list(patch), "volume": list(volume), "in_channels": in_channels,
                      "out_channels": out_channels, "precision": "fp16" if amp else "fp32", "warmup": warmup,
                      "iters": iters, "segmamba_width": segmamba_width, "train": train, "inference": inference,
@@ -534,44 +519,43 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                segmamba_width, step, tiles, cuda_ok, cuda_reason, log) -> dict[str, Any]:
     import torch
 
-    from .ssm import backends
+    from .ssm import dispatch
 
     backend = _backend_of(name)
-    triton_ok, triton_reason = backends.triton_scan_status()
+    triton_ok, triton_reason = dispatch.triton_scan_status()
     if backend in ("cuda", "triton") and (dev.type != "cuda" or not (cuda_ok if backend == "cuda" else triton_ok)):
         why = "needs --device cuda" if dev.type != "cuda" else (cuda_reason if backend == "cuda" else triton_reason)
         log(f"[{name}] skipped: {why}")
         return {"skipped": why}
     entry: dict[str, Any] = {"params": None, "scan_backend": backend, "train": None, "patch_inference": None,
                              "volume_inference": None}
-    with scan_backend(backend):
-        log(f"[{name}] building")
-        torch.manual_seed(0)
-        model = build_network(name, in_channels, out_channels, segmamba_width)
-        entry["params"] = sum(p.numel() for p in model.parameters())
-        log(f"[{name}] {entry['params'] / 1e6:.2f} M parameters")
+    log(f"[{name}] building")
+    torch.manual_seed(0)
+    model = build_network(name, in_channels, out_channels, segmamba_width)
+    entry["params"] = sum(p.numel() for p in model.parameters())
+    log(f"[{name}] {entry['params'] / 1e6:.2f} M parameters")
 
-        moved = _guarded(lambda: model.to(dev) and {"ok": True}, dev, log, f"[{name}] to {dev.type}")
-        if not (isinstance(moved, dict) and moved.get("ok")):  # "OOM" or {"error": ...}: every phase gets it
-            entry["train"] = entry["patch_inference"] = entry["volume_inference"] = moved
-        else:
-            if train:
-                log(f"[{name}] train: {warmup} warm-up + {iters} timed steps, batch {batch}")
-                entry["train"] = _guarded(lambda: time_training(model, dev, batch, patch, in_channels, out_channels,
-                                                                amp, warmup, iters), dev, log, f"[{name}] train")
-                _report_phase(log, name, "train", entry["train"], "ms_median", "ms/step")
-            if inference:
-                log(f"[{name}] patch inference: {warmup} warm-up + {iters} timed passes")
-                entry["patch_inference"] = _guarded(
-                    lambda: time_patch_inference(model, dev, patch, in_channels, amp, warmup, iters),
-                    dev, log, f"[{name}] patch inference")
-                _report_phase(log, name, "patch inference", entry["patch_inference"], "ms_median", "ms")
-                log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, "
-                    f"{tiles} tiles x 8 mirrorings")
-                entry["volume_inference"] = _guarded(
-                    lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step),
-                    dev, log, f"[{name}] volume inference")
-                _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
+    moved = _guarded(lambda: model.to(dev) and {"ok": True}, dev, log, f"[{name}] to {dev.type}")
+    if not (isinstance(moved, dict) and moved.get("ok")):  # "OOM" or {"error": ...}: every phase gets it
+        entry["train"] = entry["patch_inference"] = entry["volume_inference"] = moved
+    else:
+        if train:
+            log(f"[{name}] train: {warmup} warm-up + {iters} timed steps, batch {batch}")
+            entry["train"] = _guarded(lambda: time_training(model, dev, batch, patch, in_channels, out_channels,
+                                                            amp, warmup, iters), dev, log, f"[{name}] train")
+            _report_phase(log, name, "train", entry["train"], "ms_median", "ms/step")
+        if inference:
+            log(f"[{name}] patch inference: {warmup} warm-up + {iters} timed passes")
+            entry["patch_inference"] = _guarded(
+                lambda: time_patch_inference(model, dev, patch, in_channels, amp, warmup, iters),
+                dev, log, f"[{name}] patch inference")
+            _report_phase(log, name, "patch inference", entry["patch_inference"], "ms_median", "ms")
+            log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, "
+                f"{tiles} tiles x 8 mirrorings")
+            entry["volume_inference"] = _guarded(
+                lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step),
+                dev, log, f"[{name}] volume inference")
+            _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
     del model
     _free(dev)
     return entry

@@ -2,7 +2,7 @@
 
 Versions are read with `importlib.metadata`, so a broken package (mamba-ssm's `__init__` fails with
 transformers 5.x) is reported rather than imported. The compiled kernels are probed through
-`nnunet_segmamba.ssm.backends`, which keeps the exact import error.
+`nnunet_segmamba.ssm.mamba_ssm_kernels`, which keeps the exact import error.
 """
 from __future__ import annotations
 
@@ -39,24 +39,24 @@ def _backend_for(device_type: str) -> dict[str, str | None]:
     """The backend `selective_scan(..., backend="auto")` picks for tensors on `device_type`, and why."""
     import torch
 
-    from .ssm import backends
+    from .ssm import dispatch
 
-    env = os.environ.get(backends.ENV_VAR, "").strip().lower()
+    env = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
     try:
-        name = backends.resolve("auto", torch.device(device_type))
+        name = dispatch.resolve("auto", torch.device(device_type))
     except (ValueError, RuntimeError) as exc:
         return {"backend": None, "reason": str(exc)}
     if device_type == "cpu":
         reason = "CPU tensors always use the chunked PyTorch scan"
     elif env in ("torch", "cuda", "triton"):
-        reason = f"forced by {backends.ENV_VAR}={env}"
+        reason = f"forced by {dispatch.ENV_VAR}={env}"
     elif name == "cuda":
-        reason = backends.cuda_scan_status()[1]
+        reason = dispatch.cuda_scan_status()[1]
     elif name == "triton":
-        reason = f"{backends.triton_scan_status()[1]}; mamba-ssm's kernel is not used: {backends.cuda_scan_status()[1]}"
+        reason = f"{dispatch.triton_scan_status()[1]}; mamba-ssm's kernel is not used: {dispatch.cuda_scan_status()[1]}"
     else:
-        reason = (f"fallback to the chunked PyTorch scan: {backends.cuda_scan_status()[1]}; "
-                  f"{backends.triton_scan_status()[1]}")
+        reason = (f"fallback to the chunked PyTorch scan: {dispatch.cuda_scan_status()[1]}; "
+                  f"{dispatch.triton_scan_status()[1]}")
     return {"backend": name, "reason": reason}
 
 
@@ -83,14 +83,14 @@ def collect_report() -> dict[str, Any]:
 
     import torch
 
-    from .ssm import backends
+    from .ssm import mamba_ssm_kernels
 
     report["torch_cuda_build"] = torch.version.cuda
     report["cuda_available"] = torch.cuda.is_available()
     report["gpus"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                       if report["cuda_available"] else [])
-    scan_module, scan_error = backends.load_extension("selective_scan_cuda")
-    conv_fn, conv_error = backends.causal_conv1d_function()
+    scan_module, scan_error = mamba_ssm_kernels.load_extension("selective_scan_cuda")
+    conv_fn, conv_error = mamba_ssm_kernels.causal_conv1d_function()
     report["kernels"] = {
         "selective_scan_cuda": {"importable": scan_module is not None, "error": scan_error},
         "causal_conv1d": {"importable": conv_fn is not None, "error": conv_error},

@@ -6,11 +6,20 @@ a conv wrapped as `<name>.conv`, InstanceNorm without affine parameters, no Batc
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import TriOrientedMamba
+
+# Both U-Nets (SegMamba, MedMambaUNet) halve the size in each of four encoder stages: inputs are padded to, and
+# nnU-Net's patch sizes rounded to, multiples of this.
+TOTAL_STRIDE = 16
+# The strides of the logits returned with deep supervision, full resolution first (nnU-Net's loss order).
+DEEP_SUPERVISION_STRIDES = (1, 2, 4, 8)
 
 
 def conv_nd(spatial_dims: int) -> type[nn.Module]:
@@ -139,11 +148,11 @@ class MambaLayer(nn.Module):
     """
 
     def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
-                 dt_init_all_branches: bool = False) -> None:
+                 dt_init_all_branches: bool = False, scan_backend: str = "auto") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.mamba = TriOrientedMamba(dim, d_state=16, d_conv=4, expand=2, directions=directions,
-                                      dt_init_all_branches=dt_init_all_branches)
+                                      dt_init_all_branches=dt_init_all_branches, scan_backend=scan_backend)
         self.num_slices = num_slices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,10 +168,11 @@ class MambaLayerV1(nn.Module):
     """
 
     def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
-                 dt_init_all_branches: bool = False, mlp_ratio: int = 4) -> None:
+                 dt_init_all_branches: bool = False, scan_backend: str = "auto", mlp_ratio: int = 4) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.mamba = TriOrientedMamba(dim, directions=directions, dt_init_all_branches=dt_init_all_branches)
+        self.mamba = TriOrientedMamba(dim, directions=directions, dt_init_all_branches=dt_init_all_branches,
+                                      scan_backend=scan_backend)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.num_slices = num_slices
@@ -186,3 +196,42 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
 
 def crop_to(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return x[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+
+
+def check_unet_input(x: torch.Tensor, network: str, spatial_dims: int, in_chans: int, pad_input: bool,
+                     deepest_stage_needs: str) -> tuple[int, ...]:
+    """The input checks both U-Nets share; returns the spatial size. Each error names the input and the fix.
+
+    `deepest_stage_needs` says, for the too-small error, what a single voxel at stride 16 breaks.
+    """
+    axes = "D, H, W" if spatial_dims == 3 else "H, W"
+    if x.dim() != spatial_dims + 2:
+        raise ValueError(f"{network} ({spatial_dims}D) expects a (B, C, {axes}) tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"input has {x.shape[1]} channels but the network was built with in_chans={in_chans}")
+    size = tuple(x.shape[2:])
+    if min(size) < 1:
+        raise ValueError(f"empty spatial size {size}")
+    if not pad_input and any(s % TOTAL_STRIDE for s in size):
+        raise ValueError(f"spatial size {size} is not a multiple of the total stride {TOTAL_STRIDE}; every one of "
+                         f"the four stages halves it. Use a patch size divisible by {TOTAL_STRIDE} or pad_input=True")
+    padded = [s + (-s) % TOTAL_STRIDE for s in size]
+    if math.prod(padded) // TOTAL_STRIDE ** spatial_dims < 2:
+        unit = "voxel" if spatial_dims == 3 else "pixel"
+        raise ValueError(f"spatial size {size} is too small: the deepest stage (stride {TOTAL_STRIDE}) would hold a "
+                         f"single {unit}, {deepest_stage_needs}. Use at least {2 * TOTAL_STRIDE} {unit}s along "
+                         f"one axis")
+    return size
+
+
+def deep_supervision_heads(spatial_dims: int, channels: Sequence[int], out_chans: int) -> nn.ModuleList:
+    """1x1 output heads on the decoder features at strides 2, 4, 8 (`channels` in that order)."""
+    return nn.ModuleList(OutBlock(spatial_dims, c, out_chans) for c in channels)
+
+
+def deep_supervision_outputs(logits: torch.Tensor, heads: nn.ModuleList, features: Sequence[torch.Tensor],
+                             size: Sequence[int]) -> list[torch.Tensor]:
+    """[logits] + each head on its decoder feature (strides 2, 4, 8), cropped to the target sizes nnU-Net makes:
+    round(size / stride) (batchgeneratorsv2's downsampling of the segmentation)."""
+    return [logits] + [crop_to(head(d), tuple(round(s / stride) for s in size))
+                       for head, d, stride in zip(heads, features, DEEP_SUPERVISION_STRIDES[1:])]

@@ -12,19 +12,19 @@ does not fit the 2x2 one here).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from .blocks import OutBlock, ResidualConvBlock, UpBlock, crop_to, pad_to_multiple
+from ..ssm.dispatch import BACKENDS
+from .blocks import (DEEP_SUPERVISION_STRIDES, TOTAL_STRIDE, OutBlock, ResidualConvBlock, UpBlock, check_unet_input,
+                     crop_to, deep_supervision_heads, deep_supervision_outputs, pad_to_multiple)
 from .medmamba import MedMambaLayer, PatchEmbed2D, _init_weights
 
-__all__ = ["MedMambaUNet", "TOTAL_STRIDE"]
+__all__ = ["MedMambaUNet"]
 
-NUM_STAGES = 4
-TOTAL_STRIDE = 2 ** NUM_STAGES  # a 2x2 patch embedding, then three 2x2 patch mergings
+NUM_STAGES = 4  # a 2x2 patch embedding, then three 2x2 patch mergings: TOTAL_STRIDE = 2 ** NUM_STAGES
 
 
 class MedMambaUNet(nn.Module):
@@ -62,7 +62,8 @@ class MedMambaUNet(nn.Module):
             expects; the attribute can be switched off later, the heads stay (strict checkpoint loading).
         pad_input: zero-pad inputs whose size is not a multiple of 16 and crop the logits back. With False such
             inputs raise a ValueError.
-        backend: selective-scan backend ("auto", "cuda", "torch"), see `nnunet_segmamba.ssm.selective_scan`.
+        scan_backend: selective-scan implementation ("auto", "cuda", "triton", "torch"), see
+            `nnunet_segmamba.ssm.dispatch`.
 
     Shapes:
         x (B, in_chans, H, W) -> logits (B, out_chans, H, W); with deep supervision a list of four logits of
@@ -74,11 +75,11 @@ class MedMambaUNet(nn.Module):
         torch.Size([2, 3, 56, 40])
     """
 
-    deep_supervision_strides = (1, 2, 4, 8)
+    deep_supervision_strides = DEEP_SUPERVISION_STRIDES
 
     def __init__(self, in_chans: int, out_chans: int, depths: Sequence[int] = (2, 2, 2, 2),
                  dims: int | Sequence[int] = (32, 64, 128, 256), d_state: int = 16, drop_path_rate: float = 0.1,
-                 deep_supervision: bool = False, pad_input: bool = True, backend: str = "auto") -> None:
+                 deep_supervision: bool = False, pad_input: bool = True, scan_backend: str = "auto") -> None:
         super().__init__()
         if in_chans < 1 or out_chans < 1:
             raise ValueError(f"in_chans and out_chans must be positive, got {in_chans} and {out_chans}")
@@ -96,6 +97,8 @@ class MedMambaUNet(nn.Module):
             raise ValueError(f"d_state must be positive, got {d_state}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
         self.in_chans, self.out_chans, self.depths, self.dims = in_chans, out_chans, depths, dims
         self.pad_input = pad_input
         self.deep_supervision = deep_supervision
@@ -106,7 +109,7 @@ class MedMambaUNet(nn.Module):
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList(
             MedMambaLayer(dims[i], depths[i], rates[sum(depths[:i]):sum(depths[:i + 1])], d_state,
-                          downsample=i < NUM_STAGES - 1, backend=backend)
+                          downsample=i < NUM_STAGES - 1, scan_backend=scan_backend)
             for i in range(NUM_STAGES)
         )
         self.skip_norms = nn.ModuleList(nn.LayerNorm(d) for d in dims)
@@ -121,26 +124,11 @@ class MedMambaUNet(nn.Module):
         self.decoder1 = UpBlock(2, dims[0], dims[0])
         self.out = OutBlock(2, dims[0], out_chans)
         if deep_supervision:  # on the decoder outputs at strides 2, 4, 8
-            self.ds_heads = nn.ModuleList(OutBlock(2, c, out_chans) for c in dims[:3])
+            self.ds_heads = deep_supervision_heads(2, dims[:3], out_chans)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"MedMambaUNet is 2D and expects a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"input has {x.shape[1]} channels but the network was built with "
-                             f"in_chans={self.in_chans}")
-        size = tuple(x.shape[2:])
-        if min(size) < 1:
-            raise ValueError(f"empty spatial size {size}")
-        if not self.pad_input and any(s % TOTAL_STRIDE for s in size):
-            raise ValueError(f"spatial size {size} is not a multiple of the total stride {TOTAL_STRIDE}; every one "
-                             f"of the four stages halves it. Use a patch size divisible by {TOTAL_STRIDE} or "
-                             f"pad_input=True")
-        padded = [s + (-s) % TOTAL_STRIDE for s in size]
-        if math.prod(padded) // TOTAL_STRIDE ** 2 < 2:
-            raise ValueError(f"spatial size {size} is too small: the deepest stage (stride {TOTAL_STRIDE}) would "
-                             f"hold a single pixel, on which the SS-Conv-SSM block's batch norm cannot train and the "
-                             f"scan has nothing to scan. Use at least {2 * TOTAL_STRIDE} pixels along one axis")
+        check_unet_input(x, "MedMambaUNet", 2, self.in_chans, self.pad_input,
+                         "on which the SS-Conv-SSM block's batch norm cannot train and the scan has nothing to scan")
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder. (B, in_chans, H, W), H and W multiples of 16 -> the skips at strides 1, 2, 4, 8, 16, each
@@ -166,7 +154,4 @@ class MedMambaUNet(nn.Module):
         logits = crop_to(self.out(d1), size)
         if not (self.deep_supervision and hasattr(self, "ds_heads")):
             return logits
-        # nnU-Net downsamples the targets to round(size * scale) (batchgeneratorsv2); match that
-        heads = [crop_to(head(d), tuple(round(s / stride) for s in size))
-                 for head, d, stride in zip(self.ds_heads, (d2, d4, d8), self.deep_supervision_strides[1:])]
-        return [logits] + heads
+        return deep_supervision_outputs(logits, self.ds_heads, (d2, d4, d8), size)

@@ -15,16 +15,17 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ssm.dispatch import BACKENDS
 from .blocks import (
-    GSC, MambaLayer, MambaLayerV1, MlpChannel, OutBlock, ResidualConvBlock, UpBlock, conv_nd, crop_to,
-    instance_norm_nd, pad_to_multiple,
+    DEEP_SUPERVISION_STRIDES, GSC, TOTAL_STRIDE, MambaLayer, MambaLayerV1, MlpChannel, OutBlock, ResidualConvBlock,
+    UpBlock, check_unet_input, conv_nd, crop_to, deep_supervision_heads, deep_supervision_outputs, instance_norm_nd,
+    pad_to_multiple,
 )
 
 __all__ = ["SegMamba", "MambaEncoder", "MIXERS", "BLOCKS"]
 
 MIXERS = {"tom": ("forward", "backward", "slice"), "forward": ("forward",), "none": ()}
 BLOCKS = ("published", "v1")
-TOTAL_STRIDE = 16
 
 
 class MambaEncoder(nn.Module):
@@ -35,7 +36,7 @@ class MambaEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int, in_chans: int, depths: Sequence[int], dims: Sequence[int],
                  num_slices: Sequence[int | None], mixer: str, block: str, dt_init_all_branches: bool,
-                 gradient_checkpointing: bool) -> None:
+                 gradient_checkpointing: bool, scan_backend: str) -> None:
         super().__init__()
         Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
         self.downsample_layers = nn.ModuleList([nn.Sequential(Conv(in_chans, dims[0], 7, stride=2, padding=3))])
@@ -46,7 +47,8 @@ class MambaEncoder(nn.Module):
         for i in range(4):
             if MIXERS[mixer]:
                 self.stages.append(nn.Sequential(*[
-                    Layer(dims[i], MIXERS[mixer], num_slices[i], dt_init_all_branches) for _ in range(depths[i])
+                    Layer(dims[i], MIXERS[mixer], num_slices[i], dt_init_all_branches, scan_backend)
+                    for _ in range(depths[i])
                 ]))
             else:  # the ablation: identity in place of every Mamba layer
                 self.stages.append(nn.Identity())
@@ -96,6 +98,9 @@ class SegMamba(nn.Module):
         gradient_checkpointing: recompute the Mamba stages in the backward pass to save training memory.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
+        scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on
+            the input's device; the environment variable NNUNET_SEGMAMBA_SCAN_BACKEND sets what "auto" means),
+            "cuda" (mamba-ssm's kernels), "triton" (ours) or "torch" (`nnunet_segmamba.ssm.dispatch`).
 
     Shapes:
         x (B, in_chans, D, H, W) or (B, in_chans, H, W) -> logits of the same spatial size, (B, out_chans, ...).
@@ -109,13 +114,13 @@ class SegMamba(nn.Module):
         torch.Size([2, 3, 56, 40])
     """
 
-    deep_supervision_strides = (1, 2, 4, 8)
+    deep_supervision_strides = DEEP_SUPERVISION_STRIDES
 
     def __init__(self, in_chans: int, out_chans: int, spatial_dims: int = 3, depths: Sequence[int] = (2, 2, 2, 2),
                  feat_size: Sequence[int] = (48, 96, 192, 384), hidden_size: int = 768,
                  num_slices: Sequence[int | None] | None = None, deep_supervision: bool = False, mixer: str = "tom",
                  block: str = "published", dt_init_all_branches: bool = False,
-                 gradient_checkpointing: bool = False, pad_input: bool = True) -> None:
+                 gradient_checkpointing: bool = False, pad_input: bool = True, scan_backend: str = "auto") -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -127,6 +132,8 @@ class SegMamba(nn.Module):
             raise ValueError(f"mixer must be one of {tuple(MIXERS)}, got {mixer!r}")
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if scan_backend not in BACKENDS:
+            raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
         num_slices = tuple(num_slices) if num_slices is not None else (None,) * 4
         if len(num_slices) != 4:
             raise ValueError(f"num_slices needs one entry per stage (4) or None, got {num_slices}")
@@ -136,7 +143,7 @@ class SegMamba(nn.Module):
 
         dims = list(feat_size)
         self.vit = MambaEncoder(spatial_dims, in_chans, depths, dims, num_slices, mixer, block,
-                                dt_init_all_branches, gradient_checkpointing)
+                                dt_init_all_branches, gradient_checkpointing, scan_backend)
         self.encoder1 = ResidualConvBlock(spatial_dims, in_chans, dims[0])
         self.encoder2 = ResidualConvBlock(spatial_dims, dims[0], dims[1])
         self.encoder3 = ResidualConvBlock(spatial_dims, dims[1], dims[2])
@@ -149,33 +156,12 @@ class SegMamba(nn.Module):
         self.decoder1 = ResidualConvBlock(spatial_dims, dims[0], dims[0])
         self.out = OutBlock(spatial_dims, dims[0], out_chans)
         if deep_supervision:
-            self.ds_heads = nn.ModuleList([OutBlock(spatial_dims, c, out_chans) for c in dims[1:]])
+            self.ds_heads = deep_supervision_heads(spatial_dims, dims[1:], out_chans)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != self.spatial_dims + 2:
-            raise ValueError(
-                f"SegMamba(spatial_dims={self.spatial_dims}) expects a (B, C, {'D, ' if self.spatial_dims == 3 else ''}"
-                f"H, W) tensor, got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"input has {x.shape[1]} channels but the network was built with in_chans={self.in_chans}"
-            )
-        size = tuple(x.shape[2:])
-        if min(size) < 1:
-            raise ValueError(f"empty spatial size {size}")
-        if not self.pad_input and any(s % TOTAL_STRIDE for s in size):
-            raise ValueError(
-                f"spatial size {size} is not a multiple of the total stride {TOTAL_STRIDE}; every one of the four "
-                f"stages halves it. Use a patch size divisible by {TOTAL_STRIDE} or pad_input=True"
-            )
+        size = check_unet_input(x, "SegMamba", self.spatial_dims, self.in_chans, self.pad_input,
+                                "on which instance normalisation is undefined")
         padded = [s + (-s) % TOTAL_STRIDE for s in size]
-        if math.prod(padded) // TOTAL_STRIDE ** self.spatial_dims < 2:
-            raise ValueError(
-                f"spatial size {size} is too small: the deepest stage (stride {TOTAL_STRIDE}) would hold a single "
-                f"voxel, on which instance normalisation is undefined. Use at least {2 * TOTAL_STRIDE} voxels "
-                f"along one axis"
-            )
         for stage, stride in enumerate((2, 4, 8, 16)):
             n, stage_size = self.num_slices[stage], [p // stride for p in padded]
             if n is not None and math.prod(stage_size) % n:
@@ -201,7 +187,4 @@ class SegMamba(nn.Module):
         logits = crop_to(self.out(self.decoder1(d0)), size)
         if not (self.deep_supervision and hasattr(self, "ds_heads")):
             return logits
-        # nnU-Net downsamples the targets to round(size * scale) (batchgeneratorsv2); match that
-        heads = [crop_to(head(d), tuple(round(s / stride) for s in size))
-                 for head, d, stride in zip(self.ds_heads, (d1, d2, d3), self.deep_supervision_strides[1:])]
-        return [logits] + heads
+        return deep_supervision_outputs(logits, self.ds_heads, (d1, d2, d3), size)

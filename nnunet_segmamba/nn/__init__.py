@@ -1,4 +1,24 @@
-"""Mamba mixers shared by the 2D and 3D networks."""
+"""Mamba mixers on flattened image sequences, shared by the networks: SegMamba's tri-orientated Mamba (3D and
+2D), VMamba's SS2D (MedMamba), and stochastic depth."""
+from .drop_path import DropPath
 from .mamba import DIRECTIONS, TriOrientedMamba, slice_order
+from .ss2d import SS2D, merge_scan_orders, scan_orders
 
-__all__ = ["DIRECTIONS", "TriOrientedMamba", "slice_order"]
+__all__ = ["DIRECTIONS", "DropPath", "SS2D", "TriOrientedMamba", "merge_scan_orders", "scan_orders",
+           "set_scan_backend", "slice_order"]
+
+
+def set_scan_backend(model, scan_backend: str):
+    """Switch every Mamba mixer inside `model` (TriOrientedMamba, SS2D) to `scan_backend`; returns `model`.
+
+    For a network built or loaded with one implementation and run with another (e.g. comparing them on the
+    same weights). Networks take `scan_backend=` at construction for the usual case.
+    """
+    from ..ssm.dispatch import BACKENDS
+
+    if scan_backend not in BACKENDS:
+        raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
+    for module in model.modules():
+        if isinstance(module, (TriOrientedMamba, SS2D)):
+            module.scan_backend = scan_backend
+    return model

@@ -22,13 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ssm import backends, causal_conv1d, selective_scan, visit
+from ..ssm import dispatch
+from ..ssm.dispatch import causal_conv1d, selective_scan
+from ..ssm.orders import check_num_slices, visit
 
 __all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]
 
 # direction name -> parameter-name suffix in the reference
 DIRECTIONS = {"forward": "", "backward": "_b", "slice": "_s"}
-# direction name -> the order in which its branch visits the raster sequence (`nnunet_segmamba.ssm.visit`)
+# direction name -> the order in which its branch visits the raster sequence (`nnunet_segmamba.ssm.orders`)
 ORDERS = {"forward": "forward", "backward": "reverse", "slice": "slice"}
 
 
@@ -38,16 +40,7 @@ def slice_order(x: torch.Tensor, num_slices: int, inverse: bool = False) -> torc
     Position q of the reordered sequence holds x[(q mod n) * (L / n) + q // n] for n = num_slices, i.e. the
     (n, L/n) view transposed. With n = D of a (D, H, W) raster, it visits the D slices of one (h, w) first.
     """
-    _check_num_slices(num_slices, x.shape[-1])
     return visit(x, "slice", num_slices, inverse=inverse)
-
-
-def _check_num_slices(num_slices: int, length: int) -> None:
-    if num_slices < 1 or length % num_slices != 0:
-        raise ValueError(
-            f"num_slices={num_slices} must be a positive divisor of the sequence length L={length}; "
-            f"pass num_slices equal to the feature map's first spatial size (or leave it None)"
-        )
 
 
 def _scan_precision(p: torch.Tensor) -> torch.Tensor:
@@ -55,17 +48,22 @@ def _scan_precision(p: torch.Tensor) -> torch.Tensor:
     return p if p.dtype == torch.float64 else p.float()
 
 
-def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_init_floor: float,
-                  dt_scale: float = 1.0) -> None:
-    """Mamba's dt initialisation: softplus(bias) log-uniform in [dt_min, dt_max], weight uniform(+-dt_rank^-0.5)."""
+def dt_projection_init(dt_rank: int, d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float,
+                       dt_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba's dt projection init: weight uniform(+-dt_scale / sqrt(dt_rank)), bias = softplus^-1(dt) with dt
+    log-uniform in [dt_min, dt_max] (floored at dt_init_floor). Returns (weight (d_inner, dt_rank), bias (d_inner,))."""
     std = dt_rank ** -0.5 * dt_scale
-    nn.init.uniform_(dt_proj.weight, -std, std)
-    dt = torch.exp(
-        torch.rand(dt_proj.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-    ).clamp(min=dt_init_floor)
-    inv_softplus_dt = dt + torch.log(-torch.expm1(-dt))
+    weight = torch.empty(d_inner, dt_rank).uniform_(-std, std)
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return weight, dt + torch.log(-torch.expm1(-dt))
+
+
+def _init_dt_proj(dt_proj: nn.Linear, dt_rank: int, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
+    weight, bias = dt_projection_init(dt_rank, dt_proj.out_features, dt_min, dt_max, dt_init_floor)
     with torch.no_grad():
-        dt_proj.bias.copy_(inv_softplus_dt)
+        dt_proj.weight.copy_(weight)
+        dt_proj.bias.copy_(bias)
     dt_proj.bias._no_reinit = True
 
 
@@ -84,7 +82,8 @@ class TriOrientedMamba(nn.Module):
         dt_init_all_branches: the authors' code gives only the forward branch Mamba's dt initialisation (the
             backward and inter-slice dt_proj keep nn.Linear's default). True gives all branches Mamba's init.
         dt_min, dt_max, dt_init_floor: Mamba's dt initialisation range.
-        backend: scan backend ("auto", "cuda", "torch"), see `nnunet_segmamba.ssm.selective_scan`.
+        scan_backend: selective-scan implementation ("auto", "cuda", "triton", "torch"), see
+            `nnunet_segmamba.ssm.dispatch`.
 
     Shapes:
         forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
@@ -97,7 +96,7 @@ class TriOrientedMamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", directions: Sequence[str] = ("forward", "backward", "slice"),
                  num_slices: int | None = None, dt_init_all_branches: bool = False, dt_min: float = 0.001,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, backend: str = "auto") -> None:
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_backend: str = "auto") -> None:
         super().__init__()
         directions = tuple(directions)
         unknown = [d for d in directions if d not in DIRECTIONS]
@@ -112,7 +111,9 @@ class TriOrientedMamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.directions = tuple(d for d in DIRECTIONS if d in directions)  # canonical order
         self.num_slices = num_slices
-        self.backend = backend
+        if scan_backend not in dispatch.BACKENDS:
+            raise ValueError(f"scan_backend must be one of {dispatch.BACKENDS}, got {scan_backend!r}")
+        self.scan_backend = scan_backend
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         for direction in self.directions:
@@ -166,7 +167,7 @@ class TriOrientedMamba(nn.Module):
         conv, x_proj, dt_proj = getattr(self, f"conv1d{s}"), getattr(self, f"x_proj{s}"), getattr(self, f"dt_proj{s}")
         A = -torch.exp(_scan_precision(getattr(self, f"A{s}_log")))  # (d_inner, d_state)
         x, z = xz.chunk(2, dim=1)
-        u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.backend, order=order,
+        u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.scan_backend, order=order,
                           num_slices=num_slices)  # (B, d_inner, L)
         # The projections act on each position alone, so they commute with the visiting order. Channels-first
         # products keep every operand of the scan contiguous along L (B and C are row slices of x_dbl).
@@ -175,7 +176,7 @@ class TriOrientedMamba(nn.Module):
         delta = torch.matmul(dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
         return selective_scan(
             u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
-            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.backend, order=order,
+            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
             num_slices=num_slices,
         )
 
@@ -188,10 +189,10 @@ class TriOrientedMamba(nn.Module):
         if "slice" in self.directions:
             if n is None:
                 raise ValueError("the inter-slice direction needs num_slices (at construction or call time)")
-            _check_num_slices(n, hidden_states.shape[1])
+            check_num_slices(n, hidden_states.shape[1])
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
-        maps = backends.supports_index_maps(backends.resolve(self.backend, xz.device))
+        maps = dispatch.supports_index_maps(dispatch.resolve(self.scan_backend, xz.device))
         out = 0
         for direction in self.directions:
             order, ns = ORDERS[direction], (n if direction == "slice" else None)

@@ -1,7 +1,13 @@
-"""The selective-scan core: `selective_scan` (dispatching to mamba-ssm's CUDA kernel, our Triton kernels or the
-chunked PyTorch scan), the readable reference `selective_scan_ref`, the causal depthwise convolution that precedes
-it, and `visit`, the reverse / inter-slice visiting orders."""
-from .causal_conv import causal_conv1d
-from .selective_scan import selective_scan, selective_scan_ref, selective_scan_torch, visit
+"""The selective-scan core, one module per concern:
 
-__all__ = ["causal_conv1d", "selective_scan", "selective_scan_ref", "selective_scan_torch", "visit"]
+    torch_scan.py         the readable definition `selective_scan_ref`, the chunked PyTorch scan, the torch conv
+    mamba_ssm_kernels.py  mamba-ssm's compiled scan and causal-conv1d's conv (optional GPU extra)
+    triton_scan.py        our Triton scan; triton_conv.py our Triton causal conv; triton_common.py what they share
+    orders.py             the forward / reverse / inter-slice visiting orders and the one `num_slices` check
+    dispatch.py           `selective_scan` and `causal_conv1d`: choose an implementation, fall back on failure
+"""
+from .dispatch import BACKENDS, causal_conv1d, selective_scan
+from .orders import visit
+from .torch_scan import selective_scan_ref, selective_scan_torch
+
+__all__ = ["BACKENDS", "causal_conv1d", "selective_scan", "selective_scan_ref", "selective_scan_torch", "visit"]

@@ -25,25 +25,14 @@ tensors, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set be
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception as exc:  # noqa: BLE001 - a broken install can fail with more than ImportError
-    triton = None
-    tl = None
-    TRITON_AVAILABLE = False
-    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-else:
-    TRITON_AVAILABLE = True
-    TRITON_IMPORT_ERROR = ""
+from .orders import slice_geometry
+from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, interpreting, jit,
+                            memory_position, next_power_of_2, on_device_of, tl)
 
-__all__ = ["causal_conv1d_triton", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "MODES", "MAX_WIDTH"]
+__all__ = ["causal_conv1d_triton", "MAX_WIDTH"]
 
-MODES = {"forward": 0, "reverse": 1, "slice": 2}
 MAX_WIDTH = 8
 # Largest tile of scan-order steps per program. Module-level so tests can shrink it to cover tile boundaries
 # on short sequences.
@@ -54,25 +43,15 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if TRITON_AVAILABLE:
 
-    @triton.jit
-    def _memory_position(t, L, n, M, MODE: tl.constexpr):
-        """p(t): where scan-order step t lives along L."""
-        if MODE == 1:
-            return L - 1 - t
-        elif MODE == 2:
-            return (t % n) * M + t // n
-        else:
-            return t
-
-    @triton.jit
+    @jit
     def _load_scan(row_ptr, t, valid, L, n, M, MODE: tl.constexpr):
         """x at scan-order steps t as float32, zero where not valid (before the start or past the end)."""
         # Clamp the masked-off steps: p() of a negative step can land anywhere, and the interpreter may still
         # form the address.
-        pos = _memory_position(tl.where(valid, t, 0), L, n, M, MODE)
+        pos = memory_position(tl.where(valid, t, 0), L, n, M, MODE)
         return tl.load(row_ptr + pos, mask=valid, other=0.0).to(tl.float32)
 
-    @triton.jit
+    @jit
     def _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M,
                         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr):
         acc = tl.zeros([BLOCK_L], dtype=tl.float32)
@@ -83,7 +62,7 @@ if TRITON_AVAILABLE:
             acc += tl.load(w_row + k).to(tl.float32) * _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
         return acc
 
-    @triton.jit
+    @jit
     def _causal_conv1d_fwd_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr,
         D, L, n, M,
@@ -104,10 +83,10 @@ if TRITON_AVAILABLE:
         acc = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        pos = _memory_position(tl.where(in_seq, t, 0), L, n, M, MODE)
+        pos = memory_position(tl.where(in_seq, t, 0), L, n, M, MODE)
         tl.store(out_row + pos, acc.to(out_ptr.dtype.element_ty), mask=in_seq)
 
-    @triton.jit
+    @jit
     def _causal_conv1d_bwd_kernel(
         x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
         D, L, n, M, n_tiles,
@@ -147,27 +126,8 @@ if TRITON_AVAILABLE:
                     tl.store(dw_part_ptr + part * K + k, tl.sum(g * xk, axis=0))
                 if HAS_BIAS:
                     tl.store(db_part_ptr + part, tl.sum(g, axis=0))
-        pos = _memory_position(tl.where(in_seq, s, 0), L, n, M, MODE)
+        pos = memory_position(tl.where(in_seq, s, 0), L, n, M, MODE)
         tl.store(dx_row + pos, dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
-
-
-def _interpreting() -> bool:
-    """Whether the kernels were decorated under TRITON_INTERPRET=1 (and so take CPU tensors)."""
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except Exception:  # noqa: BLE001
-        return False
-    return isinstance(_causal_conv1d_fwd_kernel, InterpretedFunction)
-
-
-def next_power_of_2(x: int) -> int:
-    """triton.next_power_of_2 for x >= 1, without the call overhead of a constexpr function (as Triton 3.8 wraps
-    it), which counts on the host side of every launch."""
-    return 1 << max(x - 1, 0).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _block_size(length: int) -> int:
@@ -183,11 +143,6 @@ def _contiguous_along_l(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _on_device_of(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's (cuda:1 under cuda:0 current).
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu, mode_id, num_slices, slice_len):
@@ -200,7 +155,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         block = _block_size(length)
         if out.numel():
             grid = (batch * dim, cdiv(length, block))
-            with _on_device_of(x):
+            with on_device_of(x):
                 _causal_conv1d_fwd_kernel[grid](
                     x, w, b if b is not None else w, out,
                     dim, length, num_slices, slice_len,
@@ -225,7 +180,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
         db_part = torch.zeros((batch * dim, n_tiles) if b is not None else (1,), dtype=torch.float32,
                               device=x.device)
         if x.numel():
-            with _on_device_of(x):
+            with on_device_of(x):
                 _causal_conv1d_bwd_kernel[(batch * dim, n_tiles)](
                     x, w, b if b is not None else w, dout, dx, dw_part, db_part,
                     dim, length, num_slices, slice_len, n_tiles,
@@ -276,20 +231,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
                          "pass bias=None for no bias")
     if bias is not None and not bias.is_floating_point():
         raise ValueError(f"bias must be floating point, got {bias.dtype}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    if mode == "slice":
-        if num_slices is None:
-            raise ValueError("mode 'slice' needs num_slices, the number of slices n (L = n * slice length)")
-        if isinstance(num_slices, bool) or int(num_slices) != num_slices or num_slices < 1:
-            raise ValueError(f"num_slices must be a positive integer, got {num_slices!r}")
-        num_slices = int(num_slices)
-        if length % num_slices:
-            raise ValueError(f"num_slices = {num_slices} does not divide L = {length}; pass a divisor of the "
-                             "sequence length (the number of slices of the flattened volume)")
-    else:
-        num_slices = 1  # unused by the kernel; a fixed value avoids compiling variants for it
-    slice_len = length // num_slices
+    num_slices, slice_len = slice_geometry(mode, length, num_slices, "mode")
 
     if not TRITON_AVAILABLE:
         raise RuntimeError(f"causal_conv1d_triton needs triton, which failed to import ({TRITON_IMPORT_ERROR}); "
@@ -297,7 +239,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     devices = {t.device for t in (x, weight, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, weight and bias must be on one device, got {sorted(str(d) for d in devices)}")
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"x is on {x.device}; the Triton causal conv needs CUDA tensors (or TRITON_INTERPRET=1 "
                          "set before importing this module, for the CPU interpreter)")
     return _CausalConv1dTriton.apply(x, weight, bias, bool(silu), MODES[mode], num_slices, slice_len)

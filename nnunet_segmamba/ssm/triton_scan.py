@@ -36,20 +36,11 @@ import math
 
 import torch
 
-# triton_conv imports triton defensively (this module must import where it is missing: CI on CPU, macOS) and
-# holds the index maps p(t) that both kernels read through
-from .triton_conv import MODES, TRITON_AVAILABLE, cdiv, next_power_of_2
-from .triton_conv import TRITON_IMPORT_ERROR as TRITON_REASON
+from .orders import slice_geometry
+from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, jit, memory_position,
+                            next_power_of_2, tl)
 
-if TRITON_AVAILABLE:
-    import triton
-    import triton.language as tl
-
-    from .triton_conv import _memory_position
-else:
-    triton = tl = None
-
-__all__ = ["selective_scan_triton", "TRITON_AVAILABLE", "TRITON_REASON", "MODES"]
+__all__ = ["selective_scan_triton", "TUNING"]
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
 # and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
@@ -57,17 +48,13 @@ __all__ = ["selective_scan_triton", "TRITON_AVAILABLE", "TRITON_REASON", "MODES"
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8}
 
 
-def _jit(fn):
-    return triton.jit(fn) if TRITON_AVAILABLE else fn
-
-
-@_jit
+@jit
 def _softplus(x):
     # torch's softplus (threshold 20) without log1p, which the interpreter lacks: exp(x) is exact enough below -15
     return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
 
 
-@_jit
+@jit
 def _base_2(A):
     # tl.exp(x) compiles to a multiply by log2(e) and ex2.approx.f32, which ptxas wraps in a fix-up for denormal
     # results; tl.exp2 is ex2.approx.ftz.f32 alone. With A scaled once per channel every decay exp(A dt) is
@@ -75,13 +62,13 @@ def _base_2(A):
     return A.to(tl.float32) * 1.4426950408889634
 
 
-@_jit
+@jit
 def _linear_combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2) for h -> a h + b
     return a1 * a2, b1 * a2 + b2
 
 
-@_jit
+@jit
 def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
     x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias
     dt = x
@@ -90,7 +77,7 @@ def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
     return tl.where(mask, dt, 0.0), x
 
 
-@_jit
+@jit
 def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
                    NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SOFTPLUS: tl.constexpr):
@@ -104,7 +91,7 @@ def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
     g = d // (D_ // G_)
     t = c * BL + tl.arange(0, BL)
     mask = t < L
-    p = _memory_position(t, L, NS, M, MODE)
+    p = memory_position(t, L, NS, M, MODE)
     chan = d.to(tl.int64) * L
     n = tl.arange(0, NP)
     nmask = n < N
@@ -118,7 +105,7 @@ def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
     return bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2
 
 
-@_jit
+@jit
 def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
                        D_, G_, N, L, M, NS, NCH, su, sdelta, sB,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
@@ -134,7 +121,7 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
     tl.store(T_ptr + bd.to(tl.int64) * NCH + c, total)
 
 
-@_jit
+@jit
 def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
                  NP: tl.constexpr, CB: tl.constexpr, REVERSE: tl.constexpr):
     """Scan over chunks. Forward: out[c + 1] = exp(A T_c) out[c] + X_c, out[0] = 0 (states entering chunks).
@@ -168,7 +155,7 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
         carry = tl.sum(tl.where((col == edge_col)[None, :], H, 0.0), 1)
 
 
-@_jit
+@jit
 def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, out_ptr,
                       D_, G_, N, L, M, NS, NCH, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
@@ -192,7 +179,7 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     tl.store(out_ptr + bd.to(tl.int64) * L + p, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr,
                        D_, G_, N, L, M, NS, NCH, sdelta, sz, sC,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
@@ -209,7 +196,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
     tl.store(R_ptr + (bd.to(tl.int64) * NCH + c) * N + n, R, mask=nmask)
 
 
-@_jit
+@jit
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
                du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
@@ -224,11 +211,11 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     s = tl.arange(0, BL)
     t = c * BL + s
     mask = t < L
-    p = _memory_position(t, L, NS, M, MODE)
+    p = memory_position(t, L, NS, M, MODE)
     # a_{t+1} carries the adjoint from step t+1 back to t; the chunk's last step gets it from the carry instead
     t_next = t + 1
     mask_next = (t_next < L) & (t_next < (c + 1) * BL)
-    p_next = _memory_position(t_next, L, NS, M, MODE)
+    p_next = memory_position(t_next, L, NS, M, MODE)
     n = tl.arange(0, NP)
     nmask = n < N
     m2 = nmask[:, None] & mask[None, :]
@@ -349,13 +336,10 @@ def _batch_strides(u, delta, z, B, C):
 
 
 def _geometry(length: int, mode: str, num_slices: int | None) -> tuple[int, int, int]:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
-    if mode == "slice":
-        if num_slices is None or num_slices < 1 or length % num_slices:
-            raise ValueError(f"mode='slice' needs num_slices dividing L={length}, got {num_slices}")
-        return MODES[mode], length // num_slices, num_slices
-    return MODES[mode], 1, 1
+    """(MODE, M, n) of the index map p(t)."""
+    n, m = slice_geometry(mode, length, num_slices, "mode")
+    # the other orders ignore n and M: fixed values avoid compiling a kernel variant per length
+    return (MODES[mode], m, n) if mode == "slice" else (MODES[mode], 1, 1)
 
 
 class _TritonSelectiveScan(torch.autograd.Function):
@@ -484,7 +468,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     (the state after the last step in visiting order; no gradient flows through it).
     """
     if not TRITON_AVAILABLE:
-        raise RuntimeError(f"the triton scan backend needs the triton package ({TRITON_REASON}); it ships with "
+        raise RuntimeError(f"the triton scan backend needs the triton package ({TRITON_IMPORT_ERROR}); it ships with "
                            f"PyTorch on Linux: pip install triton")
     return _TritonSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                       mode, num_slices, block_l)

@@ -39,11 +39,11 @@ from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
+from nnunet_segmamba.networks.blocks import TOTAL_STRIDE
 from nnunet_segmamba.training.augmentation import enable_elastic_deformation
 from nnunet_segmamba.training.reliability import atomic_write_path, non_finite_steps_error
 from nnunet_segmamba.training.splits import load_or_create_split, split_file_path
 
-SEGMAMBA_TOTAL_STRIDE = 16  # four stride-2 downsamplings in the Mamba encoder
 
 
 class nnUNetTrainerSegMambaBase(nnUNetTrainer):
@@ -55,6 +55,9 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     # ---- tunables: variants override these class attributes (applied after nnU-Net's own defaults) ----
     #: SegMamba arguments besides in_chans / out_chans / spatial_dims / deep_supervision (defaults: the paper's)
     network_kwargs: ClassVar[Mapping[str, Any]] = {}
+    #: the selective-scan implementation of the Mamba layers ("auto": the fastest on the device; "cuda",
+    #: "triton", "torch": see nnunet_segmamba.ssm.dispatch). Also used by nnUNetv2_predict with this trainer.
+    scan_backend: ClassVar[str] = "auto"
     #: None keeps nnU-Net's value (1000 epochs of 250 training and 50 validation iterations)
     epochs: ClassVar[int | None] = None
     iterations_per_epoch: ClassVar[int | None] = None
@@ -96,14 +99,14 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     def _round_patch_size_up_to_network_stride(self) -> None:
         """Round the configuration's patch up to a multiple of SegMamba's total stride, in the plans too."""
         old = [int(p) for p in self.configuration_manager.patch_size]
-        new = [int(math.ceil(p / SEGMAMBA_TOTAL_STRIDE) * SEGMAMBA_TOTAL_STRIDE) for p in old]
+        new = [int(math.ceil(p / TOTAL_STRIDE) * TOTAL_STRIDE) for p in old]
         if new == old:
             return
         self.configuration_manager.configuration["patch_size"] = new
         # the plans this trainer saves (plans.json, checkpoint init_args) are what nnUNetv2_predict reads
         self.plans_manager.plans["configurations"][self.configuration_name]["patch_size"] = new
         self.print_to_log_file(f"SegMamba: patch size {old} rounded up to {new} (multiples of the network's "
-                               f"total stride {SEGMAMBA_TOTAL_STRIDE}; it pads to these sizes internally anyway)")
+                               f"total stride {TOTAL_STRIDE}; it pads to these sizes internally anyway)")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -129,11 +132,12 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     def _network(cls, in_chans: int, out_chans: int, spatial_dims: int, deep_supervision: bool) -> nn.Module:
         """The network itself: SegMamba with `network_kwargs`. Trainers for another architecture override this
         one hook; it must return a module with the `deep_supervision` attribute and `deep_supervision_strides`,
-        and a total stride of SEGMAMBA_TOTAL_STRIDE."""
+        and a total stride of TOTAL_STRIDE."""
         from nnunet_segmamba.networks import SegMamba
 
         return SegMamba(in_chans=in_chans, out_chans=out_chans, spatial_dims=spatial_dims,
-                        deep_supervision=deep_supervision, **dict(cls.network_kwargs))
+                        deep_supervision=deep_supervision, scan_backend=cls.scan_backend,
+                        **dict(cls.network_kwargs))
 
     def _segmamba(self) -> nn.Module:
         """The SegMamba module itself, unwrapped from DDP / torch.compile."""

@@ -16,7 +16,7 @@ import os
 
 from nnunetv2.training.loss.robust_ce_loss import RobustCrossEntropyLoss
 
-from nnunet_segmamba.training.base import SEGMAMBA_TOTAL_STRIDE, nnUNetTrainerSegMambaBase
+from nnunet_segmamba.training.base import nnUNetTrainerSegMambaBase
 
 
 class nnUNetTrainerSegMamba(nnUNetTrainerSegMambaBase):
@@ -89,12 +89,12 @@ class nnUNetTrainerMedMamba(nnUNetTrainerSegMambaBase):
 
     @classmethod
     def _network(cls, in_chans: int, out_chans: int, spatial_dims: int, deep_supervision: bool):
-        from nnunet_segmamba.networks.medmamba_unet import TOTAL_STRIDE, MedMambaUNet
+        from nnunet_segmamba.networks.medmamba_unet import MedMambaUNet
 
         if spatial_dims != 2:
             raise ValueError(f"{cls.__name__} is 2D only: use -c 2d (this configuration has a {spatial_dims}D patch)")
-        assert TOTAL_STRIDE == SEGMAMBA_TOTAL_STRIDE  # the base rounds the patch to this multiple
-        return MedMambaUNet(in_chans, out_chans, deep_supervision=deep_supervision, **dict(cls.network_kwargs))
+        return MedMambaUNet(in_chans, out_chans, deep_supervision=deep_supervision, scan_backend=cls.scan_backend,
+                            **dict(cls.network_kwargs))
 
 
 EPOCH_VARIANT_PARENTS = (nnUNetTrainerSegMamba, nnUNetTrainerSegMambaCE, nnUNetTrainerSegMambaNoMamba,

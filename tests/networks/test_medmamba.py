@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_segmamba.networks import medmamba as mm
-from nnunet_segmamba.networks.medmamba import (
-    SS2D, DropPath, MedMamba, channel_shuffle, medmamba_b, medmamba_s, medmamba_t, merge_scan_orders, scan_orders,
-)
+from nnunet_segmamba.networks.medmamba import MedMamba, channel_shuffle, medmamba_b, medmamba_s, medmamba_t
+from nnunet_segmamba.nn import SS2D, DropPath, merge_scan_orders, scan_orders
+from nnunet_segmamba.nn import ss2d as ss2d_module
 
 
 def _tiny(**kwargs) -> MedMamba:
@@ -245,13 +245,13 @@ def test_ss2d_matches_four_sequential_scans_float64():
 
 def test_ss2d_one_grouped_scan_call(monkeypatch):
     calls = []
-    real = mm.selective_scan
+    real = ss2d_module.selective_scan
 
     def spy(u, delta, A, B, C, *args, **kwargs):
         calls.append((tuple(u.shape), tuple(A.shape), tuple(B.shape), tuple(C.shape)))
         return real(u, delta, A, B, C, *args, **kwargs)
 
-    monkeypatch.setattr(mm, "selective_scan", spy)
+    monkeypatch.setattr(ss2d_module, "selective_scan", spy)
     SS2D(4, d_state=16)(torch.randn(2, 3, 5, 4))
     # one call: 4 directions x d_inner 8 channels, B and C grouped per direction
     assert calls == [((2, 32, 15), (32, 16), (2, 4, 16, 15), (2, 4, 16, 15))]

@@ -91,7 +91,7 @@ def test_every_parameter_receives_a_gradient(deep_supervision):
 
 
 @pytest.mark.parametrize("kwargs, x_shape, message", [
-    (dict(), (1, 1, 32, 32, 32), "MedMambaUNet is 2D and expects a (B, C, H, W) tensor"),
+    (dict(), (1, 1, 32, 32, 32), "MedMambaUNet (2D) expects a (B, C, H, W) tensor"),
     (dict(), (1, 3, 32, 32), "3 channels but the network was built with in_chans=1"),
     (dict(pad_input=False), (1, 1, 56, 40), "not a multiple of the total stride 16"),
     (dict(), (1, 1, 16, 12), "deepest stage (stride 16) would hold a single pixel"),

@@ -103,7 +103,7 @@ L_ = D_ * H_ * W_
 
 def make(directions=("forward", "backward", "slice"), d_model=8, d_state=4, seed=0, **kw):
     torch.manual_seed(seed)
-    mixer = randomise(TriOrientedMamba(d_model, d_state=d_state, directions=directions, backend="torch", **kw),
+    mixer = randomise(TriOrientedMamba(d_model, d_state=d_state, directions=directions, scan_backend="torch", **kw),
                       seed)
     hidden = torch.randn(2, L_, d_model, generator=torch.Generator().manual_seed(seed + 1))
     return mixer, hidden

@@ -9,7 +9,7 @@ What is compared, and how closely:
 - the library's `selective_scan_ref` and every backend on float64 inputs: they must stay in float64 and agree
   with ours to rtol = atol = 1e-10.
 - a 4096-step scan with very strong decay (delta * A down to about -1e3): finite, and equal to ours.
-- backend selection (`backends.resolve` and NNUNET_SEGMAMBA_SCAN_BACKEND).
+- backend selection (`dispatch.resolve` and NNUNET_SEGMAMBA_SCAN_BACKEND).
 - on a CUDA machine with mamba-ssm's kernel (`-m gpu`): backend "cuda" against the float64 definition, fp32 and
   bf16 inputs, with the per-dtype tolerances of `GPU_TOL`.
 """
@@ -22,7 +22,7 @@ import zlib
 import pytest
 import torch
 
-from nnunet_segmamba.ssm import backends, selective_scan, selective_scan_ref, selective_scan_torch
+from nnunet_segmamba.ssm import dispatch, mamba_ssm_kernels, selective_scan, selective_scan_ref, selective_scan_torch
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -269,50 +269,50 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("env", [None, "", "auto", "torch", "TORCH", " auto "])
 def test_resolve_cpu_gets_torch(monkeypatch, env):
     if env is None:
-        monkeypatch.delenv(backends.ENV_VAR, raising=False)
+        monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     else:
-        monkeypatch.setenv(backends.ENV_VAR, env)
-    assert backends.resolve("auto", CPU) == "torch"
-    assert backends.resolve("torch", CPU) == "torch"
+        monkeypatch.setenv(dispatch.ENV_VAR, env)
+    assert dispatch.resolve("auto", CPU) == "torch"
+    assert dispatch.resolve("torch", CPU) == "torch"
 
 
 def test_resolve_cuda_on_cpu_tensors_is_value_error(monkeypatch):
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     with pytest.raises(ValueError, match="cuda"):
-        backends.resolve("cuda", CPU)
+        dispatch.resolve("cuda", CPU)
     with pytest.raises(ValueError):
         selective_scan(**make_inputs(2), backend="cuda")
 
 
 def test_env_var_cuda_leaves_cpu_tensors_on_torch(monkeypatch):
     # the variable picks the backend for CUDA tensors; CPU work in the same job must keep running
-    monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    assert backends.resolve("auto", CPU) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    assert dispatch.resolve("auto", CPU) == "torch"
     inputs = make_inputs(2)
     torch.testing.assert_close(selective_scan(**inputs, backend="auto"), selective_scan(**inputs, backend="torch"))
 
 
 def test_explicit_backend_beats_env_var(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    assert backends.resolve("torch", CPU) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    assert dispatch.resolve("torch", CPU) == "torch"
 
 
 @pytest.mark.parametrize("name", ["tritn", "gpu", "CUDA2"])
 def test_resolve_invalid_name(monkeypatch, name):
-    monkeypatch.setenv(backends.ENV_VAR, name)
-    with pytest.raises(ValueError, match=backends.ENV_VAR):
-        backends.resolve("auto", CPU)
-    monkeypatch.delenv(backends.ENV_VAR)
-    with pytest.raises(ValueError, match=backends.ENV_VAR):
-        backends.resolve(name, CPU)
+    monkeypatch.setenv(dispatch.ENV_VAR, name)
+    with pytest.raises(ValueError, match=dispatch.ENV_VAR):
+        dispatch.resolve("auto", CPU)
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    with pytest.raises(ValueError, match="scan_backend must be one of"):
+        dispatch.resolve(name, CPU)
 
 
 def test_missing_kernels_are_reported_not_raised():
-    kernel, reason = backends.load_extension("selective_scan_cuda")
-    usable, why = backends.cuda_scan_status()
+    kernel, reason = mamba_ssm_kernels.load_extension("selective_scan_cuda")
+    usable, why = dispatch.cuda_scan_status()
     if kernel is None:
         assert reason and not usable and "selective_scan_cuda" in why
-    fn, reason = backends.causal_conv1d_function()
+    fn, reason = mamba_ssm_kernels.causal_conv1d_function()
     assert (fn is None) == bool(reason)
 
 
@@ -323,10 +323,11 @@ def test_package_imports_without_compiled_kernels():
         "for m in ('mamba_ssm', 'causal_conv1d', 'selective_scan_cuda', 'causal_conv1d_cuda', 'triton'):\n"
         "    sys.modules[m] = None  # makes `import m` raise ImportError\n"
         "import torch, nnunet_segmamba, nnunet_segmamba.ssm, nnunet_segmamba.nn\n"
-        "from nnunet_segmamba.ssm import backends\n"
-        "assert backends.load_extension('selective_scan_cuda')[0] is None\n"
-        "assert backends.causal_conv1d_function()[0] is None\n"
-        "assert backends.resolve('auto', torch.device('cpu')) == 'torch'\n"        "assert not backends.triton_scan_status()[0]\n"
+        "from nnunet_segmamba.ssm import dispatch, mamba_ssm_kernels\n"
+        "assert mamba_ssm_kernels.load_extension('selective_scan_cuda')[0] is None\n"
+        "assert mamba_ssm_kernels.causal_conv1d_function()[0] is None\n"
+        "assert dispatch.resolve('auto', torch.device('cpu')) == 'torch'\n"
+        "assert not dispatch.triton_scan_status()[0]\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -340,7 +341,7 @@ def test_package_imports_without_compiled_kernels():
 def _cuda_kernel_ready() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
-    usable, reason = backends.cuda_scan_status()
+    usable, reason = dispatch.cuda_scan_status()
     return usable, reason
 
 

@@ -206,8 +206,8 @@ def _args(**over):
     (dict(bias=torch.zeros(4)), "bias must be (d,)"),
     (dict(mode="sideways"), "mode must be one of"),
     (dict(mode="slice"), "needs num_slices"),
-    (dict(mode="slice", num_slices=5), "does not divide L = 12"),
-    (dict(mode="slice", num_slices=0), "positive integer"),
+    (dict(mode="slice", num_slices=5), "positive divisor of the sequence length L=12"),
+    (dict(mode="slice", num_slices=0), "positive divisor of the sequence length L=12"),
 ], ids=["x-rank", "x-dtype", "weight-d", "weight-middle", "width", "bias", "mode", "no-slices", "slices-divide",
         "slices-zero"])
 def test_bad_arguments_are_value_errors(over, words):
@@ -220,9 +220,9 @@ def test_bad_arguments_are_value_errors(over, words):
 
 def test_cpu_tensors_without_interpreter_are_value_error():
     pytest.importorskip("triton")
-    from nnunet_segmamba.ssm import triton_conv
+    from nnunet_segmamba.ssm import triton_common, triton_conv
 
-    if triton_conv._interpreting():
+    if triton_common.interpreting():
         pytest.skip("TRITON_INTERPRET=1 in this process: CPU tensors are legal")
     with pytest.raises(ValueError, match="CUDA"):
         triton_conv.causal_conv1d_triton(**_args())
@@ -301,7 +301,7 @@ if __name__ == "__main__":
 def test_host_side_sizes_match_triton():
     """The launch sizes are computed without Triton's constexpr helpers (slow to call on the host): same values."""
     triton = pytest.importorskip("triton")
-    from nnunet_segmamba.ssm.triton_conv import cdiv, next_power_of_2
+    from nnunet_segmamba.ssm.triton_common import cdiv, next_power_of_2
 
     for x in (1, 2, 3, 15, 16, 17, 1000, 1024, 1025, 262144):
         assert next_power_of_2(x) == triton.next_power_of_2(x), x

@@ -331,17 +331,17 @@ def test_predict_test_names_a_channel_mismatch(nnunet_dirs):
 @pytest.fixture
 def failing_kernel(monkeypatch):
     """mamba-ssm's kernel as if importable but failing when called (no GPU needed: the fallback is CPU logic)."""
-    from nnunet_segmamba.ssm import backends
+    from nnunet_segmamba.ssm import dispatch, mamba_ssm_kernels
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(backends, "_runtime_failure", None)
-    monkeypatch.setattr(backends, "load_extension", lambda name: (object(), ""))
-    monkeypatch.setattr(backends.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(backends._CudaSelectiveScan, "apply", broken)
+    monkeypatch.setattr(mamba_ssm_kernels, "_runtime_failure", None)
+    monkeypatch.setattr(mamba_ssm_kernels, "load_extension", lambda name: (object(), ""))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mamba_ssm_kernels.MambaSelectiveScan, "apply", broken)
     monkeypatch.delenv("NNUNET_SEGMAMBA_SCAN_BACKEND", raising=False)
-    return backends
+    return dispatch
 
 
 def _scan_inputs():
@@ -359,7 +359,7 @@ def test_kernel_failure_falls_back_to_torch_once(failing_kernel):
     assert backends.resolve("auto", torch.device("cuda")) == "cuda"
     inputs = _scan_inputs()
     with pytest.warns(RuntimeWarning, match="no kernel image.*redone with the torch scan.*next backend"):
-        out = backends.cuda_selective_scan(**inputs)
+        out = backends._run_mamba_ssm(**inputs, explicit=False)
     torch.testing.assert_close(out, selective_scan_torch(**inputs))
     # from now on the kernel counts as unusable: auto picks the next backend (no second warning), doctor sees why
     assert backends.resolve("auto", torch.device("cuda")) == ("triton" if backends.triton_scan_status()[0]
@@ -376,7 +376,7 @@ def test_kernel_failure_is_an_error_when_cuda_was_requested(failing_kernel, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match=r"NNUNET_SEGMAMBA_SCAN_BACKEND=cuda, but .*no kernel image"):
-            backends.cuda_selective_scan(**_scan_inputs())
+            backends._run_mamba_ssm(**_scan_inputs(), explicit=False)
 
 
 def test_kernel_failure_is_an_error_when_the_caller_named_the_cuda_backend(failing_kernel):
@@ -384,25 +384,25 @@ def test_kernel_failure_is_an_error_when_the_caller_named_the_cuda_backend(faili
     backends = failing_kernel
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(RuntimeError, match=r"backend='cuda' was requested, but .*no kernel image"):
-            backends.cuda_selective_scan(**_scan_inputs(), fallback=False)
+        with pytest.raises(RuntimeError, match=r"scan_backend='cuda' was requested, but .*no kernel image"):
+            backends._run_mamba_ssm(**_scan_inputs(), explicit=True)
 
 
 @pytest.fixture
 def failing_triton(monkeypatch):
     """Our Triton kernels as if usable on a CUDA device but failing when called (e.g. a GPU Triton cannot compile
     for); no GPU needed, the policy is CPU logic."""
-    from nnunet_segmamba.ssm import backends, triton_scan
+    from nnunet_segmamba.ssm import dispatch, triton_common, triton_scan
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX .version 8.7 does not support .target sm_61")
 
-    monkeypatch.setattr(backends, "_triton_failure", None)
-    monkeypatch.setattr(backends, "cuda_scan_status", lambda: (False, "mamba-ssm not installed"))
-    monkeypatch.setattr(backends, "triton_interpreting", lambda: True)  # CPU tensors may take the triton path
+    monkeypatch.setattr(dispatch, "_triton_failure", None)
+    monkeypatch.setattr(dispatch, "cuda_scan_status", lambda: (False, "mamba-ssm not installed"))
+    monkeypatch.setattr(triton_common, "interpreting", lambda: True)  # CPU tensors may take the triton path
     monkeypatch.setattr(triton_scan, "selective_scan_triton", broken)
     monkeypatch.setenv("NNUNET_SEGMAMBA_SCAN_BACKEND", "triton")
-    return backends
+    return dispatch
 
 
 def test_triton_failure_falls_back_to_torch_once(failing_triton, monkeypatch):

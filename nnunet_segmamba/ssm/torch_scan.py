@@ -1,4 +1,4 @@
-"""The Mamba (S6) selective scan: the readable reference, the chunked PyTorch scan, and the dispatcher.
+"""The selective scan in plain PyTorch: the readable definition and the chunked scan, plus the causal conv.
 
 All backends compute, per batch b, channel d and state n (Gu & Dao 2023, Algorithm 2):
 
@@ -10,8 +10,9 @@ All backends compute, per batch b, channel d and state n (Gu & Dao 2023, Algorit
 with the shapes of mamba-ssm's `selective_scan_fn`:
     u, delta, z: (batch, d, L);  A: (d, n);  B, C: (batch, n, L) or (batch, groups, n, L);  D, delta_bias: (d,)
 
-`selective_scan_ref` is the definition, one step at a time; `selective_scan` picks a fast backend
-(`nnunet_segmamba.ssm.backends`) and is what the networks call.
+`selective_scan_ref` is the definition, one step at a time; `selective_scan_torch` is the same arithmetic cut
+into chunks so that it runs in 2 sqrt(L) Python steps on any device (the fallback where no kernel runs).
+`nnunet_segmamba.ssm.dispatch.selective_scan` picks among these and the kernels, and is what networks call.
 """
 from __future__ import annotations
 
@@ -20,12 +21,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backends
-
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_torch", "visit"]
+__all__ = ["check_scan_shapes", "causal_conv1d_torch", "selective_scan_ref", "selective_scan_torch"]
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+def check_scan_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     if u.dim() != 3:
         raise ValueError(f"u must be (batch, d, L), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -85,7 +84,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
     Returns out (batch, d, L) in u's dtype, and with `return_last_state` also h[L-1] (batch, d, n).
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype_out = u.dtype
     u, log_decay, drive, Cd = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
@@ -117,7 +116,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     from per-step slices, so no (batch, d, L, d_state) tensor is built in a single pass over memory: on CPU
     that traffic, not arithmetic, is the cost. The arithmetic is that of the definition up to rounding.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     dtype_out = u.dtype
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     batch, dim, length = u.shape
@@ -169,79 +168,11 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, last_state) if return_last_state else out
 
 
-def visit(x: torch.Tensor, order: str, num_slices: int | None = None, inverse: bool = False) -> torch.Tensor:
-    """A copy of x with its last axis in the visiting order `order` ("forward", "reverse", "slice"), or back.
-
-    "slice" is the transpose of the (num_slices, L / num_slices) view. The triton backend reads these orders
-    through index maps instead; this is what the other backends (and the tests) use.
-    """
-    if order == "forward":
-        return x
-    if order == "reverse":
-        return x.flip(-1)
-    if order != "slice":
-        raise ValueError(f"order must be 'forward', 'reverse' or 'slice', got {order!r}")
-    length = x.shape[-1]
-    if num_slices is None or num_slices < 1 or length % num_slices:
-        raise ValueError(f"order='slice' needs num_slices dividing the sequence length L={length}, got "
-                         f"num_slices={num_slices}")
-    lead, n = x.shape[:-1], num_slices
-    shape = (length // n, n) if inverse else (n, length // n)
-    return x.reshape(*lead, *shape).transpose(-1, -2).reshape(*lead, length)
-
-
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend: str = "auto", order: str = "forward",
-                   num_slices: int | None = None):
-    """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`, on the best available backend.
-
-    Args:
-        u: (batch, d, L) input.
-        delta: (batch, d, L) step sizes (before `delta_bias` and softplus).
-        A: (d, n) state matrix (negative for a stable scan; Mamba uses -exp(A_log)).
-        B, C: (batch, n, L) or (batch, groups, n, L) input-dependent projections.
-        D: optional (d,) skip connection.
-        z: optional (batch, d, L) gate: out = y * silu(z).
-        delta_bias: optional (d,) added to delta before the softplus.
-        delta_softplus: apply softplus to delta.
-        return_last_state: also return the final state (batch, d, n) (no gradient flows through it on the
-            CUDA and Triton backends, as in mamba-ssm).
-        backend: "auto", "cuda", "triton" or "torch". "auto" honours the environment variable
-            NNUNET_SEGMAMBA_SCAN_BACKEND, then uses mamba-ssm's CUDA kernel for CUDA tensors where it loads,
-            else our Triton kernels, and the chunked PyTorch scan for CPU tensors.
-        order: the order in which the scan visits the L axis: "forward", "reverse" or "slice" (the transpose
-            of the (num_slices, L / num_slices) view); the output comes back in the inputs' order. The triton
-            backend reads through index maps; the others work on permuted copies.
-        num_slices: for order="slice".
-
-    Returns:
-        out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
-    """
-    name = backends.resolve(backend, u.device)
-    if name == "triton":
-        from .triton_scan import selective_scan_triton
-
-        _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-        return backends.run_triton(
-            lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                          mode=order, num_slices=num_slices),
-            lambda: selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                   backend="torch", order=order, num_slices=num_slices),
-            explicit=backend == "triton")
-
-    def run(u, delta, B, C, z):
-        if name == "cuda":
-            return backends.cuda_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                return_last_state, fallback=backend != "cuda")
-        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
-    if order == "forward":
-        return run(u, delta, B, C, z)
-
-    def v(t):
-        return visit(t, order, num_slices) if t is not None else None
-
-    result = run(v(u), v(delta), v(B), v(C), v(z))
-    if return_last_state:
-        return visit(result[0], order, num_slices, inverse=True), result[1]
-    return visit(result, order, num_slices, inverse=True)
+def causal_conv1d_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        silu: bool = True) -> torch.Tensor:
+    """Depthwise causal convolution along L: out[t] = sum_k weight[:, k] x[t - (K-1) + k] (zeros before the
+    start), then SiLU. x: (batch, d, L); weight: (d, K); bias: (d,) or None. Returns x's shape and dtype."""
+    length, width = x.shape[-1], weight.shape[-1]
+    out = F.conv1d(x, weight.unsqueeze(1).to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                   padding=width - 1, groups=x.shape[1])[..., :length]
+    return F.silu(out) if silu else out

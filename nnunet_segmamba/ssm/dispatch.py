@@ -1,0 +1,235 @@
+"""Choosing a selective-scan implementation, and falling back when one fails. No arithmetic lives here.
+
+Implementations (`scan_backend` names), best first for CUDA tensors:
+    "cuda"    mamba-ssm's compiled kernel (`mamba_ssm_kernels.py`), with causal-conv1d's fused conv
+    "triton"  our Triton kernels (`triton_scan.py`, `triton_conv.py`), compiled at run time, no build step
+    "torch"   the chunked PyTorch scan (`torch_scan.py`), any device: the only one for CPU tensors
+"auto" takes the best that runs on the tensors' device. The environment variable NNUNET_SEGMAMBA_SCAN_BACKEND
+only sets what "auto" means (for a whole job without touching code); an explicit argument always wins.
+
+Failure policy (docs/reliability.md): the first run-time failure of a kernel chosen by "auto" warns once, marks
+that kernel unusable for the rest of the process and redoes the call on the next implementation; a kernel asked
+for by name (argument or environment variable) raises instead.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import mamba_ssm_kernels, triton_common
+from .mamba_ssm_kernels import CUDA_INSTALL_HINT, cuda_scan_status
+from .orders import visit
+from .torch_scan import check_scan_shapes, causal_conv1d_torch, selective_scan_torch
+
+__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d", "cuda_scan_status", "resolve", "selective_scan",
+           "triton_scan_status"]
+
+ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
+BACKENDS = ("auto", "cuda", "triton", "torch")
+
+
+def _from_env() -> str:
+    return os.environ.get(ENV_VAR, "").strip().lower()
+
+
+_triton_failure: str | None = None
+
+
+def triton_scan_status() -> tuple[bool, str]:
+    """Whether our Triton kernels can run, and why not."""
+    if _triton_failure is not None:
+        return False, f"triton kernels disabled: {_triton_failure}"
+    if not triton_common.TRITON_AVAILABLE:
+        return False, f"triton not importable: {triton_common.TRITON_IMPORT_ERROR}"
+    if not torch.cuda.is_available() and not triton_common.interpreting():
+        return False, "no CUDA device (triton kernels need one, or TRITON_INTERPRET=1 for the slow interpreter)"
+    return True, "Triton selective-scan kernels (nnunet_segmamba.ssm.triton_scan)"
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The implementation a scan on `device` uses: an explicit choice, else the environment variable, else the best.
+
+    The environment variable chooses among the implementations that can run on the device: with it set to
+    "cuda" or "triton", scans on CPU tensors still use "torch" (one setting serves a job that moves between
+    devices, e.g. nnU-Net's export on CPU after training on GPU), while a missing kernel for CUDA tensors is an
+    error, not a fallback. "auto" takes mamba-ssm's kernel where it loads, else the Triton kernels, else torch.
+    """
+    from_env = backend == "auto"
+    if from_env:
+        backend = _from_env() or "auto"
+    if backend not in BACKENDS:
+        source = f"${ENV_VAR}" if from_env else "scan_backend"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = device.type == "cuda"
+    interpreted = triton_common.interpreting()
+    if backend == "torch" or (from_env and not on_cuda and not (backend == "triton" and interpreted)):
+        return "torch"
+    if backend == "triton":
+        usable, reason = triton_scan_status()
+        if not on_cuda and not interpreted:
+            raise ValueError(f"scan_backend 'triton' needs CUDA tensors, got tensors on {device}")
+        if not usable:
+            raise RuntimeError(f"scan_backend 'triton' is unavailable ({reason}); install triton (it comes with "
+                               f"PyTorch on Linux) or use scan_backend='torch'")
+        return "triton"
+    usable, reason = cuda_scan_status()
+    if backend == "cuda":
+        if not on_cuda:
+            raise ValueError(f"scan_backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if not usable:
+            raise RuntimeError(f"scan_backend 'cuda' is unavailable ({reason}); {CUDA_INSTALL_HINT}")
+        return "cuda"
+    if not on_cuda:
+        return "torch"
+    if usable:
+        return "cuda"
+    return "triton" if triton_scan_status()[0] else "torch"
+
+
+def supports_index_maps(name: str) -> bool:
+    """Whether a resolved implementation reads the reverse and inter-slice orders itself (no permuted copies)."""
+    return name == "triton"
+
+
+def _run_triton(kernel_call, fallback_call, explicit: bool):
+    """Run a Triton-backed call; on its first failure (a GPU Triton cannot compile for, a broken install) warn
+    once, mark the kernels unusable in this process and run `fallback_call` instead, unless triton was asked
+    for by name (`explicit`) or by the environment variable."""
+    global _triton_failure
+    try:
+        return kernel_call()
+    except Exception as exc:  # triton raises compilation and driver errors of several types
+        if _triton_failure is None:
+            _triton_failure = f"the Triton kernels failed in this process with {type(exc).__name__}: {exc}"
+        if explicit or _from_env() == "triton":
+            raise
+        warnings.warn(f"our Triton kernels failed ({type(exc).__name__}: {exc}); this process uses the (slower) "
+                      f"torch scan from now on. Set {ENV_VAR}=triton to make this an error.", RuntimeWarning,
+                      stacklevel=3)
+        return fallback_call()
+
+
+def _run_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, explicit: bool):
+    """mamba-ssm's kernel; on its first RuntimeError, the torch scan (see the policy above)."""
+    dtype_in = u.dtype
+    try:
+        result = mamba_ssm_kernels.MambaSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                            return_last_state)
+    except RuntimeError as exc:
+        mamba_ssm_kernels.mark_unusable(exc, "forward")
+        if explicit:
+            raise RuntimeError(f"scan_backend='cuda' was requested, but mamba-ssm's selective-scan kernel failed "
+                               f"({type(exc).__name__}: {exc}). {CUDA_INSTALL_HINT}") from exc
+        if _from_env() == "cuda":
+            raise RuntimeError(f"{ENV_VAR}=cuda, but mamba-ssm's selective-scan kernel failed "
+                               f"({type(exc).__name__}: {exc}); unset it to fall back to the torch scan. "
+                               f"{CUDA_INSTALL_HINT}") from exc
+        warnings.warn(f"mamba-ssm's selective-scan kernel failed ({type(exc).__name__}: {exc}); this scan is "
+                      f"redone with the torch scan, and later scans in this process use the next backend (triton "
+                      f"where it runs, else torch). Set {ENV_VAR}=cuda to make this an error. "
+                      f"{CUDA_INSTALL_HINT}", RuntimeWarning, stacklevel=3)
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if return_last_state:
+        return result[0].to(dtype_in), result[1]
+    return result.to(dtype_in)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, backend: str = "auto", order: str = "forward",
+                   num_slices: int | None = None):
+    """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`, on the best available implementation.
+
+    Args:
+        u: (batch, d, L) input.
+        delta: (batch, d, L) step sizes (before `delta_bias` and softplus).
+        A: (d, n) state matrix (negative for a stable scan; Mamba uses -exp(A_log)).
+        B, C: (batch, n, L) or (batch, groups, n, L) input-dependent projections.
+        D: optional (d,) skip connection.
+        z: optional (batch, d, L) gate: out = y * silu(z).
+        delta_bias: optional (d,) added to delta before the softplus.
+        delta_softplus: apply softplus to delta.
+        return_last_state: also return the final state (batch, d, n) (no gradient flows through it on the
+            CUDA and Triton backends, as in mamba-ssm).
+        backend: "auto", "cuda", "triton" or "torch" (see the module docstring).
+        order: the order in which the scan visits the L axis: "forward", "reverse" or "slice"
+            (`nnunet_segmamba.ssm.orders`); the output comes back in the inputs' order. The triton backend
+            reads through index maps; the others work on permuted copies.
+        num_slices: for order="slice".
+
+    Returns:
+        out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
+    """
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve(backend, u.device)
+    if name == "triton":
+        from .triton_scan import selective_scan_triton
+
+        return _run_triton(
+            lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                          mode=order, num_slices=num_slices),
+            lambda: selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                   backend="torch", order=order, num_slices=num_slices),
+            explicit=backend == "triton")
+
+    def run(u, delta, B, C, z):
+        if name == "cuda":
+            return _run_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  explicit=backend == "cuda")
+        return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+    if order == "forward":
+        return run(u, delta, B, C, z)
+
+    def v(t):
+        return visit(t, order, num_slices) if t is not None else None
+
+    result = run(v(u), v(delta), v(B), v(C), v(z))
+    if return_last_state:
+        return visit(result[0], order, num_slices, inverse=True), result[1]
+    return visit(result, order, num_slices, inverse=True)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  silu: bool = True, backend: str = "auto", order: str = "forward",
+                  num_slices: int | None = None) -> torch.Tensor:
+    """Depthwise causal 1D convolution (+ SiLU), the first step of every Mamba branch.
+
+    out[t] = sum_k weight[k] * x[t - (K-1) + k] (left zero padding), then SiLU.
+
+    Args:
+        x: (batch, d, L).
+        weight: (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d), or (d, K).
+        bias: optional (d,).
+        silu: apply SiLU to the result.
+        backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports (else our
+            Triton kernel), "triton" our Triton kernel.
+        order: the order in which the convolution runs along L ("forward", "reverse" or "slice", as for
+            `selective_scan`); the output comes back in x's order. Only the triton backend avoids copies.
+        num_slices: for order="slice".
+    Returns:
+        (batch, d, L) in x's dtype.
+    """
+    from .triton_conv import causal_conv1d_triton  # imports without triton; raises only when called
+
+    weight = weight if weight.dim() == 2 else weight.squeeze(1)
+    name = resolve(backend, x.device)
+    if name == "triton":
+        return _run_triton(
+            lambda: causal_conv1d_triton(x, weight, bias, silu=silu, mode=order, num_slices=num_slices),
+            lambda: causal_conv1d(x, weight, bias, silu, backend="torch", order=order, num_slices=num_slices),
+            explicit=backend == "triton")
+    if order != "forward":
+        out = causal_conv1d(visit(x, order, num_slices), weight, bias, silu, backend=name)
+        return visit(out, order, num_slices, inverse=True)
+    if name == "cuda":
+        fused, _ = mamba_ssm_kernels.causal_conv1d_function()
+        if fused is not None:
+            return fused(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None,
+                         activation="silu" if silu else None)
+        if triton_scan_status()[0]:
+            # without causal-conv1d, our Triton kernel: measured faster than cuDNN's depthwise conv1d + SiLU
+            return _run_triton(lambda: causal_conv1d_triton(x, weight, bias, silu=silu),
+                               lambda: causal_conv1d_torch(x, weight, bias, silu), explicit=False)
+    return causal_conv1d_torch(x, weight, bias, silu)

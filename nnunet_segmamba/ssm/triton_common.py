@@ -1,0 +1,70 @@
+"""What the Triton scan and conv share: the guarded import of triton, the index maps p(t), host-side sizes.
+
+Triton is imported defensively: this module imports on machines without it (`TRITON_AVAILABLE` is False and
+`TRITON_IMPORT_ERROR` says why). The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1 set before triton is imported), which is how CI checks their math.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception as exc:  # noqa: BLE001 - a broken install can fail with more than ImportError
+    triton = None
+    tl = None
+    TRITON_AVAILABLE = False
+    TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    TRITON_AVAILABLE = True
+    TRITON_IMPORT_ERROR = ""
+
+__all__ = ["MODES", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "cdiv", "interpreting", "jit", "memory_position",
+           "next_power_of_2", "on_device_of", "tl", "triton"]
+
+# the visiting orders of `orders.py`, as the kernels' constexpr MODE
+MODES = {"forward": 0, "reverse": 1, "slice": 2}
+
+
+def jit(fn):
+    """triton.jit where triton imports; the plain function elsewhere (so the kernel modules still import)."""
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+@jit
+def memory_position(t, L, n, M, MODE: tl.constexpr):
+    """p(t): where scan-order step t lives along L (`orders.py`)."""
+    if MODE == 1:
+        return L - 1 - t
+    elif MODE == 2:
+        return (t % n) * M + t // n
+    else:
+        return t
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (on CPU tensors): TRITON_INTERPRET=1 was set when triton
+    decorated them, which is what counts, not the variable's value now."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:  # noqa: BLE001 - no triton, or one without an interpreter
+        return False
+    return isinstance(memory_position, InterpretedFunction)
+
+
+def next_power_of_2(x: int) -> int:
+    """triton.next_power_of_2 for x >= 1, without the call overhead of a constexpr function (as Triton 3.8 wraps
+    it), which counts on the host side of every launch."""
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensor's (cuda:1 under cuda:0 current).
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
