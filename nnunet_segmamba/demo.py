@@ -51,7 +51,7 @@ def _run(cmd: list[str], env: dict) -> None:
 
 def nnunet_environment(work_dir: Path, threads: int) -> dict:
     """Environment for nnU-Net's commands: its three folders under work_dir, our trainers, CPU-friendly settings."""
-    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
     env = dict(os.environ)
     for name, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),

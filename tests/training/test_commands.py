@@ -3,20 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_segmamba.training.commands import environment_lines
 from nnunet_segmamba.training.predict_test import predict_test_split
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def test_env_prints_the_ext_trainer_folder_and_the_paths(monkeypatch):
-    monkeypatch.setenv("nnUNet_raw", "/data/raw")
-    monkeypatch.delenv("nnUNet_results", raising=False)
-    lines = environment_lines()
-    folder = Path(lines[0].removeprefix("export nnUNet_extTrainer="))
-    assert (folder / "segmamba_trainers.py").is_file()
-    assert "# nnUNet_raw=/data/raw" in lines
-    assert any(line.startswith("# nnUNet_results is not set") for line in lines)
 
 
 def test_env_through_the_cli(capsys):

@@ -199,7 +199,7 @@ class nnUNetTrainerSegMamba_resumeTest(nnUNetTrainerSegMamba_tiny):
 @pytest.mark.slow
 def test_kill_and_resume_through_the_command_line(nnunet_dirs, tmp_path):
     from nnunet_segmamba.demo import nnunet_command
-    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
     trainer = "nnUNetTrainerSegMamba_resumeTest"
     (tmp_path / "ext").mkdir()
@@ -293,7 +293,7 @@ def test_check_channel_count():
 def test_unknown_trainer_message_says_what_to_export(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     with pytest.raises(RuntimeError) as info:
