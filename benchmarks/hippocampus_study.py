@@ -69,7 +69,7 @@ def compare_devices(model_folder: Path, fold: int, trainer: str, cases: dict[str
     import numpy as np
 
     from nnunet_segmamba.evaluation.metrics import dice
-    from nnunet_segmamba.training.predict_test import trained_predictor
+    from nnunet_segmamba.training.prediction import trained_predictor
 
     ids = list(cases)
     results, seconds = {}, {}
@@ -107,7 +107,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
 
     from nnunet_segmamba.datasets import convert_hippocampus
     from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
     from nnunet_segmamba.training.splits import load_or_create_split
 
     env = dict(os.environ)

@@ -90,7 +90,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
 
     from nnunet_segmamba.evaluation.brats import convert_brats
     from nnunet_segmamba.evaluation.phantom import make_brats_phantom_folder
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     start = time.time()
     if num_cases < 10:

@@ -12,7 +12,7 @@ def _run_env(args: argparse.Namespace) -> int:
 
 
 def _run_predict_test(args: argparse.Namespace) -> int:
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     summary = predict_test_split(args.dataset, args.configuration, args.fold, args.trainer, plans=args.plans,
                                  device=args.device, use_mirroring=not args.disable_tta,

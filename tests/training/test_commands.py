@@ -1,11 +1,4 @@
-"""`nnunet-segmamba env` and the argument checks of `predict-test`."""
-from pathlib import Path
-
-import pytest
-
-from nnunet_segmamba.training.predict_test import predict_test_split
-
-REPO = Path(__file__).resolve().parents[2]
+"""The `env` sub-command through the CLI parser."""
 
 
 def test_env_through_the_cli(capsys):
@@ -17,10 +10,3 @@ def test_env_through_the_cli(capsys):
     args = parser.parse_args(["env"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.startswith("export nnUNet_extTrainer=")
-
-
-@pytest.mark.parametrize("kwargs, match", [({"device": "tpu"}, "device"), ({"convention": "x", "device": "cpu"},
-                                                                            "convention")])
-def test_predict_test_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        predict_test_split(4, "3d_fullres", 0, "nnUNetTrainerSegMamba", **kwargs)

@@ -319,7 +319,7 @@ def _fake_trained_model(channel_names: dict, trainer: str = "nnUNetTrainerSegMam
 
 
 def test_predict_test_names_a_channel_mismatch(nnunet_dirs):
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     _fake_trained_model({"0": "T1", "1": "T2"})
     with pytest.raises(ValueError, match=r"(?s)Dataset984_SegMambaReliability has 1 channels .* trained on 2.*"
