@@ -105,7 +105,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-    from nnunet_segmamba.datasets import convert_hippocampus
+    from nnunet_segmamba.data.hippocampus import convert_hippocampus
     from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
     from nnunet_segmamba.training.prediction import predict_test_split
     from nnunet_segmamba.training.splits import load_or_create_split

@@ -1,5 +1,5 @@
-"""MedMamba image classification on MedMNIST: data loading (`data`), training and evaluation (`train`), and the
-`nnunet-segmamba classify` command (`commands`)."""
+"""MedMamba image classification on MedMNIST: training and evaluation (`train`) and the `nnunet-segmamba classify`
+command (`commands`). The MedMNIST files are read by `nnunet_segmamba.data.medmnist`."""
 from .train import classification_metrics, evaluate, train
 
 __all__ = ["classification_metrics", "evaluate", "train"]

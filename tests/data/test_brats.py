@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from nnunet_segmamba import cli
 from nnunet_segmamba.evaluation import commands
-from nnunet_segmamba.evaluation.brats import convert_brats
+from nnunet_segmamba.data.brats import convert_brats
 
 # per scheme: file tokens in nnU-Net channel order (T2w, FLAIR, T1n, T1c), then seg; and the case name pattern
 SCHEMES = {
