@@ -5,7 +5,7 @@ written from the SegMamba 70/10/20 split, so the default trainer never sees the 
 predict the test split with mirroring and are evaluated with the same code. Reported per trainer: Dice and HD95
 per label, mean time per epoch, total training time, peak GPU memory of the training process.
 
-    python benchmarks/hippocampus_study.py --data ../shared/data/hippocampus --work /tmp/hippo --epochs 5 \
+    python -m benchmarks.hippocampus_study --data ../shared/data/hippocampus --work /tmp/hippo --epochs 5 \
         --out hippocampus_study.json
 
 Multi-GPU (issue 9): `--num-gpus 2` trains with `nnUNetv2_train ... -num_gpus 2` (nnU-Net's DDP), and
