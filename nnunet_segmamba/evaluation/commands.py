@@ -1,7 +1,7 @@
 """`nnunet-segmamba evaluate` and `nnunet-segmamba convert-brats`: argument parsing only.
 
-The work is done by `metrics.evaluate_folder` and `nnunet_segmamba.data.brats.convert_brats`; they are imported inside the handlers so
-that `nnunet-segmamba --help` does not load torch, MONAI or SimpleITK.
+The work is done by `metrics.evaluate_folder` and `nnunet_segmamba.data.brats.convert_brats`; they are imported
+inside the handlers so that `nnunet-segmamba --help` does not load torch, MONAI or SimpleITK.
 """
 from __future__ import annotations
 
