@@ -5,7 +5,7 @@ float32), and the scan alone at the mixer's size (d_inner 96, d_state 16), forwa
 warmed up, then timed with time.perf_counter; the table shows the median (and min/max) of the runs. Timings only,
 nothing is asserted. Example:
 
-    python benchmarks/bench_mixer_cpu.py --runs 10 --out mixer_cpu.json
+    python -m benchmarks.bench_mixer_cpu --runs 10 --out mixer_cpu.json
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
 An unavailable backend is reported, and the others are still timed. Nothing is asserted.
 Needs a CUDA device; prints the markdown table and writes --out JSON. Example:
 
-    python benchmarks/bench_scan_gpu.py --out scan_gpu.json
+    python -m benchmarks.bench_scan_gpu --out scan_gpu.json
 """
 from __future__ import annotations
 

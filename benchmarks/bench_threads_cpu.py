@@ -1,8 +1,8 @@
 """CPU thread settings vs one SegMamba training step (forward + backward), to choose OMP settings for CPU runs.
 
-    OMP_WAIT_POLICY=ACTIVE  OMP_NUM_THREADS=2 python benchmarks/bench_threads_cpu.py
-    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2 python benchmarks/bench_threads_cpu.py
-    OMP_NUM_THREADS=1 python benchmarks/bench_threads_cpu.py
+    OMP_WAIT_POLICY=ACTIVE  OMP_NUM_THREADS=2 python -m benchmarks.bench_threads_cpu
+    OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=2 python -m benchmarks.bench_threads_cpu
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_threads_cpu
 
 The tiny SegMamba of the demo trainer (feat_size 8-64, depths 1, deep supervision) on 2 x 4 x 48^3. Prints the
 thread count and the wall time of each run (the first includes warm-up). Run it once on an idle machine and once

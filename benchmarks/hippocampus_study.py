@@ -5,7 +5,7 @@ written from the SegMamba 70/10/20 split, so the default trainer never sees the 
 predict the test split with mirroring and are evaluated with the same code. Reported per trainer: Dice and HD95
 per label, mean time per epoch, total training time, peak GPU memory of the training process.
 
-    python benchmarks/hippocampus_study.py --data ../shared/data/hippocampus --work /tmp/hippo --epochs 5 \
+    python -m benchmarks.hippocampus_study --data ../shared/data/hippocampus --work /tmp/hippo --epochs 5 \
         --out hippocampus_study.json
 
 Multi-GPU (issue 9): `--num-gpus 2` trains with `nnUNetv2_train ... -num_gpus 2` (nnU-Net's DDP), and
@@ -69,7 +69,7 @@ def compare_devices(model_folder: Path, fold: int, trainer: str, cases: dict[str
     import numpy as np
 
     from nnunet_segmamba.evaluation.metrics import dice
-    from nnunet_segmamba.training.predict_test import trained_predictor
+    from nnunet_segmamba.training.prediction import trained_predictor
 
     ids = list(cases)
     results, seconds = {}, {}
@@ -105,9 +105,9 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
-    from nnunet_segmamba.datasets import convert_hippocampus
-    from nnunet_segmamba.training.commands import ext_trainer_folder
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.data.hippocampus import convert_hippocampus
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
+    from nnunet_segmamba.training.prediction import predict_test_split
     from nnunet_segmamba.training.splits import load_or_create_split
 
     env = dict(os.environ)

@@ -6,7 +6,7 @@ is the host's time). The per-call timing of bench_scan_gpu.py (a sync after each
 the first kernel and any wait for the host inside the call; this says what that time is made of. Nothing is
 asserted; prints a table and writes --out JSON.
 
-    python benchmarks/host_overhead_gpu.py --out host_overhead.json
+    python -m benchmarks.host_overhead_gpu --out host_overhead.json
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan_gpu import DTYPES, fwd_bwd_step, scan_inputs, scan_leaves  # noqa: E402
+from benchmarks.bench_scan_gpu import DTYPES, fwd_bwd_step, scan_inputs, scan_leaves
 
 
 @triton.jit
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = host_us(fn, calls)
         print(f"| {results[name]:.1f} | {name} |", flush=True)
     if args.out is not None:
-        args.out.write_text(json.dumps({"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+        command = " ".join(["python -m benchmarks.host_overhead_gpu", *sys.argv[1:]])
+        args.out.write_text(json.dumps({"command": command, "torch": torch.__version__,
                                         "triton": triton.__version__, "host_us": results}, indent=1))
     return 0
 

@@ -1,10 +1,10 @@
 """Where the scan's time goes on the GPU: per-kernel CUDA time of one forward+backward, where the GPU waits for
 the host within a step, and a single step to attach Nsight Compute to.
 
-    python benchmarks/profile_scan_gpu.py breakdown --out breakdown.json   # torch.profiler, per kernel
-    python benchmarks/profile_scan_gpu.py timeline --out timeline.json     # per step: wall, kernels, idle, host
+    python -m benchmarks.profile_scan_gpu breakdown --out breakdown.json   # torch.profiler, per kernel
+    python -m benchmarks.profile_scan_gpu timeline --out timeline.json     # per step: wall, kernels, idle, host
     ncu --clock-control none --kernel-name regex:'^_bwd_chunk$' --launch-skip 3 --launch-count 1 --set full \
-        python benchmarks/profile_scan_gpu.py step --backend triton        # 4 steps: 3 to skip, 1 to profile
+        python -m benchmarks.profile_scan_gpu step --backend triton        # 4 steps: 3 to skip, 1 to profile
 
 Inputs are the scan benchmark's (benchmarks/bench_scan_gpu.py: batch 2, d_state 16, Mamba's options), one shape
 and dtype per call. Nothing is asserted; the breakdown prints a table and writes JSON.
@@ -23,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan_gpu import (DTYPES, fwd_bwd_step, parse_shapes, scan_inputs, scan_leaves,  # noqa: E402
-                            time_queued)
-
-from nnunet_segmamba.benchmark import time_calls  # noqa: E402
+from benchmarks.bench_scan_gpu import (DTYPES, fwd_bwd_step, parse_shapes, scan_inputs, scan_leaves,
+                                       time_queued)
+from nnunet_segmamba.benchmark import time_calls
 
 
 def prepared(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
@@ -46,7 +44,8 @@ def warmed_up(args: argparse.Namespace, backend: str) -> tuple[dict, torch.Tenso
 
 def new_report(args: argparse.Namespace) -> dict:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"command": " ".join(["python", *sys.argv]), "config": config, "backends": {}}
+    command = " ".join(["python -m benchmarks.profile_scan_gpu", *sys.argv[1:]])
+    return {"command": command, "config": config, "backends": {}}
 
 
 def breakdown(args: argparse.Namespace) -> dict:

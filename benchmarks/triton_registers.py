@@ -12,7 +12,7 @@ with in the backward's changes recorded there. The GPU machine's Triton may diff
 code can differ a lot: put an install of the GPU's version first on PYTHONPATH to compile as it does.
 Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
 
-    python benchmarks/triton_registers.py --out triton_registers.json
+    python -m benchmarks.triton_registers --out triton_registers.json
 """
 from __future__ import annotations
 
@@ -26,13 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
-from nnunet_segmamba.ssm import triton_scan  # noqa: E402
+from nnunet_segmamba.ssm import triton_scan
 
 # pointers to tensors in the inputs' dtype; every other pointer is a float32 buffer
 INPUT_DTYPE_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
@@ -126,8 +124,9 @@ def main() -> int:
               f"({row['loop_shuffles']}) |",
               flush=True)
     if args.out:
+        command = " ".join(["python -m benchmarks.triton_registers", *sys.argv[1:]])
         args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,
-                                        "command": " ".join(sys.argv), "rows": rows}, indent=2))
+                                        "command": command, "rows": rows}, indent=2))
     return 0
 
 

@@ -6,18 +6,18 @@ adds its parser and sets `func` (called with the parsed namespace, returning an 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# modules that contribute sub-commands, in the order `--help` lists them
-COMMAND_MODULES = [
-    "nnunet_segmamba.doctor",
-    "nnunet_segmamba.evaluation.commands",
-    "nnunet_segmamba.training.commands",
-    "nnunet_segmamba.classification.commands",
-    "nnunet_segmamba.benchmark",
-    "nnunet_segmamba.demo",
-]
+# the modules that contribute sub-commands, imported and listed in the order `--help` shows them; each imports
+# its heavy dependencies (torch, nnU-Net, SimpleITK) inside its handlers, so `--help` stays fast
+from . import doctor
+from .evaluation import commands as evaluation_commands
+from .training import commands as training_commands
+from .classification import commands as classification_commands
+from . import benchmark
+from . import demo
+
+COMMAND_MODULES = (doctor, evaluation_commands, training_commands, classification_commands, benchmark, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

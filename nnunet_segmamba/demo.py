@@ -1,7 +1,7 @@
 """`nnunet-segmamba demo`: the whole job end to end on a machine with no data and no GPU.
 
 Steps, each through the same entry points a user runs:
-    1. a synthetic BraTS-like phantom folder (4 channels, nested WT/TC/ET, noise and bias; `evaluation.phantom`)
+    1. a synthetic BraTS-like phantom folder (4 channels, nested WT/TC/ET, noise and bias; `data.phantom`)
        -- or `--dataset PATH` to use a real nnU-Net raw dataset instead;
     2. `convert-brats` into an nnU-Net raw dataset with WT/TC/ET regions;
     3. `nnUNetv2_plan_and_preprocess` (3d_fullres);
@@ -51,7 +51,7 @@ def _run(cmd: list[str], env: dict) -> None:
 
 def nnunet_environment(work_dir: Path, threads: int) -> dict:
     """Environment for nnU-Net's commands: its three folders under work_dir, our trainers, CPU-friendly settings."""
-    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
     env = dict(os.environ)
     for name, sub in (("nnUNet_raw", "nnUNet_raw"), ("nnUNet_preprocessed", "nnUNet_preprocessed"),
@@ -88,9 +88,9 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     """
     import torch
 
-    from nnunet_segmamba.evaluation.brats import convert_brats
-    from nnunet_segmamba.evaluation.phantom import make_brats_phantom_folder
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.data.brats import convert_brats
+    from nnunet_segmamba.data.phantom import make_brats_phantom_folder
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     start = time.time()
     if num_cases < 10:

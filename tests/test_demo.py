@@ -43,7 +43,7 @@ def _mean_dice(summary: dict) -> dict[str, float]:
 @pytest.mark.slow
 def test_short_demo_trains_predicts_evaluates_and_beats_an_untrained_model(tmp_path):
     from nnunet_segmamba.demo import DEMO_DATASET_ID, DEMO_TRAINER, run_demo
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     result = run_demo(tmp_path / "demo", num_cases=NUM_CASES, shape=(48, 48, 48), epochs=None, device="cpu",
                       threads=2, seed=1)

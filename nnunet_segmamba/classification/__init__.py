@@ -1,5 +1,4 @@
-"""MedMamba image classification on MedMNIST: data loading (`data`), training and evaluation (`train`), and the
-`nnunet-segmamba classify` command (`commands`)."""
-from .train import classification_metrics, evaluate, train
+"""MedMamba image classification on MedMNIST: training and evaluation (`train`) and the `nnunet-segmamba classify`
+command (`commands`). The MedMNIST files are read by `nnunet_segmamba.data.medmnist`.
 
-__all__ = ["classification_metrics", "evaluate", "train"]
+Nothing is imported here: `train` loads torch, and the command line imports this package for `--help`."""

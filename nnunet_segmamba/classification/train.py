@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import MEAN, STD, MedMNISTSplit, class_names_for, load_split
+from ..data.medmnist import MEAN, STD, MedMNISTSplit, class_names_for, load_split
 
 __all__ = ["train", "evaluate", "predict", "classification_metrics", "save_confusion_matrix", "build_model",
            "resolve_device", "load_checkpoint"]

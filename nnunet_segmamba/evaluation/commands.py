@@ -1,7 +1,7 @@
 """`nnunet-segmamba evaluate` and `nnunet-segmamba convert-brats`: argument parsing only.
 
-The work is done by `metrics.evaluate_folder` and `brats.convert_brats`; they are imported inside the handlers so
-that `nnunet-segmamba --help` does not load torch, MONAI or SimpleITK.
+The work is done by `metrics.evaluate_folder` and `nnunet_segmamba.data.brats.convert_brats`; they are imported
+inside the handlers so that `nnunet-segmamba --help` does not load torch, MONAI or SimpleITK.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_convert_brats(args: argparse.Namespace) -> int:
-    from nnunet_segmamba.evaluation.brats import convert_brats
+    from nnunet_segmamba.data.brats import convert_brats
 
     out = convert_brats(args.src_dir, args.dataset_id, args.name, out_root=args.out,
                         label_form="labels" if args.labels else "regions", num_processes=args.num_processes,

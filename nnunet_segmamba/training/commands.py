@@ -2,33 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 
-NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
-
-
-def ext_trainer_folder() -> str:
-    """The folder nnUNet_extTrainer must point at: the installed `nnunet_segmamba.ext_trainers` package."""
-    try:
-        import nnunet_segmamba.ext_trainers as ext
-    except ImportError:  # a source checkout on sys.path without installing: the repo's trainers/ folder
-        import nnunet_segmamba
-
-        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(nnunet_segmamba.__file__))), "trainers")
-        if not os.path.isfile(os.path.join(folder, "segmamba_trainers.py")):
-            raise RuntimeError("nnunet_segmamba.ext_trainers is missing: install the package (pip install .)")
-        return folder
-    return os.path.dirname(os.path.abspath(ext.__file__))
-
-
-def environment_lines() -> list[str]:
-    """The `export nnUNet_extTrainer=...` line, then the current nnU-Net paths as comments (eval-safe)."""
-    lines = [f"export nnUNet_extTrainer={shlex.quote(ext_trainer_folder())}"]
-    for name in NNUNET_PATH_VARIABLES:
-        value = os.environ.get(name)
-        lines.append(f"# {name}={value}" if value else f"# {name} is not set (export {name}=/path/to/folder)")
-    return lines
+from nnunet_segmamba.training.ext_trainers import environment_lines
 
 
 def _run_env(args: argparse.Namespace) -> int:
@@ -37,7 +12,7 @@ def _run_env(args: argparse.Namespace) -> int:
 
 
 def _run_predict_test(args: argparse.Namespace) -> int:
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     summary = predict_test_split(args.dataset, args.configuration, args.fold, args.trainer, plans=args.plans,
                                  device=args.device, use_mirroring=not args.disable_tta,

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
+from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
+
 NON_FINITE_CAUSES = (
     "Likely causes: a learning rate too high for this network or batch (the loss diverged); float16 overflow "
     "under CUDA autocast (activations above 65504); or bad input, e.g. NaN/Inf voxels in a preprocessed case. "
@@ -152,8 +154,6 @@ def check_channel_count(model_dataset_json: Mapping, dataset_json: Mapping, case
 
 def trainer_lookup_error(exc: BaseException, trainer: str) -> RuntimeError:
     """nnU-Net's 'Could not find requested nnunet trainer' RuntimeError, restated with what to export."""
-    from nnunet_segmamba.training.commands import ext_trainer_folder
-
     current = os.environ.get("nnUNet_extTrainer")
     hint = (f"nnUNet_extTrainer is not set" if not current else f"nnUNet_extTrainer={current} does not contain it")
     return RuntimeError(

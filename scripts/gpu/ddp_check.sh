@@ -12,7 +12,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 nvidia-smi topo -m | tee -a "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda devices', torch.cuda.device_count())" | tee -a "$OUT/gpu.txt"
-timeout 560 python3 benchmarks/hippocampus_study.py --data .gpu/kern/data/hippocampus --work /root/hippo_ddp \
+timeout 560 python3 -m benchmarks.hippocampus_study --data .gpu/kern/data/hippocampus --work /root/hippo_ddp \
     --trainers nnUNetTrainerSegMamba --epochs 5 --num-gpus 2 --device-check 4 --num-processes 28 \
     --out "$OUT/hippo_ddp.json" > "$OUT/hippo_ddp.log" 2>&1
 echo "exit $?"

@@ -14,10 +14,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
     | tee -a "$OUT/gpu.txt"
 ncu --version | tail -1 | tee -a "$OUT/gpu.txt"
 for dtype in bf16 fp32; do
-    timeout 120 python3 benchmarks/profile_scan_gpu.py breakdown --shape "$SHAPE" --dtype $dtype \
+    timeout 120 python3 -m benchmarks.profile_scan_gpu breakdown --shape "$SHAPE" --dtype $dtype \
         --out "$OUT/breakdown_$dtype.json" 2>&1 | grep -v -i warn | tee -a "$OUT/breakdown.md"
 done
-step="benchmarks/profile_scan_gpu.py step --shape $SHAPE --dtype $DTYPE --steps 4"
+step="-m benchmarks.profile_scan_gpu step --shape $SHAPE --dtype $DTYPE --steps 4"
 # 3 steps skipped (compilation, caches), the 4th profiled: 6 triton launches per step, 2 of mamba-ssm's
 timeout 200 ncu --clock-control none --set full --import-source yes --force-overwrite --export "$WORK/triton" \
     --kernel-name regex:'^(_fwd_chunk_summary|_chunk_carry|_fwd_chunk_output|_bwd_chunk_summary|_bwd_chunk)$' \

@@ -17,7 +17,7 @@ if [ -n "$TESTS" ]; then
 fi
 profile() {  # version, round, what
     local dir=$PWD steps=10; [ "$1" = tree ] || dir=/tmp/$1; [ "$3" = timeline ] && steps=40
-    (cd "$dir" && PYTHONPATH="$dir:/root/gpusite" python3 benchmarks/profile_scan_gpu.py "$3" --backends triton \
+    (cd "$dir" && PYTHONPATH="$dir:/root/gpusite" python3 -m benchmarks.profile_scan_gpu "$3" --backends triton \
         --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" --steps $steps --out "$RES/${3}_$1_$2.json" 2>/dev/null \
         | sed "s/^/$1: /")
 }
@@ -27,6 +27,6 @@ for round in 1 2; do
         [ "$round" = 1 ] && profile "$v" "$round" breakdown | grep -E "^$v: triton|_chunk|reduce|copy"
     done
 done
-python3 benchmarks/profile_scan_gpu.py timeline --backends cuda --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" \
+python3 -m benchmarks.profile_scan_gpu timeline --backends cuda --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" \
     --out "$RES/timeline_cuda.json" 2>/dev/null | grep -E "^cuda|idle before"
 tar czf "$OUT/results.tgz" -C "$RES" .

@@ -9,7 +9,7 @@ OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 220 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/ssm} ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-timeout 300 python3 benchmarks/bench_scan_gpu.py --tune --backends cuda triton --warmup 3 --runs 15 --out "$OUT/scan_gpu.json" 2>"$OUT/scan_gpu.err" \
+timeout 300 python3 -m benchmarks.bench_scan_gpu --tune --backends cuda triton --warmup 3 --runs 15 --out "$OUT/scan_gpu.json" 2>"$OUT/scan_gpu.err" \
     | tee "$OUT/scan_gpu.md"
 tail -3 "$OUT/scan_gpu.err"
 # the training step with the launch settings the sweep chose (applied in-process; they become the module's defaults

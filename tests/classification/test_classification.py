@@ -1,4 +1,4 @@
-"""MedMNIST classification: metrics, data loading, the `classify` command line, and a short real training run
+"""MedMNIST classification: metrics, the `classify` command line, and a short real training run
 on BreastMNIST that must beat the majority class (skipped without ../shared/data/medmnist/breastmnist.npz)."""
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nnunet_segmamba.classification import commands
-from nnunet_segmamba.classification.data import class_names_for, load_split, preprocess
 from nnunet_segmamba.classification.train import classification_metrics, evaluate, save_confusion_matrix, train
+from nnunet_segmamba.data.medmnist import load_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,17 +23,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-segmamba")
     commands.register(parser.add_subparsers(dest="command"))
     return parser
-
-
-def _synthetic_npz(path: Path, rgb: bool = False, num_classes: int = 3, n: int = 12) -> Path:
-    rng = np.random.default_rng(0)
-    shape = (n, 28, 28, 3) if rgb else (n, 28, 28)
-    arrays = {}
-    for split in ("train", "val", "test"):
-        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(n) % num_classes).reshape(n, 1).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,44 +67,6 @@ def test_confusion_matrix_png(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# data
-
-
-@pytest.mark.parametrize("rgb", [False, True])
-def test_load_split_and_batches(tmp_path, rgb):
-    ds = load_split(_synthetic_npz(tmp_path / "demomnist.npz", rgb=rgb), "train")
-    channels = 3 if rgb else 1
-    assert ds.images.shape == (12, channels, 28, 28) and ds.images.dtype == torch.uint8
-    assert ds.labels.tolist() == [0, 1, 2] * 4 and ds.num_classes == 3 and ds.in_chans == channels
-    batches = list(ds.batches(5, 64))
-    assert [b[0].shape for b in batches] == [(5, channels, 64, 64)] * 2 + [(2, channels, 64, 64)]
-    x = torch.cat([b[0] for b in batches])
-    assert x.min() >= -1 and x.max() <= 1
-    torch.testing.assert_close(x, preprocess(ds.images, 64))  # eval order and no augmentation
-    # training batches: seeded shuffle and flips, each image either as is or flipped left-right
-    a = list(ds.batches(12, 32, train=True, generator=torch.Generator().manual_seed(1)))
-    b = list(ds.batches(12, 32, train=True, generator=torch.Generator().manual_seed(1)))
-    assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[0][1], b[0][1])
-    clean = preprocess(ds.images, 32)
-    for img in a[0][0]:
-        assert any(torch.equal(img, c) or torch.equal(img, c.flip(-1)) for c in clean)
-
-
-def test_load_split_errors(tmp_path):
-    path = _synthetic_npz(tmp_path / "x.npz")
-    with pytest.raises(ValueError, match="split"):
-        load_split(path, "validation")
-    with pytest.raises(FileNotFoundError):
-        load_split(tmp_path / "missing.npz", "train")
-    np.savez(tmp_path / "multi.npz", **{f"{s}_images": np.zeros((2, 28, 28), np.uint8) for s in ("train", "val", "test")},
-             **{f"{s}_labels": np.zeros((2, 14), np.uint8) for s in ("train", "val", "test")})
-    with pytest.raises(ValueError, match="multi-label"):
-        load_split(tmp_path / "multi.npz", "train")
-    assert class_names_for("breastmnist", 2) == ["malignant", "normal, benign"]
-    assert class_names_for("bloodmnist", 3) == ["0", "1", "2"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -137,8 +87,8 @@ def test_cli_parses_and_has_help_everywhere():
                 assert action.help, f"{sub.prog} {action.option_strings} has no help"
 
 
-def test_train_and_eval_synthetic_rgb(tmp_path):
-    data = _synthetic_npz(tmp_path / "rgbmnist.npz", rgb=True, num_classes=3, n=6)
+def test_train_and_eval_synthetic_rgb(tmp_path, write_medmnist_npz):
+    data = write_medmnist_npz(tmp_path / "rgbmnist.npz", rgb=True, num_classes=3, n=6)
     out = tmp_path / "run"
     result = train(data, out, epochs=2, batch_size=4, image_size=32, depths=(1, 1, 1, 1), dims=8, progress=False)
     config = json.loads((out / "config.json").read_text())
@@ -155,9 +105,9 @@ def test_train_and_eval_synthetic_rgb(tmp_path):
         train(data, out, batch_size=4, micro_batch_size=8, progress=False)
 
 
-def test_micro_batches(tmp_path):
+def test_micro_batches(tmp_path, write_medmnist_npz):
     # chunks of 2 of a batch of 4: one optimizer step per batch, the chunk losses weighted to the batch mean
-    data = _synthetic_npz(tmp_path / "d.npz", num_classes=2, n=4)
+    data = write_medmnist_npz(tmp_path / "d.npz", num_classes=2, n=4)
     result = train(data, tmp_path / "b", epochs=2, batch_size=4, micro_batch_size=2, image_size=32,
                    depths=(1, 1, 1, 1), dims=8, progress=False)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["micro_batch_size"] == 2

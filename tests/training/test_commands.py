@@ -1,22 +1,4 @@
-"""`nnunet-segmamba env` and the argument checks of `predict-test`."""
-from pathlib import Path
-
-import pytest
-
-from nnunet_segmamba.training.commands import environment_lines
-from nnunet_segmamba.training.predict_test import predict_test_split
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def test_env_prints_the_ext_trainer_folder_and_the_paths(monkeypatch):
-    monkeypatch.setenv("nnUNet_raw", "/data/raw")
-    monkeypatch.delenv("nnUNet_results", raising=False)
-    lines = environment_lines()
-    folder = Path(lines[0].removeprefix("export nnUNet_extTrainer="))
-    assert (folder / "segmamba_trainers.py").is_file()
-    assert "# nnUNet_raw=/data/raw" in lines
-    assert any(line.startswith("# nnUNet_results is not set") for line in lines)
+"""The `env` sub-command through the CLI parser."""
 
 
 def test_env_through_the_cli(capsys):
@@ -28,10 +10,3 @@ def test_env_through_the_cli(capsys):
     args = parser.parse_args(["env"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.startswith("export nnUNet_extTrainer=")
-
-
-@pytest.mark.parametrize("kwargs, match", [({"device": "tpu"}, "device"), ({"convention": "x", "device": "cpu"},
-                                                                            "convention")])
-def test_predict_test_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        predict_test_split(4, "3d_fullres", 0, "nnUNetTrainerSegMamba", **kwargs)

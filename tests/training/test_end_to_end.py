@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_segmamba.datasets import convert_hippocampus
+from nnunet_segmamba.data.hippocampus import convert_hippocampus
 from nnunet_segmamba.demo import nnunet_command
 
 REPO = Path(__file__).resolve().parents[2]

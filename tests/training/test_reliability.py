@@ -199,7 +199,7 @@ class nnUNetTrainerSegMamba_resumeTest(nnUNetTrainerSegMamba_tiny):
 @pytest.mark.slow
 def test_kill_and_resume_through_the_command_line(nnunet_dirs, tmp_path):
     from nnunet_segmamba.demo import nnunet_command
-    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
     trainer = "nnUNetTrainerSegMamba_resumeTest"
     (tmp_path / "ext").mkdir()
@@ -293,7 +293,7 @@ def test_check_channel_count():
 def test_unknown_trainer_message_says_what_to_export(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunet_segmamba.training.commands import ext_trainer_folder
+    from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
     with pytest.raises(RuntimeError) as info:
@@ -319,7 +319,7 @@ def _fake_trained_model(channel_names: dict, trainer: str = "nnUNetTrainerSegMam
 
 
 def test_predict_test_names_a_channel_mismatch(nnunet_dirs):
-    from nnunet_segmamba.training.predict_test import predict_test_split
+    from nnunet_segmamba.training.prediction import predict_test_split
 
     _fake_trained_model({"0": "T1", "1": "T2"})
     with pytest.raises(ValueError, match=r"(?s)Dataset984_SegMambaReliability has 1 channels .* trained on 2.*"

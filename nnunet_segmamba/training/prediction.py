@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
+
 CONVENTIONS = ("brats", "reference")
 
 
@@ -46,7 +48,6 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from nnunet_segmamba.training.commands import ext_trainer_folder
     from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
 
     # nnU-Net looks the trainer up by name; ours are found through nnUNet_extTrainer, which we know

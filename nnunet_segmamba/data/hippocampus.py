@@ -1,4 +1,5 @@
-"""Small public datasets as nnU-Net raw datasets (for tests, the GPU studies and users who want a quick start)."""
+"""The MSD hippocampus data set as an nnU-Net raw dataset (for tests, the GPU studies and users who want a quick
+start)."""
 from __future__ import annotations
 
 import json

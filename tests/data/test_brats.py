@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_segmamba import cli
+from nnunet_segmamba.data.brats import convert_brats
 from nnunet_segmamba.evaluation import commands
-from nnunet_segmamba.evaluation.brats import convert_brats
 
 # per scheme: file tokens in nnU-Net channel order (T2w, FLAIR, T1n, T1c), then seg; and the case name pattern
 SCHEMES = {
@@ -185,7 +185,7 @@ def cli_main(argv):
 
 
 def test_cli_convert_and_evaluate(tmp_path, capsys):
-    assert "nnunet_segmamba.evaluation.commands" in cli.COMMAND_MODULES
+    assert commands in cli.COMMAND_MODULES
     cases = make_folder(tmp_path / "src", "2021", n=2)
     rc = cli_main(["convert-brats", str(tmp_path / "src"), "--dataset-id", "507", "--name", "Cli",
                    "--out", str(tmp_path / "raw"), "--labels", "-np", "1"])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_segmamba.evaluation.brats import convert_brats
+from nnunet_segmamba.data.brats import convert_brats
 from nnunet_segmamba.evaluation.metrics import dice
-from nnunet_segmamba.evaluation.phantom import make_brats_phantom_case, make_brats_phantom_folder
+from nnunet_segmamba.data.phantom import make_brats_phantom_case, make_brats_phantom_folder
 
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
