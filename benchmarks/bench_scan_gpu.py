@@ -165,7 +165,7 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 
 # the forward's warps were settled at 1 by the sweep over (128, 256, 512) x (1, 2) x (1, 2, 4), and the backward at
 # chunk 64, 1 warp, 8 programs per multiprocessor by the sweep over (32, 64, 128) x (1, 2) x (4, 8, 16, 32), both
-# recorded in docs/benchmarks.md; this grid re-checks the chunk and the backward's warps around that choice
+# recorded in docs/performance.md; this grid re-checks the chunk and the backward's warps around that choice
 TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=8) for bl in (64, 128) for wb in (1, 2)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 

@@ -8,7 +8,7 @@ per label, mean time per epoch, total training time, peak GPU memory of the trai
     python -m benchmarks.hippocampus_study --data ../shared/data/hippocampus --work /tmp/hippo --epochs 5 \
         --out hippocampus_study.json
 
-Multi-GPU (issue 9): `--num-gpus 2` trains with `nnUNetv2_train ... -num_gpus 2` (nnU-Net's DDP), and
+Multi-GPU: `--num-gpus 2` trains with `nnUNetv2_train ... -num_gpus 2` (nnU-Net's DDP), and
 `--device-check N` then predicts the first N test cases with the trained checkpoint on one GPU (fp16 autocast,
 the CUDA scan) and on the CPU (float32, the PyTorch scan) and reports how far the two results are apart.
 
@@ -116,7 +116,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
         (work / name).mkdir(parents=True, exist_ok=True)
     env.update(nnUNet_extTrainer=ext_trainer_folder(), nnUNet_compile="f", PYTHONUNBUFFERED="1")
     env.setdefault("nnUNet_n_proc_DA", str(max(1, num_processes - 4)))
-    # the device tool's multi-GPU machines must never use NVLink multicast (docs/benchmarks.md, issue 9)
+    # NVLink multicast (NVLS) off: some virtualised multi-GPU hosts do not support it
     env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
 

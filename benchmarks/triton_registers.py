@@ -3,7 +3,7 @@ machine (no GPU needed).
 
 Triton compiles each kernel to PTX and its bundled `ptxas -v` reports the registers per thread and the bytes
 spilled to local memory. A kernel that needs more than 255 registers spills, and a program's registers bound how
-many programs share a multiprocessor: the H200 sweeps in docs/benchmarks.md found the backward's main kernel
+many programs share a multiprocessor: the H200 sweeps in docs/performance.md found the backward's main kernel
 limited by exactly this, so this script lets launch settings and kernel changes be compared without a GPU.
 Pointers and the length / batch strides are specialised as divisible by 16, as Triton does at run time for
 SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).

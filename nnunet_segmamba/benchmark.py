@@ -8,8 +8,7 @@ Every network runs in one process at the same setting; the defaults are the pape
   region loss. Median of `iters` steps after `warmup`, timed with CUDA events (time.perf_counter on the CPU).
   Peak memory is torch.cuda.max_memory_allocated over the steps (weights, gradients, optimizer state and
   activations), None on the CPU.
-- patch inference: one forward pass of a (1, C, *patch) tile under fp16 autocast, as the reference table in
-  `shared/gpu/README.md` measures it.
+- patch inference: one forward pass of a (1, C, *patch) tile under fp16 autocast.
 - volume inference: MONAI's `sliding_window_inference` over one (1, C, *volume) image (BraTS: 240 x 240 x 155)
   with patch-sized tiles, overlap 1 - step (nnU-Net's tile_step_size 0.5), Gaussian weighting (sigma = patch/8),
   batch-1 tiles, and nnU-Net's mirror TTA applied per tile by `mirror_tta` (the mean over all 8 flips of the three

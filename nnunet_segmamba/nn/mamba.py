@@ -146,7 +146,7 @@ class TriOrientedMamba(nn.Module):
         return p
 
     # The visiting orders that a backend with index maps (triton) reads in its kernels; the others, and every
-    # order on the other backends, run on flipped / permuted copies of xz. Measured on an H200 (docs/benchmarks.md,
+    # order on the other backends, run on flipped / permuted copies of xz. Measured on an H200 (docs/performance.md,
     # "Index maps"): the layer was fastest with copies for both orders (the inter-slice gathers at stride
     # L / num_slices cost more than one transpose, and descending addresses lose the vectorised loads), so by
     # default none is read in the kernels.

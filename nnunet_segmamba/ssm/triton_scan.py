@@ -18,7 +18,7 @@ gets its own program, so even one long sequence fills the GPU:
             in-chunk adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton).
             At 32^3 x 192 the backward's main kernel is now faster than mamba-ssm's whole backward kernel and a
             fwd+bwd takes within 1.1x of mamba-ssm's GPU time; a single call adds the host's time on top (Python
-            and Triton's launcher: 2-3x mamba-ssm's per call; docs/benchmarks.md).
+            and Triton's launcher: 2-3x mamba-ssm's per call; docs/performance.md).
 
 Index maps. `mode` says in which order the scan visits the (raster-ordered) sequence in memory: "forward"
 (p(t) = t), "reverse" (p(t) = L - 1 - t) or "slice" (p(t) = (t mod n) M + t div n for n = num_slices,
@@ -44,7 +44,7 @@ __all__ = ["selective_scan_triton", "TUNING"]
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
 # and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
-# benchmarks/bench_scan_gpu.py --tune sweeps them; docs/benchmarks.md records the choice.
+# benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8}
 
 
@@ -265,7 +265,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right folded into
         # the chunk's last step. tl.associative_scan(reverse=True) flips both operands and both results across the
         # lanes (more shuffles than the scan itself); flipping the 1-D operands, C (the same for every channel)
-        # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/benchmarks.md)
+        # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/performance.md)
         _, dh = tl.associative_scan(
             (tl.exp2(A2[:, None] * tl.flip(dt_next, 0)[None, :]),
              tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# One device-tool call (issue 6): MedMamba-T on BreastMNIST with the paper's protocol at 224 px (the default
-# protocol of `classify train` with --image-size 224), mamba-ssm's scan kernel. Args: seed (default 0).
+# MedMamba-T on BreastMNIST with the default protocol of `nnunet-segmamba classify train` at the paper's 224 px.
+#
+#   bash scripts/gpu/medmamba_224.sh BREASTMNIST_NPZ [SEED] [OUT]
+#
+# Run from the repository root on a CUDA machine. SEED defaults to 0; the run folder is runs/breast_t224_s<SEED>
+# and OUT (default runs/gpu) receives the log and a copy of its metrics JSON and confusion-matrix PNG.
+# WHEELS and SITE as in scripts/gpu/setup.sh.
 set -o pipefail
-source scripts/gpu/setup.sh
-OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
-seed=${1:-0}
-timeout 575 python3 -m nnunet_segmamba.cli classify train --data .gpu/bench/data/medmnist/breastmnist.npz \
-    --out runs/breast_t224_s$seed --variant t --image-size 224 --device cuda --seed "$seed" 2>&1 \
-    | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/medmamba_t224_s$seed.log" | tail -25
-mkdir -p "$OUT/s$seed"; cp runs/breast_t224_s$seed/*.json runs/breast_t224_s$seed/*.png "$OUT/s$seed/" 2>/dev/null
+if [ -z "${1:-}" ]; then
+    echo "usage: bash scripts/gpu/medmamba_224.sh BREASTMNIST_NPZ [SEED] [OUT]" >&2; exit 2
+fi
+data=$1; seed=${2:-0}
+source scripts/gpu/setup.sh -- $WHEELS
+OUT=${3:-${OUT:-runs/gpu}}; mkdir -p "$OUT"
+run=runs/breast_t224_s$seed
+python3 -m nnunet_segmamba.cli classify train --data "$data" --out "$run" --variant t --image-size 224 \
+    --device cuda --seed "$seed" 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tee "$OUT/medmamba_t224_s$seed.log" | tail -25
+mkdir -p "$OUT/s$seed"; cp "$run"/*.json "$run"/*.png "$OUT/s$seed/" 2>/dev/null
+true

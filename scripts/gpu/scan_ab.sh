@@ -1,32 +1,43 @@
 #!/usr/bin/env bash
-# A/B of triton scan versions on one GPU machine (issue 8): the working tree ("tree") against each
-# runs/ab/triton_scan_<name>.py named in VARIANTS, alternating versions, two rounds of
-# profile_scan_gpu.py timeline (+ one breakdown each), then mamba-ssm's timeline. Make a variant with
+# A/B of Triton scan versions on one GPU: the working tree ("tree") against each given copy of triton_scan.py,
+# alternating versions, two rounds of `python -m benchmarks.profile_scan_gpu timeline` (40 steps; a breakdown per
+# version in the first round), then mamba-ssm's timeline.
+#
+#   bash scripts/gpu/scan_ab.sh [TRITON_SCAN_PY ...]
+#
+# Make a variant from any commit with
 #   mkdir -p runs/ab && git show REV:nnunet_segmamba/ssm/triton_scan.py > runs/ab/triton_scan_REV.py
-# and carry .gpu/bench and runs/ab. DT (bf16), SHAPE (32768x192); TESTS: pytest paths to run first on the tree.
-# The JSON of every run is packed into $OUT/results.tgz (the device tool returns at most 8 files).
+# and pass its path; the version is named after the file (triton_scan_REV.py -> REV). Each variant runs in its
+# own copy of nnunet_segmamba/ and benchmarks/ under $OUT/ab_trees. Environment: OUT (default runs/gpu/ab)
+# receives <what>_<version>_<round>.json and timeline_cuda.json; DT (default bf16) and SHAPE (default 32768x192)
+# pick the case; TESTS: pytest paths to run on the tree first (without the interpreter test). WHEELS and SITE
+# as in scripts/gpu/setup.sh.
 set -o pipefail
-source scripts/gpu/setup.sh >/dev/null
-RES=/tmp/scan_ab; rm -rf "$RES"; mkdir -p "$RES"
-for v in $VARIANTS; do
-    rm -rf "/tmp/$v" && mkdir "/tmp/$v" && cp -r nnunet_segmamba benchmarks "/tmp/$v/"
-    cp "runs/ab/triton_scan_$v.py" "/tmp/$v/nnunet_segmamba/ssm/triton_scan.py"
+source scripts/gpu/setup.sh -- $WHEELS >/dev/null
+OUT=${OUT:-runs/gpu/ab}; mkdir -p "$OUT"
+trees=$OUT/ab_trees; rm -rf "$trees"; mkdir -p "$trees"
+variants=()
+for file in "$@"; do
+    v=$(basename "$file" .py); v=${v#triton_scan_}
+    mkdir "$trees/$v" && cp -r nnunet_segmamba benchmarks "$trees/$v/"
+    cp "$file" "$trees/$v/nnunet_segmamba/ssm/triton_scan.py"
+    variants+=("$v")
 done
 if [ -n "$TESTS" ]; then
-    timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS -k "not interpreter" 2>&1 | tail -3
+    python3 -m pytest -q -p no:cacheprovider $TESTS -k "not interpreter" 2>&1 | tail -3
 fi
+res=$(cd "$OUT" && pwd)
 profile() {  # version, round, what
-    local dir=$PWD steps=10; [ "$1" = tree ] || dir=/tmp/$1; [ "$3" = timeline ] && steps=40
-    (cd "$dir" && PYTHONPATH="$dir:/root/gpusite" python3 -m benchmarks.profile_scan_gpu "$3" --backends triton \
-        --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" --steps $steps --out "$RES/${3}_$1_$2.json" 2>/dev/null \
+    local dir=$PWD steps=10; [ "$1" = tree ] || dir=$(cd "$trees/$1" && pwd); [ "$3" = timeline ] && steps=40
+    (cd "$dir" && PYTHONPATH="$dir:$SITE" python3 -m benchmarks.profile_scan_gpu "$3" --backends triton \
+        --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" --steps $steps --out "$res/${3}_$1_$2.json" 2>/dev/null \
         | sed "s/^/$1: /")
 }
 for round in 1 2; do
-    for v in tree $VARIANTS; do
+    for v in tree "${variants[@]}"; do
         profile "$v" "$round" timeline | grep -E "^$v: triton|idle before"
         [ "$round" = 1 ] && profile "$v" "$round" breakdown | grep -E "^$v: triton|_chunk|reduce|copy"
     done
 done
 python3 -m benchmarks.profile_scan_gpu timeline --backends cuda --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" \
-    --out "$RES/timeline_cuda.json" 2>/dev/null | grep -E "^cuda|idle before"
-tar czf "$OUT/results.tgz" -C "$RES" .
+    --out "$res/timeline_cuda.json" 2>/dev/null | grep -E "^cuda|idle before"

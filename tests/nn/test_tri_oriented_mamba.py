@@ -1,4 +1,4 @@
-"""TriOrientedMamba (SegMamba's ToM) against the spec (docs: /work/shared/spec/segmamba.md, "Tri-orientated Mamba").
+"""TriOrientedMamba (SegMamba's ToM) against the spec (../shared/spec/segmamba.md, "Tri-orientated Mamba").
 
 Every branch is recomputed here in float64 from the spec's equations (own conv loop, own scan, own reorderings by
 explicit index arithmetic). A float64 copy of the module must match to 1e-9 (with A = -exp(A_log) formed in
