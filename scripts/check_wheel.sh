@@ -13,8 +13,10 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 
 echo "[check_wheel] building the wheel ..."
-"$python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" "$root" 2>/dev/null \
-    || "$python" -m pip wheel -q --no-deps -w "$work/dist" "$root"
+# from a copy of the tracked files: setuptools would leave build/ and *.egg-info in the checkout
+mkdir -p "$work/src"
+(cd "$root" && git ls-files -z | xargs -0 cp --parents -t "$work/src")
+"$python" -m pip wheel -q --no-deps -w "$work/dist" "$work/src" 2> >(grep -v "^WARNING: Location" >&2)
 wheel=$(ls "$work"/dist/nnunet_segmamba-*.whl)
 echo "[check_wheel] $(basename "$wheel"); installing into a fresh environment (about 2 minutes) ..."
 "$python" -m venv "$work/venv"
