@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device-tool calls for the `strong` recipe (docs/medmamba.md, "Training recipes"). Runs from a checkout whose
 # .carry/med holds this package and .gpu/bench holds breastmnist.npz and the mamba-ssm wheel.
-# Usage: bash medmamba_recipe.sh PLAN DEADLINE_S   (PLAN: call1 | final | ablate)
+# Usage: bash medmamba_recipe.sh PLAN DEADLINE_S [ablate args]  (PLAN: call1 | final | ablate); runs still going
+# DEADLINE_S seconds after the start are interrupted (their per-epoch history is kept).
 # Every run writes to /tmp/runs (checkpoints stay there); $OUT gets bundle.json (configs, histories, metrics,
 # summaries of every run, complete or not) and log.txt.
 set -o pipefail
@@ -10,15 +11,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=$PWD/.carry/med:/tmp/site PYTHONUNBUFFERED=1
 DATA=.gpu/bench/breastmnist.npz
 R=/tmp/runs; mkdir -p $R $OUT
+start=$(date +%s)  # the deadline counts from here
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c "import selective_scan_cuda, torch; print('torch', torch.__version__, 'scan kernel ok')"
 run() {  # name, extra args...
   local name=$1; shift
-  timeout -s INT $deadline python3 -m nnunet_segmamba.cli classify train --data $DATA --out $R/$name --variant t \
+  local left=$(( deadline - ($(date +%s) - start) ))
+  [ $left -gt 20 ] || { echo "== $name skipped, $left s left" > $R/$name.log; return; }
+  timeout -s INT $left python3 -m nnunet_segmamba.cli classify train --data $DATA --out $R/$name --variant t \
       --image-size 224 --device cuda --quiet "$@" > $R/$name.log 2>&1
   echo "== $name rc=$?" >> $R/$name.log
 }
-start=$(date +%s)
 case $plan in
   call1)
     run strong --recipe strong --seeds 0,1,2 &
