@@ -9,11 +9,14 @@ set -o pipefail
 plan=$1; deadline=${2:-390}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/bench/mamba_ssm*.whl
 export PYTHONPATH=$PWD/.carry/med:/tmp/site PYTHONUNBUFFERED=1
-DATA=.gpu/bench/breastmnist.npz
+DATA=$PWD/.gpu/bench/breastmnist.npz
+# run python from the carried package's folder: `python3 -m` puts the working directory first on sys.path, and
+# the checkout's root holds its own (older) nnunet_segmamba
+cd .carry/med
 R=/tmp/runs; mkdir -p $R $OUT
 start=$(date +%s)  # the deadline counts from here
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-python3 -c "import selective_scan_cuda, torch; print('torch', torch.__version__, 'scan kernel ok')"
+python3 -c "import torch, selective_scan_cuda, nnunet_segmamba.classification.recipe as r; print('torch', torch.__version__, 'scan kernel ok', r.__file__)"
 run() {  # name, extra args...
   local name=$1; shift
   local left=$(( deadline - ($(date +%s) - start) ))
