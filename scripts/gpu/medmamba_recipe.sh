@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device-tool calls for the `strong` recipe (docs/medmamba.md, "Training recipes"). Runs from a checkout whose
 # .carry/med holds this package and .gpu/bench holds breastmnist.npz and the mamba-ssm wheel.
-# Usage: bash medmamba_recipe.sh PLAN DEADLINE_S [ablate args]  (PLAN: call1 | final | ablate); runs still going
+# Usage: bash medmamba_recipe.sh PLAN DEADLINE_S [ablate args]  (PLAN: call1 | final | seeds | ablate); runs still going
 # DEADLINE_S seconds after the start are interrupted (their per-epoch history is kept).
 # Every run writes to /tmp/runs (checkpoints stay there); $OUT gets bundle.json (configs, histories, metrics,
 # summaries of every run, complete or not) and log.txt.
@@ -32,6 +32,8 @@ case $plan in
     wait ;;
   final)
     run strong --recipe strong --seeds 0,1,2 & wait ;;
+  seeds)  # the strong recipe on the seeds given as the third argument, e.g. 1,2
+    run strong --recipe strong --seeds "$3" & wait ;;
   ablate)
     shift 2; run ablate "$@" & wait ;;
 esac
