@@ -12,8 +12,12 @@ crop, rotation, flip and the resize to `image_size` are a single bilinear resamp
   the result is clipped to [0, 1] and normalised as `data.preprocess` does ((x - 0.5) / 0.5).
 
 With every range at its identity (scale_min 1, max_ratio 1, no flip, 0 degrees, 0 brightness and contrast) the
-output equals `data.preprocess` (bilinear resize, align_corners=False) to float rounding. All random numbers come
-from the CPU `generator`, so a seed gives the same batches on any device.
+output equals `data.preprocess` (bilinear resize, align_corners=False) to float rounding except on a rim of
+ceil(image_size / 56 - 0.5) pixels (4 at 224 px): there the sampling point lies outside the outermost input
+pixel centres and the zero padding is blended in (up to 44 % darker at 224 px), where F.interpolate repeats the
+edge. The measured `strong` results (docs/medmamba.md) were trained with this rim; padding_mode="border" would
+remove it but changes the recipe, so it needs a new measurement first. All random numbers come from the CPU
+`generator`, so a seed gives the same batches on any device.
 """
 from __future__ import annotations
 
