@@ -1,6 +1,8 @@
-"""Train and evaluate MedMamba on a MedMNIST .npz file with the paper's protocol.
+"""Train and evaluate MedMamba on a MedMNIST .npz file with the paper's protocol (`recipe="paper"`, the default)
+or the `strong` recipe (`recipe.py`: augmentation, label smoothing, warm-up + cosine, EMA, class-balanced
+sampling; docs/medmamba.md); `train_seeds` runs several seeds and writes summary.json beside them.
 
-Protocol (Yue & Li, arXiv:2403.03849): AdamW, lr 1e-3, batch 128, 100 epochs, lr x0.1 at 50 % and 75 % of the
+Paper protocol (Yue & Li, arXiv:2403.03849): AdamW, lr 1e-3, batch 128, 100 epochs, lr x0.1 at 50 % and 75 % of the
 epochs (MultiStepLR; epochs 50 and 75 of 100), cross-entropy. The weights with the best validation AUC are kept
 and scored on the test split: overall accuracy, AUC (binary, or macro one-vs-rest), macro precision,
 sensitivity (recall), specificity and F1.
@@ -29,7 +31,7 @@ import torch.nn as nn
 
 from ..data.medmnist import MEAN, STD, MedMNISTSplit, class_names_for, load_split
 
-__all__ = ["train", "evaluate", "predict", "classification_metrics", "save_confusion_matrix", "build_model",
+__all__ = ["train", "train_seeds", "summarize_seeds", "evaluate", "predict", "classification_metrics", "save_confusion_matrix", "build_model",
            "resolve_device", "load_checkpoint"]
 
 CONFIG_NAME = "config.json"
@@ -155,24 +157,34 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any], 
 
 @torch.no_grad()
 def predict(model: nn.Module, split: MedMNISTSplit, image_size: int, batch_size: int = 256,
-            device: torch.device | str = "cpu", progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, K) and labels (N,) of a split, in eval mode, without augmentation."""
+            device: torch.device | str = "cpu", progress: bool = False,
+            logit_bias: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, K) and labels (N,) of a split, in eval mode, fp32, without augmentation.
+
+    `logit_bias` (K,) is added to the logits first (the `strong` recipe's prior correction after class-balanced
+    sampling, stored in config.json as "logit_bias").
+    """
     from tqdm import tqdm
 
     model.eval()
+    bias = torch.tensor(logit_bias, dtype=torch.float32, device=device) if logit_bias is not None else None
     probs, labels = [], []
     batches = split.batches(batch_size, image_size, device)
     for x, y in tqdm(batches, total=math.ceil(len(split) / batch_size), desc="predict", leave=False,
                      disable=not progress):
-        probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+        logits = model(x).float()
+        probs.append(torch.softmax(logits + bias if bias is not None else logits, dim=1).cpu())
         labels.append(y.cpu())
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
 def _score(model: nn.Module, split: MedMNISTSplit, image_size: int, device: torch.device,
-           batch_size: int) -> dict[str, Any]:
-    probs, labels = predict(model, split, image_size, batch_size, device)
-    return classification_metrics(labels, probs)
+           batch_size: int, logit_bias: Sequence[float] | None = None) -> dict[str, Any]:
+    probs, labels = predict(model, split, image_size, batch_size, device, logit_bias=logit_bias)
+    metrics = classification_metrics(labels, probs)
+    # mean negative log-likelihood (unsmoothed): the tie-break between checkpoints of equal validation AUC
+    metrics["nll"] = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return metrics
 
 
 def _json_safe(value: Any) -> Any:
@@ -211,12 +223,52 @@ def _write_report(metrics: dict[str, Any], class_names: list[str], out_dir: Path
 # training
 
 
+def _resolve_recipe(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    from .recipe import RECIPES
+
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    settings = dict(RECIPES[recipe])
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings["schedule"] not in ("multistep", "cosine"):
+        raise ValueError(f"schedule must be 'multistep' or 'cosine', got {settings['schedule']!r}")
+    if settings["precision"] not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {settings['precision']!r}")
+    if not 0 <= settings["label_smoothing"] < 1 or settings["ema_epochs"] < 0 or settings["warmup_epochs"] < 0:
+        raise ValueError("need 0 <= label_smoothing < 1, ema_epochs >= 0 and warmup_epochs >= 0, got "
+                         f"{settings['label_smoothing']}, {settings['ema_epochs']}, {settings['warmup_epochs']}")
+    return settings
+
+
+def _train_batches(tr: MedMNISTSplit, batch_size: int, image_size: int, dev: torch.device, balanced: bool,
+                   aug, generator: torch.Generator):
+    """The `strong` recipe's batches: epoch order from `recipe.epoch_indices`, `augment.augment` (or the paper's
+    flips when `aug` is None)."""
+    from .augment import augment
+    from ..data.medmnist import preprocess
+    from .recipe import epoch_indices
+
+    order = epoch_indices(tr.labels, tr.num_classes, balanced, generator)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        images = tr.images[idx].to(dev)
+        if aug is not None:
+            x = augment(images, image_size, aug, generator)
+        else:
+            flip = (torch.rand(len(idx), generator=generator) < 0.5).to(dev)
+            x = preprocess(images, image_size)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        yield x, tr.labels[idx].to(dev)
+
+
 def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int = 100, batch_size: int = 128,
-          lr: float = 1e-3, weight_decay: float = 0.01, lr_milestones: Sequence[float] = (0.5, 0.75),
+          lr: float = 1e-3, weight_decay: float | None = None, lr_milestones: Sequence[float] = (0.5, 0.75),
           lr_gamma: float = 0.1, image_size: int = 64, device: str = "auto", seed: int = 0,
           depths: Sequence[int] | None = None, dims: int | None = None, d_state: int = 16,
           drop_path_rate: float = 0.1, micro_batch_size: int | None = None, deterministic: bool = True,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, recipe: str = "paper", label_smoothing: float | None = None,
+          warmup_epochs: float | None = None, ema_epochs: float | None = None, balance: bool | None = None,
+          augment: bool | None = None, precision: str | None = None) -> dict[str, Any]:
     """Train MedMamba on a MedMNIST .npz file, keep the best-validation-AUC weights, score them on the test split.
 
     Args:
@@ -225,14 +277,14 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
         variant: "t", "s" or "b" (published depths and widths); `depths` / `dims` override it.
         epochs: training epochs (100).
         batch_size: mini-batch size (128).
-        lr: AdamW learning rate (1e-3).
-        weight_decay: AdamW weight decay (0.01, PyTorch's default; the paper gives none).
+        lr: AdamW (peak) learning rate (1e-3).
+        weight_decay: AdamW weight decay (None: the recipe's, paper 0.01 = PyTorch's default, strong 0.05).
         lr_milestones: fractions of `epochs` at which the lr is multiplied by `lr_gamma` ((0.5, 0.75): epochs
-            50 and 75 of 100).
+            50 and 75 of 100); the "multistep" schedule (paper recipe) only.
         lr_gamma: lr factor at each milestone (0.1).
         image_size: side the 28 x 28 images are resized to, a multiple of 32 (64; the paper used 224).
         device: "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-        seed: seeds initialisation, batch order, flips and stochastic depth.
+        seed: seeds initialisation, batch order, augmentation and stochastic depth.
         depths, dims: override the variant's blocks per stage and first-stage width.
         d_state: SS2D state size (16).
         drop_path_rate: stochastic depth of the last block (0.1).
@@ -240,6 +292,11 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
             gradients of one optimizer step (memory; BatchNorm then normalises over the chunks). None: whole batch.
         deterministic: torch.use_deterministic_algorithms while training (warn only).
         progress: tqdm progress bars (the test summary is printed either way).
+        recipe: "paper" (the paper's protocol) or "strong" (`recipe.RECIPES`, docs/medmamba.md).
+        label_smoothing, warmup_epochs, ema_epochs, balance, augment, precision: override the recipe's value
+            (None: keep it). ema_epochs 0 turns the EMA off; balance: class-balanced sampling when the training
+            split is imbalanced (`recipe.IMBALANCE_RATIO`), with the prior put back at prediction; precision
+            "bf16" is autocast on CUDA (fp32 on the CPU).
 
     Returns:
         {"test": test metrics, "best_epoch", "best_val_auc", "out_dir", "seconds"}.
@@ -247,6 +304,8 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
     from tqdm import tqdm
 
     from ..networks.medmamba import VARIANTS
+    from .augment import AugmentConfig
+    from .recipe import ModelEMA, ema_decay_for, is_imbalanced, logit_bias, param_groups, warmup_cosine
 
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
@@ -257,6 +316,10 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
     if image_size < 32 or image_size % 32:
         raise ValueError(f"image_size must be a positive multiple of 32 (MedMamba downsamples 32x), got "
                          f"{image_size}; use e.g. 32, 64 or 224")
+    settings = _resolve_recipe(recipe, {"weight_decay": weight_decay, "label_smoothing": label_smoothing,
+                                        "warmup_epochs": warmup_epochs, "ema_epochs": ema_epochs,
+                                        "balance": balance, "augment": augment, "precision": precision})
+    weight_decay = settings["weight_decay"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
@@ -269,13 +332,32 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
                     "dims": int(dims if dims is not None else v_dims), "d_state": d_state,
                     "drop_path_rate": drop_path_rate}
     milestones = sorted({max(1, int(round(f * epochs))) for f in lr_milestones})
+    steps = math.ceil(len(tr) / batch_size)
+    balanced = bool(settings["balance"]) and is_imbalanced(tr.labels, tr.num_classes)
+    bias = logit_bias(tr.labels, tr.num_classes) if balanced else None
+    aug = AugmentConfig() if settings["augment"] else None
+    warmup_steps = int(round(settings["warmup_epochs"] * steps))
+    ema_decay = ema_decay_for(settings["ema_epochs"], steps) if settings["ema_epochs"] > 0 else None
+    amp = settings["precision"] == "bf16" and dev.type == "cuda"
+    custom_batches = balanced or aug is not None
+    if settings["schedule"] == "multistep":
+        lr_schedule = {"name": "MultiStepLR", "milestones": milestones, "gamma": lr_gamma}
+    else:
+        lr_schedule = {"name": "linear warm-up + cosine, per step", "warmup_steps": warmup_steps,
+                       "total_steps": epochs * steps, "min_factor": 0.0}
     config = {
         "data": str(Path(data).resolve()), "dataset": tr.name, "class_names": class_names, "variant": variant,
         "model": model_kwargs, "image_size": image_size, "normalisation": {"mean": MEAN, "std": STD},
         "epochs": epochs, "batch_size": batch_size, "micro_batch_size": micro_batch_size,
-        "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": weight_decay},
-        "lr_schedule": {"name": "MultiStepLR", "milestones": milestones, "gamma": lr_gamma},
-        "augmentation": ["random horizontal flip"], "seed": seed, "device": str(dev),
+        "recipe": recipe, "recipe_settings": settings,
+        "optimizer": {"name": "AdamW", "lr": lr, "weight_decay": weight_decay,
+                      "no_decay_on_norms_biases_A_D": bool(settings["wd_groups"])},
+        "lr_schedule": lr_schedule, "label_smoothing": settings["label_smoothing"],
+        "ema": {"decay": ema_decay, "time_constant_epochs": settings["ema_epochs"]} if ema_decay else None,
+        "sampling": "class-balanced (with replacement)" if balanced else "uniform (each image once per epoch)",
+        "logit_bias": bias,
+        "augmentation": aug.to_dict() if aug is not None else ["random horizontal flip"],
+        "precision": "bf16 autocast" if amp else "fp32", "seed": seed, "device": str(dev),
     }
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
@@ -284,43 +366,73 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         model = build_model(model_kwargs).to(dev)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_gamma)
-        loss_fn = nn.CrossEntropyLoss()
-        history, best_auc, best_epoch = [], -math.inf, 0
-        steps = math.ceil(len(tr) / batch_size)
+        params = param_groups(model, weight_decay) if settings["wd_groups"] else model.parameters()
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        if settings["schedule"] == "multistep":
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=lr_gamma)
+            step_scheduler = None
+        else:
+            scheduler = None
+            step_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda i: warmup_cosine(i, epochs * steps, warmup_steps))
+        ema = ModelEMA(model, ema_decay) if ema_decay is not None else None
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
+        history, best_auc, best_nll, best_epoch = [], -math.inf, math.inf, 0
         eval_batch = 2 * (micro_batch_size or batch_size)  # no activations kept for backward: twice fits
         bar = tqdm(range(1, epochs + 1), desc=f"MedMamba-{variant} {tr.name}", disable=not progress)
         for epoch in bar:
             model.train()
             total, seen = 0.0, 0
-            for x, y in tqdm(tr.batches(batch_size, image_size, dev, train=True, generator=generator),
-                             total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            current_lr = optimizer.param_groups[0]["lr"]
+            if custom_batches:
+                batches = _train_batches(tr, batch_size, image_size, dev, balanced, aug, generator)
+            else:
+                batches = tr.batches(batch_size, image_size, dev, train=True, generator=generator)
+            for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress):
                 optimizer.zero_grad(set_to_none=True)
                 for xc, yc in zip(x.split(micro_batch_size or len(y)), y.split(micro_batch_size or len(y))):
-                    loss = loss_fn(model(xc), yc) * (len(yc) / len(y))  # chunk losses sum to the batch mean
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                        logits = model(xc)
+                    loss = loss_fn(logits.float(), yc) * (len(yc) / len(y))  # chunk losses sum to the batch mean
                     loss.backward()
                     total += loss.item() * len(y)
                 optimizer.step()
+                if step_scheduler is not None:
+                    step_scheduler.step()
+                if ema is not None:
+                    ema.update(model)
                 seen += len(y)
-            current_lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            val = _score(model, splits["val"], image_size, dev, eval_batch)
-            history.append({"epoch": epoch, "train_loss": total / seen, "lr": current_lr,
-                            "val_accuracy": val["accuracy"], "val_auc": val["auc"]})
+            if scheduler is not None:
+                scheduler.step()
+            eval_model = ema.module if ema is not None else model
+            val = _score(eval_model, splits["val"], image_size, dev, eval_batch, bias)
+            entry = {"epoch": epoch, "train_loss": total / seen, "lr": current_lr,
+                     "val_accuracy": val["accuracy"], "val_auc": val["auc"], "val_nll": val["nll"]}
+            if ema is not None:  # the raw weights too, for the record (selection uses the EMA)
+                raw = _score(model, splits["val"], image_size, dev, eval_batch, bias)
+                entry.update(val_accuracy_raw=raw["accuracy"], val_auc_raw=raw["auc"])
+            history.append(entry)
             score = val["auc"] if not math.isnan(val["auc"]) else -math.inf
-            if score > best_auc or best_epoch == 0:
-                best_auc, best_epoch = score, epoch
-                torch.save(model.state_dict(), out_dir / BEST_NAME)
+            better = score > best_auc or best_epoch == 0
+            if settings["tie_break"] and score == best_auc and val["nll"] < best_nll:
+                better = True  # equal validation AUC (common on a small split): the lower validation NLL
+            if better:
+                best_auc, best_nll, best_epoch = score, val["nll"], epoch
+                torch.save(eval_model.state_dict(), out_dir / BEST_NAME)
             bar.set_postfix(loss=f"{total / seen:.4f}", val_acc=f"{val['accuracy']:.3f}",
                             val_auc=f"{val['auc']:.3f}", best=best_epoch)
             (out_dir / "history.json").write_text(json.dumps(_json_safe(history), indent=2))
-        torch.save(model.state_dict(), out_dir / FINAL_NAME)
+        torch.save((ema.module if ema is not None else model).state_dict(), out_dir / FINAL_NAME)
 
         model.load_state_dict(torch.load(out_dir / BEST_NAME, map_location=dev, weights_only=True))
-        test = _score(model, splits["test"], image_size, dev, eval_batch)
+        val = _score(model, splits["val"], image_size, dev, eval_batch, bias)
+        if bias is not None:  # the validation accuracy without the prior correction, for the record
+            val["accuracy_without_prior_correction"] = _score(model, splits["val"], image_size, dev,
+                                                              eval_batch)["accuracy"]
+        test = _score(model, splits["test"], image_size, dev, eval_batch, bias)  # the only look at test
     seconds = time.time() - start
-    test.update(best_epoch=best_epoch, best_val_auc=best_auc, train_seconds=seconds)
+    test.update(best_epoch=best_epoch, best_val_auc=best_auc, train_seconds=seconds,
+                val={k: v for k, v in val.items() if k not in ("per_class",)})
     _write_report(test, class_names, out_dir, "test", f"MedMamba-{variant} {tr.name}")
     print(f"{tr.name} test (best val AUC {best_auc:.4f} at epoch {best_epoch}/{epochs}): "
               f"ACC {test['accuracy']:.4f}  AUC {test['auc']:.4f}  precision {test['precision']:.4f}  "
@@ -328,6 +440,49 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
               f"  ({seconds:.0f} s) -> {out_dir / 'metrics_test.json'}")
     return {"test": test, "best_epoch": best_epoch, "best_val_auc": best_auc, "out_dir": str(out_dir),
             "seconds": seconds}
+
+
+SUMMARY_METRICS = ("accuracy", "auc", "precision", "sensitivity", "specificity", "f1", "best_val_auc",
+                   "best_epoch", "train_seconds")
+
+
+def summarize_seeds(out_dir: str | Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """summary.json (and summary.txt) in `out_dir` from the seed_{s}/metrics_test.json of every seed: per seed,
+    mean and standard deviation (sample, ddof = 1; 0 for one seed) of every metric in `SUMMARY_METRICS`."""
+    out_dir = Path(out_dir)
+    per_seed = {}
+    for s in seeds:
+        m = json.loads((out_dir / f"seed_{s}" / "metrics_test.json").read_text())
+        per_seed[str(s)] = {k: m[k] for k in SUMMARY_METRICS}
+    mean, std = {}, {}
+    for k in SUMMARY_METRICS:
+        values = np.array([np.nan if per_seed[str(s)][k] is None else per_seed[str(s)][k] for s in seeds], float)
+        mean[k] = float(values.mean())
+        std[k] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    config = json.loads((out_dir / f"seed_{seeds[0]}" / CONFIG_NAME).read_text())
+    summary = {"dataset": config["dataset"], "variant": config["variant"], "recipe": config.get("recipe", "paper"),
+               "image_size": config["image_size"], "seeds": list(seeds), "split": "test",
+               "selection": "best validation AUC (validation split only)", "std": "sample (ddof=1)",
+               "mean": mean, "std_dev": std, "per_seed": per_seed}
+    (out_dir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+    lines = [f"{summary['dataset']} MedMamba-{summary['variant']} recipe {summary['recipe']} "
+             f"{summary['image_size']} px, seeds {','.join(map(str, seeds))} (test split, mean +- sample std)"]
+    lines += [f"{k:>14}: {mean[k]:.4f} +- {std[k]:.4f}   per seed "
+              + " ".join(f"{per_seed[str(s)][k]:.4f}" for s in seeds) for k in SUMMARY_METRICS]
+    (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return summary
+
+
+def train_seeds(data: str | Path, out_dir: str | Path, seeds: Sequence[int], **kwargs: Any) -> dict[str, Any]:
+    """`train` once per seed into out_dir/seed_{s}, one after the other, then `summarize_seeds`."""
+    seeds = list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    kwargs.pop("seed", None)
+    for s in seeds:
+        train(data, Path(out_dir) / f"seed_{s}", seed=s, **kwargs)
+    return summarize_seeds(out_dir, seeds)
 
 
 def evaluate(checkpoint: str | Path, data: str | Path | None = None, split: str = "test", device: str = "auto",
@@ -352,7 +507,8 @@ def evaluate(checkpoint: str | Path, data: str | Path | None = None, split: str 
         raise ValueError(f"{data} has {ds.num_classes} classes and {ds.in_chans} channels, the checkpoint expects "
                          f"{config['model']['num_classes']} and {config['model']['in_chans']}")
     dev = resolve_device(device)
-    probs, labels = predict(model.to(dev), ds, config["image_size"], batch_size, dev, progress)
+    probs, labels = predict(model.to(dev), ds, config["image_size"], batch_size, dev, progress,
+                            logit_bias=config.get("logit_bias"))
     metrics = classification_metrics(labels, probs)
     out_dir = Path(out_dir) if out_dir is not None else weights.parent
     out_dir.mkdir(parents=True, exist_ok=True)
