@@ -25,7 +25,8 @@ def register(subparsers) -> None:
 
     tr = sub.add_parser(
         "train", help="train MedMamba, keep the best-validation-AUC weights, score them on the test split",
-        description="--recipe paper (default): AdamW, cross-entropy, MultiStepLR (x0.1 at 50%% and 75%% of the "
+        # a description is printed as written (argparse %-formats help= strings only): a single % here
+        description="--recipe paper (default): AdamW, cross-entropy, MultiStepLR (x0.1 at 50% and 75% of the "
                     "epochs), random horizontal flips. --recipe strong: augmentation, label smoothing, warm-up + "
                     "cosine, weight EMA, class-balanced sampling (docs/medmamba.md). Writes config.json, checkpoint_best.pth, checkpoint_final.pth, history.json, "
                     "metrics_test.json and confusion_matrix_test.png to --out and prints the test ACC and AUC.")
