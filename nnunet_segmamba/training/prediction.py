@@ -14,9 +14,29 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nnunet_segmamba.errors import SetupError, UserError
 from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
 CONVENTIONS = ("brats", "reference")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when a CUDA device is available, else "cpu"; "cuda" / "cpu" as given (checked).
+
+    Raises:
+        UserError: an unknown device name. SetupError: "cuda" on a machine without a usable CUDA device.
+    """
+    import torch
+
+    if device not in DEVICES:
+        raise UserError(f"device must be one of {DEVICES} (--device), got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SetupError("device 'cuda' was asked for but no CUDA device is available; use --device cpu "
+                         "(device='cpu') or auto")
+    return device
 
 
 @contextlib.contextmanager
@@ -36,11 +56,11 @@ def _without_compile():
 def _require_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
-        raise RuntimeError(f"{name} is not set; export it (see `nnunet-segmamba env`).")
+        raise SetupError(f"the environment variable {name} is not set; export it (see `nnunet-segmamba env`)")
     return value
 
 
-def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, device: str = "cuda",
+def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, device: str = "auto",
                       use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth"):
     """nnU-Net's `nnUNetPredictor` for one trained fold, set up as `nnUNetv2_predict` does (sliding window, overlap
     0.5, Gaussian weighting), never compiled, and with our trainers found by name (a failed lookup says what to
@@ -50,6 +70,7 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
 
     from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
 
+    device = resolve_device(device)
     # nnU-Net looks the trainer up by name; ours are found through nnUNet_extTrainer, which we know
     folders = [f for f in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
     if ext_trainer_folder() not in folders:
@@ -69,7 +90,7 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
 
 
 def predict_test_split(dataset: str | int, configuration: str, fold: int, trainer: str,
-                       plans: str = "nnUNetPlans", device: str = "cuda", use_mirroring: bool = True,
+                       plans: str = "nnUNetPlans", device: str = "auto", use_mirroring: bool = True,
                        convention: str = "brats", checkpoint_name: str = "checkpoint_final.pth",
                        num_processes: int = 2) -> dict:
     """Predict the test cases of `fold` and evaluate them.
@@ -80,7 +101,7 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         fold: the trained fold (its split holds the test cases).
         trainer: trainer class name used for training, e.g. nnUNetTrainerSegMamba.
         plans: plans identifier.
-        device: "cuda" or "cpu".
+        device: "auto" (cuda when available, else cpu), "cuda" or "cpu".
         use_mirroring: mirror test-time augmentation over the axes the trainer allowed.
         convention: empty-mask scoring of the evaluation, "brats" or "reference".
         checkpoint_name: checkpoint file in the fold folder.
@@ -89,7 +110,6 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     Returns:
         The evaluation summary (see `evaluate_folder`), with "prediction_folder" added.
     """
-    import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
@@ -98,12 +118,9 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     from nnunet_segmamba.training.reliability import check_channel_count, check_images_finite
     from nnunet_segmamba.training.splits import read_split
 
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is available; pass --device cpu")
+    device = resolve_device(device)
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        raise UserError(f"convention must be one of {CONVENTIONS} (--convention), got {convention!r}")
 
     dataset_name = maybe_convert_to_dataset_name(dataset)
     raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
@@ -125,9 +142,10 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     if problems:
         raise ValueError(f"cannot predict the test cases of {dataset_name}:\n  " + "\n  ".join(problems))
 
+    # the predictor loads the checkpoint and finds the trainer: its errors come before anything is written
+    predictor = trained_predictor(model_folder, fold, trainer, device, use_mirroring, checkpoint_name)
     output_folder = model_folder / f"fold_{fold}" / "test_predictions"
     output_folder.mkdir(parents=True, exist_ok=True)
-    predictor = trained_predictor(model_folder, fold, trainer, device, use_mirroring, checkpoint_name)
     predictor.predict_from_files([files[i]["images"] for i in test_ids],
                                  [str(output_folder / i) for i in test_ids], save_probabilities=False,
                                  overwrite=True, num_processes_preprocessing=num_processes,

@@ -152,11 +152,13 @@ def check_channel_count(model_dataset_json: Mapping, dataset_json: Mapping, case
     return problems
 
 
-def trainer_lookup_error(exc: BaseException, trainer: str) -> RuntimeError:
+def trainer_lookup_error(exc: BaseException, trainer: str) -> RuntimeError:  # a SetupError: one CLI line
     """nnU-Net's 'Could not find requested nnunet trainer' RuntimeError, restated with what to export."""
     current = os.environ.get("nnUNet_extTrainer")
     hint = (f"nnUNet_extTrainer is not set" if not current else f"nnUNet_extTrainer={current} does not contain it")
-    return RuntimeError(
+    from nnunet_segmamba.errors import SetupError
+
+    return SetupError(
         f"nnU-Net cannot find the trainer class {trainer!r} ({hint}). The SegMamba trainers are found through "
         f"`export nnUNet_extTrainer={ext_trainer_folder()}` (printed by `nnunet-segmamba env`); a trainer of "
         f"your own must be in a .py file under a folder listed in nnUNet_extTrainer (folders separated by "
