@@ -167,10 +167,27 @@ class _CaseJob:
     map_brats2021: bool
     convention: str
     nsd_tolerance_mm: float
+    defined: tuple[int, ...] | None = None  # the label values the maps may hold; None: not checked per case
 
 
-def evaluate_case(job: _CaseJob) -> list[dict]:
-    """Score one case; returns one row per structure: case, region, dice, hd95_mm, nsd, gt_voxels, pred_voxels."""
+def _label_values(arr: np.ndarray) -> list:
+    """The distinct values of a label map, as ints where integral (floats otherwise, NaN included)."""
+    return [int(v) if float(v).is_integer() else float(v) for v in np.unique(arr).tolist()]
+
+
+def _undefined_labels_error(bad: list[tuple[str, str, list]], defined: Sequence[int] | None, what: str,
+                            fix: str) -> ValueError:
+    """One message naming the undefined values and the files holding them (at most 10 files listed)."""
+    values = sorted({v for _, _, vs in bad for v in vs}, key=float)
+    files = "; ".join(f"{side} {path} holds {vs}" for side, path, vs in bad[:10])
+    more = f"; ... and {len(bad) - 10} more files" if len(bad) > 10 else ""
+    known = f" (defined: {', '.join(str(v) for v in defined)})" if defined is not None else ""
+    return ValueError(f"label value(s) {values} {what}{known}: {files}{more}. {fix}; nothing was written")
+
+
+def _score_case(job: _CaseJob) -> tuple[list[dict], list, list]:
+    """(rows, reference label values, prediction label values) of one case. A case holding values outside
+    `job.defined` is not scored (no rows): `evaluate_folder` reports it with every other such case."""
     import SimpleITK as sitk
 
     gt_img, pred_img = sitk.ReadImage(job.gt_file), sitk.ReadImage(job.pred_file)
@@ -181,7 +198,15 @@ def evaluate_case(job: _CaseJob) -> list[dict]:
         raise ValueError(f"case {job.name}: prediction spacing {pred_img.GetSpacing()} != ground truth "
                          f"{gt_img.GetSpacing()}; predictions must be on the reference grid")
     spacing = gt_img.GetSpacing()[::-1]  # SimpleITK gives (x, y, z), the array is (z, y, x)
+    gt_values, pred_values = _label_values(gt), _label_values(pred)
+    if job.defined is not None and (set(gt_values) | set(pred_values)) - set(job.defined):
+        return [], gt_values, pred_values
     if job.map_brats2021:
+        for path, values in ((job.gt_file, gt_values), (job.pred_file, pred_values)):
+            if 3 in values and 4 in values:
+                raise ValueError(f"{path} holds both labels 3 and 4; BraTS uses one or the other for enhancing "
+                                 "tumour (2023+: 3, 2021: 4). Fix the file, or score it with -d DATASET "
+                                 "(dataset_json) instead of --brats")
         gt, pred = map_brats2021_labels(gt), map_brats2021_labels(pred)
     regions = job.regions
     if regions is None:
@@ -193,6 +218,23 @@ def evaluate_case(job: _CaseJob) -> list[dict]:
         scores = binary_metrics(p, g, spacing, job.convention, job.nsd_tolerance_mm)
         rows.append({"case": job.name, "region": region, **scores,
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})
+    return rows, gt_values, pred_values
+
+
+def evaluate_case(job: _CaseJob) -> list[dict]:
+    """Score one case; returns one row per structure: case, region, dice, hd95_mm, nsd, gt_voxels, pred_voxels.
+
+    Raises:
+        ValueError: a label map holds values outside `job.defined` (when given).
+    """
+    rows, gt_values, pred_values = _score_case(job)
+    if job.defined is not None:
+        bad = [(side, path, [v for v in values if v not in job.defined])
+               for side, path, values in (("reference", job.gt_file, gt_values),
+                                          ("prediction", job.pred_file, pred_values))]
+        bad = [b for b in bad if b[2]]
+        if bad:
+            raise _undefined_labels_error(bad, job.defined, "are not defined", "Fix the label maps")
     return rows
 
 
@@ -219,20 +261,27 @@ def _format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _resolve_regions(dataset_json, regions) -> tuple[dict[str, tuple[int, ...]] | None, bool]:
-    """Returns (regions or None for 'every label found', whether to map BraTS 2021 label 4 -> 3)."""
+# label values BraTS label maps may hold: background, NCR, edema, ET (2023+: 3, 2021: 4)
+BRATS_LABEL_VALUES = (0, 1, 2, 3, 4)
+
+
+def _resolve_regions(dataset_json, regions) -> tuple[dict[str, tuple[int, ...]] | None, bool, tuple[int, ...] | None]:
+    """Returns (regions or None for 'every label found', whether to map BraTS 2021 label 4 -> 3, the label values
+    the maps may hold or None when nothing defines them: an explicit `regions` dict selects structures, it does
+    not say which other labels exist)."""
     if isinstance(regions, str):
         if regions.lower() != "brats":
             raise ValueError(f"regions={regions!r} is not understood; pass 'brats', a dict name -> labels, or None")
-        return brats_regions(), True
+        return brats_regions(), True, BRATS_LABEL_VALUES
     if regions is not None:
         if not regions:
             raise ValueError("regions is empty; pass at least one name -> label values entry, or None")
         return {str(k): tuple(int(v) for v in (vs if isinstance(vs, (list, tuple)) else (vs,)))
-                for k, vs in regions.items()}, False
+                for k, vs in regions.items()}, False, None
     if dataset_json is not None:
-        return regions_from_dataset_json(dataset_json), False
-    return None, False
+        region_map = regions_from_dataset_json(dataset_json)
+        return region_map, False, tuple(sorted({0} | {v for vs in region_map.values() for v in vs}))
+    return None, False, None
 
 
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
@@ -248,6 +297,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
         dataset_json: nnU-Net dataset.json (dict or path) naming the labels/regions to score.
         regions: overrides dataset_json: "brats" (WT/TC/ET, BraTS 2021 label 4 read as 3) or a dict
             name -> label values. With neither, every nonzero label found is scored on its own.
+            Label values outside those the dataset.json defines (or outside BraTS's 0-4 with "brats") are an
+            error naming the values and files; so, with neither, is a prediction value that no reference holds.
+            An explicit regions dict selects structures and leaves other label values unchecked.
         convention: empty-mask scoring, "brats" or "reference" (see `CONVENTIONS`).
         nsd_tolerance_mm: NSD boundary tolerance in mm.
         output_dir: where `metrics_per_case.csv` and `summary.json` go; default `<pred_dir>/evaluation` (not
@@ -259,6 +311,10 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     Returns:
         The summary dict also written to summary.json: convention, its description, tolerance, regions,
         num_cases and metrics[region][metric] = {mean, median, std, n} for metric in dice, hd95_mm, nsd.
+
+    Raises:
+        ValueError / FileNotFoundError: bad arguments, missing folders or predictions, mismatched grids,
+            undefined label values; raised before anything is written.
     """
     from tqdm import tqdm
 
@@ -266,9 +322,11 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     if not nsd_tolerance_mm >= 0 or not math.isfinite(nsd_tolerance_mm):
         raise ValueError(f"nsd_tolerance_mm={nsd_tolerance_mm} must be a finite number >= 0 (in mm)")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for d in (pred_dir, gt_dir):
+    for what, d in (("prediction folder", pred_dir), ("reference folder", gt_dir)):
+        if not d.exists():
+            raise FileNotFoundError(f"{what} {d} does not exist; pass the folder holding the {file_ending} label maps")
         if not d.is_dir():
-            raise ValueError(f"{d} is not a folder; pass the folder holding the {file_ending} label maps")
+            raise ValueError(f"{what} {d} is not a folder; pass the folder holding the {file_ending} label maps")
     names = sorted(p.name[: -len(file_ending)] for p in gt_dir.iterdir() if p.name.endswith(file_ending))
     if not names:
         raise ValueError(f"no '*{file_ending}' files in ground-truth folder {gt_dir}")
@@ -276,18 +334,41 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     if missing:
         raise ValueError(f"{len(missing)} ground-truth cases have no prediction in {pred_dir}: "
                          f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-    region_map, map4 = _resolve_regions(dataset_json, regions)
+    region_map, map4, defined = _resolve_regions(dataset_json, regions)
     jobs = [_CaseJob(n, str(pred_dir / (n + file_ending)), str(gt_dir / (n + file_ending)), region_map, map4,
-                     convention, float(nsd_tolerance_mm)) for n in names]
+                     convention, float(nsd_tolerance_mm), defined) for n in names]
 
     if num_processes > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as ex:
-            per_case = list(tqdm(ex.map(evaluate_case, jobs), total=len(jobs), desc="evaluating", disable=not verbose))
+            results = list(tqdm(ex.map(_score_case, jobs), total=len(jobs), desc="evaluating", disable=not verbose))
     else:
-        per_case = [evaluate_case(j) for j in tqdm(jobs, desc="evaluating", disable=not verbose)]
+        results = [_score_case(j) for j in tqdm(jobs, desc="evaluating", disable=not verbose)]
+    per_case = [rows for rows, _, _ in results]
+    # label values nothing defines: an error naming the values and files, never silently ignored or scored
+    if defined is not None:
+        bad = [(side, path, [v for v in values if v not in defined])
+               for job, (_, gt_values, pred_values) in zip(jobs, results)
+               for side, path, values in (("reference", job.gt_file, gt_values),
+                                          ("prediction", job.pred_file, pred_values))]
+        what = "are not BraTS labels (--brats)" if map4 else "are not defined in the dataset.json labels"
+        fix = ("Fix these label maps, or score them with -d DATASET (dataset_json) instead of --brats" if map4 else
+               "Fix these label maps, or pass the dataset.json that defines these values (-d)")
+        bad = [b for b in bad if b[2]]
+        if bad:
+            raise _undefined_labels_error(bad, defined, what, fix)
+    elif region_map is None:
+        in_references = {v for _, gt_values, _ in results for v in gt_values}
+        bad = [("prediction", job.pred_file, [v for v in pred_values if v not in in_references and v != 0])
+               for job, (_, _, pred_values) in zip(jobs, results)]
+        bad = [b for b in bad if b[2]]
+        if bad:
+            raise _undefined_labels_error(
+                bad, None, "occur in predictions but in no reference label map, and no dataset.json says which "
+                "labels exist", "Pass the dataset.json that defines the labels (-d DATASET, dataset_json=...), "
+                "or fix the predictions")
 
     if region_map is None:
         # a label absent from a case on both sides is a "both empty" structure there, scored by the convention

@@ -260,3 +260,39 @@ def test_evaluate_folder_plain_labels_and_errors(tmp_path):
         evaluate_folder(pred_dir, gt_dir, verbose=False)
     with pytest.raises(ValueError, match="regions"):
         evaluate_folder(gt_dir, gt_dir, regions="liver", verbose=False)
+
+
+def test_undefined_label_values_are_an_error_naming_values_and_files(tmp_path):
+    gt_dir, pred_dir, _ = _make_folders(tmp_path)
+    spacing_xyz = (1.0, 1.0, 3.0)  # as _make_folders writes them
+    ds = {"labels": {"background": 0, "NCR": 1, "edema": 2, "ET": 3}, "file_ending": ".nii.gz"}
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(pred_dir / "b.nii.gz")))
+    pred[0, 0, 1] = 7
+    _write(pred, pred_dir / "b.nii.gz", spacing_xyz)
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_dir / "c.nii.gz")))
+    gt[0, 0, 0] = 9
+    _write(gt, gt_dir / "c.nii.gz", spacing_xyz)
+    out = tmp_path / "e"
+    with pytest.raises(ValueError, match=r"label value\(s\) \[7, 9\] are not defined in the dataset.json") as info:
+        evaluate_folder(pred_dir, gt_dir, dataset_json=ds, output_dir=out, verbose=False)
+    msg = str(info.value)
+    assert f"prediction {pred_dir / 'b.nii.gz'} holds [7]" in msg and f"reference {gt_dir / 'c.nii.gz'} holds [9]" in msg
+    with pytest.raises(ValueError, match=r"\[7, 9\] are not BraTS labels"):
+        evaluate_folder(pred_dir, gt_dir, regions="brats", output_dir=out, verbose=False)
+    # without a dataset.json a reference value is a structure, but a prediction value no reference holds is not
+    with pytest.raises(ValueError, match=r"\[7\] occur in predictions but in no reference"):
+        evaluate_folder(pred_dir, gt_dir, output_dir=out, verbose=False)
+    assert not out.exists()  # nothing written
+    # an explicit regions dict selects structures; other values are left alone
+    evaluate_folder(pred_dir, gt_dir, regions={"NCR": 1}, output_dir=out, verbose=False)
+    assert (out / "summary.json").is_file()
+
+
+def test_brats_case_with_both_3_and_4_names_the_file(tmp_path):
+    gt_dir, pred_dir, _ = _make_folders(tmp_path)
+    spacing_xyz = (1.0, 1.0, 3.0)  # as _make_folders writes them
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(gt_dir / "a.nii.gz")))
+    gt[0, 0, 0], gt[0, 0, 1] = 3, 4
+    _write(gt, gt_dir / "a.nii.gz", spacing_xyz)
+    with pytest.raises(ValueError, match=f"{gt_dir / 'a.nii.gz'} holds both labels 3 and 4"):
+        evaluate_folder(pred_dir, gt_dir, regions="brats", output_dir=tmp_path / "e", verbose=False)
