@@ -128,10 +128,21 @@ def save_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch.device."""
+    """"auto" -> cuda when available, else cpu; anything else as torch.device (UserError / SetupError when it is
+    not a device name or names CUDA on a machine without it)."""
+    from ..errors import SetupError, UserError
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"device {device!r} (--device) is not a device name; use auto, cpu, cuda or cuda:N "
+                        f"({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"device {device!r} (--device) was asked for but no CUDA device is available; "
+                         "use --device cpu or auto")
+    return dev
 
 
 def build_model(model_kwargs: dict[str, Any]) -> nn.Module:
@@ -320,10 +331,10 @@ def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int
                                         "warmup_epochs": warmup_epochs, "ema_epochs": ema_epochs,
                                         "balance": balance, "augment": augment, "precision": precision})
     weight_decay = settings["weight_decay"]
+    dev = resolve_device(device)
+    splits = {s: load_split(data, s) for s in ("train", "val", "test")}  # bad data fails before out_dir exists
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    splits = {s: load_split(data, s) for s in ("train", "val", "test")}
     tr = splits["train"]
     class_names = class_names_for(tr.name, tr.num_classes)
     v_depths, v_dims = VARIANTS[variant]

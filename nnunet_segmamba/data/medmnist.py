@@ -8,6 +8,7 @@ does not hold a float copy of the data set.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -83,6 +84,11 @@ def preprocess(images: torch.Tensor, image_size: int) -> torch.Tensor:
 def _check_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"MedMNIST file {path} not found; pass the path of e.g. breastmnist.npz")
+    # an .npz is a zip archive; anything else makes np.load try pickle and fail with an "allow_pickle" hint,
+    # which is both misleading and an unsafe fix
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a MedMNIST .npz file (not a NumPy .npz archive); pass a MedMNIST v2 "
+                         "file such as breastmnist.npz")
 
 
 def load_split(path: str | Path, split: str) -> MedMNISTSplit:
@@ -95,10 +101,11 @@ def load_split(path: str | Path, split: str) -> MedMNISTSplit:
     _check_file(path)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files]
         if missing:
-            raise ValueError(f"{path} has no {missing} (keys: {sorted(npz.files)}); is it a MedMNIST v2 .npz file?")
+            raise ValueError(f"{path} is not a MedMNIST .npz file: it has no {missing} (keys: "
+                             f"{sorted(npz.files)}); pass a MedMNIST v2 file such as breastmnist.npz")
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
         label_max = max(int(npz[f"{s}_labels"].max()) for s in SPLITS if f"{s}_labels" in npz.files)
     if labels.ndim == 2 and labels.shape[1] != 1:

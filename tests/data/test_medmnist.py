@@ -36,6 +36,16 @@ def test_load_split_errors(tmp_path, write_medmnist_npz):
         load_split(path, "validation")
     with pytest.raises(FileNotFoundError):
         load_split(tmp_path / "missing.npz", "train")
+    (tmp_path / "notes.txt").write_text("not an array file\n")
+    with pytest.raises(ValueError, match="is not a MedMNIST .npz file") as info:
+        load_split(tmp_path / "notes.txt", "train")
+    assert "allow_pickle" not in str(info.value)  # numpy's hint would suggest an unsafe fix
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="is not a MedMNIST .npz file"):
+        load_split(tmp_path / "array.npy", "train")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match=r"is not a MedMNIST .npz file: it has no \['train_images'"):
+        load_split(tmp_path / "other.npz", "train")
     np.savez(tmp_path / "multi.npz", **{f"{s}_images": np.zeros((2, 28, 28), np.uint8) for s in ("train", "val", "test")},
              **{f"{s}_labels": np.zeros((2, 14), np.uint8) for s in ("train", "val", "test")})
     with pytest.raises(ValueError, match="multi-label"):
