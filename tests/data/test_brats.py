@@ -129,26 +129,22 @@ def test_every_problem_is_listed(tmp_path):
     _write(np.zeros((8, 8, 8), np.float32), d1 / f"{n1}{s}flair.nii.gz", spacing=(1, 1, 1.5))  # spacing mismatch
     d2, n2, _ = cases[2]
     bad = np.zeros((8, 8, 8), np.uint8)
-    bad[0, 0, 0] = 3  # 3 is not a 2021 label (2021 enhancing tumour is 4)
+    bad[0, 0, 0] = 3  # fine: the case gets the 2023+ numbering from its values
     bad[1, 1, 1] = 7
     _write(bad, d2 / f"{n2}{s}seg.nii.gz")
     msg = _convert_expect(tmp_path, "3 of 4 BraTS cases are bad")
     assert f"{n0}: t1ce size (9, 8, 8) != seg size (8, 8, 8)" in msg
     assert f"{n1}: flair spacing (1.0, 1.0, 1.5) != seg spacing (1.0, 1.0, 1.0)" in msg
-    assert f"{n2}: unexpected label value(s) [3, 7]" in msg
+    assert f"{n2}: unexpected label value(s) [7]" in msg
     assert cases[3][1] not in msg
 
 
-def test_origin_mismatch_and_label4_in_2023_case(tmp_path):
+def test_origin_mismatch(tmp_path):
     cases = make_folder(tmp_path / "src", "2023")
     d0, n0, s = cases[0]
     _write(np.zeros((8, 8, 8), np.float32), d0 / f"{n0}{s}t1n.nii.gz", origin=(0, 5, 0))
-    d1, n1, _ = cases[1]
-    seg = np.zeros((8, 8, 8), np.uint8)
-    seg[2, 2, 2] = 4  # BraTS 2024 post-treatment resection cavity: must not silently become enhancing tumour
-    _write(seg, d1 / f"{n1}{s}seg.nii.gz")
-    msg = _convert_expect(tmp_path, "2 of 3")
-    assert f"{n0}: t1n origin" in msg and f"{n1}: unexpected label value(s) [4]" in msg
+    msg = _convert_expect(tmp_path, "1 of 3")
+    assert f"{n0}: t1n origin" in msg
 
 
 def test_skip_bad_cases(tmp_path):
@@ -171,9 +167,15 @@ def test_argument_errors(tmp_path, monkeypatch):
     convert_brats(tmp_path / "src", 506, "First", out_root=tmp_path / "raw")
     with pytest.raises(ValueError, match="already used by Dataset506_First"):
         convert_brats(tmp_path / "src", 506, "Second", out_root=tmp_path / "raw")
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="already exists and is not empty; delete it, or pass --overwrite"):
         convert_brats(tmp_path / "src", 506, "First", out_root=tmp_path / "raw")
     convert_brats(tmp_path / "src", 506, "First", out_root=tmp_path / "raw", overwrite=True)
+    # a bad source with overwrite=True leaves the existing dataset alone: validation comes before removal
+    bad = tmp_path / "bad"
+    (bad / "BraTS-GLI-00009-000").mkdir(parents=True)
+    with pytest.raises(ValueError, match="1 of 1 BraTS cases are bad"):
+        convert_brats(bad, 506, "First", out_root=tmp_path / "raw", overwrite=True)
+    assert (tmp_path / "raw" / "Dataset506_First" / "dataset.json").is_file()
 
 
 def cli_main(argv):
@@ -199,3 +201,99 @@ def test_cli_convert_and_evaluate(tmp_path, capsys):
     assert summary["metrics"]["WT"]["dice"]["mean"] == 1.0 and summary["metrics"]["ET"]["hd95_mm"]["mean"] == 0.0
     assert "WT" in capsys.readouterr().out
     assert len(cases) == summary["num_cases"]
+
+
+# --- file names as BraTS data circulates, and the label numbering decided from the values -----------------------
+
+SUFFIXES = {"2023": ("t2w", "t2f", "t1n", "t1c"), "2021": ("t2", "flair", "t1", "t1ce")}
+IDS = {"2023": "BraTS-GLI-{:05d}-000", "2021": "BraTS2021_{:05d}"}
+
+
+def write_case(root, id_style, suffix_style, index, labels, sep="_", dtype=np.float32):
+    """One 8^3 case named with `id_style` IDs and `suffix_style` suffixes; seg drawn from `labels`, stored as dtype."""
+    name = IDS[id_style].format(index)
+    rng = np.random.default_rng(index)
+    d = root / name
+    d.mkdir(parents=True)
+    for tok, off in zip(SUFFIXES[suffix_style], CHANNEL_OFFSET):
+        _write((off + rng.uniform(0, 100, (8, 8, 8))).astype(np.float32), d / f"{name}{sep}{tok}.nii.gz")
+    seg = rng.choice(labels, size=(8, 8, 8)).astype(dtype)
+    seg[0, 0, :len(labels)] = labels  # every label present
+    _write(seg, d / f"{name}{sep}seg.nii.gz")
+    return name, seg
+
+
+def _report(out):
+    return json.loads((out / "conversion_report.json").read_text())
+
+
+def test_brats2025_cases_with_2023_ids_2021_suffixes_and_float_labels(tmp_path, capsys):
+    # how BraTS 2025 glioma cases circulate: BraTS-GLI-00000-000_flair.nii.gz ..., labels 0..3 stored as float32
+    src = tmp_path / "src"
+    segs = dict(write_case(src, "2023", "2021", i, [0, 1, 2, 3]) for i in range(2))
+    out = convert_brats(src, 510, "BraTS2025", out_root=tmp_path / "raw")
+    for name, src_seg in segs.items():
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{name}.nii.gz")))
+        assert seg.dtype == np.uint8
+        np.testing.assert_array_equal(seg, src_seg.astype(np.uint8))  # 2023+ numbering: unchanged
+        for ch, off in enumerate(CHANNEL_OFFSET):  # _flair -> channel 1 (FLAIR), _t1ce -> 3 (T1c), ...
+            img = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr" / f"{name}_{ch:04d}.nii.gz")))
+            assert off <= img.min() and img.max() <= off + 100
+        assert _report(out)["cases"][name] == {"label_numbering": "2023+", "decided_by": "label 3",
+                                                "file_names": "2023 IDs, 2021 suffixes"}
+    assert json.loads((out / "dataset.json").read_text())["brats_label_numbering"] == {"2021": 0, "2023+": 2}
+    assert ("label numbering per case: 2 cases 2023+ (1 NCR, 2 SNFH/edema, 3 ET; 2 by label 3, 0 by file names), "
+            "0 cases 2021 (1 NCR, 2 edema, 4 ET; 0 by label 4, 0 by file names)") in capsys.readouterr().out
+
+
+def test_2021_ids_with_2023_suffixes_and_label_4(tmp_path):
+    src = tmp_path / "src"
+    segs = dict([write_case(src, "2021", "2023", 0, [0, 1, 2, 4], sep="_", dtype=np.uint8),
+                 write_case(src, "2021", "2023", 1, [0, 1, 2, 4], sep="-", dtype=np.float32)])
+    out = convert_brats(src, 511, "Mixed", out_root=tmp_path / "raw")
+    for name, src_seg in segs.items():
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{name}.nii.gz")))
+        np.testing.assert_array_equal(seg, np.where(src_seg == 4, 3, src_seg))  # 2021 numbering: 4 -> 3
+        assert _report(out)["cases"][name] == {"label_numbering": "2021", "decided_by": "label 4",
+                                                "file_names": "2021 IDs, 2023 suffixes"}
+
+
+def test_label_4_decides_2021_numbering_whatever_the_names(tmp_path):
+    src = tmp_path / "src"
+    name, src_seg = write_case(src, "2023", "2023", 0, [0, 1, 2, 4], sep="-")
+    out = convert_brats(src, 512, "Four", out_root=tmp_path / "raw")
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{name}.nii.gz")))
+    np.testing.assert_array_equal(seg, np.where(src_seg == 4, 3, src_seg))
+    assert _report(out)["cases"][name]["label_numbering"] == "2021"
+
+
+def test_neither_3_nor_4_takes_the_numbering_from_the_names(tmp_path):
+    src = tmp_path / "src"
+    a, seg_a = write_case(src, "2021", "2021", 0, [0, 1, 2])
+    b, seg_b = write_case(src, "2023", "2021", 1, [0, 1, 2])  # the ID style decides over the suffix style
+    out = convert_brats(src, 513, "NoET", out_root=tmp_path / "raw")
+    cases = _report(out)["cases"]
+    assert cases[a] == {"label_numbering": "2021", "decided_by": "file names", "file_names": "2021 IDs, 2021 suffixes"}
+    assert cases[b] == {"label_numbering": "2023+", "decided_by": "file names", "file_names": "2023 IDs, 2021 suffixes"}
+    for name, src_seg in ((a, seg_a), (b, seg_b)):  # 1 and 2 mean the same in both numberings: unchanged
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{name}.nii.gz")))
+        np.testing.assert_array_equal(seg, src_seg.astype(np.uint8))
+
+
+def test_both_3_and_4_and_non_integer_labels_are_bad_cases(tmp_path):
+    src = tmp_path / "src"
+    both, _ = write_case(src, "2023", "2021", 0, [0, 1, 3, 4])
+    frac, _ = write_case(src, "2023", "2021", 1, [0, 1, 2.5])
+    write_case(src, "2023", "2021", 2, [0, 1, 2, 3])
+    msg = _convert_expect(tmp_path, "2 of 3 BraTS cases are bad")
+    assert f"{both}: seg holds both labels 3 and 4" in msg
+    assert f"{frac}: seg holds non-integer values [2.5]" in msg
+
+
+def test_cases_with_4_mixed_with_cases_with_3_are_refused(tmp_path):
+    # BraTS 2024 post-treatment data: 3 is ET, 4 resection cavity; a case without ET must not turn RC into ET
+    src = tmp_path / "src"
+    with3, _ = write_case(src, "2023", "2023", 0, [0, 1, 2, 3], sep="-")
+    with4, _ = write_case(src, "2023", "2023", 1, [0, 1, 2, 4], sep="-")
+    msg = _convert_expect(tmp_path, "1 cases hold label 4")
+    assert with4 in msg and with3 in msg and "resection cavity" in msg
