@@ -122,9 +122,15 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     if convention not in CONVENTIONS:
         raise UserError(f"convention must be one of {CONVENTIONS} (--convention), got {convention!r}")
 
-    dataset_name = maybe_convert_to_dataset_name(dataset)
-    raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
-    model_folder = Path(_require_env("nnUNet_results")) / dataset_name / f"{trainer}__{plans}__{configuration}"
+    raw_root, results_root = _require_env("nnUNet_raw"), _require_env("nnUNet_results")
+    _require_env("nnUNet_preprocessed")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:  # nnU-Net's "Could not find a dataset with the ID ..."
+        raise UserError(f"dataset {dataset!r} (-d) is not found under $nnUNet_raw ({raw_root}), "
+                        "$nnUNet_preprocessed or $nnUNet_results; pass an existing dataset id or name") from None
+    raw_folder = Path(raw_root) / dataset_name
+    model_folder = Path(results_root) / dataset_name / f"{trainer}__{plans}__{configuration}"
     if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
         raise FileNotFoundError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} with "
                                 f"-tr {trainer} first (or pass the checkpoint name)")
