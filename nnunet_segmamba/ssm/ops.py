@@ -52,6 +52,11 @@ def _fresh(t: Tensor, inputs: Sequence[Optional[Tensor]]) -> Tensor:
     return t
 
 
+def _contiguous_like(t: Tensor) -> Tensor:
+    # the backwards return contiguous gradients whatever the inputs' strides (B and C are often row slices)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def _gradients(outputs: list[Tensor], grad_outputs: list[Optional[Tensor]],
                inputs: Sequence[Optional[Tensor]]) -> list[Tensor]:
     """d(outputs)/d(inputs) against `grad_outputs`: zeros where not reached, an empty tensor for a None input."""
@@ -123,12 +128,12 @@ def selective_scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: 
         out, last = dispatch.selective_scan_eager(*leaves, delta_softplus, True, backend, order, num_slices)
         # the state carries a gradient on the torch scan only (as in eager mode); the kernels mark it constant
         grads = _gradients([out, last], [dout, dlast], leaves)
-    return [_fresh(g, (dout, dlast, u, delta, A, B, C, D, z, delta_bias)) for g in grads]
+    return [_fresh(g.contiguous(), (dout, dlast, u, delta, A, B, C, D, z, delta_bias)) for g in grads]
 
 
 @selective_scan_bwd.register_fake
 def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, order, num_slices):
-    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    return [_contiguous_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -170,12 +175,12 @@ def causal_conv1d_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     with _recording():
         out = dispatch.causal_conv1d_eager(*leaves, silu, backend, order, num_slices)
         grads = _gradients([out], [dout], leaves)
-    return [_fresh(g, (dout, x, weight, bias)) for g in grads]
+    return [_fresh(g.contiguous(), (dout, x, weight, bias)) for g in grads]
 
 
 @causal_conv1d_bwd.register_fake
 def _(dout, x, weight, bias, silu, backend, order, num_slices):
-    return [torch.empty_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias)]
+    return [_contiguous_like(t) if t is not None else x.new_empty(0) for t in (x, weight, bias)]
 
 
 def _conv_setup_context(ctx, inputs, output):
