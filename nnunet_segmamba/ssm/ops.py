@@ -44,12 +44,19 @@ def _state_dtype(u: Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
-def _fresh(t: Tensor, inputs: Sequence[Optional[Tensor]]) -> Tensor:
-    """`t`, or a copy where it shares memory with an input (custom ops may not return aliases of their inputs)."""
-    storage = t.untyped_storage().data_ptr()
-    if any(i is not None and i.untyped_storage().data_ptr() == storage for i in inputs):
-        return t.clone()
-    return t
+def _fresh(outputs: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """`outputs`, each copied where it shares memory with an input or an earlier output: custom ops may return no
+    aliases (e.g. the Triton backward's dB and dC are two halves of one buffer)."""
+    taken = {i.untyped_storage().data_ptr() for i in inputs if i is not None}
+    result = []
+    for t in outputs:
+        storage = t.untyped_storage().data_ptr()
+        if storage in taken and t.numel():
+            t = t.clone()
+            storage = t.untyped_storage().data_ptr()
+        taken.add(storage)
+        result.append(t)
+    return result
 
 
 def _contiguous_like(t: Tensor) -> Tensor:
@@ -109,7 +116,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     with torch.no_grad():
         out, last = dispatch.selective_scan_eager(*inputs, delta_softplus, True, backend, order, num_slices)
     # contiguous as the fake function promises (a no-op for every implementation's usual output)
-    return _fresh(out.contiguous(), inputs), _fresh(last.to(_state_dtype(u)).contiguous(), inputs)
+    out, last = _fresh([out.contiguous(), last.to(_state_dtype(u)).contiguous()], inputs)
+    return out, last
 
 
 @selective_scan.register_fake
@@ -128,7 +136,7 @@ def selective_scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: 
         out, last = dispatch.selective_scan_eager(*leaves, delta_softplus, True, backend, order, num_slices)
         # the state carries a gradient on the torch scan only (as in eager mode); the kernels mark it constant
         grads = _gradients([out, last], [dout, dlast], leaves)
-    return [_fresh(g.contiguous(), (dout, dlast, u, delta, A, B, C, D, z, delta_bias)) for g in grads]
+    return _fresh([g.contiguous() for g in grads], (dout, dlast, u, delta, A, B, C, D, z, delta_bias))
 
 
 @selective_scan_bwd.register_fake
@@ -159,7 +167,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
     """`dispatch.causal_conv1d` as one op: (batch, d, L) in x's dtype."""
     with torch.no_grad():
         out = dispatch.causal_conv1d_eager(x, weight, bias, silu, backend, order, num_slices)
-    return _fresh(out.contiguous(), (x, weight, bias))
+    return _fresh([out.contiguous()], (x, weight, bias))[0]
 
 
 @causal_conv1d.register_fake
@@ -175,7 +183,7 @@ def causal_conv1d_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Te
     with _recording():
         out = dispatch.causal_conv1d_eager(*leaves, silu, backend, order, num_slices)
         grads = _gradients([out], [dout], leaves)
-    return [_fresh(g.contiguous(), (dout, x, weight, bias)) for g in grads]
+    return _fresh([g.contiguous() for g in grads], (dout, x, weight, bias))
 
 
 @causal_conv1d_bwd.register_fake

@@ -12,10 +12,13 @@ import torch
 
 from nnunet_segmamba.networks import SegMamba
 from nnunet_segmamba.nn import SS2D, TriOrientedMamba
-from nnunet_segmamba.ssm import dispatch, ops
+from nnunet_segmamba.ssm import dispatch, ops, triton_common
 
 SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 CUDA = torch.cuda.is_available()
+# the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set before the first import, as for
+# tests/ssm/test_triton_scan.py); their backward returns aliased gradients that the op must copy
+CPU_BACKENDS = ["torch"] + (["triton"] if triton_common.interpreting() else [])
 
 
 @pytest.fixture(autouse=True)
@@ -79,23 +82,25 @@ def test_conv_op_passes_opcheck(bias):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("order,num_slices", [("forward", None), ("reverse", None), ("slice", 3)])
 @pytest.mark.parametrize("optional", [True, False], ids=["D-z-bias", "none"])
-def test_scan_op_matches_eager_with_gradients(order, num_slices, optional):
+def test_scan_op_matches_eager_with_gradients(order, num_slices, optional, backend):
     """Same implementation inside: values and gradients are equal, bit for bit; absent inputs get no gradient."""
     inputs = _scan_inputs(seed=1, optional=optional)
-    out_o, grads_o = _grads(lambda *t: ops.selective_scan(*t, True, "torch", order, num_slices), inputs)
-    out_e, grads_e = _grads(lambda *t: dispatch.selective_scan_eager(*t, True, False, "torch", order, num_slices),
+    out_o, grads_o = _grads(lambda *t: ops.selective_scan(*t, True, backend, order, num_slices), inputs)
+    out_e, grads_e = _grads(lambda *t: dispatch.selective_scan_eager(*t, True, False, backend, order, num_slices),
                             inputs)
     _assert_same(out_o, out_e, what="out")
     for name, go, ge in zip(SCAN_NAMES, grads_o, grads_e):
         _assert_same(go, ge, what=f"grad {name}")
 
 
-def test_conv_op_matches_eager_with_gradients():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_conv_op_matches_eager_with_gradients(backend):
     inputs = [torch.randn(2, 4, 12), torch.randn(4, 1, 3), torch.randn(4)]
-    out_o, grads_o = _grads(lambda *t: ops.causal_conv1d(*t, True, "torch", "slice", 3), inputs)
-    out_e, grads_e = _grads(lambda *t: dispatch.causal_conv1d_eager(*t, True, "torch", "slice", 3), inputs)
+    out_o, grads_o = _grads(lambda *t: ops.causal_conv1d(*t, True, backend, "slice", 3), inputs)
+    out_e, grads_e = _grads(lambda *t: dispatch.causal_conv1d_eager(*t, True, backend, "slice", 3), inputs)
     _assert_same(out_o, out_e, what="out")
     for name, go, ge in zip(("x", "weight", "bias"), grads_o, grads_e):
         _assert_same(go, ge, what=f"grad {name}")
