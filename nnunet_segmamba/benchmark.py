@@ -38,7 +38,11 @@ from typing import Any, Callable, Sequence
 NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr",
             "segmamba[torch]")
 # further choices for --networks, not run by default: gradient checkpointing of the Mamba stages (memory)
-EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]")
+# and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's trainer compiles)
+COMPILED_NETWORKS = ("segmamba_compiled[cuda]", "segmamba_compiled[triton]", "segmamba_compiled[torch]",
+                     "plainconv_compiled", "resenc_m_compiled")
+EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]",
+                  *COMPILED_NETWORKS)
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
     "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
@@ -51,6 +55,11 @@ NETWORK_HELP = {
     "segmamba_ckpt[triton]": "SegMamba with gradient checkpointing of the Mamba stages, triton scan",
     "segmamba_cl[cuda]": "SegMamba with weights and input in channels_last_3d (cuDNN's NDHWC convolutions), cuda scan",
     "segmamba_cl[triton]": "SegMamba in channels_last_3d, triton scan",
+    "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
+    "segmamba_compiled[triton]": "SegMamba under torch.compile, triton scan",
+    "segmamba_compiled[torch]": "SegMamba under torch.compile, chunked PyTorch scan",
+    "plainconv_compiled": "PlainConvUNet under torch.compile",
+    "resenc_m_compiled": "ResEnc-M under torch.compile",
 }
 KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 # nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
@@ -75,9 +84,12 @@ def _print(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- networks
 
-def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48):
+def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48,
+                  compile_backend: str = "inductor"):
     """The network `name` (one of KNOWN_NETWORKS), without deep supervision, on the CPU. A SegMamba name's
-    bracket is its scan backend (`segmamba[triton]`); without one, "auto".
+    bracket is its scan backend (`segmamba[triton]`); without one, "auto". A `_compiled` name is the network
+    without that suffix wrapped in `torch.compile(network, backend=compile_backend)`, as nnU-Net's trainer does
+    (with the default backend); the compile happens in the first (warm-up) step of each phase.
 
     SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
     use the plan nnU-Net makes for BraTS 3d_fullres (128^3 patch): 6 stages, features 32, 64, 128, 256, 320, 320,
@@ -85,6 +97,11 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     """
     import torch.nn as nn
 
+    if "_compiled" in name:
+        import torch
+
+        plain = name.replace("_compiled", "")
+        return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width), backend=compile_backend)
     if name.startswith("segmamba"):
         from .networks.segmamba import SegMamba
 
@@ -164,11 +181,18 @@ def _free(device) -> None:
 
 
 def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[str, float]:
-    """Median/min/max milliseconds of `iters` calls after `warmup`: CUDA events on a GPU, perf_counter on the CPU."""
+    """Median/min/max milliseconds of `iters` calls after `warmup`: CUDA events on a GPU, perf_counter on the CPU;
+    and the first warm-up call's wall time (`first_call_ms`, None without warm-up), which holds the compile of a
+    torch.compile'd network."""
     import torch
 
-    for _ in range(warmup):
+    first_ms = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if i == 0:  # under torch.compile the compile happens here
+            _sync(device)
+            first_ms = (time.perf_counter() - t0) * 1e3
     _sync(device)
     times = []
     for _ in range(iters):
@@ -184,7 +208,7 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[s
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters,
-            "warmup": warmup}
+            "warmup": warmup, "first_call_ms": first_ms}
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -413,7 +437,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                   in_channels: int = 4, out_channels: int = 3, train: bool = True, inference: bool = True,
                   warmup: int = 5, iters: int = 20, precision: str = "auto", segmamba_width: int = 48,
                   equivalence: bool = False, step: float = 0.5, command: str | None = None,
-                  out: str | Path | None = None, log: Log = _print) -> dict[str, Any]:
+                  out: str | Path | None = None, log: Log = _print,
+                  compile_backend: str = "inductor") -> dict[str, Any]:
     """Benchmark `networks` in this process; returns (and writes to `out` as JSON) the results.
 
     Args:
@@ -429,6 +454,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         segmamba_width: channels of SegMamba's first stage (48 is the reference).
         equivalence: compare SegMamba's cuda and torch scan backends (CUDA only).
         step: sliding-window tile step as a fraction of the patch (nnU-Net's tile_step_size; overlap = 1 - step).
+        compile_backend: torch.compile backend of the `_compiled` networks ("inductor", nnU-Net's; "aot_eager"
+            traces without generating code, for quick checks).
         command: the command line, recorded as given.
         out: JSON file to write.
         log: progress printer.
@@ -476,7 +503,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                      "iters": iters, "segmamba_width": segmamba_width, "train": train, "inference": inference,
                      "optimizer": {"SGD": SGD_KWARGS, "grad_clip": GRAD_CLIP}, "loss": "BCEWithLogits",
                      "tile_step": step, "sw_batch_size": 1, "blend": "gaussian, sigma 0.125 * patch",
-                     "mirror_axes": [2, 3, 4], "cudnn_benchmark": dev.type == "cuda"},
+                     "mirror_axes": [2, 3, 4], "cudnn_benchmark": dev.type == "cuda",
+                     "compile_backend": compile_backend},
         "sliding_window": tile_layout(volume, patch, step),
         "networks": {},
     }
@@ -496,7 +524,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
             report["networks"][name] = _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels,
                                                   train, inference, warmup, iters, segmamba_width, step,
                                                   report["sliding_window"]["tiles_monai"], cuda_ok, cuda_reason,
-                                                  log)
+                                                  log, compile_backend)
             if out is not None:  # partial results survive a run killed by a time limit
                 _write(out, report)
     finally:
@@ -515,7 +543,7 @@ def _write(path: str | Path, report: dict[str, Any]) -> None:
 
 
 def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, train, inference, warmup, iters,
-               segmamba_width, step, tiles, cuda_ok, cuda_reason, log) -> dict[str, Any]:
+               segmamba_width, step, tiles, cuda_ok, cuda_reason, log, compile_backend="inductor") -> dict[str, Any]:
     import torch
 
     from .ssm import dispatch
@@ -530,11 +558,12 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                              "volume_inference": None}
     log(f"[{name}] building")
     torch.manual_seed(0)
-    model = build_network(name, in_channels, out_channels, segmamba_width)
+    model = build_network(name, in_channels, out_channels, segmamba_width, compile_backend)
     entry["params"] = sum(p.numel() for p in model.parameters())
     log(f"[{name}] {entry['params'] / 1e6:.2f} M parameters")
 
-    moved = _guarded(lambda: model.to(dev) and {"ok": True}, dev, log, f"[{name}] to {dev.type}")
+    # not `model.to(dev) and ...`: a compiled module's truth value asks for len(), which it refuses
+    moved = _guarded(lambda: (model.to(dev), {"ok": True})[1], dev, log, f"[{name}] to {dev.type}")
     if not (isinstance(moved, dict) and moved.get("ok")):  # "OOM" or {"error": ...}: every phase gets it
         entry["train"] = entry["patch_inference"] = entry["volume_inference"] = moved
     else:
@@ -668,6 +697,9 @@ def register(subparsers) -> None:
                    help="sliding-window tile step as a fraction of the patch, nnU-Net's tile_step_size (default 0.5)")
     p.add_argument("--equivalence", action="store_true",
                    help="also compare SegMamba's output on the cuda and torch scan backends under fp16 (CUDA only)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the *_compiled networks (default inductor, as nnU-Net; "
+                        "aot_eager traces without generating code)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=_run)
 
@@ -678,7 +710,7 @@ def _run(args: argparse.Namespace) -> int:
         in_channels=args.in_channels, out_channels=args.out_channels, train=not args.no_train,
         inference=not args.no_inference, warmup=args.warmup, iters=args.iters, precision=args.precision,
         segmamba_width=args.segmamba_width, equivalence=args.equivalence, step=args.step,
-        command=shlex.join(sys.argv), out=args.out,
+        command=shlex.join(sys.argv), out=args.out, compile_backend=args.compile_backend,
     )
     failed = any(isinstance(phase, dict) and "error" in phase
                  for e in report["networks"].values() for phase in e.values())

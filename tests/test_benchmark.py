@@ -194,3 +194,25 @@ def test_import_needs_no_torch():
     code = ("import sys, argparse, nnunet_segmamba.benchmark as b; "
             "b.register(argparse.ArgumentParser().add_subparsers()); assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compiled_networks_build_and_train(tmp_path):
+    """`_compiled` names wrap the network in torch.compile (backend "eager" here: dynamo only; the compile itself
+    is tested in tests/ssm/test_ops.py); the first warm-up step holds the compile and is reported."""
+    from torch._dynamo import OptimizedModule
+
+    assert set(benchmark.COMPILED_NETWORKS) <= set(benchmark.KNOWN_NETWORKS)
+    for name in benchmark.COMPILED_NETWORKS:
+        assert name.replace("_compiled", "") in benchmark.KNOWN_NETWORKS, name
+    assert isinstance(benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4), OptimizedModule)
+    torch._dynamo.reset()
+    report = benchmark.run_benchmark(
+        networks=["segmamba_compiled[cuda]", "segmamba_compiled[torch]"], device="cpu", batch=1, patch=(32, 16, 16),
+        volume=(32, 16, 16), in_channels=1, out_channels=2, inference=False, warmup=1, iters=1,
+        segmamba_width=4, compile_backend="eager", out=tmp_path / "bench.json", log=lambda message: None)
+    torch._dynamo.reset()
+    assert report["settings"]["compile_backend"] == "eager"
+    assert "skipped" in report["networks"]["segmamba_compiled[cuda]"]
+    train = report["networks"]["segmamba_compiled[torch]"]["train"]
+    assert _positive(train["ms_median"]) and _positive(train["loss_last"])
+    assert train["first_call_ms"] >= train["ms_min"]

@@ -5,6 +5,7 @@
     triton_scan.py        our Triton scan; triton_conv.py our Triton causal conv; triton_common.py what they share
     orders.py             the forward / reverse / inter-slice visiting orders and the one `num_slices` check
     dispatch.py           `selective_scan` and `causal_conv1d`: choose an implementation, fall back on failure
+    ops.py                the same two as custom ops (nnunet_segmamba::*), which torch.compile traces as one node
 """
 from .dispatch import BACKENDS, causal_conv1d, selective_scan
 from .orders import visit

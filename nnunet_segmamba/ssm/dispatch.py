@@ -18,13 +18,13 @@ import warnings
 
 import torch
 
-from . import mamba_ssm_kernels, triton_common
+from . import mamba_ssm_kernels, ops, triton_common
 from .mamba_ssm_kernels import CUDA_INSTALL_HINT, cuda_scan_status
 from .orders import visit
 from .torch_scan import check_scan_shapes, causal_conv1d_torch, selective_scan_torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d", "cuda_scan_status", "resolve", "selective_scan",
-           "triton_scan_status"]
+__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d", "causal_conv1d_eager", "cuda_scan_status", "resolve",
+           "selective_scan", "selective_scan_eager", "triton_scan_status"]
 
 ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "torch")
@@ -160,8 +160,28 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Returns:
         out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
+
+    Under torch.compile the call goes through the custom op `nnunet_segmamba::selective_scan` (`ops.py`), which
+    runs `selective_scan_eager` inside, so that dynamo traces the layer without a graph break; in eager mode it
+    calls `selective_scan_eager` directly, which costs nothing extra.
     """
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if torch.compiler.is_compiling():
+        out, last_state = ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend,
+                                             order, num_slices)
+        return (out, last_state) if return_last_state else out
+    return selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                                order, num_slices)
+
+
+def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False, backend: str = "auto", order: str = "forward",
+                         num_slices: int | None = None):
+    """`selective_scan` without the custom op: resolve the backend, run it, fall back on failure.
+
+    The one place that maps a backend name to an implementation (a new implementation is one branch here and
+    one name in `resolve`); the custom op's forward and backward call it too.
+    """
     name = resolve(backend, u.device)
     if name == "triton":
         from .triton_scan import selective_scan_triton
@@ -169,8 +189,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return _run_triton(
             lambda: selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                           mode=order, num_slices=num_slices),
-            lambda: selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                   backend="torch", order=order, num_slices=num_slices),
+            lambda: selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                         backend="torch", order=order, num_slices=num_slices),
             explicit=backend == "triton")
 
     def run(u, delta, B, C, z):
@@ -210,7 +230,20 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         num_slices: for order="slice".
     Returns:
         (batch, d, L) in x's dtype.
+
+    Under torch.compile the call goes through the custom op `nnunet_segmamba::causal_conv1d` (`ops.py`), as
+    `selective_scan` does.
     """
+    if torch.compiler.is_compiling():
+        return ops.causal_conv1d(x, weight, bias, bool(silu), backend, order, num_slices)
+    return causal_conv1d_eager(x, weight, bias, silu, backend, order, num_slices)
+
+
+def causal_conv1d_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        silu: bool = True, backend: str = "auto", order: str = "forward",
+                        num_slices: int | None = None) -> torch.Tensor:
+    """`causal_conv1d` without the custom op: resolve the backend, run it, fall back on failure (the one place
+    that maps a backend name to a conv implementation; the custom op calls it too)."""
     from .triton_conv import causal_conv1d_triton  # imports without triton; raises only when called
 
     weight = weight if weight.dim() == 2 else weight.squeeze(1)
@@ -218,10 +251,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if name == "triton":
         return _run_triton(
             lambda: causal_conv1d_triton(x, weight, bias, silu=silu, mode=order, num_slices=num_slices),
-            lambda: causal_conv1d(x, weight, bias, silu, backend="torch", order=order, num_slices=num_slices),
+            lambda: causal_conv1d_eager(x, weight, bias, silu, backend="torch", order=order, num_slices=num_slices),
             explicit=backend == "triton")
     if order != "forward":
-        out = causal_conv1d(visit(x, order, num_slices), weight, bias, silu, backend=name)
+        out = causal_conv1d_eager(visit(x, order, num_slices), weight, bias, silu, backend=name)
         return visit(out, order, num_slices, inverse=True)
     if name == "cuda":
         fused, _ = mamba_ssm_kernels.causal_conv1d_function()

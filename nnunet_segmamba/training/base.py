@@ -15,8 +15,10 @@ the class attributes of the "tunables" block below or override one hook. Compare
   switched with the `net.deep_supervision` attribute; nnU-Net's loss weights (1, 1/2, 1/4, 0, normalised).
 * split: 70/10/20 train/val/test (`splits.py`) instead of nnU-Net's 5-fold cross-validation.
 * augmentation: nnU-Net's, plus elastic deformation (`augmentation.py`).
-* torch.compile: always off (see `_do_i_compile`). AMP: nnU-Net's autocast + GradScaler on CUDA, unchanged;
-  the selective scan runs in float32 inside the network.
+* torch.compile: nnU-Net's rule, unchanged (`nnUNetTrainer._do_i_compile`): compiled on CUDA unless
+  nnUNet_compile=f, never on CPU. The scan and causal conv are custom ops (`nnunet_segmamba.ssm.ops`), so the
+  whole network is one graph. AMP: nnU-Net's autocast + GradScaler on CUDA, unchanged; the selective scan runs
+  in float32 inside the network.
 
 Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
 Nesterov momentum 0.99, weight decay 3e-5), poly learning-rate schedule, gradient-norm clipping at 12,
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import math
 import random
-import os
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -92,7 +93,6 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                     raise ValueError(f"{type(self).__name__}: {attribute} must be >= 1, got {value}")
                 setattr(self, attribute, int(value))
         self.enable_deep_supervision = bool(self.use_deep_supervision)
-        self._compile_note_logged = False
         self._round_patch_size_up_to_network_stride()
 
     # ---- network -------------------------------------------------------------------------------------------
@@ -166,19 +166,6 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         super()._set_batch_size_and_oversample()
         if self.max_batch_size is not None:
             self.batch_size = min(self.batch_size, int(self.max_batch_size))
-
-    def _do_i_compile(self) -> bool:
-        """Never torch.compile SegMamba (nnU-Net compiles by default on CUDA).
-
-        The selective scan and causal conv are custom CUDA kernels (mamba-ssm / causal-conv1d) that dynamo
-        cannot trace: each one is a graph break, compile times grow and gains vanish; on CPU nnU-Net itself
-        never compiles. Setting nnUNet_compile=t has no effect on these trainers.
-        """
-        if not self._compile_note_logged and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t"):
-            self.print_to_log_file("INFO: nnUNet_compile is set, but SegMamba trainers never use torch.compile "
-                                   "(custom scan kernels break the graph).")
-            self._compile_note_logged = True
-        return False
 
     # ---- data ----------------------------------------------------------------------------------------------
     @staticmethod

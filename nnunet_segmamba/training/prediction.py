@@ -8,7 +8,6 @@ SegMamba trainers never loaded. They are predicted with nnU-Net's own `nnUNetPre
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -39,20 +38,6 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-@contextlib.contextmanager
-def _without_compile():
-    # nnUNetPredictor compiles when nnUNet_compile is true; SegMamba is never compiled (see base._do_i_compile)
-    old = os.environ.get("nnUNet_compile")
-    os.environ["nnUNet_compile"] = "f"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("nnUNet_compile", None)
-        else:
-            os.environ["nnUNet_compile"] = old
-
-
 def _require_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
@@ -63,10 +48,12 @@ def _require_env(name: str) -> str:
 def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, device: str = "auto",
                       use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth"):
     """nnU-Net's `nnUNetPredictor` for one trained fold, set up as `nnUNetv2_predict` does (sliding window, overlap
-    0.5, Gaussian weighting), never compiled, and with our trainers found by name (a failed lookup says what to
+    0.5, Gaussian weighting), compiled as nnU-Net decides (only with nnUNet_compile=t) except on the CPU, where
+    the trainers never compile either, and with our trainers found by name (a failed lookup says what to
     export)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from torch._dynamo import OptimizedModule
 
     from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
 
@@ -78,14 +65,16 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=device == "cuda", device=torch.device(device),
                                 verbose=False, allow_tqdm=False)
-    with _without_compile():
-        try:
-            predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
-                                                           checkpoint_name=checkpoint_name)
-        except RuntimeError as exc:
-            if is_trainer_lookup_error(exc):
-                raise trainer_lookup_error(exc, trainer) from exc
-            raise
+    try:
+        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                       checkpoint_name=checkpoint_name)
+    except RuntimeError as exc:
+        if is_trainer_lookup_error(exc):
+            raise trainer_lookup_error(exc, trainer) from exc
+        raise
+    if device == "cpu" and isinstance(predictor.network, OptimizedModule):
+        # compiling on the CPU costs minutes and gains nothing there; the module inside is the same network
+        predictor.network = predictor.network._orig_mod
     return predictor
 
 

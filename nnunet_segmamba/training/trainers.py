@@ -8,7 +8,7 @@
     nnUNetTrainerMedMamba            2D only: a U-Net with a MedMamba (SS-Conv-SSM) encoder instead of SegMamba
     <any of the first three, or MedMamba>_{1,5,50,100,250,500}epoch(s)   shorter schedules (generated below)
 
-All of them use the 70/10/20 split, elastic deformation and no torch.compile (base.py).
+All of them use the 70/10/20 split, elastic deformation and nnU-Net's torch.compile rule (base.py).
 """
 from __future__ import annotations
 

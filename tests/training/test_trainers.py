@@ -110,9 +110,38 @@ def test_no_mamba_variant_builds_the_ablation(nnunet_dirs):
     assert all(isinstance(stage, torch.nn.Identity) for stage in net.vit.stages)
 
 
-def test_never_compiles(nnunet_dirs, monkeypatch):
-    monkeypatch.setenv("nnUNet_compile", "t")
-    assert _trainer(TINY, "3d_fullres")._do_i_compile() is False
+@pytest.mark.parametrize("device,setting,compiles", [
+    ("cpu", None, False), ("cpu", "t", False),  # never on CPU: the demo and CI keep their times
+    ("cuda", None, True), ("cuda", "t", True), ("cuda", "f", False),
+])
+def test_compiles_by_nnunets_rule(nnunet_dirs, monkeypatch, device, setting, compiles):
+    """nnU-Net's rule: compiled on CUDA unless nnUNet_compile=f, never on CPU (the device is set after
+    construction, so that no GPU is needed)."""
+    if setting is None:
+        monkeypatch.delenv("nnUNet_compile", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_compile", setting)
+    t = _trainer(TINY, "3d_fullres")
+    t.device = torch.device(device)
+    assert t._do_i_compile() is compiles
+
+
+def test_compiled_network_is_reached_through_the_wrapper(nnunet_dirs, tmp_path):
+    """What nnU-Net does with a compiled network: deep supervision toggled on, and weights saved from, the
+    module inside the OptimizedModule."""
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    net = t.network
+    t.network = torch.compile(net)  # as nnUNetTrainer.initialize does on CUDA (not run: nothing is compiled here)
+    assert t._segmamba() is net
+    t.set_deep_supervision_enabled(False)
+    assert net.deep_supervision is False
+    t.set_deep_supervision_enabled(True)
+    assert net.deep_supervision is True
+    assert t._get_deep_supervision_scales()[0] == [1.0, 1.0, 1.0]
+    t.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    saved = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert saved.keys() == net.state_dict().keys()  # no "_orig_mod." prefix: nnUNetv2_predict loads it as is
 
 
 def test_split_used_for_training(nnunet_dirs):

@@ -1,0 +1,189 @@
+"""The custom ops of `nnunet_segmamba.ssm.ops` and torch.compile of the layers built on them.
+
+CPU tests use the torch scan and small sizes. fullgraph=True makes any graph break an error, so a compile that
+succeeds is the proof of zero graph breaks; "aot_eager" traces forward and backward as inductor would but skips
+code generation (seconds instead of a minute), and one test runs inductor itself. GPU tests (marked `gpu`)
+repeat the op checks and the compile for every backend that loads.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnunet_segmamba.networks import SegMamba
+from nnunet_segmamba.nn import SS2D, TriOrientedMamba
+from nnunet_segmamba.ssm import dispatch, ops, triton_common
+
+SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+CUDA = torch.cuda.is_available()
+# the Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set before the first import, as for
+# tests/ssm/test_triton_scan.py); their backward returns aliased gradients that the op must copy
+CPU_BACKENDS = ["torch"] + (["triton"] if triton_common.interpreting() else [])
+
+
+@pytest.fixture(autouse=True)
+def _quiet(one_thread, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _scan_inputs(seed=0, batch=2, dim=4, n=3, length=12, groups=None, optional=True, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    # B and C as row slices of one tensor, as the mixer's x_proj output gives them (strided along the batch)
+    rows = n * (groups or 1)
+    B, C = r(batch, 2 * rows + 1, length).split([rows, rows, 1], dim=1)[:2]
+    if groups is not None:
+        B, C = B.unflatten(1, (groups, n)), C.unflatten(1, (groups, n))
+    return [r(batch, dim, length), r(batch, dim, length, scale=0.5), -torch.rand(dim, n, generator=g).to(device) - 0.5,
+            B, C, r(dim) if optional else None, r(batch, dim, length) if optional else None,
+            r(dim) if optional else None]
+
+
+def _grads(fn, tensors):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    out.square().sum().backward()
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _assert_same(a, b, atol=0.0, what=""):
+    assert (a is None) == (b is None), what
+    if a is not None:
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# ---- the ops ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [
+    dict(optional=True, order="slice", num_slices=4),
+    dict(optional=False, groups=2, order="reverse", num_slices=None, softplus=False),
+], ids=["D-z-bias-slice", "none-grouped-reverse"])
+def test_scan_op_passes_opcheck(case):
+    inputs = _scan_inputs(groups=case.get("groups"), optional=case["optional"])
+    settings = (case.get("softplus", True), "torch", case["order"], case["num_slices"])
+    torch.library.opcheck(ops.selective_scan, (*inputs, *settings))
+    dout, dlast = torch.randn(inputs[0].shape), torch.randn(*inputs[0].shape[:2], inputs[2].shape[1])
+    torch.library.opcheck(ops.selective_scan_bwd, (dout, dlast, *inputs, *settings),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_op_passes_opcheck(bias):
+    x, w, b = torch.randn(2, 4, 12), torch.randn(4, 1, 3), torch.randn(4) if bias else None
+    settings = (True, "torch", "slice" if bias else "forward", 4 if bias else None)
+    torch.library.opcheck(ops.causal_conv1d, (x, w, b, *settings))
+    torch.library.opcheck(ops.causal_conv1d_bwd, (torch.randn(x.shape), x, w, b, *settings),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("order,num_slices", [("forward", None), ("reverse", None), ("slice", 3)])
+@pytest.mark.parametrize("optional", [True, False], ids=["D-z-bias", "none"])
+def test_scan_op_matches_eager_with_gradients(order, num_slices, optional, backend):
+    """Same implementation inside: values and gradients are equal, bit for bit; absent inputs get no gradient."""
+    inputs = _scan_inputs(seed=1, optional=optional)
+    out_o, grads_o = _grads(lambda *t: ops.selective_scan(*t, True, backend, order, num_slices), inputs)
+    out_e, grads_e = _grads(lambda *t: dispatch.selective_scan_eager(*t, True, False, backend, order, num_slices),
+                            inputs)
+    _assert_same(out_o, out_e, what="out")
+    for name, go, ge in zip(SCAN_NAMES, grads_o, grads_e):
+        _assert_same(go, ge, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_conv_op_matches_eager_with_gradients(backend):
+    inputs = [torch.randn(2, 4, 12), torch.randn(4, 1, 3), torch.randn(4)]
+    out_o, grads_o = _grads(lambda *t: ops.causal_conv1d(*t, True, backend, "slice", 3), inputs)
+    out_e, grads_e = _grads(lambda *t: dispatch.causal_conv1d_eager(*t, True, backend, "slice", 3), inputs)
+    _assert_same(out_o, out_e, what="out")
+    for name, go, ge in zip(("x", "weight", "bias"), grads_o, grads_e):
+        _assert_same(go, ge, what=f"grad {name}")
+
+
+def test_eager_calls_do_not_go_through_the_ops(monkeypatch):
+    """Eager mode calls the implementations directly: the op's dispatch costs nothing there."""
+    def refuse(*args):
+        raise AssertionError("an eager call went through the custom op")
+
+    monkeypatch.setattr(ops, "selective_scan", refuse)
+    monkeypatch.setattr(ops, "causal_conv1d", refuse)
+    TriOrientedMamba(8, d_state=4, scan_backend="torch")(torch.randn(1, 16, 8), num_slices=4).sum().backward()
+
+
+# ---- torch.compile of the layers -------------------------------------------------------------------------------
+def _compare_compiled(model, inputs, backend, atol=1e-4):
+    """fullgraph=True compile of `model` against eager: outputs and every parameter's gradient."""
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    results = []
+    for run in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        out = run(*inputs)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        sum(o.square().mean() for o in outs).backward()
+        results.append(([o.detach() for o in outs], {k: p.grad.clone() for k, p in model.named_parameters()
+                                                      if p.grad is not None}))
+    (outs_e, grads_e), (outs_c, grads_c) = results
+    for i, (a, b) in enumerate(zip(outs_c, outs_e)):
+        _assert_same(a, b, atol=atol, what=f"output {i}")
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        _assert_same(grads_c[name], grads_e[name], atol=atol, what=f"grad {name}")
+
+
+def test_ss2d_compiles_without_graph_breaks():
+    """MedMamba's mixer: four orders in one grouped scan (the tri-orientated one is in the tests below)."""
+    torch.manual_seed(0)
+    _compare_compiled(SS2D(8, d_state=4, scan_backend="torch"), (torch.randn(2, 4, 6, 8),), "aot_eager")
+
+
+def test_segmamba_compiles_without_graph_breaks():
+    """The whole network, deep-supervision heads included, in one graph (what nnU-Net's compile gets)."""
+    torch.manual_seed(0)
+    net = SegMamba(1, 3, depths=(1, 1, 1, 1), feat_size=(8, 16, 32, 64), hidden_size=128, deep_supervision=True,
+                   scan_backend="torch")
+    _compare_compiled(net, (torch.randn(1, 1, 32, 16, 16),), "aot_eager")
+
+
+def test_inductor_matches_eager():
+    """inductor's generated code (C++ on the CPU) around the ops gives eager's values and gradients. Two of the
+    three directions: the inter-slice one has the permutations around the ops; a fresh inductor cache costs
+    ~40 s here, mostly fixed start-up, and each direction adds to the generated code."""
+    torch.manual_seed(0)
+    model = TriOrientedMamba(8, d_state=4, scan_backend="torch", directions=("forward", "slice"))
+    _compare_compiled(model, (torch.randn(2, 64, 8), 4), "inductor")
+
+
+# ---- the same on CUDA, every backend that loads ------------------------------------------------------------------
+def _gpu_backends():
+    names = ["torch"]
+    if dispatch.triton_scan_status()[0]:
+        names.append("triton")
+    if dispatch.cuda_scan_status()[0]:
+        names.append("cuda")
+    return names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_ops_and_compile_on_cuda(backend):
+    if backend not in _gpu_backends():
+        pytest.skip(f"scan_backend {backend!r} does not load here")
+    inputs = _scan_inputs(seed=2, dim=8, n=4, length=64, device="cuda")
+    torch.library.opcheck(ops.selective_scan, (*inputs, True, backend, "slice", 4))
+    conv = (torch.randn(2, 8, 64, device="cuda"), torch.randn(8, 1, 4, device="cuda"), torch.randn(8, device="cuda"))
+    torch.library.opcheck(ops.causal_conv1d, (*conv, True, backend, "reverse", None))
+    out_o, grads_o = _grads(lambda *t: ops.selective_scan(*t, True, backend, "slice", 4), inputs)
+    out_e, grads_e = _grads(lambda *t: dispatch.selective_scan_eager(*t, True, False, backend, "slice", 4), inputs)
+    _assert_same(out_o, out_e, atol=1e-5, what="out")
+    for name, go, ge in zip(SCAN_NAMES, grads_o, grads_e):
+        _assert_same(go, ge, atol=1e-4, what=f"grad {name}")
+    torch.manual_seed(0)
+    model = TriOrientedMamba(16, d_state=8, scan_backend=backend).cuda()
+    _compare_compiled(model, (torch.randn(2, 512, 16, device="cuda"), 8), "inductor", atol=1e-3)
