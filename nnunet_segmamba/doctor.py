@@ -47,7 +47,11 @@ def _backend_for(device_type: str) -> dict[str, str | None]:
     except (ValueError, RuntimeError) as exc:
         return {"backend": None, "reason": str(exc)}
     if device_type == "cpu":
-        reason = "CPU tensors always use the chunked PyTorch scan"
+        from .ssm import cpu_scan
+
+        reason = (cpu_scan.cpu_scan_status()[1] if name == "cpu" else
+                  f"forced by {dispatch.ENV_VAR}={env}" if env == "torch" else
+                  f"the chunked PyTorch scan: {cpu_scan.cpu_scan_status()[1]}")
     elif env in ("torch", "cuda", "triton"):
         reason = f"forced by {dispatch.ENV_VAR}={env}"
     elif name == "cuda":

@@ -1,10 +1,12 @@
 """Choosing a selective-scan implementation, and falling back when one fails. No arithmetic lives here.
 
-Implementations (`scan_backend` names), best first for CUDA tensors:
-    "cuda"    mamba-ssm's compiled kernel (`mamba_ssm_kernels.py`), with causal-conv1d's fused conv
-    "triton"  our Triton kernels (`triton_scan.py`, `triton_conv.py`), compiled at run time, no build step
-    "torch"   the chunked PyTorch scan (`torch_scan.py`), any device: the only one for CPU tensors
-"auto" takes the best that runs on the tensors' device. The environment variable NNUNET_SEGMAMBA_SCAN_BACKEND
+Implementations (`scan_backend` names):
+    "cuda"    mamba-ssm's compiled kernel (`mamba_ssm_kernels.py`), with causal-conv1d's fused conv   CUDA
+    "triton"  our Triton kernels (`triton_scan.py`, `triton_conv.py`), compiled at run time          CUDA
+    "cpu"     our fused C++ scan and conv (`cpu_scan.py`), compiled at first use                     CPU
+    "torch"   the chunked PyTorch scan (`torch_scan.py`)                                              any
+"auto" takes the best that runs on the tensors' device: cuda, else triton, else torch for CUDA tensors; cpu,
+else torch (no C++ compiler), for CPU tensors. The environment variable NNUNET_SEGMAMBA_SCAN_BACKEND
 only sets what "auto" means (for a whole job without touching code); an explicit argument always wins.
 
 Failure policy (docs/reliability.md): the first run-time failure of a kernel chosen by "auto" warns once, marks
@@ -18,7 +20,7 @@ import warnings
 
 import torch
 
-from . import mamba_ssm_kernels, ops, triton_common
+from . import cpu_scan, mamba_ssm_kernels, ops, triton_common
 from .mamba_ssm_kernels import CUDA_INSTALL_HINT, cuda_scan_status
 from .orders import visit
 from .torch_scan import check_scan_shapes, causal_conv1d_torch, selective_scan_torch
@@ -27,7 +29,7 @@ __all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d", "causal_conv1d_eager", "cuda_
            "selective_scan", "selective_scan_eager", "triton_scan_status"]
 
 ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
-BACKENDS = ("auto", "cuda", "triton", "torch")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 
 def _from_env() -> str:
@@ -52,9 +54,9 @@ def resolve(backend: str, device: torch.device) -> str:
     """The implementation a scan on `device` uses: an explicit choice, else the environment variable, else the best.
 
     The environment variable chooses among the implementations that can run on the device: with it set to
-    "cuda" or "triton", scans on CPU tensors still use "torch" (one setting serves a job that moves between
-    devices, e.g. nnU-Net's export on CPU after training on GPU), while a missing kernel for CUDA tensors is an
-    error, not a fallback. "auto" takes mamba-ssm's kernel where it loads, else the Triton kernels, else torch.
+    "cuda" or "triton", scans on CPU tensors use the best CPU implementation, and with "cpu" scans on CUDA tensors
+    the best CUDA one (one setting serves a job that moves between devices, e.g. nnU-Net's export on CPU after
+    training on GPU), while a missing kernel for the device it names is an error, not a fallback.
     """
     from_env = backend == "auto"
     if from_env:
@@ -64,8 +66,20 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
     on_cuda = device.type == "cuda"
     interpreted = triton_common.interpreting()
-    if backend == "torch" or (from_env and not on_cuda and not (backend == "triton" and interpreted)):
+    if backend == "torch":
         return "torch"
+    if from_env and backend == "cpu" and device.type != "cpu":
+        backend = "auto"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"scan_backend 'cpu' needs CPU tensors, got tensors on {device}")
+        usable, reason = cpu_scan.cpu_scan_status()
+        if not usable:
+            raise RuntimeError(f"scan_backend 'cpu' is unavailable ({reason}); it needs a C++ compiler (g++ or "
+                               f"clang++); or use scan_backend='torch'")
+        return "cpu"
+    if not on_cuda and (backend == "auto" or (from_env and not (backend == "triton" and interpreted))):
+        return "cpu" if device.type == "cpu" and cpu_scan.cpu_scan_status()[0] else "torch"
     if backend == "triton":
         usable, reason = triton_scan_status()
         if not on_cuda and not interpreted:
@@ -81,8 +95,6 @@ def resolve(backend: str, device: torch.device) -> str:
         if not usable:
             raise RuntimeError(f"scan_backend 'cuda' is unavailable ({reason}); {CUDA_INSTALL_HINT}")
         return "cuda"
-    if not on_cuda:
-        return "torch"
     if usable:
         return "cuda"
     return "triton" if triton_scan_status()[0] else "torch"
@@ -90,7 +102,7 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def supports_index_maps(name: str) -> bool:
     """Whether a resolved implementation reads the reverse and inter-slice orders itself (no permuted copies)."""
-    return name == "triton"
+    return name in ("triton", "cpu")
 
 
 def _run_triton(kernel_call, fallback_call, explicit: bool):
@@ -152,10 +164,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus to delta.
         return_last_state: also return the final state (batch, d, n) (no gradient flows through it on the
             CUDA and Triton backends, as in mamba-ssm).
-        backend: "auto", "cuda", "triton" or "torch" (see the module docstring).
+        backend: "auto", "cuda", "triton", "cpu" or "torch" (see the module docstring).
         order: the order in which the scan visits the L axis: "forward", "reverse" or "slice"
-            (`nnunet_segmamba.ssm.orders`); the output comes back in the inputs' order. The triton backend
-            reads through index maps; the others work on permuted copies.
+            (`nnunet_segmamba.ssm.orders`); the output comes back in the inputs' order. The triton and cpu
+            backends read through index maps; the others work on permuted copies.
         num_slices: for order="slice".
 
     Returns:
@@ -183,6 +195,9 @@ def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     one name in `resolve`); the custom op's forward and backward call it too.
     """
     name = resolve(backend, u.device)
+    if name == "cpu":
+        return cpu_scan.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                           order=order, num_slices=num_slices)
     if name == "triton":
         from .triton_scan import selective_scan_triton
 
@@ -224,9 +239,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         bias: optional (d,).
         silu: apply SiLU to the result.
         backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports (else our
-            Triton kernel), "triton" our Triton kernel.
+            Triton kernel), "triton" our Triton kernel, "cpu" our fused CPU kernel.
         order: the order in which the convolution runs along L ("forward", "reverse" or "slice", as for
-            `selective_scan`); the output comes back in x's order. Only the triton backend avoids copies.
+            `selective_scan`); the output comes back in x's order. The triton and cpu backends read the order
+            in place, the others work on copies.
         num_slices: for order="slice".
     Returns:
         (batch, d, L) in x's dtype.
@@ -248,6 +264,8 @@ def causal_conv1d_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     weight = weight if weight.dim() == 2 else weight.squeeze(1)
     name = resolve(backend, x.device)
+    if name == "cpu":
+        return cpu_scan.causal_conv1d_cpu(x, weight, bias, silu=silu, order=order, num_slices=num_slices)
     if name == "triton":
         return _run_triton(
             lambda: causal_conv1d_triton(x, weight, bias, silu=silu, mode=order, num_slices=num_slices),

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ORDERS", "check_num_slices", "slice_geometry", "visit"]
+__all__ = ["ORDERS", "ORDER_IDS", "check_num_slices", "slice_geometry", "visit"]
 
 ORDERS = ("forward", "reverse", "slice")
+# how the compiled kernels (Triton's constexpr MODE, the CPU extension's mode argument) number the orders
+ORDER_IDS = {"forward": 0, "reverse": 1, "slice": 2}
 
 
 def check_num_slices(num_slices, length: int) -> int:

@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from .orders import ORDER_IDS
+
 try:
     import triton
     import triton.language as tl
@@ -26,7 +28,7 @@ __all__ = ["MODES", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "cdiv", "interpre
            "next_power_of_2", "on_device_of", "tl", "triton"]
 
 # the visiting orders of `orders.py`, as the kernels' constexpr MODE
-MODES = {"forward": 0, "reverse": 1, "slice": 2}
+MODES = ORDER_IDS
 
 
 def jit(fn):

@@ -22,7 +22,8 @@ import zlib
 import pytest
 import torch
 
-from nnunet_segmamba.ssm import dispatch, mamba_ssm_kernels, selective_scan, selective_scan_ref, selective_scan_torch
+from nnunet_segmamba.ssm import (cpu_scan, dispatch, mamba_ssm_kernels, selective_scan, selective_scan_ref,
+                                 selective_scan_torch)
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -266,13 +267,18 @@ def test_bad_shapes_raise_value_error():
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("env", [None, "", "auto", "torch", "TORCH", " auto "])
-def test_resolve_cpu_gets_torch(monkeypatch, env):
+def best_cpu_backend() -> str:
+    return "cpu" if cpu_scan.cpu_scan_status()[0] else "torch"
+
+
+@pytest.mark.parametrize("env", [None, "", "auto", "torch", "TORCH", " auto ", "cpu"])
+def test_resolve_cpu_tensors(monkeypatch, env):
     if env is None:
         monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(dispatch.ENV_VAR, env)
-    assert dispatch.resolve("auto", CPU) == "torch"
+    expected = "torch" if env and env.strip().lower() == "torch" else best_cpu_backend()
+    assert dispatch.resolve("auto", CPU) == expected
     assert dispatch.resolve("torch", CPU) == "torch"
 
 
@@ -284,10 +290,10 @@ def test_resolve_cuda_on_cpu_tensors_is_value_error(monkeypatch):
         selective_scan(**make_inputs(2), backend="cuda")
 
 
-def test_env_var_cuda_leaves_cpu_tensors_on_torch(monkeypatch):
+def test_env_var_cuda_leaves_cpu_tensors_on_the_best_cpu_backend(monkeypatch):
     # the variable picks the backend for CUDA tensors; CPU work in the same job must keep running
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
-    assert dispatch.resolve("auto", CPU) == "torch"
+    assert dispatch.resolve("auto", CPU) == best_cpu_backend()
     inputs = make_inputs(2)
     torch.testing.assert_close(selective_scan(**inputs, backend="auto"), selective_scan(**inputs, backend="torch"))
 
@@ -326,7 +332,9 @@ def test_package_imports_without_compiled_kernels():
         "from nnunet_segmamba.ssm import dispatch, mamba_ssm_kernels\n"
         "assert mamba_ssm_kernels.load_extension('selective_scan_cuda')[0] is None\n"
         "assert mamba_ssm_kernels.causal_conv1d_function()[0] is None\n"
-        "assert dispatch.resolve('auto', torch.device('cpu')) == 'torch'\n"
+        "from nnunet_segmamba.ssm import cpu_scan\n"
+        "assert dispatch.resolve('auto', torch.device('cpu')) == "
+        "('cpu' if cpu_scan.cpu_scan_status()[0] else 'torch')\n"
         "assert not dispatch.triton_scan_status()[0]\n"
         "print('ok')\n"
     )
