@@ -203,15 +203,23 @@ class TriOrientedMamba(nn.Module):
             check_num_slices(n, hidden_states.shape[1])
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))
-        name = dispatch.resolve(self.scan_backend, xz.device)
-        in_kernel = (self.cpu_index_map_orders if name == "cpu" else
-                     self.index_map_orders if dispatch.supports_index_maps(name) else ())
+        in_kernels = self._orders_read_in_kernels(xz.device)
         out = 0
         for direction in self.directions:
             order, ns = ORDERS[direction], (n if direction == "slice" else None)
-            if order == "forward" or order in in_kernel:
+            if order == "forward" or order in in_kernels:
                 out = out + self.branch(xz, direction, order, ns)
             else:
                 out = out + visit(self.branch(visit(xz, order, ns), direction), order, ns, inverse=True)
         # (B, L, d_model), contiguous: the same batched GEMM with the roles of the operands swapped
         return torch.bmm(out.transpose(1, 2), self.out_proj.weight.t().expand(out.shape[0], -1, -1))
+
+    def _orders_read_in_kernels(self, device: torch.device) -> tuple[str, ...]:
+        """The orders whose branch passes the order to the kernels instead of working on a flipped or permuted
+        copy. Under torch.compile: none, so that the choice of implementation (which probes for compiled
+        extensions) stays out of the traced graph, and inductor fuses the copies into their neighbours."""
+        if torch.compiler.is_compiling():
+            return ()
+        name = dispatch.resolve(self.scan_backend, device)
+        return (self.cpu_index_map_orders if name == "cpu" else
+                self.index_map_orders if dispatch.supports_index_maps(name) else ())
