@@ -71,14 +71,19 @@ class nnUNetTrainerSegMamba_tiny(nnUNetTrainerSegMamba):
     max_batch_size = 2
 
 
+#: the demo trainer's default epochs (NNUNET_SEGMAMBA_DEMO_EPOCHS overrides it)
+DEMO_EPOCHS = 10
+
+
 class nnUNetTrainerSegMamba_demo(nnUNetTrainerSegMamba_tiny):
     """The demo's budget (`nnunet-segmamba demo`): the tiny network trained long enough to learn the phantom on a
-    2-core CPU in a few minutes. Changes from `_tiny`: NNUNET_SEGMAMBA_DEMO_EPOCHS epochs (default 10) of 25
-    training iterations, seeded (seed 0) so that a CPU run with nnUNet_n_proc_DA=0 is repeatable."""
+    2-core CPU in a few minutes. Changes from `_tiny`: NNUNET_SEGMAMBA_DEMO_EPOCHS epochs (default DEMO_EPOCHS) of
+    25 training iterations, seeded with NNUNET_SEGMAMBA_DEMO_SEED (default 0; the demo passes its --seed) so that
+    a CPU run with nnUNet_n_proc_DA=0 is repeatable."""
 
-    epochs = int(os.environ.get("NNUNET_SEGMAMBA_DEMO_EPOCHS", "10"))
+    epochs = int(os.environ.get("NNUNET_SEGMAMBA_DEMO_EPOCHS", str(DEMO_EPOCHS)))
     iterations_per_epoch = 25
-    seed = 0
+    seed = int(os.environ.get("NNUNET_SEGMAMBA_DEMO_SEED", "0"))
 
 
 class nnUNetTrainerMedMamba(nnUNetTrainerSegMambaBase):
