@@ -4,7 +4,7 @@
     nnUNetTrainerSegMambaCE          the paper's recipe: cross-entropy only, no deep supervision
     nnUNetTrainerSegMambaNoMamba     ablation: SegMamba without its Mamba mixers (mixer="none")
     nnUNetTrainerSegMamba_tiny       a narrow network and a few short epochs, for CPU tests
-    nnUNetTrainerSegMamba_demo       the tiny network with the demo's budget and a faster-starting SGD (minutes on 2 cores)
+    nnUNetTrainerSegMamba_demo       the tiny network, the demo's budget, a faster-starting SGD (minutes on CPU)
     nnUNetTrainerMedMamba            2D only: a U-Net with a MedMamba (SS-Conv-SSM) encoder instead of SegMamba
     <any of the first three, or MedMamba>_{1,5,50,100,250,500}epoch(s)   shorter schedules (generated below)
 
