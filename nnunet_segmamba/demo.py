@@ -217,9 +217,13 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     _step("5/6 predicting the 20 % test split with mirror TTA, and evaluating")
     torch.set_num_threads(threads)
     step_start = time.time()
-    with _output_to(log_path):
-        summary = predict_test_split(dataset_id, "3d_fullres", 0, DEMO_TRAINER, device=device,
-                                     num_processes=min(threads, 2))
+    try:
+        with _output_to(log_path):
+            summary = predict_test_split(dataset_id, "3d_fullres", 0, DEMO_TRAINER, device=device,
+                                         num_processes=min(threads, 2))
+    except Exception:
+        print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr, flush=True)
+        raise
     print(f"  {summary['num_cases']} test cases in {time.time() - step_start:.0f} s "
           f"(nnU-Net's output: {log_path})", flush=True)
 
