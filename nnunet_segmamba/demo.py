@@ -11,13 +11,17 @@ Steps, each through the same entry points a user runs:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nnunet_segmamba.errors import UserError
 
 DEMO_DATASET_ID = 990
 DEMO_TRAINER = "nnUNetTrainerSegMamba_demo"
@@ -40,13 +44,91 @@ def nnunet_command(name: str) -> str:
     return found
 
 
-def _run(cmd: list[str], env: dict) -> None:
-    """Run an nnU-Net command, streaming its output; a failure stops the demo with the command in the message."""
+class DemoStepFailed(UserError, RuntimeError):
+    """An nnU-Net command of the demo failed; the message names its log file (also a RuntimeError, which it was
+    before)."""
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    text = path.read_text(errors="replace").replace("\r", "\n").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _run(cmd: list[str], env: dict, log_path: Path, on_line=None) -> None:
+    """Run an nnU-Net command with its output (plans, notices, per-epoch logs) going to `log_path`; `on_line` sees
+    every line (to print progress on the terminal). A failure prints the log's last 30 lines and stops the demo
+    with a message that names the log."""
+    name = cmd[0]
     cmd = [nnunet_command(cmd[0])] + cmd[1:]
-    print("$ " + " ".join(cmd), flush=True)
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit code {result.returncode} (its output is above)")
+    print(f"$ {' '.join(cmd)}\n  (its output: {log_path})", flush=True)
+    start = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+        returncode = proc.wait()
+    if returncode != 0:
+        print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr, flush=True)
+        raise DemoStepFailed(f"{name} failed with exit code {returncode}; its output is in {log_path} "
+                             f"(last lines above)")
+    print(f"  done in {time.time() - start:.0f} s", flush=True)
+
+
+class _TrainingProgress:
+    """Turns nnU-Net's training log into one terminal line per epoch (loss, pseudo Dice, epoch time), and a
+    line when nnU-Net's own validation of the validation cases starts."""
+
+    def __init__(self, epochs: int | None):
+        self.epochs = epochs
+        self.epoch = None
+        self.values: dict[str, str] = {}
+        self.validating = False
+
+    def __call__(self, line: str) -> None:
+        text = line.split(": ", 1)[1] if re.match(r"^\d{4}-\d\d-\d\d ", line) and ": " in line else line
+        if m := re.fullmatch(r"Epoch (\d+)", text.strip()):
+            self.epoch, self.values = int(m.group(1)), {}
+        elif m := re.match(r"(train_loss|val_loss) (\S+)", text):
+            self.values[m.group(1)] = f"{float(m.group(2)):.3f}"
+        elif text.startswith("Pseudo dice"):
+            self.values["pseudo Dice"] = " ".join(f"{float(v):.2f}" for v in
+                                                  re.findall(r"(?<![\w.])(\d+\.\d+|\d+)(?=\)|,|\])", text))
+        elif (m := re.match(r"Epoch time: (\S+) s", text)) and self.epoch is not None:
+            total = f"/{self.epochs}" if self.epochs else ""
+            details = "  ".join(f"{k} {v}" for k, v in self.values.items())
+            print(f"  epoch {self.epoch + 1}{total}  {details}  ({float(m.group(1)):.0f} s)", flush=True)
+        elif not self.validating and ("predicting" in text or "Validation complete" in text):
+            self.validating = True
+            print("  nnU-Net's validation of the validation cases ...", flush=True)
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so worker processes too) to `log_path`."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log_path, "a", encoding="utf-8") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def nnunet_environment(work_dir: Path, threads: int) -> dict:
@@ -83,7 +165,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
         epochs: training epochs of the demo trainer (None: its default); passed as NNUNET_SEGMAMBA_DEMO_EPOCHS.
         device: "cpu", "cuda" or "auto".
         threads: CPU threads for torch and nnU-Net's workers (default: all cores).
-        seed: phantom seed.
+        seed: seeds the phantom and the demo trainer (NNUNET_SEGMAMBA_DEMO_SEED).
         keep: keep an existing output_dir's contents instead of starting from scratch.
     """
     import torch
@@ -105,6 +187,8 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     env = nnunet_environment(work_dir, threads)
     if epochs is not None:
         env["NNUNET_SEGMAMBA_DEMO_EPOCHS"] = str(int(epochs))
+    env["NNUNET_SEGMAMBA_DEMO_SEED"] = str(int(seed))  # the trainer's seed follows the phantom's
+    log_path = work_dir / "nnunet.log"
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
 
     if dataset is None:
@@ -124,15 +208,24 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     _step("3/6 nnU-Net planning and preprocessing (3d_fullres)")
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
     _run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "3d_fullres", "-np", str(threads),
-          "-npfp", str(threads), "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"})
+          "-npfp", str(threads), "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"}, log_path)
 
     _step(f"4/6 training {DEMO_TRAINER} on the 70 % training split ({device})")
-    _run(["nnUNetv2_train", str(dataset_id), "3d_fullres", "0", "-tr", DEMO_TRAINER, "-device", device], env)
+    _run(["nnUNetv2_train", str(dataset_id), "3d_fullres", "0", "-tr", DEMO_TRAINER, "-device", device], env,
+         log_path, on_line=_TrainingProgress(demo_epochs(env)))
 
     _step("5/6 predicting the 20 % test split with mirror TTA, and evaluating")
     torch.set_num_threads(threads)
-    summary = predict_test_split(dataset_id, "3d_fullres", 0, DEMO_TRAINER, device=device,
-                                 num_processes=min(threads, 2))
+    step_start = time.time()
+    try:
+        with _output_to(log_path):
+            summary = predict_test_split(dataset_id, "3d_fullres", 0, DEMO_TRAINER, device=device,
+                                         num_processes=min(threads, 2))
+    except Exception:
+        print(f"--- last lines of {log_path} ---\n{_tail(log_path)}\n---", file=sys.stderr, flush=True)
+        raise
+    print(f"  {summary['num_cases']} test cases in {time.time() - step_start:.0f} s "
+          f"(nnU-Net's output: {log_path})", flush=True)
 
     _step("6/6 report")
     report_png = work_dir / "report.png"
@@ -143,8 +236,16 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     with open(work_dir / "demo_result.json", "w") as f:
         json.dump(result, f, indent=2)
     print(_metrics_table(summary))
-    print(f"\nfigure: {report_png}\nall results: {work_dir}\ntook {seconds / 60:.1f} min")
+    print(f"\nfigure: {report_png}\nnnU-Net's output: {log_path}\nall results: {work_dir}\n"
+          f"took {seconds / 60:.1f} min")
     return result
+
+
+def demo_epochs(env: dict) -> int:
+    """The demo trainer's epochs under `env` (NNUNET_SEGMAMBA_DEMO_EPOCHS, else its default)."""
+    from nnunet_segmamba.training.trainers import DEMO_EPOCHS
+
+    return int(env.get("NNUNET_SEGMAMBA_DEMO_EPOCHS", DEMO_EPOCHS))
 
 
 def _metrics_table(summary: dict) -> str:
@@ -155,9 +256,25 @@ def _metrics_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_overlay_figure(raw_dataset: Path, prediction_folder: Path, out_png: Path, max_cases: int = 4) -> None:
-    """One row per test case: the first channel, then ground truth and prediction as coloured overlays, on the
-    axial slice with the most foreground in the ground truth."""
+REGION_COLOURS = ("#2ca02c", "#ffdd00", "#d62728")  # whole tumour, tumour core, enhancing tumour
+
+
+def _region_masks(labels, regions: list[list[int]]):
+    import numpy as np
+
+    return [np.isin(labels, values) for values in regions]
+
+
+def _dice(a, b) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total  # both empty: 1 (the brats convention)
+
+
+def write_overlay_figure(raw_dataset: Path, prediction_folder: Path, out_png: Path,
+                         max_cases: int | None = None) -> None:
+    """One row per test case (all of them unless `max_cases`): FLAIR and T1c, then ground truth and prediction
+    drawn over T1c (regions in their order, each over the one before, so the innermost shows), on the axial slice
+    with the most tumour core in the ground truth; each row's title gives the case's Dice per region."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,6 +282,7 @@ def write_overlay_figure(raw_dataset: Path, prediction_folder: Path, out_png: Pa
     import numpy as np
     import SimpleITK as sitk
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     dataset_json = json.loads((raw_dataset / "dataset.json").read_text())
     ending = dataset_json["file_ending"]
@@ -172,31 +290,49 @@ def write_overlay_figure(raw_dataset: Path, prediction_folder: Path, out_png: Pa
     if not cases:
         raise FileNotFoundError(f"no predictions ({ending}) in {prediction_folder}")
     foreground = {k: v for k, v in dataset_json["labels"].items() if k != "background"}
-    if "regions_class_order" in dataset_json:
-        # region datasets: nnU-Net paints region i with regions_class_order[i], later regions on top
-        label_names = {int(v): f"in {name}" for name, v in zip(foreground, dataset_json["regions_class_order"])}
-    else:
-        label_names = {int(v): name for name, v in foreground.items()}
-    colours = ListedColormap(["none", "#2ca02c", "#ffdd00", "#d62728", "#1f77b4", "#9467bd", "#8c564b"])
+    names = list(foreground)
+    regions = [list(v) if isinstance(v, (list, tuple)) else [int(v)] for v in foreground.values()]
+    short = {"whole tumor": "WT", "tumor core": "TC", "enhancing tumor": "ET"}
+    abbrev = [short.get(n, n) for n in names]
+    colours = ListedColormap(["none", *REGION_COLOURS[: len(names)]] if len(names) <= 3 else
+                             ["none", *plt.get_cmap("tab10").colors[: len(names)]])
+    channels = dataset_json["channel_names"]
+    shown = [int(c) for c, n in channels.items() if n.lower() in ("flair", "t2f", "t1c", "t1ce")] or [0]
+    underlay = shown[-1]
 
-    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
-    for row, case in zip(axes, cases):
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_dataset / "imagesTr" / f"{case}_0000{ending}")))
-        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_dataset / "labelsTr" / f"{case}{ending}")))
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / f"{case}{ending}")))
-        z = int(np.argmax((gt > 0).reshape(gt.shape[0], -1).sum(1)))
-        for ax, overlay, title in zip(row, (None, gt, pred), ("image (channel 0)", "ground truth", "prediction")):
-            ax.imshow(image[z], cmap="gray")
+    def paint(masks):
+        out = np.zeros(masks[0].shape, np.uint8)
+        for i, m in enumerate(masks):
+            out[m] = i + 1
+        return out
+
+    fig = plt.figure(figsize=(3.2 * (len(shown) + 2), 3.6 * len(cases) + 0.9), layout="constrained")
+    rows = fig.subfigures(len(cases), 1, squeeze=False)[:, 0]
+    for sub, case in zip(rows, cases):
+        images = [sitk.GetArrayFromImage(sitk.ReadImage(str(raw_dataset / "imagesTr" / f"{case}_{c:04d}{ending}")))
+                  for c in shown]
+        gt = _region_masks(sitk.GetArrayFromImage(sitk.ReadImage(str(raw_dataset / "labelsTr" / f"{case}{ending}"))),
+                           regions)
+        pred = _region_masks(sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / f"{case}{ending}"))),
+                             regions)
+        inner = gt[min(1, len(gt) - 1)]
+        z = int(np.argmax(inner.reshape(inner.shape[0], -1).sum(1)))
+        dice = "  ".join(f"{a} {_dice(g, p):.2f}" for a, g, p in zip(abbrev, gt, pred))
+        sub.suptitle(f"{case} (axial slice {z})    Dice {dice}", fontsize=13)
+        axes = sub.subplots(1, len(shown) + 2)
+        columns = [(images[i], None, channels[str(c)]) for i, c in enumerate(shown)]
+        columns += [(images[-1], paint(gt), "ground truth"), (images[-1], paint(pred), "prediction")]
+        for ax, (image, overlay, title) in zip(axes, columns):
+            ax.imshow(image[z], cmap="gray", interpolation="nearest")
             if overlay is not None:
                 ax.imshow(np.ma.masked_equal(overlay[z], 0), cmap=colours, vmin=0, vmax=colours.N - 1,
-                          alpha=0.6, interpolation="nearest")
-            ax.set_title(f"{case} z={z}: {title}", fontsize=8)
+                          alpha=0.55, interpolation="nearest")
+            ax.set_title(title, fontsize=12)
             ax.axis("off")
-    legend = ", ".join(f"{i} {n}" for i, n in sorted(label_names.items()))
-    fig.suptitle(f"Test-split predictions. Labels: {legend} (innermost region wins). "
-                 f"Colours: 1 green, 2 yellow, 3 red", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    handles = [Patch(color=colours(i + 1), label=f"{a} = {n}") for i, (a, n) in enumerate(zip(abbrev, names))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=12,
+               title=f"overlays on {channels[str(underlay)]}; each region drawn over the one before", title_fontsize=11)
+    fig.savefig(out_png, dpi=90)
     plt.close(fig)
 
 
@@ -212,7 +348,7 @@ def register(subparsers) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo trainer's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="training device")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the phantom and of training (default: 0)")
     parser.set_defaults(func=_run_demo)
 
 

@@ -1,9 +1,10 @@
 """The demo at its default size: phantom -> convert-brats -> nnU-Net plan/preprocess -> train -> predict the test split
-with mirroring -> evaluate -> report. About 6 minutes on 2 CPU cores; needs no data and no GPU. The demo trainer is seeded, so
-the run repeats exactly on the same machine and software.
+with mirroring -> evaluate -> report. About 6 minutes on 2 CPU cores; needs no data and no GPU. The demo trainer is
+seeded (with the demo's --seed), so the run repeats exactly on the same machine and software.
 
-The trained model must beat an untrained one (same architecture, fresh initialisation, same predictor and
-evaluation) by a clear margin on the phantom's held-out test cases.
+The trained model must work: every region's test Dice above a floor (docs/performance.md, "The demo on CPU": the
+three measured seeds score 0.88 or more per region), and far above an untrained one (same architecture, fresh
+initialisation, same predictor and evaluation). The fast tests check the demo's terminal output and failure message.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 NUM_CASES = 30  # the demo's default: 21 train, 3 validation, 6 test; the demo trainer's default epochs
+DICE_FLOOR = 0.75  # per region; seeds 0-2 measured >= 0.886, an untrained or half-trained model scores far less
 
 
 def _untrained_checkpoint(fold_dir: Path) -> str:
@@ -62,6 +64,35 @@ def test_short_demo_trains_predicts_evaluates_and_beats_an_untrained_model(tmp_p
     untrained = _mean_dice(predict_test_split(DEMO_DATASET_ID, "3d_fullres", 0, DEMO_TRAINER, device="cpu",
                                               checkpoint_name=untrained_checkpoint, num_processes=1))
     print(f"test Dice trained {trained}\n          untrained {untrained}")
-    assert trained["whole tumor"] > 0.6
+    for region, value in trained.items():
+        assert value > DICE_FLOOR, f"{region}: test Dice {value:.3f} <= {DICE_FLOOR} (all regions: {trained})"
     margin = sum(trained.values()) / 3 - sum(untrained.values()) / 3
     assert margin > 0.3, f"trained {trained} vs untrained {untrained}: mean Dice margin {margin:.3f}"
+
+
+def test_failed_step_prints_the_log_tail_and_names_the_log(tmp_path, capsys):
+    from nnunet_segmamba.demo import DemoStepFailed, _run
+
+    log = tmp_path / "nnunet.log"
+    with pytest.raises(DemoStepFailed, match=str(log)) as info:
+        _run(["sh", "-c", "for i in $(seq 40); do echo line $i; done; exit 3"], {"PATH": "/usr/bin:/bin"}, log)
+    assert isinstance(info.value, ValueError)  # the command line reports it as one line, no traceback
+    assert "exit code 3" in str(info.value)
+    out = capsys.readouterr()
+    assert "line 40" in out.err and "line 10\n" not in out.err  # the last 30 lines, on stderr
+    assert "line 1\n" not in out.out  # the command's own output went to the log only
+    assert "line 1\n" in log.read_text()
+
+
+def test_training_progress_prints_one_line_per_epoch(capsys):
+    from nnunet_segmamba.demo import _TrainingProgress
+
+    progress = _TrainingProgress(epochs=11)
+    for line in ["2026-12-01 15:25:39.064524: Epoch 2", "2026-12-01 15:25:39.1: Current learning rate: 0.08",
+                 "2026-12-01 15:25:59.1: train_loss -0.5262", "2026-12-01 15:25:59.2: val_loss -0.3",
+                 "2026-12-01 15:25:59.3: Pseudo dice [np.float32(0.8912), np.float32(0.0), np.float32(0.5)]",
+                 "2026-12-01 15:25:59.5: Epoch time: 20.33 s", "2026-12-01 15:29:00.1: predicting case_1"]:
+        progress(line)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "  epoch 3/11  train_loss -0.526  val_loss -0.300  pseudo Dice 0.89 0.00 0.50  (20 s)"
+    assert "validation" in lines[1] and len(lines) == 2

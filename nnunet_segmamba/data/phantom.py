@@ -2,9 +2,9 @@
 
 Each case is a skull-stripped "brain" (irregular ellipsoid: white matter, a cortical grey-matter shell, sulcal
 and ventricular CSF, a few enhancing vessels) holding one glioma-like tumour made of nested, noise-perturbed
-ellipsoids: necrotic core (label 1) inside an enhancing rim (label 3) inside edema (label 2). The four channels
-get tissue contrasts qualitatively like real MRI, partial-volume blur, a smooth multiplicative bias field and
-Rician noise. Why the task is not trivial on one channel: CSF is brighter than edema on T2w but dark on FLAIR;
+ellipsoids: necrotic core (label 1) inside an enhancing rim (label 3, 2-3 voxels thick, so resolvable at 1 mm)
+inside edema (label 2). The four channels get tissue contrasts qualitatively like real MRI, partial-volume blur,
+a smooth multiplicative bias field and Rician noise. Why the task is not trivial on one channel: CSF is brighter than edema on T2w but dark on FLAIR;
 necrosis is as dark as grey matter on FLAIR; vessels enhance on T1c like tumour rim; noise and bias overlap the
 classes. Combined, the channels separate the classes well, so a small network learns it in minutes.
 
@@ -20,6 +20,8 @@ import numpy as np
 
 # tissue codes of the internal tissue map
 BG, WM, GM, CSF, EDEMA, ET, NCR, VESSEL, WMH = range(9)
+#: thickness of the enhancing rim around necrosis, in voxels (1 mm), drawn uniformly per case
+RIM_MM = (2.0, 3.0)
 # mean intensity per tissue (rows follow the codes above) for T2w, FLAIR, T1n, T1c (the nnU-Net channel order)
 _CONTRAST = np.array([
     # T2w   FLAIR  T1n   T1c
@@ -28,7 +30,7 @@ _CONTRAST = np.array([
     [0.55, 0.55, 0.60, 0.60],  # grey matter
     [1.00, 0.15, 0.20, 0.20],  # CSF: bright T2w, suppressed on FLAIR
     [0.80, 0.88, 0.50, 0.52],  # edema: bright T2w and FLAIR
-    [0.65, 0.75, 0.55, 1.15],  # enhancing rim: bright T1c
+    [0.65, 0.75, 0.55, 1.20],  # enhancing rim: bright T1c
     [0.90, 0.50, 0.30, 0.25],  # necrosis: bright T2w, dark T1c, grey-matter-like FLAIR
     [0.45, 0.50, 0.62, 1.10],  # vessels: enhance on T1c, not tumour
     [0.72, 0.85, 0.68, 0.68],  # white-matter hyperintensities: FLAIR/T2w-bright like edema, not tumour
@@ -64,7 +66,7 @@ def make_brats_phantom_case(rng: np.random.Generator, shape=(48, 48, 48)) -> tup
         images: float32 (4, Z, Y, X), channels T2w, FLAIR, T1n, T1c, 0 outside the brain.
         seg: uint8 (Z, Y, X), 0 background, 1 necrotic core, 2 edema, 3 enhancing tumour.
     """
-    from scipy.ndimage import binary_erosion, gaussian_filter
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
 
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 24:
@@ -95,12 +97,15 @@ def make_brats_phantom_case(rng: np.random.Generator, shape=(48, 48, 48)) -> tup
     core_field = (_ellipsoid_radius(shape, t_centre + core_shift, wt_radii)
                   + 0.12 * _smooth_noise(rng, shape, 1.5))
     whole = brain & (wt_field < 1.0)
-    core_thresh = rng.uniform(0.5, 0.7)
+    core_thresh = rng.uniform(0.6, 0.8)
     core = whole & (core_field < core_thresh)
     if not core.any():  # tiny tumours: keep at least a small enhancing core
         core = whole & (core_field <= np.min(core_field[whole]) + 0.15)
-    necrosis_frac = rng.uniform(0.5, 0.8) if rng.random() > 0.15 else 0.0  # some gliomas have no necrosis
-    necrosis = core & binary_erosion(core, iterations=1) & (core_field < necrosis_frac * core_thresh)
+    # the enhancing rim: the core minus its interior deeper than `rim` voxels (2-3 mm, so it stays resolvable at
+    # 1 mm as in real scans; a fraction of the core radius made it 1 voxel thin in small tumours)
+    rim = rng.uniform(RIM_MM[0], RIM_MM[1])
+    has_necrosis = rng.random() > 0.15  # some gliomas have no necrosis: a solid enhancing core
+    necrosis = (distance_transform_edt(core) > rim) if has_necrosis else np.zeros(shape, bool)
     seg = np.zeros(shape, np.uint8)
     seg[whole] = 2
     seg[core] = 3

@@ -33,6 +33,18 @@ def test_shapes_labels_and_nesting(cases):
         assert 0.2 < brain.mean() < 0.6 and 0.01 < wt.sum() / brain.sum() < 0.5
 
 
+def test_enhancing_rim_is_resolvable(cases):
+    # necrosis lies at least 2 voxels inside the tumour core, so the enhancing rim around it is >= 2 voxels thick
+    from scipy.ndimage import distance_transform_edt
+
+    for images, seg in cases:
+        tc = np.isin(seg, REGIONS["TC"])
+        depth = distance_transform_edt(tc)
+        if (seg == 1).any():
+            assert depth[seg == 1].min() > 2.0
+        assert (seg == 3).sum() >= 0.3 * tc.sum()  # the rim is a sizeable part of the core, not a sliver
+
+
 def test_modality_contrasts(cases):
     # relative contrasts the generator promises (averaged over cases, each channel normalised by white matter)
     images, seg = cases[0]
