@@ -73,7 +73,7 @@ class nnUNetTrainerSegMamba_tiny(nnUNetTrainerSegMamba):
 
 
 #: the demo trainer's default epochs (NNUNET_SEGMAMBA_DEMO_EPOCHS overrides it)
-DEMO_EPOCHS = 11
+DEMO_EPOCHS = 10
 
 
 class nnUNetTrainerSegMamba_demo(nnUNetTrainerSegMamba_tiny):
