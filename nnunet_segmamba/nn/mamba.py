@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..ssm import dispatch
-from ..ssm.dispatch import causal_conv1d, selective_scan
+from ..ssm.api import causal_conv1d, selective_scan
 from ..ssm.orders import check_num_slices, visit
 
 __all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ssm.dispatch import BACKENDS, selective_scan
+from ..ssm.api import selective_scan
+from ..ssm.dispatch import BACKENDS
 from .mamba import dt_projection_init
 
 __all__ = ["SS2D", "merge_scan_orders", "scan_orders"]
@@ -57,7 +58,7 @@ class SS2D(nn.Module):
     order with its own x_proj, dt_proj, A and D -> `merge_scan_orders` (a plain sum) -> LayerNorm -> * silu(z)
     -> out_proj.
 
-    The four directions run as ONE call of `nnunet_segmamba.ssm.dispatch.selective_scan` with the directions stacked on
+    The four directions run as ONE call of `nnunet_segmamba.ssm.selective_scan` with the directions stacked on
     the channel axis (4 d_inner channels; B and C as (B, 4, d_state, L) groups, group k serving the channels of
     direction k), as VMamba does: one CUDA kernel launch instead of four, and on the PyTorch backend a quarter
     of the Python steps of the chunked scan.

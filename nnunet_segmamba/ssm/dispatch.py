@@ -20,13 +20,13 @@ import warnings
 
 import torch
 
-from . import cpu_scan, mamba_ssm_kernels, ops, triton_common
+from . import cpu_scan, mamba_ssm_kernels, triton_common
 from .mamba_ssm_kernels import CUDA_INSTALL_HINT, cuda_scan_status
 from .orders import visit
-from .torch_scan import check_scan_shapes, causal_conv1d_torch, selective_scan_torch
+from .torch_scan import causal_conv1d_torch, selective_scan_torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d", "causal_conv1d_eager", "cuda_scan_status", "resolve",
-           "selective_scan", "selective_scan_eager", "triton_scan_status"]
+__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d_eager", "cuda_scan_status", "resolve", "selective_scan_eager",
+           "triton_scan_status"]
 
 ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
@@ -148,48 +148,10 @@ def _run_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
     return result.to(dtype_in)
 
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, backend: str = "auto", order: str = "forward",
-                   num_slices: int | None = None):
-    """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`, on the best available implementation.
-
-    Args:
-        u: (batch, d, L) input.
-        delta: (batch, d, L) step sizes (before `delta_bias` and softplus).
-        A: (d, n) state matrix (negative for a stable scan; Mamba uses -exp(A_log)).
-        B, C: (batch, n, L) or (batch, groups, n, L) input-dependent projections.
-        D: optional (d,) skip connection.
-        z: optional (batch, d, L) gate: out = y * silu(z).
-        delta_bias: optional (d,) added to delta before the softplus.
-        delta_softplus: apply softplus to delta.
-        return_last_state: also return the final state (batch, d, n) (no gradient flows through it on the
-            CUDA and Triton backends, as in mamba-ssm).
-        backend: "auto", "cuda", "triton", "cpu" or "torch" (see the module docstring).
-        order: the order in which the scan visits the L axis: "forward", "reverse" or "slice"
-            (`nnunet_segmamba.ssm.orders`); the output comes back in the inputs' order. The triton and cpu
-            backends read through index maps; the others work on permuted copies.
-        num_slices: for order="slice".
-
-    Returns:
-        out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
-
-    Under torch.compile the call goes through the custom op `nnunet_segmamba::selective_scan` (`ops.py`), which
-    runs `selective_scan_eager` inside, so that dynamo traces the layer without a graph break; in eager mode it
-    calls `selective_scan_eager` directly, which costs nothing extra.
-    """
-    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if torch.compiler.is_compiling():
-        out, last_state = ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend,
-                                             order, num_slices)
-        return (out, last_state) if return_last_state else out
-    return selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
-                                order, num_slices)
-
-
 def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, backend: str = "auto", order: str = "forward",
                          num_slices: int | None = None):
-    """`selective_scan` without the custom op: resolve the backend, run it, fall back on failure.
+    """`api.selective_scan` without the custom op: resolve the backend, run it, fall back on failure.
 
     The one place that maps a backend name to an implementation (a new implementation is one branch here and
     one name in `resolve`); the custom op's forward and backward call it too.
@@ -226,39 +188,10 @@ def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return visit(result, order, num_slices, inverse=True)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  silu: bool = True, backend: str = "auto", order: str = "forward",
-                  num_slices: int | None = None) -> torch.Tensor:
-    """Depthwise causal 1D convolution (+ SiLU), the first step of every Mamba branch.
-
-    out[t] = sum_k weight[k] * x[t - (K-1) + k] (left zero padding), then SiLU.
-
-    Args:
-        x: (batch, d, L).
-        weight: (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d), or (d, K).
-        bias: optional (d,).
-        silu: apply SiLU to the result.
-        backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports (else our
-            Triton kernel), "triton" our Triton kernel, "cpu" our fused CPU kernel.
-        order: the order in which the convolution runs along L ("forward", "reverse" or "slice", as for
-            `selective_scan`); the output comes back in x's order. The triton and cpu backends read the order
-            in place, the others work on copies.
-        num_slices: for order="slice".
-    Returns:
-        (batch, d, L) in x's dtype.
-
-    Under torch.compile the call goes through the custom op `nnunet_segmamba::causal_conv1d` (`ops.py`), as
-    `selective_scan` does.
-    """
-    if torch.compiler.is_compiling():
-        return ops.causal_conv1d(x, weight, bias, bool(silu), backend, order, num_slices)
-    return causal_conv1d_eager(x, weight, bias, silu, backend, order, num_slices)
-
-
 def causal_conv1d_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                         silu: bool = True, backend: str = "auto", order: str = "forward",
                         num_slices: int | None = None) -> torch.Tensor:
-    """`causal_conv1d` without the custom op: resolve the backend, run it, fall back on failure (the one place
+    """`api.causal_conv1d` without the custom op: resolve the backend, run it, fall back on failure (the one place
     that maps a backend name to a conv implementation; the custom op calls it too)."""
     from .triton_conv import causal_conv1d_triton  # imports without triton; raises only when called
 

@@ -110,7 +110,7 @@ def _leaves(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                    z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, backend: str,
                    order: str, num_slices: Optional[int]) -> tuple[Tensor, Tensor]:
-    """`dispatch.selective_scan(..., return_last_state=True)` as one op: (out in u's dtype, last state (batch, d,
+    """`api.selective_scan(..., return_last_state=True)` as one op: (out in u's dtype, last state (batch, d,
     n) in float32, float64 for float64 inputs)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     with torch.no_grad():
@@ -164,7 +164,7 @@ selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_conte
 @torch.library.custom_op(f"{_NS}::causal_conv1d", mutates_args=())
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, backend: str, order: str,
                   num_slices: Optional[int]) -> Tensor:
-    """`dispatch.causal_conv1d` as one op: (batch, d, L) in x's dtype."""
+    """`api.causal_conv1d` as one op: (batch, d, L) in x's dtype."""
     with torch.no_grad():
         out = dispatch.causal_conv1d_eager(x, weight, bias, silu, backend, order, num_slices)
     return _fresh([out.contiguous()], (x, weight, bias))[0]
