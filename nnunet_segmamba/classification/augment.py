@@ -6,17 +6,17 @@ crop, rotation, flip and the resize to `image_size` are a single bilinear resamp
 * random resized crop: a window covering `scale` of the image's area (uniform in [scale_min, 1]) with aspect
   ratio log-uniform in [1/max_ratio, max_ratio], placed uniformly inside the image;
 * horizontal flip with probability 1/2 (no vertical flips: ultrasound, X-ray and fundus images have an up);
-* rotation uniform in +-`degrees` about the window's centre (corners outside the image are black, 0);
+* rotation uniform in +-`degrees` about the window's centre (points outside the image take the nearest edge
+  pixel's value, as F.interpolate does at the border);
 * brightness: intensities times a factor uniform in [1 - brightness, 1 + brightness];
 * contrast: the deviation from each image's mean times a factor uniform in [1 - contrast, 1 + contrast];
   the result is clipped to [0, 1] and normalised as `data.preprocess` does ((x - 0.5) / 0.5).
 
 With every range at its identity (scale_min 1, max_ratio 1, no flip, 0 degrees, 0 brightness and contrast) the
-output equals `data.preprocess` (bilinear resize, align_corners=False) to float rounding except on a rim of
-ceil(image_size / 56 - 0.5) pixels (4 at 224 px): there the sampling point lies outside the outermost input
-pixel centres and the zero padding is blended in (up to 44 % darker at 224 px), where F.interpolate repeats the
-edge. The measured `strong` results (docs/medmamba.md) were trained with this rim; padding_mode="border" would
-remove it but changes the recipe, so it needs a new measurement first. All random numbers come from the CPU
+output equals `data.preprocess` (bilinear resize, align_corners=False) to float rounding, rim included: both
+repeat the edge pixel where a sampling point falls outside the outermost input pixel centres (grid_sample's
+padding_mode="border"). Zero padding would blend black into a rim of ceil(image_size / 56 - 0.5) pixels (4 at
+224 px, up to 44 % darker) of every training image that validation and test images never have. All random numbers come from the CPU
 `generator`, so a seed gives the same batches on any device.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def augment(images: torch.Tensor, image_size: int, config: AugmentConfig,
     x = images.float() / 255.0
     grid = F.affine_grid(theta.to(x.device, torch.float32), [b, x.shape[1], image_size, image_size],
                          align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     x = x * bright.to(x.device, torch.float32)[:, None, None, None]
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast.to(x.device, torch.float32)[:, None, None, None] + mean).clamp(0.0, 1.0)
