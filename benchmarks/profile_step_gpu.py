@@ -1,0 +1,153 @@
+"""Where a training step's GPU time goes: kernel time of nnU-Net's train step per kernel category, per network.
+
+    python -m benchmarks.profile_step_gpu --networks "segmamba_compiled[triton],segmamba_nomamba_compiled" \
+        --out step_profile.json
+
+The step is `nnunet_segmamba.benchmark.time_training`'s (batch 2, 4 x 128^3 -> 3, fp16 autocast, GradScaler,
+nnU-Net's SGD, gradient clipping); network names are the benchmark's (`_compiled` = torch.compile). After
+--warmup steps (the compile), --steps steps run under torch.profiler; each kernel is put in one category by its
+name (`categorize`) and the table gives ms per step per category, the step's wall time without the profiler and
+the top kernels. Nothing is asserted; prints tables and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from nnunet_segmamba.benchmark import GRAD_CLIP, SGD_KWARGS, build_network
+
+# first match wins; names are lower-cased. Inductor's kernels are triton_{poi,red,per}_fused_<ops>.
+CATEGORIES = (
+    ("scan (ours)", ("selective_scan", "_fwd_chunk", "_bwd_chunk", "_chunk_carry", "_causal_conv", "_conv_fwd", "_conv_bwd")),
+    ("layout copy (cuDNN)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),
+    ("norm (inductor, fused)", ("batch_norm", "var_mean", "native_layer_norm", "layer_norm")),
+    ("inductor other reductions", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi",)),
+    ("norm (eager)", ("batch_norm", "instance_norm", "bn_", "layer_norm", "welford")),
+    ("convolution", ("conv", "xmma", "cutlass", "implicit", "dgrad", "wgrad", "fprop", "cudnn", "sm90", "sm80")),
+    ("GEMM", ("gemm", "cublas")),
+    ("copy / elementwise (aten)", ("copy", "elementwise", "cat", "fill", "reduce")),
+)
+
+
+def categorize(kernel: str) -> str:
+    name = kernel.lower()
+    if name.startswith("triton_"):  # inductor: its categories only
+        for cat, keys in CATEGORIES[2:5]:
+            if any(k in name for k in keys):
+                return cat
+    for cat, keys in CATEGORIES:
+        if cat.startswith(("norm (inductor", "inductor")):
+            continue
+        if any(k in name for k in keys):
+            return cat
+    return "other"
+
+
+def train_step(model, batch, patch, in_channels, out_channels):
+    optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+    scaler = torch.amp.GradScaler("cuda")
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    data = torch.randn(batch, in_channels, *patch, device="cuda")
+    target = (torch.rand(batch, out_channels, *patch, device="cuda") > 0.5).float()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = loss_fn(model(data), target)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def profile_network(name: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int,
+                    top: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build_network(name, in_channels, out_channels).cuda().train()
+    step = train_step(model, batch, patch, in_channels, out_channels)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    walls = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            entry = per_kernel[event.name]
+            entry[0] += event.device_time_total / 1e3 / steps
+            entry[1] += 1
+    by_category: dict[str, float] = defaultdict(float)
+    for kernel, (ms, _) in per_kernel.items():
+        by_category[categorize(kernel)] += ms
+    kernels = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    result = {
+        "wall_ms_median": sorted(walls)[len(walls) // 2],
+        "kernel_ms_per_step": sum(by_category.values()),
+        "peak_gib": torch.cuda.max_memory_allocated() / 1024 ** 3,
+        "warmup_s": warmup_s,
+        "by_category_ms": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": k[:160], "ms_per_step": round(ms, 3), "calls_per_step": n / steps,
+                         "category": categorize(k)} for k, (ms, n) in kernels[:top]],
+    }
+    del model, step
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--networks", default="segmamba_compiled[triton],segmamba_nomamba_compiled")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--out-channels", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = True  # as nnU-Net's training
+    report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
+              "patch": [args.patch] * 3, "networks": {}}
+    for name in args.networks.split(","):
+        print(f"== {name}", flush=True)
+        try:
+            r = profile_network(name, args.batch, (args.patch,) * 3, args.in_channels, args.out_channels,
+                                args.warmup, args.steps, args.top)
+        except Exception as exc:  # keep the other networks' figures
+            print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
+            report["networks"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        report["networks"][name] = r
+        print(f"   wall {r['wall_ms_median']:.1f} ms/step, kernels {r['kernel_ms_per_step']:.1f} ms/step, "
+              f"peak {r['peak_gib']:.2f} GiB, warm-up {r['warmup_s']:.0f} s")
+        for cat, ms in r["by_category_ms"].items():
+            print(f"   {cat:28s} {ms:8.1f} ms")
+        for k in r["top_kernels"]:
+            print(f"   {k['ms_per_step']:7.2f} ms x{k['calls_per_step']:5.1f}  [{k['category']}] {k['name'][:110]}")
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
