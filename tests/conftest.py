@@ -1,4 +1,8 @@
 """Settings and fixtures for the whole test suite."""
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +36,43 @@ def write_medmnist_npz():
         return path
 
     return _write
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+@pytest.fixture
+def run_under_triton_interpreter():
+    """Runs tests of a file again in a subprocess, on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be
+    set before triton decorates the kernels), and asserts that they pass with none skipped: a skip there would
+    hide an untested kernel path. This is how CI, which has no GPU, checks the Triton kernels' arithmetic.
+    Skips where the interpreter cannot run: without triton, inside such a run, and for a known Triton bug."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from nnunet_segmamba.ssm import triton_common
+
+    if triton_common.interpreting():
+        pytest.skip("already interpreting")
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        # the interpreter, not the kernels: Triton < 3.7 takes int() of a 1-element array for a loop bound that is
+        # a kernel argument, which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed in 3.7)
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} on runtime loop "
+                    f"bounds (fixed in Triton 3.7); the compiled kernels are tested on CUDA")
+
+    def run(test_file: str, select: str, min_passed: int = 1) -> str:
+        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                   CUDA_VISIBLE_DEVICES="")  # the interpreter takes CPU tensors
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
+                                 "-k", select, "-m", "not gpu"],
+                                capture_output=True, text=True, timeout=900, env=env,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+        summary = result.stdout.strip().splitlines()[-1]
+        counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|skipped|failed|error)", summary)}
+        assert counts.get("passed", 0) >= min_passed and counts.get("skipped", 0) == 0, summary
+        return summary
+
+    return run

@@ -37,14 +37,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
 
-    Under torch.compile the call goes through the custom op `nnunet_segmamba::selective_scan` (`ops.py`), which
+    Under torch.compile the call goes through the custom op `nnunet_segmamba::selective_scan_fwd` (`ops.py`), which
     runs `selective_scan_eager` inside, so that dynamo traces the layer without a graph break; in eager mode it
     calls `selective_scan_eager` directly, which costs nothing extra.
     """
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     if torch.compiler.is_compiling():
-        out, last_state = ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), backend,
-                                             order, num_slices)
+        out, last_state, *_residuals = ops.selective_scan(u, delta, A, B, C, D, z, delta_bias,
+                                                          bool(delta_softplus), backend, order, num_slices)
         return (out, last_state) if return_last_state else out
     return selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
                                 order, num_slices)

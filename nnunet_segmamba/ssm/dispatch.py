@@ -15,6 +15,7 @@ for by name (argument or environment variable) raises instead.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -25,8 +26,8 @@ from .mamba_ssm_kernels import CUDA_INSTALL_HINT, cuda_scan_status
 from .orders import visit
 from .torch_scan import causal_conv1d_torch, selective_scan_torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d_eager", "cuda_scan_status", "resolve", "selective_scan_eager",
-           "triton_scan_status"]
+__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d_eager", "cuda_scan_status", "resolve", "scan_keeps_residuals",
+           "selective_scan_eager", "selective_scan_keeping_residuals", "triton_scan_status"]
 
 ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
@@ -186,6 +187,42 @@ def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if return_last_state:
         return visit(result[0], order, num_slices, inverse=True), result[1]
     return visit(result, order, num_slices, inverse=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _keeps_residuals(backend: str, device_type: str, from_env: str) -> bool:
+    return resolve(backend, torch.device(device_type)) == "triton"
+
+
+def scan_keeps_residuals(backend: str, device: torch.device) -> bool:
+    """Whether the compiled scan (`ops.selective_scan`) keeps the Triton kernels' chunk states for its backward,
+    instead of running the forward again there (as it does for the other implementations).
+
+    Decided at the first call for a (backend, device type, environment variable) and then fixed for the process:
+    the op's fake function promises the residuals' shapes when the graph is traced, and a Triton failure after
+    that (which switches later scans to the fallback) must not change the shapes the compiled graph receives.
+    """
+    return _keeps_residuals(backend, device.type, _from_env())
+
+
+def selective_scan_keeping_residuals(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: str,
+                                     order: str, num_slices: int | None):
+    """The forward of a scan for which `scan_keeps_residuals`: (out, last_state, states, chunk_sum) from the Triton
+    kernels; where they fail (now or earlier in the process), the fallback's (out, last_state) with unused
+    residual buffers of the promised shapes (the backward then recomputes; see `ops.selective_scan_bwd`)."""
+    from .triton_scan import residual_shapes, selective_scan_triton_fwd
+
+    def fallback():
+        out, last = selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, backend, order,
+                                         num_slices)
+        return (out, last, *(u.new_empty(shape, dtype=torch.float32)
+                             for shape in residual_shapes(u.shape, A.shape[1])))
+
+    if not triton_scan_status()[0]:
+        return fallback()
+    return _run_triton(lambda: selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                         mode=order, num_slices=num_slices),
+                       fallback, explicit=backend == "triton")
 
 
 def causal_conv1d_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

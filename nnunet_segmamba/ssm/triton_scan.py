@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -40,7 +41,8 @@ from .orders import slice_geometry
 from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, jit, memory_position,
                             next_power_of_2, tl)
 
-__all__ = ["selective_scan_triton", "TUNING"]
+__all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan_triton_bwd", "residual_shapes",
+           "TUNING"]
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
 # and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
@@ -342,49 +344,144 @@ def _geometry(length: int, mode: str, num_slices: int | None) -> tuple[int, int,
     return (MODES[mode], m, n) if mode == "slice" else (MODES[mode], 1, 1)
 
 
+class _Prepared(NamedTuple):
+    """The inputs as the kernels read them, and the launch geometry."""
+    u: torch.Tensor
+    delta: torch.Tensor
+    A32: torch.Tensor
+    B: torch.Tensor  # (batch, groups, n, L), rows along L, expanded to the common grouping of B and C
+    C: torch.Tensor
+    z: torch.Tensor | None
+    groups_B: int  # the callers' group counts, to sum dB / dC back
+    groups_C: int
+    squeeze_B: bool  # B / C were given as (batch, n, L)
+    squeeze_C: bool
+    mode_id: int
+    M: int
+    NS: int
+    BL: int
+    chunks: int
+
+
+def _prepare(u, delta, A, B, C, z, mode: str, num_slices: int | None, block_l: int | None) -> _Prepared:
+    length = u.shape[-1]
+    mode_id, M, NS = _geometry(length, mode, num_slices)
+    squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
+    B = _rows_along_L(B.unsqueeze(1) if squeeze_B else B)
+    C = _rows_along_L(C.unsqueeze(1) if squeeze_C else C)
+    # the kernels take one group count for B and C: both are expanded to the finer common grouping (the lcm of
+    # the two divides d); Mamba uses 1 for both, which costs nothing
+    groups_B, groups_C = B.shape[1], C.shape[1]
+    groups = math.lcm(groups_B, groups_C)
+    B = B.repeat_interleave(groups // groups_B, dim=1) if groups_B != groups else B
+    C = C.repeat_interleave(groups // groups_C, dim=1) if groups_C != groups else C
+    BL = _block_length(length, block_l)
+    return _Prepared(_rows_along_L(u), _rows_along_L(delta), A.float().contiguous(), B, C,
+                     _rows_along_L(z) if z is not None else None, groups_B, groups_C, squeeze_B, squeeze_C,
+                     mode_id, M, NS, BL, cdiv(length, BL))
+
+
+def residual_shapes(u_shape, d_state: int, block_l: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of what the forward keeps for the backward: the chunk-entering states (batch, d, chunks + 1, n) and
+    the chunks' summed step sizes (batch, d, chunks), both float32."""
+    batch, dim, length = u_shape
+    chunks = cdiv(length, _block_length(length, block_l))
+    return (batch, dim, chunks + 1, d_state), (batch, dim, chunks)
+
+
+def _forward(p: _Prepared, D, delta_bias, softplus: bool):
+    """-> out (u's dtype), states, chunk_sum (the residuals of `_backward`)."""
+    u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
+    batch, dim, length = u.shape
+    n, groups, chunks = A32.shape[1], B.shape[1], p.chunks
+    NP = max(next_power_of_2(n), 2)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    chunk_sum = torch.empty(batch, dim, chunks, **f32)
+    chunk_end = torch.empty(batch, dim, chunks, n, **f32)
+    states = torch.empty(batch, dim, chunks + 1, n, **f32)
+    out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+    dummy = A32
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    grid = (batch * dim, chunks)
+    _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
+                             chunk_end, dim, groups, n, length, p.M, p.NS, chunks, u.stride(0), delta.stride(0),
+                             B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], **flags)
+    _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
+                                 CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=False)
+    _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
+                            delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
+                            p.M, p.NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=p.BL, MODE=p.mode_id,
+                            num_warps=TUNING["warps_fwd"], HAS_D=D is not None, HAS_Z=z is not None, **flags)
+    return out, states, chunk_sum
+
+
+def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum):
+    """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the callers' shapes and dtypes (None where absent)."""
+    u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
+    batch, dim, length = u.shape
+    n, groups, chunks = A32.shape[1], B.shape[1], p.chunks
+    NP = max(next_power_of_2(n), 2)
+    dout = dout.contiguous()
+    f32 = dict(device=u.device, dtype=torch.float32)
+    dummy = A32
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    z_arg = z if z is not None else u
+    bias_arg = delta_bias if delta_bias is not None else dummy
+    adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
+    _bwd_chunk_summary[(batch * dim, chunks)](delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n,
+                                              length, p.M, p.NS, chunks, delta.stride(0), z_arg.stride(0),
+                                              C.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
+                                              num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
+    adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
+    _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
+                                 CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=True)
+    d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one
+    # channel split, B and C of one dtype and grouping), else float32 partial sums, added up below
+    same_kind = B.dtype == C.dtype and p.groups_B == p.groups_C == groups
+    dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
+                      dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
+    width = n + (D is not None) + (delta_bias is not None)  # dA | dD | dbias
+    dparams = torch.empty(batch, chunks, dim, width, **f32)
+    _bwd_chunk[(batch * groups * d_split, chunks)](
+        u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
+        du, ddelta, dz if dz is not None else du, dBC, dparams,
+        batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
+        *_batch_strides(u, delta, z, B, C),
+        NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
+        **flags)
+    dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
+    if same_kind:
+        dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
+    dB, dC = dBC.unbind(0)
+    if p.groups_B != groups:
+        dB = dB.reshape(batch, p.groups_B, groups // p.groups_B, n, length).sum(2)
+    if p.groups_C != groups:
+        dC = dC.reshape(batch, p.groups_C, groups // p.groups_C, n, length).sum(2)
+    dB, dC = dB.to(B.dtype), dC.to(C.dtype)  # no-ops where done above
+    if p.squeeze_B:
+        dB = dB.squeeze(1)
+    if p.squeeze_C:
+        dC = dC.squeeze(1)
+    dparams = dparams.sum((0, 1))
+    dA = dparams[:, :n].to(A.dtype)
+    dD = dparams[:, n].to(D.dtype) if D is not None else None
+    dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
 class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, mode, num_slices,
                 block_l):
-        batch, dim, length = u.shape
-        n = A.shape[1]
-        mode_id, M, NS = _geometry(length, mode, num_slices)
-        ctx.squeeze_B, ctx.squeeze_C = B.dim() == 3, C.dim() == 3
-        B = _rows_along_L(B.unsqueeze(1) if B.dim() == 3 else B)
-        C = _rows_along_L(C.unsqueeze(1) if C.dim() == 3 else C)
-        # the kernels take one group count for B and C: both are expanded to the finer common grouping (the lcm
-        # of the two divides d); Mamba uses 1 for both, which costs nothing
-        ctx.groups_B, ctx.groups_C = B.shape[1], C.shape[1]
-        groups = math.lcm(B.shape[1], C.shape[1])
-        B = B.repeat_interleave(groups // B.shape[1], dim=1) if B.shape[1] != groups else B
-        C = C.repeat_interleave(groups // C.shape[1], dim=1) if C.shape[1] != groups else C
-        u, delta = _rows_along_L(u), _rows_along_L(delta)
-        z = _rows_along_L(z) if z is not None else None
-        A32 = A.float().contiguous()
-        groups = B.shape[1]
-        BL = _block_length(length, block_l)
-        chunks = cdiv(length, BL)
-        NP = max(next_power_of_2(n), 2)
-        f32 = dict(device=u.device, dtype=torch.float32)
-        chunk_sum = torch.empty(batch, dim, chunks, **f32)
-        chunk_end = torch.empty(batch, dim, chunks, n, **f32)
-        states = torch.empty(batch, dim, chunks + 1, n, **f32)
-        out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-        dummy = A32
-        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
-        grid = (batch * dim, chunks)
-        _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
-                                 chunk_end, dim, groups, n, length, M, NS, chunks, u.stride(0), delta.stride(0),
-                                 B.stride(0), NP=NP, BL=BL, MODE=mode_id, num_warps=TUNING["warps_fwd"], **flags)
-        _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
-                                     CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=False)
-        _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
-                                delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
-                                M, NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=BL, MODE=mode_id,
-                                num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
-                                HAS_Z=z is not None, **flags)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, chunk_sum)
-        ctx.settings = (bool(delta_softplus), mode_id, M, NS, BL)
+        p = _prepare(u, delta, A, B, C, z, mode, num_slices, block_l)
+        out, states, chunk_sum = _forward(p, D, delta_bias, delta_softplus)
+        ctx.save_for_backward(p.u, p.delta, A, p.B, p.C, D, p.z, delta_bias, states, chunk_sum)
+        ctx.prepared = p._replace(u=None, delta=None, A32=None, B=None, C=None, z=None)
+        ctx.softplus = bool(delta_softplus)
         if return_last_state:
             last = states[:, :, -1]
             ctx.mark_non_differentiable(last)
@@ -394,63 +491,25 @@ class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *_):
         u, delta, A, B, C, D, z, delta_bias, states, chunk_sum = ctx.saved_tensors
-        softplus, mode_id, M, NS, BL = ctx.settings
-        batch, dim, length = u.shape
-        n = A.shape[1]
-        groups = B.shape[1]
-        chunks = chunk_sum.shape[2]
-        NP = max(next_power_of_2(n), 2)
-        dout = dout.contiguous()
-        A32 = A.float().contiguous()
-        f32 = dict(device=u.device, dtype=torch.float32)
-        dummy = A32
-        flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
-        z_arg = z if z is not None else u
-        bias_arg = delta_bias if delta_bias is not None else dummy
-        adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
-        _bwd_chunk_summary[(batch * dim, chunks)](delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n,
-                                                  length, M, NS, chunks, delta.stride(0), z_arg.stride(0),
-                                                  C.stride(0), NP=NP, BL=BL, MODE=mode_id, num_warps=TUNING["warps_fwd"],
-                                                  HAS_Z=z is not None, **flags)
-        adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
-        _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
-                                     CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=True)
-        d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
-        du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-        ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
-        dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
-        # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one
-        # channel split, B and C of one dtype and grouping), else float32 partial sums, added up below
-        same_kind = B.dtype == C.dtype and ctx.groups_B == ctx.groups_C == groups
-        dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
-                          dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
-        width = n + (D is not None) + (delta_bias is not None)  # dA | dD | dbias
-        dparams = torch.empty(batch, chunks, dim, width, **f32)
-        _bwd_chunk[(batch * groups * d_split, chunks)](
-            u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
-            du, ddelta, dz if dz is not None else du, dBC, dparams,
-            batch, dim, groups, n, width, length, M, NS, chunks, dim // groups // d_split, d_split,
-            *_batch_strides(u, delta, z, B, C),
-            NP=NP, BL=BL, MODE=mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
-            **flags)
-        dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
-        if same_kind:
-            dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
-        dB, dC = dBC.unbind(0)
-        if ctx.groups_B != groups:
-            dB = dB.reshape(batch, ctx.groups_B, groups // ctx.groups_B, n, length).sum(2)
-        if ctx.groups_C != groups:
-            dC = dC.reshape(batch, ctx.groups_C, groups // ctx.groups_C, n, length).sum(2)
-        dB, dC = dB.to(B.dtype), dC.to(C.dtype)  # no-ops where done above
-        if ctx.squeeze_B:
-            dB = dB.squeeze(1)
-        if ctx.squeeze_C:
-            dC = dC.squeeze(1)
-        dparams = dparams.sum((0, 1))
-        dA = dparams[:, :n].to(A.dtype)
-        dD = dparams[:, n].to(D.dtype) if D is not None else None
-        dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None, None
+        p = ctx.prepared._replace(u=u, delta=delta, A32=A.float().contiguous(), B=B, C=C, z=z)
+        grads = _backward(p, A, D, delta_bias, ctx.softplus, dout, states, chunk_sum)
+        return (*grads, None, None, None, None, None)
+
+
+def selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, mode: str = "forward",
+                              num_slices: int | None = None):
+    """The forward without autograd, for the custom op (`ops.py`): (out, last_state, states, chunk_sum), the last
+    two being what `selective_scan_triton_bwd` needs (shapes: `residual_shapes`)."""
+    out, states, chunk_sum = _forward(_prepare(u, delta, A, B, C, z, mode, num_slices, None), D, delta_bias,
+                                      delta_softplus)
+    return out, states[:, :, -1], states, chunk_sum
+
+
+def selective_scan_triton_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, states, chunk_sum,
+                              mode: str = "forward", num_slices: int | None = None):
+    """Gradients of (u, delta, A, B, C, D, z, delta_bias) (None where absent) from the forward's residuals."""
+    return _backward(_prepare(u, delta, A, B, C, z, mode, num_slices, None), A, D, delta_bias, delta_softplus,
+                     dout, states, chunk_sum)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

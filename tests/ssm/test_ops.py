@@ -69,7 +69,8 @@ def test_scan_op_passes_opcheck(case):
     settings = (case.get("softplus", True), "torch", case["order"], case["num_slices"])
     torch.library.opcheck(ops.selective_scan, (*inputs, *settings))
     dout, dlast = torch.randn(inputs[0].shape), torch.randn(*inputs[0].shape[:2], inputs[2].shape[1])
-    torch.library.opcheck(ops.selective_scan_bwd, (dout, dlast, *inputs, *settings),
+    residuals = (torch.empty(0), torch.empty(0))  # what the forward returns for the torch scan
+    torch.library.opcheck(ops.selective_scan_bwd, (dout, dlast, *inputs, *residuals, *settings),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -114,6 +115,39 @@ def test_eager_calls_do_not_go_through_the_ops(monkeypatch):
     monkeypatch.setattr(ops, "selective_scan", refuse)
     monkeypatch.setattr(ops, "causal_conv1d", refuse)
     TriOrientedMamba(8, d_state=4, scan_backend="torch")(torch.randn(1, 16, 8), num_slices=4).sum().backward()
+
+
+@pytest.mark.skipif(not (CUDA or triton_common.interpreting()), reason="needs CUDA or TRITON_INTERPRET=1 "
+                    "(test_triton_residuals_under_interpreter runs it so)")
+@pytest.mark.parametrize("optional", [True, False], ids=["D-z-bias", "none"])
+def test_triton_backward_uses_the_forwards_residuals(monkeypatch, optional):
+    """On the Triton kernels the op's forward returns the chunk states and the backward runs no forward again;
+    values and gradients are still eager's, bit for bit."""
+    from nnunet_segmamba.ssm.triton_scan import residual_shapes
+
+    device = "cuda" if CUDA else "cpu"
+    inputs = _scan_inputs(seed=3, optional=optional, device=device)
+    assert dispatch.scan_keeps_residuals("triton", inputs[0].device)
+    _, _, states, chunk_sum = ops.selective_scan(*inputs, True, "triton", "slice", 3)
+    assert (tuple(states.shape), tuple(chunk_sum.shape)) == residual_shapes(inputs[0].shape, inputs[2].shape[1])
+    out_e, grads_e = _grads(lambda *t: dispatch.selective_scan_eager(*t, True, False, "triton", "slice", 3), inputs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backward ran the forward again")
+
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    out_o = ops.selective_scan(*leaves, True, "triton", "slice", 3)[0]
+    monkeypatch.setattr(dispatch, "selective_scan_eager", refuse)
+    monkeypatch.setattr(dispatch, "selective_scan_keeping_residuals", refuse)
+    out_o.square().sum().backward()
+    _assert_same(out_o.detach(), out_e, what="out")
+    for name, leaf, ge in zip(SCAN_NAMES, leaves, grads_e):
+        _assert_same(leaf.grad if leaf is not None else None, ge, what=f"grad {name}")
+
+
+def test_triton_residuals_under_interpreter(run_under_triton_interpreter):
+    """The Triton tests of this file on CPU through Triton's interpreter, so that CI checks the residual path."""
+    run_under_triton_interpreter(__file__, "triton and not under_interpreter", min_passed=8)
 
 
 # ---- torch.compile of the layers -------------------------------------------------------------------------------

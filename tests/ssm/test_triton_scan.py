@@ -11,12 +11,6 @@ float32 computation, NaN propagating from where it enters), and the tri-orientat
 """
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -177,34 +171,9 @@ def test_resolve_triton(monkeypatch):
     assert dispatch.resolve("torch", cpu) == "torch"
 
 
-def _major_minor(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int(minor)
-
-
-def test_kernels_under_interpreter():
+def test_kernels_under_interpreter(run_under_triton_interpreter):
     """Run this file's kernel tests on CPU through Triton's interpreter (how CI checks the kernels)."""
-    import numpy
-    import triton
-
-    if INTERPRETING:
-        pytest.skip("already interpreting")
-    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
-        # the interpreter, not the kernels: Triton < 3.7 takes int() of a 1-element array for a loop bound that is
-        # a kernel argument, which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed in 3.7)
-        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} on runtime loop "
-                    f"bounds (fixed in Triton 3.7); the compiled kernels are tested on CUDA")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env["CUDA_VISIBLE_DEVICES"] = ""  # the interpreter takes CPU tensors
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-                             "-k", "not test_kernels_under_interpreter", "-m", "not gpu"],
-                            capture_output=True, text=True, timeout=900, env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    # every kernel test ran: a skip under the interpreter would hide an untested kernel path
-    summary = result.stdout.strip().splitlines()[-1]
-    counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|skipped|failed|error)", summary)}
-    assert counts.get("passed", 0) > 0 and counts.get("skipped", 0) == 0, summary
+    run_under_triton_interpreter(__file__, "not test_kernels_under_interpreter")
 
 
 # ----------------------------------------------------------------------------------------------------------------
