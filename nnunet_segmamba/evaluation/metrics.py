@@ -132,12 +132,7 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], c
     return {"dice": dice(pred, gt), "hd95_mm": float(hd95.item()), "nsd": float(nsd.item())}
 
 
-def regions_from_dataset_json(dataset_json: Mapping | str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Structures to evaluate, from an nnU-Net v2 dataset.json (dict or path).
-
-    Region datasets (any label given as a list, plus `regions_class_order`) give one entry per region, e.g.
-    {"whole tumor": (1, 2, 3), ...}; plain label datasets give one entry per foreground label, e.g. {"liver": (1,)}.
-    """
+def _dataset_labels(dataset_json: Mapping | str | os.PathLike) -> tuple[dict, Mapping]:
     if not isinstance(dataset_json, Mapping):
         with open(dataset_json) as f:
             dataset_json = json.load(f)
@@ -145,17 +140,44 @@ def regions_from_dataset_json(dataset_json: Mapping | str | os.PathLike) -> dict
     if not isinstance(labels, Mapping) or not labels:
         raise ValueError("dataset.json has no 'labels' dict; it must map names to label values, "
                          "e.g. {'background': 0, 'tumour': 1}")
+    return dict(dataset_json), labels
+
+
+def regions_from_dataset_json(dataset_json: Mapping | str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Structures to evaluate, from an nnU-Net v2 dataset.json (dict or path).
+
+    Region datasets (any label given as a list, plus `regions_class_order`) give one entry per region, e.g.
+    {"whole tumor": (1, 2, 3), ...}; plain label datasets give one entry per foreground label, e.g. {"liver": (1,)}.
+    nnU-Net's ignore label (the entry named "ignore") is not a structure: see `ignore_label_from_dataset_json`.
+    """
+    dataset_json, labels = _dataset_labels(dataset_json)
     has_regions = any(isinstance(v, (list, tuple)) for v in labels.values())
     if has_regions and "regions_class_order" not in dataset_json:
         raise ValueError("dataset.json defines regions (list-valued labels) but no 'regions_class_order'; "
                          "add it as nnU-Net requires for region-based datasets")
     out: dict[str, tuple[int, ...]] = {}
     for name, value in labels.items():
+        if name == "ignore":
+            continue
         values = tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
         if values == (0,) or (not has_regions and 0 in values):
             continue  # background is not scored
         out[name] = values
     return out
+
+
+def ignore_label_from_dataset_json(dataset_json: Mapping | str | os.PathLike) -> int | None:
+    """nnU-Net v2's ignore label: the value of the "ignore" entry of `labels` (one integer), or None.
+
+    As in nnU-Net's own evaluation, reference voxels with this value are left out of every structure's scores:
+    nothing predicted there counts as right or wrong."""
+    _, labels = _dataset_labels(dataset_json)
+    if "ignore" not in labels:
+        return None
+    value = labels["ignore"]
+    if isinstance(value, (list, tuple)) or not float(value).is_integer():
+        raise ValueError(f"dataset.json labels: 'ignore' must be one integer label value, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -168,6 +190,7 @@ class _CaseJob:
     convention: str
     nsd_tolerance_mm: float
     defined: tuple[int, ...] | None = None  # the label values the maps may hold; None: not checked per case
+    ignore_label: int | None = None  # reference voxels with this value are not scored (nnU-Net's ignore label)
 
 
 def _label_values(arr: np.ndarray) -> list:
@@ -212,9 +235,12 @@ def _score_case(job: _CaseJob) -> tuple[list[dict], list, list]:
     if regions is None:
         found = sorted((set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())) - {0})
         regions = {str(int(v)): (int(v),) for v in found}
+    scored = gt != job.ignore_label if job.ignore_label is not None else None
     rows = []
     for region, values in regions.items():
         g, p = np.isin(gt, values), np.isin(pred, values)
+        if scored is not None:
+            p &= scored  # g cannot hold the ignore label: it is in no structure
         scores = binary_metrics(p, g, spacing, job.convention, job.nsd_tolerance_mm)
         rows.append({"case": job.name, "region": region, **scores,
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})
@@ -265,23 +291,27 @@ def _format_table(summary: dict) -> str:
 BRATS_LABEL_VALUES = (0, 1, 2, 3, 4)
 
 
-def _resolve_regions(dataset_json, regions) -> tuple[dict[str, tuple[int, ...]] | None, bool, tuple[int, ...] | None]:
+def _resolve_regions(dataset_json, regions) -> tuple[dict[str, tuple[int, ...]] | None, bool, tuple[int, ...] | None,
+                                                   int | None]:
     """Returns (regions or None for 'every label found', whether to map BraTS 2021 label 4 -> 3, the label values
-    the maps may hold or None when nothing defines them: an explicit `regions` dict selects structures, it does
-    not say which other labels exist)."""
+    the maps may hold or None when nothing defines them, nnU-Net's ignore label or None). An explicit `regions`
+    dict selects structures, it does not say which other labels exist; the ignore label comes from a dataset.json
+    even then."""
+    ignore = ignore_label_from_dataset_json(dataset_json) if dataset_json is not None else None
     if isinstance(regions, str):
         if regions.lower() != "brats":
             raise ValueError(f"regions={regions!r} is not understood; pass 'brats', a dict name -> labels, or None")
-        return brats_regions(), True, BRATS_LABEL_VALUES
+        return brats_regions(), True, BRATS_LABEL_VALUES, None
     if regions is not None:
         if not regions:
             raise ValueError("regions is empty; pass at least one name -> label values entry, or None")
         return {str(k): tuple(int(v) for v in (vs if isinstance(vs, (list, tuple)) else (vs,)))
-                for k, vs in regions.items()}, False, None
+                for k, vs in regions.items()}, False, None, ignore
     if dataset_json is not None:
         region_map = regions_from_dataset_json(dataset_json)
-        return region_map, False, tuple(sorted({0} | {v for vs in region_map.values() for v in vs}))
-    return None, False, None
+        defined = {0} | {v for vs in region_map.values() for v in vs} | ({ignore} if ignore is not None else set())
+        return region_map, False, tuple(sorted(defined)), ignore
+    return None, False, None, None
 
 
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
@@ -294,7 +324,8 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     Args:
         pred_dir: folder of predicted label maps (`CASE.nii.gz`).
         gt_dir: folder of reference label maps with the same file names; every one needs a prediction.
-        dataset_json: nnU-Net dataset.json (dict or path) naming the labels/regions to score.
+        dataset_json: nnU-Net dataset.json (dict or path) naming the labels/regions to score. Its ignore label
+            (labels["ignore"]) is no structure, and reference voxels holding it are left out of every score.
         regions: overrides dataset_json: "brats" (WT/TC/ET, BraTS 2021 label 4 read as 3) or a dict
             name -> label values. With neither, every nonzero label found is scored on its own.
             Label values outside those the dataset.json defines (or outside BraTS's 0-4 with "brats") are an
@@ -334,9 +365,9 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     if missing:
         raise ValueError(f"{len(missing)} ground-truth cases have no prediction in {pred_dir}: "
                          f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
-    region_map, map4, defined = _resolve_regions(dataset_json, regions)
+    region_map, map4, defined, ignore_label = _resolve_regions(dataset_json, regions)
     jobs = [_CaseJob(n, str(pred_dir / (n + file_ending)), str(gt_dir / (n + file_ending)), region_map, map4,
-                     convention, float(nsd_tolerance_mm), defined) for n in names]
+                     convention, float(nsd_tolerance_mm), defined, ignore_label) for n in names]
 
     if num_processes > 1 and len(jobs) > 1:
         import multiprocessing
@@ -397,6 +428,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
         "hd95_definition": "max of the two directed 95th percentiles of surface distances (MONAI), in mm",
         "std": "population standard deviation (ddof=0) over cases",
         "regions": {k: list(v) for k, v in region_map.items()},
+        "ignore_label": ignore_label,
         "num_cases": len(names),
         "metrics": _summarise(rows, list(region_map)),
         "per_case_csv": "metrics_per_case.csv",

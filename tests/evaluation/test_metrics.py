@@ -250,6 +250,31 @@ def test_evaluate_folder_reference_convention_and_dataset_json(tmp_path):
     assert et["b"] == et["c"] == (0.0, REFERENCE_EMPTY_HD95)
 
 
+def test_ignore_label_is_no_structure_and_its_voxels_are_not_scored(tmp_path):
+    """nnU-Net's ignore label (labels["ignore"]): not scored as a structure, and whatever is predicted where the
+    reference holds it counts neither way, as in nnU-Net's own evaluation."""
+    shape, spacing_xyz = (8, 16, 16), (1.0, 1.0, 1.0)
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    gt_dir.mkdir()
+    pred_dir.mkdir()
+    g = np.zeros(shape, np.uint8)
+    g[2:6, 4:12, 4:12] = 1
+    g[:, :, 14:] = 3  # unannotated strip
+    p = np.where(g == 3, 0, g)
+    p[:, :2, 14:] = 1  # predicted tumour inside the unannotated strip: must not count as a false positive
+    _write(g, gt_dir / "a.nii.gz", spacing_xyz)
+    _write(p, pred_dir / "a.nii.gz", spacing_xyz)
+    ds = {"labels": {"background": 0, "tumour": 1, "oedema": 2, "ignore": 3}, "file_ending": ".nii.gz"}
+    summary = evaluate_folder(pred_dir, gt_dir, dataset_json=ds, output_dir=tmp_path / "e", verbose=False)
+    assert list(summary["metrics"]) == ["tumour", "oedema"] and summary["ignore_label"] == 3
+    assert summary["metrics"]["tumour"]["dice"]["mean"] == 1.0
+    assert summary["metrics"]["tumour"]["hd95_mm"]["mean"] == 0.0
+    # without the ignore entry, label 3 is undefined: an error, not a silent fourth structure
+    ds["labels"].pop("ignore")
+    with pytest.raises(ValueError, match=r"label value\(s\) \[3\]"):
+        evaluate_folder(pred_dir, gt_dir, dataset_json=ds, output_dir=tmp_path / "e2", verbose=False)
+
+
 def test_evaluate_folder_plain_labels_and_errors(tmp_path):
     gt_dir, pred_dir, _ = _make_folders(tmp_path)
     summary = evaluate_folder(pred_dir, gt_dir, output_dir=tmp_path / "e", verbose=False)
