@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from nnunet_segmamba.devices import resolve_device
 from nnunet_segmamba.errors import UserError
 
 DEMO_DATASET_ID = 990
@@ -177,8 +178,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     start = time.time()
     if num_cases < 10:
         raise ValueError(f"num_cases={num_cases} is too few for a 70/10/20 split with a test set; use 10 or more")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device).type  # nnUNetv2_train's -device takes cuda or cpu
     threads = threads or os.cpu_count() or 1
     work_dir = Path(output_dir).resolve()
     if work_dir.exists() and not keep:

@@ -106,12 +106,12 @@ def test_debug_reraises_with_the_traceback(tmp_path):
 def test_predict_test_device_defaults_to_auto_which_is_cpu_without_cuda(monkeypatch, capsys):
     import torch
 
-    from nnunet_segmamba.training.prediction import resolve_device
+    from nnunet_segmamba.devices import resolve_device
 
     args = cli.build_parser().parse_args(["predict-test", "-d", "4", "-c", "3d_fullres", "-f", "0", "-tr", "T"])
     assert args.device == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu" and resolve_device() == "cpu"
+    assert resolve_device("auto").type == "cpu" and resolve_device().type == "cpu"
     # an explicit --device cuda without CUDA: one line naming the fix
     rc = cli.main(["predict-test", "-d", "4", "-c", "3d_fullres", "-f", "0", "-tr", "T", "--device", "cuda"])
     err = capsys.readouterr().err.strip()

@@ -30,9 +30,10 @@ import torch
 import torch.nn as nn
 
 from ..data.medmnist import MEAN, STD, MedMNISTSplit, class_names_for, load_split
+from ..devices import resolve_device
 
-__all__ = ["train", "train_seeds", "summarize_seeds", "evaluate", "predict", "classification_metrics", "save_confusion_matrix", "build_model",
-           "resolve_device", "load_checkpoint"]
+__all__ = ["train", "train_seeds", "summarize_seeds", "evaluate", "predict", "classification_metrics",
+           "save_confusion_matrix", "build_model", "load_checkpoint"]
 
 CONFIG_NAME = "config.json"
 BEST_NAME = "checkpoint_best.pth"
@@ -125,24 +126,6 @@ def save_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str
 
 # ---------------------------------------------------------------------------------------------------------------
 # model and device
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else as torch.device (UserError / SetupError when it is
-    not a device name or names CUDA on a machine without it)."""
-    from ..errors import SetupError, UserError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UserError(f"device {device!r} (--device) is not a device name; use auto, cpu, cuda or cuda:N "
-                        f"({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SetupError(f"device {device!r} (--device) was asked for but no CUDA device is available; "
-                         "use --device cpu or auto")
-    return dev
 
 
 def build_model(model_kwargs: dict[str, Any]) -> nn.Module:

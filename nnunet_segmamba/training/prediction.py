@@ -13,29 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nnunet_segmamba.devices import resolve_device
 from nnunet_segmamba.errors import SetupError, UserError
 from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
 
 CONVENTIONS = ("brats", "reference")
-DEVICES = ("auto", "cuda", "cpu")
-
-
-def resolve_device(device: str = "auto") -> str:
-    """"auto" -> "cuda" when a CUDA device is available, else "cpu"; "cuda" / "cpu" as given (checked).
-
-    Raises:
-        UserError: an unknown device name. SetupError: "cuda" on a machine without a usable CUDA device.
-    """
-    import torch
-
-    if device not in DEVICES:
-        raise UserError(f"device must be one of {DEVICES} (--device), got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SetupError("device 'cuda' was asked for but no CUDA device is available; use --device cpu "
-                         "(device='cpu') or auto")
-    return device
 
 
 def _require_env(name: str) -> str:
@@ -51,7 +33,6 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
     0.5, Gaussian weighting), compiled as nnU-Net decides (only with nnUNet_compile=t) except on the CPU, where
     the trainers never compile either, and with our trainers found by name (a failed lookup says what to
     export)."""
-    import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from torch._dynamo import OptimizedModule
 
@@ -63,7 +44,7 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
     if ext_trainer_folder() not in folders:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join(folders + [ext_trainer_folder()])
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device == "cuda", device=torch.device(device),
+                                perform_everything_on_device=device.type == "cuda", device=device,
                                 verbose=False, allow_tqdm=False)
     try:
         predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
@@ -72,7 +53,7 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, 
         if is_trainer_lookup_error(exc):
             raise trainer_lookup_error(exc, trainer) from exc
         raise
-    if device == "cpu" and isinstance(predictor.network, OptimizedModule):
+    if device.type == "cpu" and isinstance(predictor.network, OptimizedModule):
         # compiling on the CPU costs minutes and gains nothing there; the module inside is the same network
         predictor.network = predictor.network._orig_mod
     return predictor
@@ -90,7 +71,7 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         fold: the trained fold (its split holds the test cases).
         trainer: trainer class name used for training, e.g. nnUNetTrainerSegMamba.
         plans: plans identifier.
-        device: "auto" (cuda when available, else cpu), "cuda" or "cpu".
+        device: "auto" (cuda when available, else cpu), "cuda", "cuda:N" or "cpu" (`devices.resolve_device`).
         use_mirroring: mirror test-time augmentation over the axes the trainer allowed.
         convention: empty-mask scoring of the evaluation, "brats" or "reference".
         checkpoint_name: checkpoint file in the fold folder.
@@ -138,7 +119,7 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         raise ValueError(f"cannot predict the test cases of {dataset_name}:\n  " + "\n  ".join(problems))
 
     # the predictor loads the checkpoint and finds the trainer: its errors come before anything is written
-    predictor = trained_predictor(model_folder, fold, trainer, device, use_mirroring, checkpoint_name)
+    predictor = trained_predictor(model_folder, fold, trainer, str(device), use_mirroring, checkpoint_name)
     output_folder = model_folder / f"fold_{fold}" / "test_predictions"
     output_folder.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files([files[i]["images"] for i in test_ids],
