@@ -40,9 +40,14 @@ NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv
 # further choices for --networks, not run by default: gradient checkpointing of the Mamba stages (memory)
 # and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's trainer compiles)
 COMPILED_NETWORKS = ("segmamba_compiled[cuda]", "segmamba_compiled[triton]", "segmamba_compiled[torch]",
-                     "plainconv_compiled", "resenc_m_compiled")
+                     "segmamba_nomamba_compiled", "plainconv_compiled", "resenc_m_compiled")
+# `_compiled_cl`: compiled with inductor's channels-last layout optimisation forced on. Inductor's own heuristic
+# (GraphLowering.decide_layout_opt) leaves it off for U-Nets in training, because their decoders have
+# convolutions with twice as many input as output channels; cuDNN then converts layouts around every call.
+LAYOUT_OPT_NETWORKS = ("segmamba_compiled_cl[triton]", "segmamba_nomamba_compiled_cl", "plainconv_compiled_cl",
+                       "resenc_m_compiled_cl")
 EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]",
-                  *COMPILED_NETWORKS)
+                  *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS)
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
     "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
@@ -58,8 +63,13 @@ NETWORK_HELP = {
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
     "segmamba_compiled[triton]": "SegMamba under torch.compile, triton scan",
     "segmamba_compiled[torch]": "SegMamba under torch.compile, chunked PyTorch scan",
+    "segmamba_nomamba_compiled": "SegMamba with mixer='none' under torch.compile",
     "plainconv_compiled": "PlainConvUNet under torch.compile",
     "resenc_m_compiled": "ResEnc-M under torch.compile",
+    "segmamba_compiled_cl[triton]": "SegMamba (triton scan) compiled with inductor's force_layout_optimization",
+    "segmamba_nomamba_compiled_cl": "SegMamba with mixer='none', compiled with force_layout_optimization",
+    "plainconv_compiled_cl": "PlainConvUNet compiled with force_layout_optimization",
+    "resenc_m_compiled_cl": "ResEnc-M compiled with force_layout_optimization",
 }
 KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 # nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
@@ -89,7 +99,9 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     """The network `name` (one of KNOWN_NETWORKS), without deep supervision, on the CPU. A SegMamba name's
     bracket is its scan backend (`segmamba[triton]`); without one, "auto". A `_compiled` name is the network
     without that suffix wrapped in `torch.compile(network, backend=compile_backend)`, as nnU-Net's trainer does
-    (with the default backend); the compile happens in the first (warm-up) step of each phase.
+    (with the default backend); the compile happens in the first (warm-up) step of each phase. A `_compiled_cl`
+    name is compiled with inductor's `force_layout_optimization` (channels-last buffers and convolutions inside
+    the compiled graph; ignored by other compile backends).
 
     SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
     use the plan nnU-Net makes for BraTS 3d_fullres (128^3 patch): 6 stages, features 32, 64, 128, 256, 320, 320,
@@ -100,8 +112,11 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     if "_compiled" in name:
         import torch
 
-        plain = name.replace("_compiled", "")
-        return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width), backend=compile_backend)
+        plain = name.replace("_compiled_cl", "").replace("_compiled", "")
+        options = {"force_layout_optimization": True} if "_compiled_cl" in name and compile_backend == "inductor" \
+            else None
+        return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width), backend=compile_backend,
+                             options=options)
     if name.startswith("segmamba"):
         from .networks.segmamba import SegMamba
 

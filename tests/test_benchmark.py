@@ -196,14 +196,24 @@ def test_import_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_compiled_cl_names_force_inductors_layout_optimisation(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    benchmark.build_network("segmamba_compiled_cl[triton]", 1, 2, segmamba_width=4)
+    benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4)
+    benchmark.build_network("segmamba_compiled_cl[triton]", 1, 2, segmamba_width=4, compile_backend="eager")
+    assert [c["options"] for c in calls] == [{"force_layout_optimization": True}, None, None]
+
+
 def test_compiled_networks_build_and_train(tmp_path):
     """`_compiled` names wrap the network in torch.compile (backend "eager" here: dynamo only; the compile itself
     is tested in tests/ssm/test_ops.py); the first warm-up step holds the compile and is reported."""
     from torch._dynamo import OptimizedModule
 
     assert set(benchmark.COMPILED_NETWORKS) <= set(benchmark.KNOWN_NETWORKS)
-    for name in benchmark.COMPILED_NETWORKS:
-        assert name.replace("_compiled", "") in benchmark.KNOWN_NETWORKS, name
+    for name in (*benchmark.COMPILED_NETWORKS, *benchmark.LAYOUT_OPT_NETWORKS):
+        assert name in benchmark.NETWORK_HELP, name
+        assert name.replace("_compiled_cl", "").replace("_compiled", "") in benchmark.KNOWN_NETWORKS, name
     assert isinstance(benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4), OptimizedModule)
     torch._dynamo.reset()
     report = benchmark.run_benchmark(
