@@ -155,7 +155,7 @@ def check_channel_count(model_dataset_json: Mapping, dataset_json: Mapping, case
 def trainer_lookup_error(exc: BaseException, trainer: str) -> RuntimeError:  # a SetupError: one CLI line
     """nnU-Net's 'Could not find requested nnunet trainer' RuntimeError, restated with what to export."""
     current = os.environ.get("nnUNet_extTrainer")
-    hint = (f"nnUNet_extTrainer is not set" if not current else f"nnUNet_extTrainer={current} does not contain it")
+    hint = ("nnUNet_extTrainer is not set" if not current else f"nnUNet_extTrainer={current} does not contain it")
     from nnunet_segmamba.errors import SetupError
 
     return SetupError(
