@@ -3,7 +3,7 @@
     python -m benchmarks.profile_step_gpu --networks "segmamba_compiled[triton],segmamba_nomamba_compiled" \
         --out step_profile.json
 
-The step is `nnunet_segmamba.benchmark.time_training`'s (batch 2, 4 x 128^3 -> 3, fp16 autocast, GradScaler,
+The step is `nnunet_segmamba.benchmark.training_step` (batch 2, 4 x 128^3 -> 3, fp16 autocast, GradScaler,
 nnU-Net's SGD, gradient clipping); network names are the benchmark's (`_compiled` = torch.compile). After
 --warmup steps (the compile), --steps steps run under torch.profiler; each kernel is put in one category by its
 name (`categorize`) and the table gives ms per step per category, the step's wall time without the profiler and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_segmamba.benchmark import GRAD_CLIP, SGD_KWARGS, build_network
+from nnunet_segmamba.benchmark import build_network, training_step
 
 # first match wins; names are lower-cased. Inductor's kernels are triton_{poi,red,per}_fused_<ops>.
 CATEGORIES = (
@@ -50,31 +50,12 @@ def categorize(kernel: str) -> str:
     return "other"
 
 
-def train_step(model, batch, patch, in_channels, out_channels):
-    optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
-    scaler = torch.amp.GradScaler("cuda")
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    data = torch.randn(batch, in_channels, *patch, device="cuda")
-    target = (torch.rand(batch, out_channels, *patch, device="cuda") > 0.5).float()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = loss_fn(model(data), target)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        scaler.step(optimizer)
-        scaler.update()
-    return step
-
-
 def profile_network(name: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int,
                     top: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build_network(name, in_channels, out_channels).cuda().train()
-    step = train_step(model, batch, patch, in_channels, out_channels)
+    step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()

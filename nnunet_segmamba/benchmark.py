@@ -228,18 +228,17 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[s
 
 # ----------------------------------------------------------------------------------------------- phases
 
-def time_training(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int, amp: bool,
-                  warmup: int, iters: int) -> dict[str, Any]:
-    """nnU-Net's train_step on random data: step time and peak memory."""
+def training_step(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int,
+                  amp: bool) -> tuple[Callable[[], Any], Any]:
+    """nnU-Net's train_step on fixed random data, as a closure (step(), the GradScaler): zero_grad, forward and
+    BCE loss under fp16 autocast, scaled backward, unscale, gradient-norm clip, SGD step."""
     import torch
 
-    model.train()
     optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     data = torch.randn(batch, in_channels, *patch, device=device)
     target = (torch.rand(batch, out_channels, *patch, device=device) > 0.5).float()
-    losses = []
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -250,12 +249,21 @@ def time_training(model, device, batch: int, patch: Sequence[int], in_channels: 
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         scaler.step(optimizer)
         scaler.update()
-        losses.append(loss.detach())
+        return loss.detach()
 
+    return step, scaler
+
+
+def time_training(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int, amp: bool,
+                  warmup: int, iters: int) -> dict[str, Any]:
+    """nnU-Net's train_step on random data: step time and peak memory."""
+    model.train()
+    step, scaler = training_step(model, device, batch, patch, in_channels, out_channels, amp)
+    losses = []
     try:
         _sync(device)
         _reset_peak(device)
-        result = time_calls(step, device, warmup, iters)
+        result = time_calls(lambda: losses.append(step()), device, warmup, iters)
         result.update(_peak(device))
         result["loss_last"] = float(losses[-1]) if losses else None
         result["grad_scale"] = float(scaler.get_scale()) if amp else None
