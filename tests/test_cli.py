@@ -103,6 +103,13 @@ def test_debug_reraises_with_the_traceback(tmp_path):
         cli.main(["--debug", "evaluate", str(tmp_path / "none"), str(tmp_path), "-np", "1"])
 
 
+def test_a_device_that_is_neither_cpu_nor_cuda_is_one_line(capsys):
+    rc = cli.main(["predict-test", "-d", "4", "-c", "3d_fullres", "-f", "0", "-tr", "T", "--device", "tpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("nnunet-segmamba predict-test: error: device 'tpu' (--device) is not a device this "
+                               "package runs on; use auto, cpu, cuda or cuda:N")
+
+
 def test_predict_test_device_defaults_to_auto_which_is_cpu_without_cuda(monkeypatch, capsys):
     import torch
 

@@ -38,8 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("-f", "--fold", required=True, type=int, help="the trained fold whose test cases to predict")
     p.add_argument("-tr", "--trainer", required=True, help="trainer used for training, e.g. nnUNetTrainerSegMamba")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                   help="device to predict on; auto: cuda when a CUDA device is available, else cpu (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="device to predict on: auto (cuda when a CUDA device is available, else cpu), cpu, cuda or "
+                        "cuda:N (default: auto)")
     p.add_argument("--disable-tta", action="store_true", help="switch off mirror test-time augmentation")
     p.add_argument("--convention", choices=("brats", "reference"), default="brats",
                    help="empty-mask scoring: brats (both empty = Dice 1, HD95 0) or reference (Dice 0, HD95 50)")
