@@ -239,20 +239,15 @@ def _train_batches(tr: MedMNISTSplit, batch_size: int, image_size: int, dev: tor
     """The `strong` recipe's batches: epoch order from `recipe.epoch_indices`, `augment.augment` (or the paper's
     flips when `aug` is None)."""
     from .augment import augment
-    from ..data.medmnist import preprocess
     from .recipe import epoch_indices
 
     order = epoch_indices(tr.labels, tr.num_classes, balanced, generator)
+    if aug is None:
+        yield from tr.batches(batch_size, image_size, dev, train=True, generator=generator, order=order)
+        return
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        images = tr.images[idx].to(dev)
-        if aug is not None:
-            x = augment(images, image_size, aug, generator)
-        else:
-            flip = (torch.rand(len(idx), generator=generator) < 0.5).to(dev)
-            x = preprocess(images, image_size)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        yield x, tr.labels[idx].to(dev)
+        yield augment(tr.images[idx].to(dev), image_size, aug, generator), tr.labels[idx].to(dev)
 
 
 def train(data: str | Path, out_dir: str | Path, variant: str = "t", epochs: int = 100, batch_size: int = 128,

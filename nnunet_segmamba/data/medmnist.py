@@ -55,15 +55,17 @@ class MedMNISTSplit:
         return int(self.images.shape[1])
 
     def batches(self, batch_size: int, image_size: int, device: torch.device | str = "cpu", train: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                generator: torch.Generator | None = None,
+                order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Mini-batches (images (b, C, image_size, image_size) float32 normalised, labels (b,) int64) on `device`.
 
         With `train=True` the order is shuffled (by `generator`) and each image is flipped left-right with
-        probability 1/2; otherwise the split is visited in order without augmentation.
+        probability 1/2; otherwise the split is visited in order without augmentation. `order`: the image indices
+        to visit instead (e.g. a class-balanced draw), in that order.
         """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if train else torch.arange(n)
-        for start in range(0, n, batch_size):
+        if order is None:
+            order = torch.randperm(len(self), generator=generator) if train else torch.arange(len(self))
+        for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             flip = torch.rand(len(idx), generator=generator) < 0.5 if train else None
             x = preprocess(self.images[idx].to(device), image_size)
