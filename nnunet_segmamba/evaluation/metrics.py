@@ -297,6 +297,8 @@ def _resolve_regions(dataset_json, regions) -> tuple[dict[str, tuple[int, ...]] 
     the maps may hold or None when nothing defines them, nnU-Net's ignore label or None). An explicit `regions`
     dict selects structures, it does not say which other labels exist; the ignore label comes from a dataset.json
     even then."""
+    if dataset_json is not None:
+        dataset_json = _dataset_labels(dataset_json)[0]  # a path is read once, for the regions and the ignore label
     ignore = ignore_label_from_dataset_json(dataset_json) if dataset_json is not None else None
     if isinstance(regions, str):
         if regions.lower() != "brats":
