@@ -12,10 +12,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nnunet_segmamba.devices import resolve_device
 from nnunet_segmamba.errors import SetupError, UserError
 from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
+
+if TYPE_CHECKING:
+    import torch
 
 CONVENTIONS = ("brats", "reference")
 
@@ -27,8 +31,9 @@ def _require_env(name: str) -> str:
     return value
 
 
-def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str, device: str = "auto",
-                      use_mirroring: bool = True, checkpoint_name: str = "checkpoint_final.pth"):
+def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str,
+                      device: str | torch.device = "auto", use_mirroring: bool = True,
+                      checkpoint_name: str = "checkpoint_final.pth"):
     """nnU-Net's `nnUNetPredictor` for one trained fold, set up as `nnUNetv2_predict` does (sliding window, overlap
     0.5, Gaussian weighting), compiled as nnU-Net decides (only with nnUNet_compile=t) except on the CPU, where
     the trainers never compile either, and with our trainers found by name (a failed lookup says what to
@@ -119,7 +124,7 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         raise ValueError(f"cannot predict the test cases of {dataset_name}:\n  " + "\n  ".join(problems))
 
     # the predictor loads the checkpoint and finds the trainer: its errors come before anything is written
-    predictor = trained_predictor(model_folder, fold, trainer, str(device), use_mirroring, checkpoint_name)
+    predictor = trained_predictor(model_folder, fold, trainer, device, use_mirroring, checkpoint_name)
     output_folder = model_folder / f"fold_{fold}" / "test_predictions"
     output_folder.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files([files[i]["images"] for i in test_ids],
