@@ -22,13 +22,17 @@ import torch
 
 from nnunet_segmamba.benchmark import build_network, training_step
 
-# first match wins; names are lower-cased. Inductor's kernels are triton_{poi,red,per}_fused_<ops>.
-CATEGORIES = (
-    ("scan (ours)", ("selective_scan", "_fwd_chunk", "_bwd_chunk", "_chunk_carry", "_causal_conv", "_conv_fwd", "_conv_bwd")),
-    ("layout copy (cuDNN)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),
+# first match wins; names are lower-cased. Inductor's kernels (triton_{poi,red,per}_fused_<ops>) are tried
+# against INDUCTOR_CATEGORIES first, every kernel then against CATEGORIES.
+INDUCTOR_CATEGORIES = (
     ("norm (inductor, fused)", ("batch_norm", "var_mean", "native_layer_norm", "layer_norm")),
     ("inductor other reductions", ("triton_red", "triton_per")),
     ("inductor pointwise", ("triton_poi",)),
+)
+CATEGORIES = (
+    ("scan (ours)", ("selective_scan", "_fwd_chunk", "_bwd_chunk", "_chunk_carry", "_causal_conv", "_conv_fwd",
+                     "_conv_bwd")),
+    ("layout copy (cuDNN)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),
     ("norm (eager)", ("batch_norm", "instance_norm", "bn_", "layer_norm", "welford")),
     ("convolution", ("conv", "xmma", "cutlass", "implicit", "dgrad", "wgrad", "fprop", "cudnn", "sm90", "sm80")),
     ("GEMM", ("gemm", "cublas")),
@@ -38,13 +42,7 @@ CATEGORIES = (
 
 def categorize(kernel: str) -> str:
     name = kernel.lower()
-    if name.startswith("triton_"):  # inductor: its categories only
-        for cat, keys in CATEGORIES[2:5]:
-            if any(k in name for k in keys):
-                return cat
-    for cat, keys in CATEGORIES:
-        if cat.startswith(("norm (inductor", "inductor")):
-            continue
+    for cat, keys in (INDUCTOR_CATEGORIES + CATEGORIES if name.startswith("triton_") else CATEGORIES):
         if any(k in name for k in keys):
             return cat
     return "other"
