@@ -131,6 +131,14 @@ def assert_close(actual, expected, rtol, atol_scale, what="", scale=None):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_gradients_close(actual: dict, expected: dict, tol: dict) -> None:
+    """The same inputs got gradients, each of the expected shape and within `tol` (`assert_close`'s arguments)."""
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert actual[name].shape == expected[name].shape, name
+        assert_close(actual[name], expected[name], **tol, what=f"grad {name}")
+
+
 F32 = dict(rtol=1e-5, atol_scale=1e-5)
 F64 = dict(rtol=1e-10, atol_scale=1e-10)
 
@@ -168,10 +176,7 @@ def check_against_definition(fn, inputs, seed, tol, check_last_grad=True):
     dlast = torch.randn(last_e.shape, generator=g, dtype=torch.float64) if check_last_grad else None
     ge = grads_of(out_e, last_e, expected_in, dout, dlast)
     ga = grads_of(out_a, last_a, actual_in, dout, dlast)
-    assert set(ga) == set(ge)
-    for name in ge:
-        assert ga[name].shape == ge[name].shape, name
-        assert_close(ga[name], ge[name], **tol, what=f"grad {name}")
+    assert_gradients_close(ga, ge, tol)
 
 
 # ----------------------------------------------------------------------------------------------------------------
