@@ -106,7 +106,9 @@ def compare_devices(model_folder: Path, fold: int, trainer: str, cases: dict[str
 
 
 def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int, num_gpus: int = 1,
-              device_check_cases: int = 0, compile_mode: str = "default") -> dict:
+              device_check_cases: int = 0, compile_mode: str = "default", out_json: Path | None = None) -> dict:
+    """Preprocess (once per `work`), train and evaluate each trainer in turn; the results so far are
+    written to `out_json` after every trainer, so a run stopped by a time limit keeps the trainers it finished."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 
@@ -179,6 +181,8 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
             cases = {i: files[i] for i in split["test"][:device_check_cases]}
             results["trainers"][trainer]["device_check"] = compare_devices(fold.parent, 0, trainer, cases)
         print(json.dumps(results["trainers"][trainer], indent=2), flush=True)
+        if out_json is not None:
+            out_json.write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -228,7 +232,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("hippocampus_study.json"), help="JSON output")
     args = parser.parse_args()
     results = run_study(args.data.resolve(), args.work.resolve(), args.epochs, args.trainers.split(","),
-                        args.num_processes, args.num_gpus, args.device_check, args.compile)
+                        args.num_processes, args.num_gpus, args.device_check, args.compile, args.out)
     results["command"] = " ".join(sys.argv)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
