@@ -162,6 +162,8 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
                           report_peak_memory=num_gpus == 1)
             train_s = time.time() - t0
         peak = [int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_MEMORY_BYTES")]
+        backend = [line.split("SegMamba scan backend: ", 1)[1] for line in out.splitlines()
+                   if "SegMamba scan backend: " in line]  # the trainer's log line (not nnU-Net's trainers)
         epoch_s = _epoch_seconds(fold / "checkpoint_final.pth")
         summary = predict_test_split(DATASET_ID, CONFIG, 0, trainer, device="cuda", num_processes=num_processes)
         results["trainers"][trainer] = {
@@ -170,6 +172,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
             "epoch_seconds_median_after_first": round(statistics.median(epoch_s[1:]), 2) if len(epoch_s) > 1 else None,
             "epoch_seconds": [round(e, 2) for e in epoch_s],
             "peak_memory_gib": round(peak[-1] / 2**30, 2) if peak else None,
+            "scan_backend": backend[-1] if backend else None,
             "test": {region: {m: summary["metrics"][region][m]["mean"] for m in ("dice", "hd95_mm")}
                      for region in summary["metrics"]},
             "test_cases": summary["num_cases"], "convention": summary["convention"],

@@ -27,6 +27,7 @@ checkpointing, `--c` / `--val` / `--npz`, validation and export.
 from __future__ import annotations
 
 import math
+import os
 import random
 from typing import Any, ClassVar, Mapping
 
@@ -138,6 +139,24 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         return SegMamba(in_chans=in_chans, out_chans=out_chans, spatial_dims=spatial_dims,
                         deep_supervision=deep_supervision, scan_backend=cls.scan_backend,
                         **dict(cls.network_kwargs))
+
+    def initialize(self):
+        super().initialize()
+        self.print_to_log_file(f"SegMamba scan backend: {self.scan_backend_in_use()}")
+
+    def scan_backend_in_use(self) -> str:
+        """Which selective-scan implementation the network's Mamba layers start with on this trainer's device,
+        and what was asked for (a kernel chosen by "auto" that fails at run time is replaced by the next one,
+        with a warning: nnunet_segmamba.ssm.dispatch)."""
+        from nnunet_segmamba.nn import SS2D, TriOrientedMamba
+        from nnunet_segmamba.ssm import dispatch
+
+        asked = {m.scan_backend for m in self._segmamba().modules() if isinstance(m, (TriOrientedMamba, SS2D))}
+        if not asked:
+            return "none (no Mamba layers)"
+        env = os.environ.get(dispatch.ENV_VAR, "").strip()
+        how = ", ".join(f"{name!r}" for name in sorted(asked)) + (f"; ${dispatch.ENV_VAR}={env}" if env else "")
+        return ", ".join(sorted({dispatch.resolve(a, self.device) for a in asked})) + f" (asked for {how})"
 
     def _segmamba(self) -> nn.Module:
         """The SegMamba module itself, unwrapped from DDP / torch.compile."""

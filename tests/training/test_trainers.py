@@ -85,6 +85,24 @@ def test_network_from_plans_trains_with_deep_supervision(nnunet_dirs, configurat
         assert t.network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
 
 
+def test_log_names_the_scan_backend_in_use(nnunet_dirs, monkeypatch):
+    from nnunet_segmamba.ssm import dispatch
+
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    expected = dispatch.resolve("auto", torch.device("cpu"))  # the fused CPU scan, or torch without a compiler
+    assert t.scan_backend_in_use() == f"{expected} (asked for 'auto')"
+    assert f"SegMamba scan backend: {expected} (asked for 'auto')" in Path(t.log_file).read_text()
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert t.scan_backend_in_use() == f"torch (asked for 'auto'; ${dispatch.ENV_VAR}=torch)"
+
+    ablation = _trainer(trainers.nnUNetTrainerSegMambaNoMamba_1epoch, "3d_fullres")
+    ablation.network = type(ablation).build_network_architecture(
+        ablation.plans_manager, ablation.configuration_manager, 1, 3, False)
+    assert ablation.scan_backend_in_use() == "none (no Mamba layers)"
+
+
 def test_checkpoint_loads_into_the_inference_network(nnunet_dirs):
     # nnUNetv2_predict builds the network with enable_deep_supervision=False and loads the weights strictly
     t = _trainer(TINY, "3d_fullres")
