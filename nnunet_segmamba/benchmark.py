@@ -46,8 +46,12 @@ COMPILED_NETWORKS = ("segmamba_compiled[cuda]", "segmamba_compiled[triton]", "se
 # convolutions with twice as many input as output channels; cuDNN then converts layouts around every call.
 LAYOUT_OPT_NETWORKS = ("segmamba_compiled_cl[triton]", "segmamba_nomamba_compiled_cl", "plainconv_compiled_cl",
                        "resenc_m_compiled_cl")
+# `_compiled_cg`: compiled with mode="reduce-overhead", which replays each compiled graph (forward, backward) as
+# one CUDA graph instead of launching its kernels one by one: for steps whose GPU waits on the host
+CUDA_GRAPH_NETWORKS = ("segmamba_compiled_cg[triton]", "segmamba_compiled_cg[cuda]", "segmamba_nomamba_compiled_cg",
+                       "plainconv_compiled_cg", "resenc_m_compiled_cg")
 EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]",
-                  *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS)
+                  *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS, *CUDA_GRAPH_NETWORKS)
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
     "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
@@ -70,6 +74,11 @@ NETWORK_HELP = {
     "segmamba_nomamba_compiled_cl": "SegMamba with mixer='none', compiled with force_layout_optimization",
     "plainconv_compiled_cl": "PlainConvUNet compiled with force_layout_optimization",
     "resenc_m_compiled_cl": "ResEnc-M compiled with force_layout_optimization",
+    "segmamba_compiled_cg[triton]": "SegMamba (triton scan) compiled with mode='reduce-overhead' (CUDA graphs)",
+    "segmamba_compiled_cg[cuda]": "SegMamba (cuda scan) compiled with mode='reduce-overhead' (CUDA graphs)",
+    "segmamba_nomamba_compiled_cg": "SegMamba with mixer='none', compiled with mode='reduce-overhead'",
+    "plainconv_compiled_cg": "PlainConvUNet compiled with mode='reduce-overhead'",
+    "resenc_m_compiled_cg": "ResEnc-M compiled with mode='reduce-overhead'",
 }
 KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 # nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
@@ -94,6 +103,13 @@ def _print(message: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- networks
 
+def _uncompiled_name(name: str) -> str:
+    """The network a `_compiled*` name wraps."""
+    for suffix in ("_compiled_cl", "_compiled_cg", "_compiled"):
+        name = name.replace(suffix, "")
+    return name
+
+
 def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48,
                   compile_backend: str = "inductor"):
     """The network `name` (one of KNOWN_NETWORKS), without deep supervision, on the CPU. A SegMamba name's
@@ -101,7 +117,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     without that suffix wrapped in `torch.compile(network, backend=compile_backend)`, as nnU-Net's trainer does
     (with the default backend); the compile happens in the first (warm-up) step of each phase. A `_compiled_cl`
     name is compiled with inductor's `force_layout_optimization` (channels-last buffers and convolutions inside
-    the compiled graph; ignored by other compile backends).
+    the compiled graph), a `_compiled_cg` name with `mode="reduce-overhead"` (CUDA graphs; recorded in a later
+    warm-up step); both are ignored by other compile backends.
 
     SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
     use the plan nnU-Net makes for BraTS 3d_fullres (128^3 patch): 6 stages, features 32, 64, 128, 256, 320, 320,
@@ -112,11 +129,12 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     if "_compiled" in name:
         import torch
 
-        plain = name.replace("_compiled_cl", "").replace("_compiled", "")
-        options = {"force_layout_optimization": True} if "_compiled_cl" in name and compile_backend == "inductor" \
-            else None
+        plain = _uncompiled_name(name)
+        inductor = compile_backend == "inductor"
+        options = {"force_layout_optimization": True} if "_compiled_cl" in name and inductor else None
+        mode = "reduce-overhead" if "_compiled_cg" in name and inductor else None
         return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width), backend=compile_backend,
-                             options=options)
+                             mode=mode, options=options)
     if name.startswith("segmamba"):
         from .networks.segmamba import SegMamba
 
@@ -195,10 +213,11 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[str, float]:
+def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int,
+               after_warmup: Callable[[], None] | None = None) -> dict[str, float]:
     """Median/min/max milliseconds of `iters` calls after `warmup`: CUDA events on a GPU, perf_counter on the CPU;
     and the first warm-up call's wall time (`first_call_ms`, None without warm-up), which holds the compile of a
-    torch.compile'd network."""
+    torch.compile'd network. `after_warmup` runs between the warm-up and the timed calls."""
     import torch
 
     first_ms = None
@@ -209,6 +228,8 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int) -> dict[s
             _sync(device)
             first_ms = (time.perf_counter() - t0) * 1e3
     _sync(device)
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -241,6 +262,8 @@ def training_step(model, device, batch: int, patch: Sequence[int], in_channels: 
     target = (torch.rand(batch, out_channels, *patch, device=device) > 0.5).float()
 
     def step():
+        # one training iteration for torch.compile's CUDA graphs (mode="reduce-overhead"); a no-op without them
+        torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = loss_fn(model(data), target)
@@ -256,15 +279,26 @@ def training_step(model, device, batch: int, patch: Sequence[int], in_channels: 
 
 def time_training(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int, amp: bool,
                   warmup: int, iters: int) -> dict[str, Any]:
-    """nnU-Net's train_step on random data: step time and peak memory."""
+    """nnU-Net's train_step on random data: step time and peak memory, over the whole run (`peak_gib`, what a GPU
+    must hold, compile and cuDNN's algorithm search in the first steps included) and over the timed steps alone
+    (`peak_after_warmup_gib`, which does not depend on what ran before in the process)."""
     model.train()
     step, scaler = training_step(model, device, batch, patch, in_channels, out_channels, amp)
     losses = []
+    warmup_peak = {}
+
+    def end_of_warmup():
+        warmup_peak.update(_peak(device))
+        _reset_peak(device)
+
     try:
         _sync(device)
         _reset_peak(device)
-        result = time_calls(lambda: losses.append(step()), device, warmup, iters)
-        result.update(_peak(device))
+        result = time_calls(lambda: losses.append(step()), device, warmup, iters, after_warmup=end_of_warmup)
+        timed_peak = _peak(device)
+        result.update({key: None if value is None else max(value, warmup_peak[key])
+                       for key, value in timed_peak.items()})
+        result["peak_after_warmup_gib"] = timed_peak["peak_gib"]
         result["loss_last"] = float(losses[-1]) if losses else None
         result["grad_scale"] = float(scaler.get_scale()) if amp else None
         return result
@@ -639,18 +673,19 @@ def format_table(report: dict[str, Any]) -> str:
         f"volume {'x'.join(map(str, report['settings']['volume']))}; tiles MONAI {sw['tiles_monai']} / nnU-Net "
         f"{sw['tiles_nnunet']}",
         "",
-        "| network | params | train step ms | train peak GiB | patch fwd ms | volume inference s | tiles "
-        "| inference peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| network | params | train step ms | train peak GiB | same, timed steps only | patch fwd ms "
+        "| volume inference s | tiles | inference peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in report["networks"].items():
         if "skipped" in e:
-            lines.append(f"| {name} | skipped: {e['skipped']} | | | | | | |")
+            lines.append(f"| {name} | skipped: {e['skipped']} | | | | | | | |")
             continue
         vol = e["volume_inference"]
         tiles = f"{vol['tiles']} / {sw['tiles_nnunet']}" if isinstance(vol, dict) and "tiles" in vol else "-"
         lines.append(f"| {name} | {e['params'] / 1e6:.2f} M | {cell(e['train'], 'ms_median', '.1f')} | "
-                     f"{cell(e['train'], 'peak_gib', '.2f')} | {cell(e['patch_inference'], 'ms_median', '.1f')} | "
+                     f"{cell(e['train'], 'peak_gib', '.2f')} | {cell(e['train'], 'peak_after_warmup_gib', '.2f')} | "
+                     f"{cell(e['patch_inference'], 'ms_median', '.1f')} | "
                      f"{cell(vol, 'seconds', '.2f')} | {tiles} | {cell(vol, 'peak_gib', '.2f')} |")
     for key, fast in (("equivalence", "cuda"), ("equivalence_triton", "triton")):
         eq = report.get(key)

@@ -196,13 +196,31 @@ def test_import_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_compiled_cl_names_force_inductors_layout_optimisation(monkeypatch):
+def test_compiled_cl_and_cg_names_set_inductors_options_and_mode(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
     benchmark.build_network("segmamba_compiled_cl[triton]", 1, 2, segmamba_width=4)
     benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4)
     benchmark.build_network("segmamba_compiled_cl[triton]", 1, 2, segmamba_width=4, compile_backend="eager")
-    assert [c["options"] for c in calls] == [{"force_layout_optimization": True}, None, None]
+    benchmark.build_network("segmamba_compiled_cg[triton]", 1, 2, segmamba_width=4)
+    benchmark.build_network("plainconv_compiled_cg", 1, 2, compile_backend="eager")
+    assert [(c["options"], c["mode"]) for c in calls] == [
+        ({"force_layout_optimization": True}, None), (None, None), (None, None), (None, "reduce-overhead"),
+        (None, None)]
+
+
+def test_training_peak_is_reported_with_and_without_the_warmup(monkeypatch):
+    """The whole run's peak (what a GPU must hold) and the timed steps' own, which does not depend on what ran
+    earlier in the process (e.g. cuDNN's algorithm search for shapes a previous network had)."""
+    peaks = iter([{"peak_gib": 5.0, "peak_reserved_gib": 6.0},    # at the end of the warm-up
+                  {"peak_gib": 3.0, "peak_reserved_gib": 7.0}])   # after the timed steps
+    resets = []
+    monkeypatch.setattr(benchmark, "_peak", lambda device: next(peaks))
+    monkeypatch.setattr(benchmark, "_reset_peak", lambda device: resets.append(device))
+    result = benchmark.time_training(torch.nn.Conv3d(1, 2, 1), torch.device("cpu"), 1, (4, 4, 4), 1, 2, False,
+                                     warmup=1, iters=1)
+    assert (result["peak_gib"], result["peak_reserved_gib"], result["peak_after_warmup_gib"]) == (5.0, 7.0, 3.0)
+    assert len(resets) == 2
 
 
 def test_compiled_networks_build_and_train(tmp_path):
@@ -211,9 +229,9 @@ def test_compiled_networks_build_and_train(tmp_path):
     from torch._dynamo import OptimizedModule
 
     assert set(benchmark.COMPILED_NETWORKS) <= set(benchmark.KNOWN_NETWORKS)
-    for name in (*benchmark.COMPILED_NETWORKS, *benchmark.LAYOUT_OPT_NETWORKS):
+    for name in (*benchmark.COMPILED_NETWORKS, *benchmark.LAYOUT_OPT_NETWORKS, *benchmark.CUDA_GRAPH_NETWORKS):
         assert name in benchmark.NETWORK_HELP, name
-        assert name.replace("_compiled_cl", "").replace("_compiled", "") in benchmark.KNOWN_NETWORKS, name
+        assert benchmark._uncompiled_name(name) in benchmark.KNOWN_NETWORKS, name
     assert isinstance(benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4), OptimizedModule)
     torch._dynamo.reset()
     report = benchmark.run_benchmark(
