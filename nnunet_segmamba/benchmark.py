@@ -40,7 +40,8 @@ NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv
 # further choices for --networks, not run by default: gradient checkpointing of the Mamba stages (memory)
 # and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's trainer compiles)
 COMPILED_NETWORKS = ("segmamba_compiled[cuda]", "segmamba_compiled[triton]", "segmamba_compiled[torch]",
-                     "segmamba_nomamba_compiled", "plainconv_compiled", "resenc_m_compiled")
+                     "segmamba_ckpt_compiled[triton]", "segmamba_nomamba_compiled", "plainconv_compiled",
+                     "resenc_m_compiled")
 # `_compiled_cl`: compiled with inductor's channels-last layout optimisation forced on. Inductor's own heuristic
 # (GraphLowering.decide_layout_opt) leaves it off for U-Nets in training, because their decoders have
 # convolutions with twice as many input as output channels; cuDNN then converts layouts around every call.
@@ -67,6 +68,7 @@ NETWORK_HELP = {
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
     "segmamba_compiled[triton]": "SegMamba under torch.compile, triton scan",
     "segmamba_compiled[torch]": "SegMamba under torch.compile, chunked PyTorch scan",
+    "segmamba_ckpt_compiled[triton]": "SegMamba with checkpointed Mamba stages under torch.compile, triton scan",
     "segmamba_nomamba_compiled": "SegMamba with mixer='none' under torch.compile",
     "plainconv_compiled": "PlainConvUNet under torch.compile",
     "resenc_m_compiled": "ResEnc-M under torch.compile",
