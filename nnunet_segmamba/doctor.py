@@ -41,7 +41,7 @@ def _backend_for(device_type: str) -> dict[str, str | None]:
 
     from .ssm import dispatch
 
-    env = os.environ.get(dispatch.ENV_VAR, "").strip().lower()
+    env = dispatch.backend_from_env()
     try:
         name = dispatch.resolve("auto", torch.device(device_type))
     except (ValueError, RuntimeError) as exc:

@@ -26,14 +26,15 @@ from .mamba_ssm_kernels import CUDA_INSTALL_HINT, cuda_scan_status
 from .orders import visit
 from .torch_scan import causal_conv1d_torch, selective_scan_torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "causal_conv1d_eager", "cuda_scan_status", "resolve", "scan_keeps_residuals",
-           "selective_scan_eager", "selective_scan_keeping_residuals", "triton_scan_status"]
+__all__ = ["BACKENDS", "ENV_VAR", "backend_from_env", "causal_conv1d_eager", "cuda_scan_status", "resolve",
+           "scan_keeps_residuals", "selective_scan_eager", "selective_scan_keeping_residuals", "triton_scan_status"]
 
 ENV_VAR = "NNUNET_SEGMAMBA_SCAN_BACKEND"
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 
-def _from_env() -> str:
+def backend_from_env() -> str:
+    """What NNUNET_SEGMAMBA_SCAN_BACKEND asks "auto" to mean, as `resolve` reads it ("" when unset)."""
     return os.environ.get(ENV_VAR, "").strip().lower()
 
 
@@ -61,7 +62,7 @@ def resolve(backend: str, device: torch.device) -> str:
     """
     from_env = backend == "auto"
     if from_env:
-        backend = _from_env() or "auto"
+        backend = backend_from_env() or "auto"
     if backend not in BACKENDS:
         source = f"${ENV_VAR}" if from_env else "scan_backend"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
@@ -116,7 +117,7 @@ def _run_triton(kernel_call, fallback_call, explicit: bool):
     except Exception as exc:  # triton raises compilation and driver errors of several types
         if _triton_failure is None:
             _triton_failure = f"the Triton kernels failed in this process with {type(exc).__name__}: {exc}"
-        if explicit or _from_env() == "triton":
+        if explicit or backend_from_env() == "triton":
             raise
         warnings.warn(f"our Triton kernels failed ({type(exc).__name__}: {exc}); this process uses the (slower) "
                       f"torch scan from now on. Set {ENV_VAR}=triton to make this an error.", RuntimeWarning,
@@ -135,7 +136,7 @@ def _run_mamba_ssm(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_l
         if explicit:
             raise RuntimeError(f"scan_backend='cuda' was requested, but mamba-ssm's selective-scan kernel failed "
                                f"({type(exc).__name__}: {exc}). {CUDA_INSTALL_HINT}") from exc
-        if _from_env() == "cuda":
+        if backend_from_env() == "cuda":
             raise RuntimeError(f"{ENV_VAR}=cuda, but mamba-ssm's selective-scan kernel failed "
                                f"({type(exc).__name__}: {exc}); unset it to fall back to the torch scan. "
                                f"{CUDA_INSTALL_HINT}") from exc
@@ -202,7 +203,7 @@ def scan_keeps_residuals(backend: str, device: torch.device) -> bool:
     the op's fake function promises the residuals' shapes when the graph is traced, and a Triton failure after
     that (which switches later scans to the fallback) must not change the shapes the compiled graph receives.
     """
-    return _keeps_residuals(backend, device.type, _from_env())
+    return _keeps_residuals(backend, device.type, backend_from_env())
 
 
 def selective_scan_keeping_residuals(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: str,

@@ -27,7 +27,6 @@ checkpointing, `--c` / `--val` / `--npz`, validation and export.
 from __future__ import annotations
 
 import math
-import os
 import random
 from typing import Any, ClassVar, Mapping
 
@@ -154,7 +153,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         asked = {m.scan_backend for m in self._segmamba().modules() if isinstance(m, (TriOrientedMamba, SS2D))}
         if not asked:
             return "none (no Mamba layers)"
-        env = os.environ.get(dispatch.ENV_VAR, "").strip()
+        env = dispatch.backend_from_env()
         how = ", ".join(f"{name!r}" for name in sorted(asked)) + (f"; ${dispatch.ENV_VAR}={env}" if env else "")
         return ", ".join(sorted({dispatch.resolve(a, self.device) for a in asked})) + f" (asked for {how})"
 
