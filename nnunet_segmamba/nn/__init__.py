@@ -4,8 +4,14 @@ from .drop_path import DropPath
 from .mamba import DIRECTIONS, TriOrientedMamba, slice_order
 from .ss2d import SS2D, merge_scan_orders, scan_orders
 
-__all__ = ["DIRECTIONS", "DropPath", "SS2D", "TriOrientedMamba", "merge_scan_orders", "scan_orders",
-           "set_scan_backend", "slice_order"]
+__all__ = ["DIRECTIONS", "DropPath", "SS2D", "TriOrientedMamba", "mamba_mixers", "merge_scan_orders",
+           "scan_orders", "set_scan_backend", "slice_order"]
+
+
+def mamba_mixers(model):
+    """The Mamba mixers inside `model` (TriOrientedMamba, SS2D): the modules whose `scan_backend` picks the
+    selective-scan implementation."""
+    return [module for module in model.modules() if isinstance(module, (TriOrientedMamba, SS2D))]
 
 
 def set_scan_backend(model, scan_backend: str):
@@ -18,7 +24,6 @@ def set_scan_backend(model, scan_backend: str):
 
     if scan_backend not in BACKENDS:
         raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
-    for module in model.modules():
-        if isinstance(module, (TriOrientedMamba, SS2D)):
-            module.scan_backend = scan_backend
+    for module in mamba_mixers(model):
+        module.scan_backend = scan_backend
     return model

@@ -147,10 +147,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         """Which selective-scan implementation the network's Mamba layers start with on this trainer's device,
         and what was asked for (a kernel chosen by "auto" that fails at run time is replaced by the next one,
         with a warning: nnunet_segmamba.ssm.dispatch)."""
-        from nnunet_segmamba.nn import SS2D, TriOrientedMamba
+        from nnunet_segmamba.nn import mamba_mixers
         from nnunet_segmamba.ssm import dispatch
 
-        asked = {m.scan_backend for m in self._segmamba().modules() if isinstance(m, (TriOrientedMamba, SS2D))}
+        asked = {mixer.scan_backend for mixer in mamba_mixers(self._segmamba())}
         if not asked:
             return "none (no Mamba layers)"
         env = dispatch.backend_from_env()
