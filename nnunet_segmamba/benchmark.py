@@ -526,6 +526,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
     """
     import torch
 
+    from .devices import resolve_device
     from .ssm import dispatch, mamba_ssm_kernels
 
     unknown = [n for n in networks if n not in KNOWN_NETWORKS]
@@ -541,11 +542,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                          f"got batch={batch}, warmup={warmup}, iters={iters}, segmamba_width={segmamba_width}, "
                          f"in_channels={in_channels}, out_channels={out_channels}, step={step}")
     patch, volume = _check_sizes("patch", patch), _check_sizes("volume", volume)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     amp = precision == "fp16" or (precision == "auto" and dev.type == "cuda")
     cuda_ok, cuda_reason = dispatch.cuda_scan_status()
 
