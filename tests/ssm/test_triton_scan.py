@@ -114,7 +114,7 @@ def test_channel_splits_of_the_backward(monkeypatch, programs_per_sm, splits, dt
     up float32 partial sums: both give the definition's gradients."""
     monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
     assert triton_scan._d_split(2, 1, 4, 8, torch.device(DEVICE)) == splits
-    inputs = make_inputs(17, batch=2, dim=8, n=4, length=200, dtype=dtype, device=DEVICE)
+    inputs = make_inputs(17, batch=2, dim=8, n=4, length=136, dtype=dtype, device=DEVICE)  # 3 chunks, last partial
     check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=64)
 
 
@@ -259,8 +259,8 @@ def test_tri_oriented_layer_index_maps_equal_copies_and_torch():
     from nnunet_segmamba.nn import TriOrientedMamba
 
     torch.manual_seed(18)
-    layer = TriOrientedMamba(8, d_state=4, scan_backend="triton").to(DEVICE)
-    hidden = torch.randn(2, 4 * 3 * 5, 8, device=DEVICE)
+    layer = TriOrientedMamba(4, d_state=4, scan_backend="triton").to(DEVICE)  # small: CI runs it interpreted
+    hidden = torch.randn(2, 4 * 3 * 5, 4, device=DEVICE)
     results = {}
     for name, backend, orders in (("maps", "triton", ("reverse", "slice")), ("copies", "triton", ()),
                                   ("torch", "torch", ())):
