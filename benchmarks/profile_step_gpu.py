@@ -52,7 +52,7 @@ def profile_network(name: str, batch: int, patch, in_channels: int, out_channels
                     top: int) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build_network(name, in_channels, out_channels).cuda().train()
+    model = build_network(name, in_channels, out_channels, patch=patch).cuda().train()
     step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
     t0 = time.perf_counter()
     for _ in range(warmup):

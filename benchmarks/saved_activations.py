@@ -137,8 +137,8 @@ def main() -> int:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16  # the same 2 bytes per element
     torch.manual_seed(0)
-    model = build_network(args.network, args.in_channels, args.out_channels).to(device).train()
     patch = [int(p) for p in args.patch.split(",")] if "," in args.patch else [int(args.patch)] * 3
+    model = build_network(args.network, args.in_channels, args.out_channels, patch=patch).to(device).train()
     x = torch.randn(args.batch, args.in_channels, *patch, device=device)
     saved = saved_for_backward(model, x, device.type, dtype)
     scale = args.scale_to ** 3 / (patch[0] * patch[1] * patch[2])

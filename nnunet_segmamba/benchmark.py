@@ -57,7 +57,7 @@ NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
     "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
     "segmamba_nomamba": "SegMamba with mixer='none' (identity in place of every Mamba layer)",
-    "plainconv": "nnU-Net PlainConvUNet, BraTS-like 3d_fullres plan (6 stages, 32..320 features)",
+    "plainconv": "nnU-Net PlainConvUNet, nnU-Net's plan for the patch (at 128^3: 6 stages, 32..320 features)",
     "resenc_m": "nnU-Net ResEnc-M (ResidualEncoderUNet, blocks 1,3,4,6,6,6)",
     "swinunetr": "MONAI SwinUNETR, feature_size 48",
     "segmamba[torch]": "SegMamba, chunked PyTorch scan",
@@ -112,8 +112,22 @@ def _uncompiled_name(name: str) -> str:
     return name
 
 
+def nnunet_stage_strides(patch: Sequence[int], min_size: int = 4, max_pools: int = 5) -> list[tuple[int, ...]]:
+    """Per-stage strides of nnU-Net's plan for a patch, as its planner chooses them for isotropic spacing: each
+    axis is halved while the feature map stays at least `min_size` and divisible (at most `max_pools` times);
+    the first stage has stride 1. (128, 128, 128) -> 6 stages of stride 2; (48, 64, 48) -> 5 stages, the last
+    halving only the second axis."""
+    pools = []
+    for size in patch:
+        k = 0
+        while k < max_pools and size % 2 ** (k + 1) == 0 and size // 2 ** (k + 1) >= min_size:
+            k += 1
+        pools.append(k)
+    return [tuple(1 if stage == 0 or stage > k else 2 for k in pools) for stage in range(max(pools) + 1)]
+
+
 def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48,
-                  compile_backend: str = "inductor"):
+                  compile_backend: str = "inductor", patch: Sequence[int] = (128, 128, 128)):
     """The network `name` (one of KNOWN_NETWORKS), without deep supervision, on the CPU. A SegMamba name's
     bracket is its scan backend (`segmamba[triton]`); without one, "auto". A `_compiled` name is the network
     without that suffix wrapped in `torch.compile(network, backend=compile_backend)`, as nnU-Net's trainer does
@@ -123,8 +137,9 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     warm-up step); both are ignored by other compile backends.
 
     SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
-    use the plan nnU-Net makes for BraTS 3d_fullres (128^3 patch): 6 stages, features 32, 64, 128, 256, 320, 320,
-    kernel 3, strides 1, 2, 2, 2, 2, 2, conv bias, InstanceNorm3d(affine), LeakyReLU.
+    use the plan nnU-Net makes for `patch` at isotropic spacing (`nnunet_stage_strides`; for BraTS 3d_fullres's
+    128^3: 6 stages, strides 1, 2, 2, 2, 2, 2), features 32, 64, 128, 256, 320, 320.., kernel 3, conv bias,
+    InstanceNorm3d(affine), LeakyReLU.
     """
     import torch.nn as nn
 
@@ -135,8 +150,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         inductor = compile_backend == "inductor"
         options = {"force_layout_optimization": True} if "_compiled_cl" in name and inductor else None
         mode = "reduce-overhead" if "_compiled_cg" in name and inductor else None
-        return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width), backend=compile_backend,
-                             mode=mode, options=options)
+        return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width, patch=patch),
+                             backend=compile_backend, mode=mode, options=options)
     if name.startswith("segmamba"):
         from .networks.segmamba import SegMamba
 
@@ -149,13 +164,15 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-        plan = dict(input_channels=in_channels, n_stages=6, features_per_stage=(32, 64, 128, 256, 320, 320),
-                    conv_op=nn.Conv3d, kernel_sizes=3, strides=(1, 2, 2, 2, 2, 2), num_classes=out_channels,
+        strides = nnunet_stage_strides(patch)
+        n = len(strides)
+        plan = dict(input_channels=in_channels, n_stages=n,
+                    features_per_stage=[min(32 * 2 ** i, 320) for i in range(n)], conv_op=nn.Conv3d, kernel_sizes=3, strides=strides, num_classes=out_channels,
                     conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                     nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
         if name == "plainconv":
             return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **plan)
-        return ResidualEncoderUNet(n_blocks_per_stage=(1, 3, 4, 6, 6, 6), n_conv_per_stage_decoder=1, **plan)
+        return ResidualEncoderUNet(n_blocks_per_stage=(1, 3, 4, 6, 6, 6)[:n], n_conv_per_stage_decoder=1, **plan)
     if name == "swinunetr":
         from monai.networks.nets import SwinUNETR
 
@@ -614,7 +631,7 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                              "volume_inference": None}
     log(f"[{name}] building")
     torch.manual_seed(0)
-    model = build_network(name, in_channels, out_channels, segmamba_width, compile_backend)
+    model = build_network(name, in_channels, out_channels, segmamba_width, compile_backend, patch)
     entry["params"] = sum(p.numel() for p in model.parameters())
     log(f"[{name}] {entry['params'] / 1e6:.2f} M parameters")
 
