@@ -15,9 +15,11 @@ the class attributes of the "tunables" block below or override one hook. Compare
   switched with the `net.deep_supervision` attribute; nnU-Net's loss weights (1, 1/2, 1/4, 0, normalised).
 * split: 70/10/20 train/val/test (`splits.py`) instead of nnU-Net's 5-fold cross-validation.
 * augmentation: nnU-Net's, plus elastic deformation (`augmentation.py`).
-* torch.compile: nnU-Net's rule, unchanged (`nnUNetTrainer._do_i_compile`): compiled on CUDA unless
-  nnUNet_compile=f, never on CPU. The scan and causal conv are custom ops (`nnunet_segmamba.ssm.ops`), so the
-  whole network is one graph. AMP: nnU-Net's autocast + GradScaler on CUDA, unchanged; the selective scan runs
+* torch.compile: nnU-Net's rule (`nnUNetTrainer._do_i_compile`): compiled on CUDA unless nnUNet_compile=f,
+  never on CPU. The scan and causal conv are custom ops (`nnunet_segmamba.ssm.ops`), so the whole network is
+  one graph. On one GPU the training and validation steps also run as CUDA graphs (`compile_mode`), since at
+  small patches the step is bound by the host's kernel launches; the final validation uses nnU-Net's plain
+  compile. AMP: nnU-Net's autocast + GradScaler on CUDA, unchanged; the selective scan runs
   in float32 inside the network.
 
 Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
@@ -73,6 +75,11 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     seed: ClassVar[int | None] = None
     #: training stops (RuntimeError) after this many consecutive steps with a non-finite loss or gradient norm
     max_consecutive_non_finite_steps: ClassVar[int] = 10
+    #: torch.compile's mode for the training and validation steps where nnU-Net's rule compiles. "reduce-overhead"
+    #: replays each step's kernels as CUDA graphs (docs/performance.md: 2.5x faster steps at the hippocampus
+    #: patch, where launching SegMamba's many small kernels bounds the step); "default" is nnU-Net's own compile.
+    #: Multi-GPU (DDP) training always uses "default".
+    compile_mode: ClassVar[str] = "reduce-overhead"
 
     # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
@@ -93,6 +100,9 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                     raise ValueError(f"{type(self).__name__}: {attribute} must be >= 1, got {value}")
                 setattr(self, attribute, int(value))
         self.enable_deep_supervision = bool(self.use_deep_supervision)
+        if self.compile_mode not in ("default", "reduce-overhead"):
+            raise ValueError(f"{type(self).__name__}.compile_mode must be 'default' or 'reduce-overhead', "
+                             f"got {self.compile_mode!r}")
         self._round_patch_size_up_to_network_stride()
 
     # ---- network -------------------------------------------------------------------------------------------
@@ -141,7 +151,18 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
+        if self.uses_cuda_graphs():
+            # nnU-Net compiled inline with the default mode (lazily: nothing is traced until the first call);
+            # wrap the same module, whose parameters the optimizer already holds, in the chosen mode instead
+            self.network = torch.compile(self._segmamba(), mode=self.compile_mode)
+            self.print_to_log_file(f"torch.compile mode: {self.compile_mode} (CUDA graphs for the training and "
+                                   f"validation steps)")
         self.print_to_log_file(f"SegMamba scan backend: {self.scan_backend_in_use()}")
+
+    def uses_cuda_graphs(self) -> bool:
+        """True where the steps run as CUDA graphs: nnU-Net's rule compiled the network, on one GPU."""
+        return (self.compile_mode == "reduce-overhead" and not self.is_ddp
+                and isinstance(self.network, OptimizedModule))
 
     def scan_backend_in_use(self) -> str:
         """Which selective-scan implementation the network's Mamba layers start with on this trainer's device,
@@ -227,6 +248,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         else:
             target = target.to(self.device, non_blocking=True)
         self._iteration_in_epoch += 1
+        # a new iteration for the CUDA graphs: the previous step's outputs may now be overwritten (no-op without)
+        torch.compiler.cudagraph_mark_step_begin()
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -250,6 +273,23 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             self.optimizer.step()
         self._non_finite_consecutive = 0
         return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        torch.compiler.cudagraph_mark_step_begin()  # as in train_step
+        return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation (sliding window, mirroring), with nnU-Net's plain compile in place of the
+        CUDA-graph one: its predictor calls the network several times per tile and keeps the outputs, which a
+        graph replay would overwrite."""
+        if not self.uses_cuda_graphs():
+            return super().perform_actual_validation(save_probabilities)
+        trained = self.network
+        self.network = torch.compile(self._segmamba())
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.network = trained
 
     def _finite_on_all_ranks(self, value: torch.Tensor) -> bool:
         # under DDP a rank that skipped backward would leave the others waiting in the gradient all-reduce

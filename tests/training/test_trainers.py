@@ -162,6 +162,53 @@ def test_compiled_network_is_reached_through_the_wrapper(nnunet_dirs, tmp_path):
     assert saved.keys() == net.state_dict().keys()  # no "_orig_mod." prefix: nnUNetv2_predict loads it as is
 
 
+def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
+    """Where nnU-Net's rule compiles, the network nnU-Net compiled (default mode, lazily) is compiled again in
+    compile_mode, on the module the optimizer updates; the final validation gets nnU-Net's plain compile and the
+    training network back afterwards; DDP and compile_mode="default" keep nnU-Net's compile."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    modes = []
+    real_compile = torch.compile
+
+    def recording_compile(model, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return real_compile(model, **kwargs)  # lazy: nothing is traced here
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    monkeypatch.setattr(TINY, "_do_i_compile", lambda self: True)  # as on CUDA
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    # nnU-Net's own compiles (the network, its Dice loss) in the default mode, then the network's in compile_mode
+    assert modes[-1] == "reduce-overhead" and set(modes[:-1]) == {None} and t.uses_cuda_graphs()
+    optimized = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in t.network.parameters()} == optimized
+    assert "torch.compile mode: reduce-overhead" in Path(t.log_file).read_text()
+
+    seen = []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", lambda self, save: seen.append(self.network))
+    trained = t.network
+    t.perform_actual_validation()
+    assert modes[-1] is None and seen[0] is not trained and seen[0]._orig_mod is trained._orig_mod
+    assert t.network is trained
+    t.is_ddp = True  # nnU-Net wraps the compiled network in DDP after compiling it
+    assert not t.uses_cuda_graphs()
+
+    class DefaultCompile(TINY):
+        compile_mode = "default"
+
+    modes.clear()
+    t = _trainer(DefaultCompile, "3d_fullres")
+    t.initialize()
+    assert set(modes) == {None} and not t.uses_cuda_graphs()
+
+    class Unknown(TINY):
+        compile_mode = "max-autotune"
+
+    with pytest.raises(ValueError, match="compile_mode must be 'default' or 'reduce-overhead'"):
+        _trainer(Unknown, "3d_fullres")
+
+
 def test_split_used_for_training(nnunet_dirs):
     t = _trainer(TINY, "3d_fullres")
     train, val = t.do_split()
