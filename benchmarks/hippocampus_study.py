@@ -21,6 +21,7 @@ Prints a markdown table and writes JSON. Not a test: it needs a GPU and minutes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -234,6 +235,11 @@ def main() -> int:
                         help="default: nnUNet_compile unset (compiled on CUDA, as for a user); off: nnUNet_compile=f")
     parser.add_argument("--out", type=Path, default=Path("hippocampus_study.json"), help="JSON output")
     args = parser.parse_args()
+    # checked first: the test evaluation (MONAI's distances) runs only after minutes of training
+    missing = [m for m in ("nnunetv2", "SimpleITK", "monai") if importlib.util.find_spec(m) is None]
+    if missing:
+        parser.error(f"{', '.join(missing)} not importable: install the package's dependencies "
+                     f"(pip install -e .) in this environment first")
     results = run_study(args.data.resolve(), args.work.resolve(), args.epochs, args.trainers.split(","),
                         args.num_processes, args.num_gpus, args.device_check, args.compile, args.out)
     results["command"] = " ".join(sys.argv)
