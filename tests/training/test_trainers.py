@@ -20,14 +20,14 @@ CONFIGURATIONS = ("2d", "3d_fullres")  # for the nnunet_dirs fixture (conftest.p
 TINY = trainers.nnUNetTrainerSegMamba_tiny
 
 
-def _trainer(cls, configuration: str):
+def _trainer(cls, configuration: str, device: str = "cpu"):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
     folder = Path(str(nnUNet_preprocessed)) / DATASET_NAME
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False
-    return cls(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+    return cls(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device(device))
 
 
 # ---- lookup and pickling ------------------------------------------------------------------------------------
@@ -207,6 +207,38 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
 
     with pytest.raises(ValueError, match="compile_mode must be 'default' or 'reduce-overhead'"):
         _trainer(Unknown, "3d_fullres")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(nnunet_dirs, monkeypatch):
+    """The tiny trainer on a GPU, three training and two validation steps from the same weights on the same
+    batches: with CUDA graphs the losses of nnU-Net's plain compile (within fp16 autocast rounding), and no step
+    fell back from the graphs."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("nnUNet_compile", raising=False)
+    patch = _trainer(TINY, "3d_fullres").configuration_manager.patch_size
+    g = torch.Generator().manual_seed(0)
+    batches = [{"data": torch.randn(2, 1, *patch, generator=g),
+                "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
+                           for s in (1, 2, 4, 8)]} for _ in range(3)]
+    losses = {}
+    for mode in ("default", "reduce-overhead"):
+        torch.manual_seed(0)
+        t = _trainer(type(f"Tiny_{mode}", (TINY,), {"compile_mode": mode}), "3d_fullres", "cuda")
+        t.initialize()
+        assert t.uses_cuda_graphs() is (mode == "reduce-overhead")
+        counters.clear()
+        t.network.train()
+        train = [float(t.train_step(b)["loss"]) for b in batches]
+        t.network.eval()
+        with torch.no_grad():
+            val = [float(t.validation_step(b)["loss"]) for b in batches[:2]]
+        losses[mode] = train + val
+        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    np.testing.assert_allclose(losses["reduce-overhead"], losses["default"], rtol=1e-2)
+    assert np.isfinite(losses["default"]).all()
 
 
 def test_split_used_for_training(nnunet_dirs):
