@@ -166,9 +166,10 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
 
         strides = nnunet_stage_strides(patch)
         n = len(strides)
-        plan = dict(input_channels=in_channels, n_stages=n,
-                    features_per_stage=[min(32 * 2 ** i, 320) for i in range(n)], conv_op=nn.Conv3d, kernel_sizes=3, strides=strides, num_classes=out_channels,
-                    conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+        features = [min(32 * 2 ** i, 320) for i in range(n)]
+        plan = dict(input_channels=in_channels, n_stages=n, features_per_stage=features, conv_op=nn.Conv3d,
+                    kernel_sizes=3, strides=strides, num_classes=out_channels, conv_bias=True,
+                    norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
                     nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
         if name == "plainconv":
             return PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **plan)
