@@ -112,18 +112,17 @@ def _uncompiled_name(name: str) -> str:
     return name
 
 
-def nnunet_stage_strides(patch: Sequence[int], min_size: int = 4, max_pools: int = 5) -> list[tuple[int, ...]]:
-    """Per-stage strides of nnU-Net's plan for a patch, as its planner chooses them for isotropic spacing: each
-    axis is halved while the feature map stays at least `min_size` and divisible (at most `max_pools` times);
-    the first stage has stride 1. (128, 128, 128) -> 6 stages of stride 2; (48, 64, 48) -> 5 stages, the last
-    halving only the second axis."""
-    pools = []
-    for size in patch:
-        k = 0
-        while k < max_pools and size % 2 ** (k + 1) == 0 and size // 2 ** (k + 1) >= min_size:
-            k += 1
-        pools.append(k)
-    return [tuple(1 if stage == 0 or stage > k else 2 for k in pools) for stage in range(max(pools) + 1)]
+def nnunet_stage_strides(patch: Sequence[int]) -> list[tuple[int, ...]]:
+    """Per-stage strides of the U-Net nnU-Net's planner builds for `patch` at isotropic spacing (its
+    `get_pool_and_conv_props`, with the planner's minimum feature-map edge of 4): (128, 128, 128) -> 6 stages,
+    strides 1, 2, 2, 2, 2, 2; the hippocampus patch (48, 64, 48) -> 4 stages, strides 1, 2, 2, 2."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    _, strides, _, planned_patch, _ = get_pool_and_conv_props([1.0] * len(patch), list(patch), 4, 999)
+    if [int(p) for p in planned_patch] != list(patch):
+        raise ValueError(f"patch {tuple(patch)}: nnU-Net's plan needs {tuple(int(p) for p in planned_patch)} "
+                         f"(each axis divisible by its total stride); benchmark that patch instead")
+    return [tuple(int(s) for s in stage) for stage in strides]
 
 
 def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48,

@@ -35,7 +35,7 @@ def _positive(value) -> bool:
 
 def test_cli_cpu_run_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    # 64x32x32: nnU-Net's plan for it pools the first axis 4 times, the others 3 times (5 stages)
+    # 64x32x32: nnU-Net's plan for it has 4 stages (three halvings of every axis)
     rc = cli.main(["benchmark", "--device", "cpu", "--batch", "1", "--patch", "64,32,32", "--volume", "64,32,24",
                    "--warmup", "1", "--iters", "2", "--segmamba-width", "4", "--equivalence",
                    "--networks", "segmamba[cuda],segmamba[torch],segmamba_nomamba,plainconv", "--out", str(out)])
@@ -199,14 +199,16 @@ def test_import_needs_no_torch():
 
 def test_nnunet_networks_follow_nnunets_plan_for_the_patch():
     assert benchmark.nnunet_stage_strides((128, 128, 128)) == [(1, 1, 1)] + [(2, 2, 2)] * 5
-    # the hippocampus patch: three halvings of 48 (to 6), four of 64 (to 4)
-    assert benchmark.nnunet_stage_strides((48, 64, 48)) == [(1, 1, 1)] + [(2, 2, 2)] * 3 + [(1, 2, 1)]
+    # the hippocampus patch: the 4 stages of nnUNetTrainer's own plan (hippo_cudagraphs_training_log.txt)
+    assert benchmark.nnunet_stage_strides((48, 64, 48)) == [(1, 1, 1)] + [(2, 2, 2)] * 3
+    with pytest.raises(ValueError, match=r"patch \(48, 64, 44\): nnU-Net's plan needs"):
+        benchmark.nnunet_stage_strides((48, 64, 44))
     brats = benchmark.build_network("plainconv", 4, 3)
     assert sum(p.numel() for p in brats.parameters()) == 31_198_991  # BraTS's plan: 31.2 M as in the reference
     hippocampus = benchmark.build_network("plainconv", 1, 3, patch=(48, 64, 48)).eval()
     with torch.no_grad():
         assert hippocampus(torch.randn(1, 1, 48, 64, 48)).shape == (1, 3, 48, 64, 48)
-    assert len(benchmark.build_network("resenc_m", 1, 3, patch=(48, 64, 48)).encoder.stages) == 5
+    assert len(benchmark.build_network("resenc_m", 1, 3, patch=(48, 64, 48)).encoder.stages) == 4
 
 
 def test_compiled_cl_and_cg_names_set_inductors_options_and_mode(monkeypatch):
