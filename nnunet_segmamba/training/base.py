@@ -281,7 +281,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation (sliding window, mirroring), with nnU-Net's plain compile in place of the
         CUDA-graph one: its predictor calls the network several times per tile and keeps the outputs, which a
-        graph replay would overwrite."""
+        graph replay could overwrite."""
         if not self.uses_cuda_graphs():
             return super().perform_actual_validation(save_probabilities)
         trained = self.network
