@@ -7,6 +7,10 @@ operations) counts once, for the module that saved it first; parameters and thei
 (they are the weights, counted separately). Run eagerly: torch.compile decides anew what to keep (it recomputes
 cheap pointwise results), so a compiled step keeps less than this says; the split between blocks is what it is for.
 
+What the hooks cannot see, activation checkpointing's own cache (a recomputed Mamba branch keeps its scan's
+output there), is in the second figure: the memory one forward still holds when it returns, at the patch run
+here (`held_after_forward`).
+
 Every activation of these networks grows with the patch's volume, so a smaller patch scaled by the volume ratio
 (`--scale-to`) gives the full size's figures on a CPU:
 
@@ -69,6 +73,20 @@ def saved_for_backward(model, x, device_type: str, dtype) -> dict[str, dict[str,
         for h in handles:
             h.remove()
     return dict(saved)
+
+
+def held_after_forward(model, x, device_type: str, dtype) -> int:
+    """Bytes that one forward of `model` on `x` still holds when it returns (`memory_held_by`): the output and all
+    that is kept for the backward, whoever keeps it (autograd's saved tensors, activation checkpointing's cache,
+    the autocast copies of the weights)."""
+    import torch
+
+    from nnunet_segmamba.benchmark import memory_held_by
+
+    with torch.autocast(device_type, dtype=dtype):
+        out, held = memory_held_by(lambda: model(x), x.device)
+    del out
+    return held
 
 
 def launch_no_triton_kernels() -> int:
@@ -153,11 +171,14 @@ def main() -> int:
         "by_block_gib": {k: v * scale / GIB for k, v in group(saved, 2).items()},
         "by_top_module_gib": {k: v * scale / GIB for k, v in group(saved, 1).items()},
         "by_module_type_gib": {k: v * scale / GIB for k, v in by_module_type(model, saved).items()},
+        # not scaled: it includes the weights' autocast copies, which do not grow with the patch
+        "held_after_forward_gib_at_patch": held_after_forward(model, x, device.type, dtype) / GIB,
         "command": " ".join(sys.argv),
     }
     print(f"{args.network}, batch {args.batch}, {'x'.join(map(str, patch))} scaled to {args.scale_to}^3 "
           f"({report['autocast_dtype']} autocast): saved for backward {report['saved_gib']:.2f} GiB; weights + "
-          f"gradients + momentum {report['weights_grads_momentum_gib']:.2f} GiB")
+          f"gradients + momentum {report['weights_grads_momentum_gib']:.2f} GiB; held after one forward at "
+          f"{'x'.join(map(str, patch))} (not scaled) {report['held_after_forward_gib_at_patch']:.3f} GiB")
     for title, key in (("block", "by_block_gib"), ("module type", "by_module_type_gib")):
         print(f"\n| {title} | GiB | share |\n|---|---|---|")
         for name, gib in report[key].items():

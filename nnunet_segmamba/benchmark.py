@@ -37,8 +37,8 @@ from typing import Any, Callable, Sequence
 # default run order: the chunked PyTorch scan last, as the one most likely to be slow or run out of memory
 NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr",
             "segmamba[torch]")
-# further choices for --networks, not run by default: gradient checkpointing of the Mamba stages (memory)
-# and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's trainer compiles)
+# further choices for --networks, not run by default: gradient checkpointing of the Mamba stages and recomputed
+# Mamba branches (memory), and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's trainer compiles)
 COMPILED_NETWORKS = ("segmamba_compiled[cuda]", "segmamba_compiled[triton]", "segmamba_compiled[torch]",
                      "segmamba_ckpt_compiled[triton]", "segmamba_nomamba_compiled", "plainconv_compiled",
                      "resenc_m_compiled")
@@ -51,8 +51,12 @@ LAYOUT_OPT_NETWORKS = ("segmamba_compiled_cl[triton]", "segmamba_nomamba_compile
 # one CUDA graph instead of launching its kernels one by one: for steps whose GPU waits on the host
 CUDA_GRAPH_NETWORKS = ("segmamba_compiled_cg[triton]", "segmamba_compiled_cg[cuda]", "segmamba_nomamba_compiled_cg",
                        "plainconv_compiled_cg", "resenc_m_compiled_cg")
+# `segmamba_recompute`: SegMamba(recompute_mamba_branches=True), each Mamba branch recomputed in the backward
+# except its scan
+RECOMPUTE_NETWORKS = ("segmamba_recompute[triton]", "segmamba_recompute_compiled[triton]",
+                      "segmamba_recompute_compiled_cg[triton]")
 EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]",
-                  *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS, *CUDA_GRAPH_NETWORKS)
+                  *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS, *CUDA_GRAPH_NETWORKS, *RECOMPUTE_NETWORKS)
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
     "segmamba[triton]": "SegMamba, scan and causal conv on our Triton kernels (skipped without triton / CUDA)",
@@ -81,6 +85,9 @@ NETWORK_HELP = {
     "segmamba_nomamba_compiled_cg": "SegMamba with mixer='none', compiled with mode='reduce-overhead'",
     "plainconv_compiled_cg": "PlainConvUNet compiled with mode='reduce-overhead'",
     "resenc_m_compiled_cg": "ResEnc-M compiled with mode='reduce-overhead'",
+    "segmamba_recompute[triton]": "SegMamba with recomputed Mamba branches (all but the scans), triton scan",
+    "segmamba_recompute_compiled[triton]": "the same under torch.compile",
+    "segmamba_recompute_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs)",
 }
 KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 # nnU-Net's train_step and SGD (nnUNetTrainer.configure_optimizers)
@@ -158,6 +165,7 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         net = SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
                         mixer="none" if name == "segmamba_nomamba" else "tom",
                         gradient_checkpointing=name.startswith("segmamba_ckpt"),
+                        recompute_mamba_branches=name.startswith("segmamba_recompute"),
                         scan_backend=_backend_of(name) or "auto")
         return _ChannelsLast3d(net) if name.startswith("segmamba_cl") else net
     if name in ("plainconv", "resenc_m"):
@@ -230,6 +238,24 @@ def _free(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def memory_held_by(fn: Callable[[], Any], device) -> tuple[Any, int]:
+    """(fn(), the bytes fn allocated on `device` and still holds when it returns): from the caching allocator on
+    CUDA, from the profiler's memory events on the CPU (which has no allocator statistics). For a forward pass
+    that is its output and all that is kept for the backward, whoever keeps it."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    return result, sum(event.self_cpu_memory_usage for event in prof.key_averages())
 
 
 def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int,

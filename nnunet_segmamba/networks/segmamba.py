@@ -4,7 +4,7 @@ Xing, Ye, Yang, Ning, Xing, Zhu: "SegMamba: Long-range Sequential Modeling Mamba
 Segmentation", MICCAI 2024 (arXiv:2401.13560). The modules, their math and their state_dict keys follow the
 authors' code (see `shared/spec/segmamba.md`), so their checkpoints load with strict=True. Additions, all off
 by default or equal to the reference where the reference is defined: any input size, a 2D form, deep
-supervision heads, the mixer and block ablations, gradient checkpointing.
+supervision heads, the mixer and block ablations, gradient checkpointing, recomputed Mamba branches.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class MambaEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int, in_chans: int, depths: Sequence[int], dims: Sequence[int],
                  num_slices: Sequence[int | None], mixer: str, block: str, dt_init_all_branches: bool,
-                 gradient_checkpointing: bool, scan_backend: str) -> None:
+                 gradient_checkpointing: bool, scan_backend: str, recompute_mamba_branches: bool = False) -> None:
         super().__init__()
         Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
         self.downsample_layers = nn.ModuleList([nn.Sequential(Conv(in_chans, dims[0], 7, stride=2, padding=3))])
@@ -47,7 +47,8 @@ class MambaEncoder(nn.Module):
         for i in range(4):
             if MIXERS[mixer]:
                 self.stages.append(nn.Sequential(*[
-                    Layer(dims[i], MIXERS[mixer], num_slices[i], dt_init_all_branches, scan_backend)
+                    Layer(dims[i], MIXERS[mixer], num_slices[i], dt_init_all_branches, scan_backend,
+                          recompute_mamba_branches)
                     for _ in range(depths[i])
                 ]))
             else:  # the ablation: identity in place of every Mamba layer
@@ -96,6 +97,10 @@ class SegMamba(nn.Module):
         dt_init_all_branches: give the backward and inter-slice branches Mamba's dt initialisation too (the
             reference initialises only the forward branch's dt_proj specially).
         gradient_checkpointing: recompute the Mamba stages in the backward pass to save training memory.
+        recompute_mamba_branches: keep only the scans' outputs of every Mamba layer for the backward pass and
+            recompute the rest of each branch there (`TriOrientedMamba(recompute_branches=True)`): less memory
+            than the plain network, less time than `gradient_checkpointing`, which also runs the scans again.
+            One of the two at most.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
         scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on
@@ -120,7 +125,8 @@ class SegMamba(nn.Module):
                  feat_size: Sequence[int] = (48, 96, 192, 384), hidden_size: int = 768,
                  num_slices: Sequence[int | None] | None = None, deep_supervision: bool = False, mixer: str = "tom",
                  block: str = "published", dt_init_all_branches: bool = False,
-                 gradient_checkpointing: bool = False, pad_input: bool = True, scan_backend: str = "auto") -> None:
+                 gradient_checkpointing: bool = False, pad_input: bool = True, scan_backend: str = "auto",
+                 recompute_mamba_branches: bool = False) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -134,6 +140,9 @@ class SegMamba(nn.Module):
             raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         if scan_backend not in BACKENDS:
             raise ValueError(f"scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
+        if gradient_checkpointing and recompute_mamba_branches:
+            raise ValueError("gradient_checkpointing already recomputes the whole Mamba stages; set "
+                             "recompute_mamba_branches=False with it (or use recompute_mamba_branches alone)")
         num_slices = tuple(num_slices) if num_slices is not None else (None,) * 4
         if len(num_slices) != 4:
             raise ValueError(f"num_slices needs one entry per stage (4) or None, got {num_slices}")
@@ -143,7 +152,7 @@ class SegMamba(nn.Module):
 
         dims = list(feat_size)
         self.vit = MambaEncoder(spatial_dims, in_chans, depths, dims, num_slices, mixer, block,
-                                dt_init_all_branches, gradient_checkpointing, scan_backend)
+                                dt_init_all_branches, gradient_checkpointing, scan_backend, recompute_mamba_branches)
         self.encoder1 = ResidualConvBlock(spatial_dims, in_chans, dims[0])
         self.encoder2 = ResidualConvBlock(spatial_dims, dims[0], dims[1])
         self.encoder3 = ResidualConvBlock(spatial_dims, dims[1], dims[2])

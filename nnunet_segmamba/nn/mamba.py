@@ -15,14 +15,17 @@ that of `mamba_ssm.Mamba`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..ssm import dispatch
 from ..ssm.api import causal_conv1d, selective_scan
+from ..ssm.ops import SELECTIVE_SCAN_OP
 from ..ssm.orders import check_num_slices, visit
 
 __all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]
@@ -55,6 +58,16 @@ def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     sizes: 1.3x to 5x slower). x may be a transposed view; BLAS reads it in place.
     """
     return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+
+
+def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    # a recomputed branch keeps the scan's outputs (y and its chunk states): running the scan again would cost as
+    # much as the rest of the layer; its inputs (the ordered copy of xz, the conv output u, x_proj's B and C, delta)
+    # are cheap to make again and are not kept
+    return CheckpointPolicy.MUST_SAVE if func is SELECTIVE_SCAN_OP else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_RECOMPUTE_ALL_BUT_THE_SCAN = functools.partial(create_selective_checkpoint_contexts, _keep_scan_outputs)
 
 
 def dt_projection_init(dt_rank: int, d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float,
@@ -93,6 +106,12 @@ class TriOrientedMamba(nn.Module):
         dt_min, dt_max, dt_init_floor: Mamba's dt initialisation range.
         scan_backend: selective-scan implementation ("auto", "cuda", "triton", "torch"), see
             `nnunet_segmamba.ssm.dispatch`.
+        recompute_branches: when gradients are recorded, keep only each branch's scan output for the backward
+            pass and recompute the rest of the branch there (the ordered copy of the in_proj output, the causal
+            conv, the x and dt projections), by selective activation checkpointing: less than half of the
+            layer's activation memory, for one more causal conv and two small GEMMs per branch (mamba-ssm's
+            fused Mamba recomputes the conv and delta the same way). The scan itself is not run again on the
+            Triton kernels; elsewhere its custom op's backward repeats the scan's forward (`ssm/ops.py`).
 
     Shapes:
         forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
@@ -105,7 +124,8 @@ class TriOrientedMamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", directions: Sequence[str] = ("forward", "backward", "slice"),
                  num_slices: int | None = None, dt_init_all_branches: bool = False, dt_min: float = 0.001,
-                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_backend: str = "auto") -> None:
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_backend: str = "auto",
+                 recompute_branches: bool = False) -> None:
         super().__init__()
         directions = tuple(directions)
         unknown = [d for d in directions if d not in DIRECTIONS]
@@ -123,6 +143,7 @@ class TriOrientedMamba(nn.Module):
         if scan_backend not in dispatch.BACKENDS:
             raise ValueError(f"scan_backend must be one of {dispatch.BACKENDS}, got {scan_backend!r}")
         self.scan_backend = scan_backend
+        self.recompute_branches = recompute_branches
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         for direction in self.directions:
@@ -164,13 +185,14 @@ class TriOrientedMamba(nn.Module):
     cpu_index_map_orders: tuple[str, ...] = ("reverse", "slice")
 
     def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
-               num_slices: int | None = None) -> torch.Tensor:
+               num_slices: int | None = None, scan_as_op: bool = False) -> torch.Tensor:
         """One direction's Mamba branch, visiting the sequence in `order` (see `nnunet_segmamba.ssm.visit`).
 
         Args:
             xz: (B, 2 * d_inner, L), the in_proj output (x and gate z stacked on channels).
             order, num_slices: the visiting order; the output comes back in xz's order. With the default
                 "forward", xz is taken to be in the direction's own order already.
+            scan_as_op: run the scan as its custom op in eager mode too (`ssm.selective_scan`'s `as_op`).
         Returns:
             (B, d_inner, L): y * silu(z), before out_proj.
         """
@@ -188,7 +210,7 @@ class TriOrientedMamba(nn.Module):
         return selective_scan(
             u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
             delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
-            num_slices=num_slices,
+            num_slices=num_slices, as_op=scan_as_op,
         )
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
@@ -204,15 +226,25 @@ class TriOrientedMamba(nn.Module):
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))
         in_kernels = self._orders_read_in_kernels(xz.device)
+        recompute = self.recompute_branches and torch.is_grad_enabled()
         out = 0
         for direction in self.directions:
-            order, ns = ORDERS[direction], (n if direction == "slice" else None)
-            if order == "forward" or order in in_kernels:
-                out = out + self.branch(xz, direction, order, ns)
+            if recompute:  # no randomness in a branch: no RNG state to keep
+                out = out + checkpoint(self._direction_output, xz, direction, n, in_kernels, True,
+                                       use_reentrant=False, preserve_rng_state=False,
+                                       context_fn=_RECOMPUTE_ALL_BUT_THE_SCAN)
             else:
-                out = out + visit(self.branch(visit(xz, order, ns), direction), order, ns, inverse=True)
+                out = out + self._direction_output(xz, direction, n, in_kernels)
         # (B, L, d_model), contiguous: the same batched GEMM with the roles of the operands swapped
         return torch.bmm(out.transpose(1, 2), self.out_proj.weight.t().expand(out.shape[0], -1, -1))
+
+    def _direction_output(self, xz: torch.Tensor, direction: str, num_slices: int | None,
+                          in_kernels: tuple[str, ...], scan_as_op: bool = False) -> torch.Tensor:
+        """One direction's branch on xz in raster order -> (B, d_inner, L) in raster order."""
+        order, ns = ORDERS[direction], (num_slices if direction == "slice" else None)
+        if order == "forward" or order in in_kernels:
+            return self.branch(xz, direction, order, ns, scan_as_op)
+        return visit(self.branch(visit(xz, order, ns), direction, scan_as_op=scan_as_op), order, ns, inverse=True)
 
     def _orders_read_in_kernels(self, device: torch.device) -> tuple[str, ...]:
         """The orders whose branch passes the order to the kernels instead of working on a flipped or permuted

@@ -14,7 +14,7 @@ __all__ = ["causal_conv1d", "selective_scan"]
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, backend: str = "auto", order: str = "forward",
-                   num_slices: int | None = None):
+                   num_slices: int | None = None, as_op: bool = False):
     """Selective scan with the semantics of mamba-ssm's `selective_scan_fn`, on the best available implementation.
 
     Args:
@@ -33,6 +33,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             (`nnunet_segmamba.ssm.orders`); the output comes back in the inputs' order. The triton and cpu
             backends read through index maps; the others work on permuted copies.
         num_slices: for order="slice".
+        as_op: call the custom op in eager mode too, as one dispatcher operation whose outputs selective
+            activation checkpointing can keep (`TriOrientedMamba(recompute_branches=True)`). Its backward is the
+            eager one on the Triton kernels; on the others it runs the forward again (see `ops.py`).
 
     Returns:
         out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
@@ -42,7 +45,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     calls `selective_scan_eager` directly, which costs nothing extra.
     """
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if torch.compiler.is_compiling():
+    if as_op or torch.compiler.is_compiling():
         out, last_state, *_residuals = ops.selective_scan(u, delta, A, B, C, D, z, delta_bias,
                                                           bool(delta_softplus), backend, order, num_slices)
         return (out, last_state) if return_last_state else out

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from . import dispatch
 
-__all__ = ["causal_conv1d", "causal_conv1d_bwd", "selective_scan", "selective_scan_bwd"]
+__all__ = ["SELECTIVE_SCAN_OP", "causal_conv1d", "causal_conv1d_bwd", "selective_scan", "selective_scan_bwd"]
 
 _NS = "nnunet_segmamba"
 
@@ -192,6 +192,8 @@ def _scan_backward(ctx, dout, dlast, _dstates, _dchunk_sum):
 
 
 selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+# the op as the dispatcher sees it (what a selective activation checkpointing policy is called with)
+SELECTIVE_SCAN_OP = torch.ops.nnunet_segmamba.selective_scan_fwd.default
 
 
 # ---- causal conv ---------------------------------------------------------------------------------------------

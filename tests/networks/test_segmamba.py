@@ -72,7 +72,8 @@ def test_reference_keys_shapes_and_parameter_count():
 
 def test_reference_state_dict_loads_strictly_into_any_option_that_keeps_the_architecture():
     reference = SegMamba(4, 4).state_dict()
-    for kwargs in (dict(num_slices=(64, 32, 16, 8)), dict(dt_init_all_branches=True), dict(gradient_checkpointing=True)):
+    for kwargs in (dict(num_slices=(64, 32, 16, 8)), dict(dt_init_all_branches=True), dict(gradient_checkpointing=True),
+                   dict(recompute_mamba_branches=True)):
         SegMamba(4, 4, **kwargs).load_state_dict(reference, strict=True)
 
 
@@ -166,10 +167,11 @@ def test_forward_mixer_layers_have_exactly_mamba_ssm_keys():
                     "dt_proj.bias", "A_log", "D", "out_proj.weight"}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "recompute_mamba_branches"])
+def test_recomputing_options_give_the_same_gradients(option):
     torch.manual_seed(0)
     plain = SegMamba(1, 2, **TINY)
-    ckpt = SegMamba(1, 2, gradient_checkpointing=True, **TINY)
+    ckpt = SegMamba(1, 2, **{option: True}, **TINY)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(1, 1, 32, 16, 16)
     for net in (plain, ckpt):
@@ -198,6 +200,7 @@ def test_clear_errors_for_bad_input(kwargs, x_shape, message):
     (dict(spatial_dims=1), "spatial_dims must be 2 or 3"),
     (dict(feat_size=(8, 16, 32)), "four positive entries"),
     (dict(num_slices=(8, 4)), "one entry per stage"),
+    (dict(gradient_checkpointing=True, recompute_mamba_branches=True), "set recompute_mamba_branches=False"),
 ])
 def test_clear_errors_for_bad_arguments(kwargs, message):
     args = {**TINY, **kwargs}

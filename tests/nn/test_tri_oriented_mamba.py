@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nnunet_segmamba.benchmark import memory_held_by
 from nnunet_segmamba.nn import DIRECTIONS, TriOrientedMamba, slice_order
 
 MAMBA_KEYS = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
@@ -273,6 +274,37 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_recomputed_branches_give_the_same_values_from_less_memory(backend):
+    """recompute_branches=True: the same output and the same gradients (up to float32 rounding: the scan's custom
+    op takes the gradients of a repeated forward), while the forward holds less than half of what the plain
+    layer holds (its scans' outputs instead of every branch's inputs); the "cpu" backend reads the orders in
+    place, the "torch" one works on ordered copies, which are recomputed too."""
+    torch.manual_seed(0)
+    plain = TriOrientedMamba(16, d_state=8, scan_backend=backend)
+    recomputed = TriOrientedMamba(16, d_state=8, scan_backend=backend, recompute_branches=True)
+    recomputed.load_state_dict(plain.state_dict())
+    hidden = torch.randn(2, 8 * 16 * 16, 16)
+    results = []
+    for mixer in (plain, recomputed):
+        x = hidden.clone().requires_grad_(True)
+        out, held = memory_held_by(lambda: mixer(x, num_slices=8), "cpu")
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad, [p.grad for p in mixer.parameters()], held))
+    (out_p, dx_p, grads_p, held_p), (out_r, dx_r, grads_r, held_r) = results
+    def same(got, want, what):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=what)
+
+    torch.testing.assert_close(out_r, out_p, rtol=0, atol=0)
+    same(dx_r, dx_p, "input gradient")
+    for (name, _), gp, gr in zip(plain.named_parameters(), grads_p, grads_r):
+        same(gr, gp, name)
+    assert held_r < 0.5 * held_p, (held_r, held_p)
+    # without gradients there is nothing to keep: the same code as the plain layer
+    with torch.no_grad():
+        torch.testing.assert_close(recomputed(hidden, num_slices=8), out_p, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nnunet_segmamba.benchmark import memory_held_by
 from nnunet_segmamba.networks import SegMamba
 from nnunet_segmamba.nn import SS2D, TriOrientedMamba
 from nnunet_segmamba.ssm import dispatch, ops, triton_common
@@ -193,6 +194,20 @@ def test_inductor_matches_eager():
     _compare_compiled(model, (torch.randn(2, 64, 8), 4), "inductor")
 
 
+def test_recomputed_branches_compile_and_hold_less():
+    """TriOrientedMamba(recompute_branches=True) in one graph: eager's values and gradients, and AOTAutograd's
+    partition keeps less of the compiled forward than it keeps without the recompute (the compiled trainers' case)."""
+    held = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = TriOrientedMamba(16, d_state=8, scan_backend="torch", recompute_branches=recompute)
+        inputs = (torch.randn(2, 8 * 16 * 16, 16), 8)
+        _compare_compiled(model, inputs, "aot_eager")
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        _, held[recompute] = memory_held_by(lambda: compiled(*inputs), "cpu")
+    assert held[True] < 0.5 * held[False], held
+
+
 # ---- the same on CUDA, every backend that loads ------------------------------------------------------------------
 def _gpu_backends():
     names = ["torch"]
@@ -218,6 +233,7 @@ def test_ops_and_compile_on_cuda(backend):
     _assert_same(out_o, out_e, atol=1e-5, what="out")
     for name, go, ge in zip(SCAN_NAMES, grads_o, grads_e):
         _assert_same(go, ge, atol=1e-4, what=f"grad {name}")
-    torch.manual_seed(0)
-    model = TriOrientedMamba(16, d_state=8, scan_backend=backend).cuda()
-    _compare_compiled(model, (torch.randn(2, 512, 16, device="cuda"), 8), "inductor", atol=1e-3)
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = TriOrientedMamba(16, d_state=8, scan_backend=backend, recompute_branches=recompute).cuda()
+        _compare_compiled(model, (torch.randn(2, 512, 16, device="cuda"), 8), "inductor", atol=1e-3)
