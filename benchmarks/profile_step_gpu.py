@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_segmamba.benchmark import build_network, training_step
+from nnunet_segmamba.benchmark import parse_sizes, build_network, training_step
 
 # first match wins; names are lower-cased. Inductor's kernels (triton_{poi,red,per}_fused_<ops>) are tried
 # against INDUCTOR_CATEGORIES first, every kernel then against CATEGORIES.
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--networks", default="segmamba_compiled[triton],segmamba_nomamba_compiled")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--patch", type=parse_sizes, default=(128, 128, 128), help="N (a cube) or D,H,W")
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--out-channels", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
-              "patch": [args.patch] * 3, "networks": {}}
+              "patch": list(args.patch), "networks": {}}
     for name in args.networks.split(","):
         print(f"== {name}", flush=True)
         try:
-            r = profile_network(name, args.batch, (args.patch,) * 3, args.in_channels, args.out_channels,
+            r = profile_network(name, args.batch, args.patch, args.in_channels, args.out_channels,
                                 args.warmup, args.steps, args.top)
         except Exception as exc:  # keep the other networks' figures
             print(f"   failed: {type(exc).__name__}: {exc}", flush=True)

@@ -744,7 +744,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------- command line
 
-def _sizes(text: str) -> tuple[int, int, int]:
+def parse_sizes(text: str) -> tuple[int, int, int]:
+    """"N" (a cube) or "D,H,W" (also "DxHxW") -> (D, H, W), for --patch and --volume."""
     try:
         values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
@@ -778,10 +779,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="device (default auto: cuda where available)")
     p.add_argument("--batch", type=int, default=2, help="training batch size (default 2)")
-    p.add_argument("--patch", type=_sizes, default=(128, 128, 128),
+    p.add_argument("--patch", type=parse_sizes, default=(128, 128, 128),
                    help="training patch and inference tile, N or D,H,W (default 128); SegMamba needs more than one "
                         "voxel after 16x downsampling, the nnU-Net networks after 32x (e.g. 64,32,32)")
-    p.add_argument("--volume", type=_sizes, default=(240, 240, 155),
+    p.add_argument("--volume", type=parse_sizes, default=(240, 240, 155),
                    help="image size for sliding-window inference, D,H,W (default 240,240,155, BraTS)")
     p.add_argument("--in-channels", type=int, default=4, help="input channels (default 4)")
     p.add_argument("--out-channels", type=int, default=3, help="output channels / regions (default 3)")

@@ -182,10 +182,10 @@ def test_bad_arguments():
         benchmark.run_benchmark(networks=[], device="cpu", patch=(32, 32))
     with pytest.raises(ValueError, match="precision"):
         benchmark.run_benchmark(networks=[], device="cpu", precision="bf16")
-    assert benchmark._sizes("128") == (128, 128, 128)
-    assert benchmark._sizes("240,240,155") == (240, 240, 155)
+    assert benchmark.parse_sizes("128") == (128, 128, 128)
+    assert benchmark.parse_sizes("240,240,155") == (240, 240, 155)
     with pytest.raises(argparse.ArgumentTypeError):
-        benchmark._sizes("32,32")
+        benchmark.parse_sizes("32,32")
     assert benchmark._network_list("segmamba[torch], plainconv") == ["segmamba[torch]", "plainconv"]
     with pytest.raises(argparse.ArgumentTypeError, match="unknown network"):
         benchmark._network_list("segmamba,plainconv")
