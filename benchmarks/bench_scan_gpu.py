@@ -42,15 +42,16 @@ LAYER_VARIANTS = {"triton-maps-reverse": ("reverse",), "triton-maps-all": ("reve
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """'262144x96,32768x192' -> [(262144, 96), (32768, 192)]."""
+    """'262144x96,32768x192' -> [(262144, 96), (32768, 192)]. The layer (TriOrientedMamba) needs L to be a cube
+    (num_slices = its cube root); the scan takes any L, e.g. 18432x96 (the hippocampus patch's first stage)."""
     shapes = []
     for item in text.split(","):
         try:
             length, d_inner = (int(v) for v in item.lower().split("x"))
         except ValueError:
             raise argparse.ArgumentTypeError(f"shape {item!r} must be LxD_INNER, e.g. 32768x192") from None
-        if round(length ** (1 / 3)) ** 3 != length or d_inner % 2:
-            raise argparse.ArgumentTypeError(f"shape {item!r}: L must be a cube and d_inner even")
+        if length < 1 or d_inner < 2 or d_inner % 2:
+            raise argparse.ArgumentTypeError(f"shape {item!r}: L must be positive and d_inner even")
         shapes.append((length, d_inner))
     return shapes
 
@@ -165,8 +166,13 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 
 # the forward's warps were settled at 1 by the sweep over (128, 256, 512) x (1, 2) x (1, 2, 4), and the backward at
 # chunk 64, 1 warp, 8 programs per multiprocessor by the sweep over (32, 64, 128) x (1, 2) x (4, 8, 16, 32), both
-# recorded in docs/performance.md; this grid re-checks the chunk and the backward's warps around that choice
-TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=8) for bl in (64, 128) for wb in (1, 2)]
+# recorded in docs/performance.md at batch 2 and 64^3 / 32^3, where the first stage has enough chunks to fill the
+# GPU with one channel split at any of those targets. This grid re-checks the chunk and the backward's warps around
+# that choice, and the split target, which matters where (batch x chunks) is small: at the hippocampus patch's
+# first stage (batch 7, L = 18432: 2016 programs, 15 one-warp programs per multiprocessor) 32 per multiprocessor
+# splits the channels in three
+TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=ps)
+             for bl in (64, 128) for wb in (1, 2) for ps in (8, 32)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 
 
@@ -195,6 +201,8 @@ def tune(bases: dict, warmup: int, runs: int) -> dict:
 def bench_layer(length: int, d_inner: int, batch: int, dtype_name: str, backend: str, warmup: int,
                 runs: int) -> dict:
     side = round(length ** (1 / 3))
+    if side ** 3 != length:
+        raise ValueError(f"the layer needs L to be a cube (num_slices = its side), got {length}; use --skip-layer")
     torch.manual_seed(0)
     layer = TriOrientedMamba(d_inner // 2, scan_backend=backend.split("-")[0]).cuda()
     if backend in LAYER_VARIANTS:
@@ -312,7 +320,8 @@ def print_table(report: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes("262144x96,32768x192"),
-                        help="comma-separated LxD_INNER with L a cube (default 262144x96,32768x192 = 64^3, 32^3)")
+                        help="comma-separated LxD_INNER (default 262144x96,32768x192 = 64^3, 32^3); the layer "
+                             "needs L to be a cube, the scan alone (--skip-layer) takes any L")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"],
                         help="input precisions (default fp32 bf16)")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
