@@ -106,16 +106,16 @@ def compare_devices(model_folder: Path, fold: int, trainer: str, cases: dict[str
     return {"devices": list(devices), "seconds": seconds, "cases": per_case}
 
 
-def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int, num_gpus: int = 1,
-              device_check_cases: int = 0, compile_mode: str = "default", out_json: Path | None = None) -> dict:
-    """Preprocess (once per `work`), train and evaluate each trainer in turn; the results so far are
-    written to `out_json` after every trainer, so a run stopped by a time limit keeps the trainers it finished."""
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+def prepare_dataset(data: Path, work: Path, num_processes: int, compile_mode: str = "default") -> dict:
+    """nnU-Net's three folders under `work`, the hippocampus cases converted, planned and preprocessed there (once
+    per `work`), and fold 0 of the 70/10/20 split written as nnU-Net's splits_final.json too, so that nnU-Net's
+    own trainers train on the same cases. Points this process's nnUNet_* variables there and returns the
+    environment for nnU-Net's commands, the raw and preprocessed dataset folders, the split and the seconds the
+    preprocessing took."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
 
     from nnunet_segmamba.data.hippocampus import convert_hippocampus
     from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
-    from nnunet_segmamba.training.prediction import predict_test_split
     from nnunet_segmamba.training.splits import load_or_create_split
 
     env = dict(os.environ)
@@ -142,13 +142,25 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
     preprocess_s = time.time() - t0
     identifiers = sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))
     split = load_or_create_split(str(preprocessed), identifiers, 0)
-    # nnU-Net's default trainer reads fold 0 from splits_final.json: give it the same train/val cases
     save_json([{"train": split["train"], "val": split["val"]}], str(preprocessed / "splits_final.json"))
+    return {"env": env, "raw": raw, "preprocessed": preprocessed, "split": split, "preprocess_seconds": preprocess_s}
 
-    results = {"dataset": raw.name, "cases": len(identifiers), "split": {k: len(v) for k, v in split.items()},
-               "epochs": epochs, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+
+def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int, num_gpus: int = 1,
+              device_check_cases: int = 0, compile_mode: str = "default", out_json: Path | None = None) -> dict:
+    """Preprocess (once per `work`), train and evaluate each trainer in turn; the results so far are
+    written to `out_json` after every trainer, so a run stopped by a time limit keeps the trainers it finished."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    from nnunet_segmamba.training.prediction import predict_test_split
+
+    prepared = prepare_dataset(data, work, num_processes, compile_mode)
+    env, raw, split = prepared["env"], prepared["raw"], prepared["split"]
+    results = {"dataset": raw.name, "cases": sum(len(v) for v in split.values()),
+               "split": {k: len(v) for k, v in split.items()}, "epochs": epochs, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "num_gpus": num_gpus, "gpus_visible": torch.cuda.device_count(), "compile": compile_mode,
-               "preprocess_seconds": round(preprocess_s, 1), "trainers": {}}
+               "preprocess_seconds": round(prepared["preprocess_seconds"], 1), "trainers": {}}
     for base in trainers:
         trainer = f"{base}_{epochs}epochs"
         fold = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"

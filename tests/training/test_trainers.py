@@ -241,6 +241,22 @@ def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(nnunet_dirs, m
     assert np.isfinite(losses["default"]).all()
 
 
+def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
+    """benchmarks/trainer_iteration.py on the CPU: nnU-Net's loop pieces run and each iteration is the wait for a
+    batch plus the step (no GPU figure on the CPU). Data loading in this process: spawning nnU-Net's loader
+    workers under pytest costs half a minute."""
+    from benchmarks.trainer_iteration import measure_iterations
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    t = _trainer(TINY, "3d_fullres")
+    r = measure_iterations(t, warmup=1, iterations=3, profiled=2)
+    assert r["step_ms_median"] > 0 and r["wait_ms_median"] >= 0
+    assert r["iteration_ms_median"] >= r["step_ms_median"]
+    assert r["gpu_busy_ms_per_iteration"] is None and r["profiled_iterations"] == 0
+    assert r["train_iterations_seconds_per_epoch"] == pytest.approx(r["iteration_ms_mean"] * 4 / 1e3)
+    assert r["batch_size"] == 2 and len(r["patch_size"]) == 3
+
+
 def test_split_used_for_training(nnunet_dirs):
     t = _trainer(TINY, "3d_fullres")
     train, val = t.do_split()
