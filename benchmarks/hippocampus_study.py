@@ -158,7 +158,8 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
     prepared = prepare_dataset(data, work, num_processes, compile_mode)
     env, raw, split = prepared["env"], prepared["raw"], prepared["split"]
     results = {"dataset": raw.name, "cases": sum(len(v) for v in split.values()),
-               "split": {k: len(v) for k, v in split.items()}, "epochs": epochs, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "split": {k: len(v) for k, v in split.items()}, "epochs": epochs,
+               "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "num_gpus": num_gpus, "gpus_visible": torch.cuda.device_count(), "compile": compile_mode,
                "preprocess_seconds": round(prepared["preprocess_seconds"], 1), "trainers": {}}
     for base in trainers:

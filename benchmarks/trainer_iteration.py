@@ -85,8 +85,8 @@ def build_trainer(dataset_id: int, name: str, configuration: str, fold: int, dev
 
 
 def markdown(report: dict) -> str:
-    rows = ["| trainer | wait for a batch ms | train_step ms | iteration ms | GPU busy ms | an epoch's training iterations s |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| trainer | wait for a batch ms | train_step ms | iteration ms | GPU busy ms "
+            "| an epoch's training iterations s |", "|---|---|---|---|---|---|"]
     for name, r in report["trainers"].items():
         busy = f"{r['gpu_busy_ms_per_iteration']:.1f}" if r["gpu_busy_ms_per_iteration"] is not None else "-"
         rows.append(f"| {name} | {r['wait_ms_median']:.1f} | {r['step_ms_median']:.1f} | "

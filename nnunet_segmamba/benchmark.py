@@ -38,7 +38,8 @@ from typing import Any, Callable, Sequence
 NETWORKS = ("segmamba[cuda]", "segmamba[triton]", "segmamba_nomamba", "plainconv", "resenc_m", "swinunetr",
             "segmamba[torch]")
 # further choices for --networks, not run by default: gradient checkpointing of the Mamba stages and recomputed
-# Mamba branches (memory), and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's trainer compiles)
+# Mamba branches (memory), and torch.compile'd variants (`_compiled`: `torch.compile(network)`, as nnU-Net's
+# trainer compiles)
 COMPILED_NETWORKS = ("segmamba_compiled[cuda]", "segmamba_compiled[triton]", "segmamba_compiled[torch]",
                      "segmamba_ckpt_compiled[triton]", "segmamba_nomamba_compiled", "plainconv_compiled",
                      "resenc_m_compiled")
