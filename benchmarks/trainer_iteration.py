@@ -13,7 +13,9 @@ and takes each iteration apart:
   wait      the time in `next(dataloader_train)`: the data loader had no batch ready;
   step      the wall time of `train_step`, which ends with a sync (nnU-Net reads the loss back);
   GPU busy  the GPU's kernel and copy time per iteration (torch.profiler over --profiled iterations; CUDA only),
-            so that step - GPU busy is what the GPU waits for the host inside a step.
+            so that step - GPU busy is what the GPU waits for the host inside a step. The kernels of replayed
+            CUDA graphs count only where CUPTI reports them: a busy time far below the benchmark's step time
+            (`nnunet-segmamba benchmark`) means it did not.
 
 After `on_train_start` (network, compile, data loaders) --warmup iterations run untimed: they hold the compile and,
 for our trainers, the recording of the CUDA graphs. Nothing is trained to the end, evaluated or saved. Prints a
