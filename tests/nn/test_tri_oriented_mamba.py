@@ -294,6 +294,7 @@ def test_recomputed_branches_give_the_same_values_from_less_memory(backend):
         out.square().mean().backward()
         results.append((out.detach(), x.grad, [p.grad for p in mixer.parameters()], held))
     (out_p, dx_p, grads_p, held_p), (out_r, dx_r, grads_r, held_r) = results
+
     def same(got, want, what):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=what)
 
