@@ -12,10 +12,16 @@ and takes each iteration apart:
 
   wait      the time in `next(dataloader_train)`: the data loader had no batch ready;
   step      the wall time of `train_step`, which ends with a sync (nnU-Net reads the loss back);
-  GPU busy  the GPU's kernel and copy time per iteration (torch.profiler over --profiled iterations; CUDA only),
-            so that step - GPU busy is what the GPU waits for the host inside a step. The kernels of replayed
-            CUDA graphs count only where CUPTI reports them: a busy time far below the benchmark's step time
-            (`nnunet-segmamba benchmark`) means it did not.
+  GPU busy  the time the GPU runs kernels or copies, per iteration (torch.profiler over --profiled iterations;
+            CUDA only). The kernels of replayed CUDA graphs count only where CUPTI reports them: a busy time far
+            below the benchmark's step time (`nnunet-segmamba benchmark`) means it did not.
+  GPU idle  the rest of those iterations' wall time, split by what the host was doing meanwhile: each part of
+            the iteration (data loader, forward, loss, backward, GradScaler, clipping, optimizer, our finiteness
+            check) is labelled for the profiler, and each stretch of idle GPU goes to the innermost label open then.
+            A part that shows here makes the GPU wait, typically for launches after a sync.
+
+and the validation iterations of an epoch (nnU-Net's `validation_step`, --validation-iterations of them), which an
+epoch's time includes too.
 
 After `on_train_start` (network, compile, data loaders) --warmup iterations run untimed: they hold the compile and,
 for our trainers, the recording of the CUDA graphs. Nothing is trained to the end, evaluated or saved. Prints a
@@ -24,6 +30,7 @@ table and writes JSON. Not a test: it needs a GPU and minutes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,10 +39,140 @@ import time
 from pathlib import Path
 
 
-def measure_iterations(trainer, warmup: int, iterations: int, profiled: int) -> dict:
+# the labels of an iteration's parts; the optimizer labels its own steps ("Optimizer.step#SGD.step")
+NEXT_BATCH, TRAIN_STEP, BETWEEN = "next(dataloader_train)", "train_step, rest", "between the labelled parts"
+OWN_OPTIMIZER_LABEL = "Optimizer."
+
+
+class _Labelled:
+    """Calls `module` inside a profiler label; everything else (parameters(), attributes) goes to the module."""
+
+    def __init__(self, module, label: str):
+        self._module, self._label = module, label
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        with torch.profiler.record_function(self._label):
+            return self._module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _labelled_function(function, label: str):
+    import torch
+
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return function(*args, **kwargs)
+    return labelled
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def labelled_parts(trainer):
+    """Puts each part of nnU-Net's train_step in a profiler label while the block runs: the network, the loss, the
+    backward, GradScaler's methods, gradient clipping and our trainers' finiteness check (the optimizer labels
+    its own step). Everything patched is restored at the end."""
+    import torch
+
+    patches = [(trainer, "network", _Labelled(trainer.network, "network forward")),
+               (trainer, "loss", _Labelled(trainer.loss, "loss forward")),
+               (torch.Tensor, "backward", _labelled_function(torch.Tensor.backward, "backward")),
+               (torch.nn.utils, "clip_grad_norm_", _labelled_function(torch.nn.utils.clip_grad_norm_,
+                                                                      "clip_grad_norm_"))]
+    if trainer.grad_scaler is not None:
+        patches += [(trainer.grad_scaler, name, _labelled_function(getattr(trainer.grad_scaler, name),
+                                                                   f"GradScaler.{name}"))
+                    for name in ("unscale_", "step", "update")]
+    if hasattr(trainer, "_finite_on_all_ranks"):
+        patches.append((trainer, "_finite_on_all_ranks",
+                        _labelled_function(trainer._finite_on_all_ranks, "finiteness check")))
+    saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            if value is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+
+def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, float, str]],
+                     window: tuple[float, float]) -> tuple[float, dict[str, float]]:
+    """The GPU's busy time inside `window` (the union of the `busy` intervals: kernels and copies, which may
+    overlap) and its idle time there split by the innermost of the nested, labelled `parts` open meanwhile
+    (BETWEEN where none is). All times in one unit, intervals as (start, end)."""
+    lo, hi = window
+    merged: list[list[float]] = []
+    for start, end in sorted((max(a, lo), min(b, hi)) for a, b in busy if b > lo and a < hi):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    busy_time = sum(end - start for start, end in merged)
+    gaps, t = [], lo
+    for start, end in merged:
+        if start > t:
+            gaps.append((t, start))
+        t = max(t, end)
+    if hi > t:
+        gaps.append((t, hi))
+    idle: dict[str, float] = {}
+    for gap_start, gap_end in gaps:
+        # cut the gap at every part boundary inside it; each piece goes to the innermost part around its middle
+        cuts = sorted({gap_start, gap_end} | {x for a, b, _ in parts for x in (a, b) if gap_start < x < gap_end})
+        for a, b in zip(cuts, cuts[1:]):
+            middle = (a + b) / 2
+            around = [(start, end, name) for start, end, name in parts if start <= middle < end]
+            # nested labels: the innermost is the latest to open
+            name = max(around)[2] if around else BETWEEN
+            idle[name] = idle.get(name, 0.0) + (b - a)
+    return busy_time, idle
+
+
+def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str, float]]:
+    """Runs `profiled` labelled training iterations under torch.profiler; per iteration: wall ms, GPU busy ms and
+    GPU idle ms by part (see gpu_idle_by_part)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        with labelled_parts(trainer):
+            for _ in range(profiled):
+                with torch.profiler.record_function(NEXT_BATCH):
+                    batch = next(trainer.dataloader_train)
+                with torch.profiler.record_function(TRAIN_STEP):
+                    trainer.train_step(batch)
+        torch.cuda.synchronize()
+    events = prof.events()
+    labels = {NEXT_BATCH, TRAIN_STEP, "network forward", "loss forward", "backward", "clip_grad_norm_",
+              "finiteness check", "GradScaler.unscale_", "GradScaler.step", "GradScaler.update"}
+    parts = [(e.time_range.start, e.time_range.end, e.name) for e in events
+             if e.device_type == torch.autograd.DeviceType.CPU
+             and (e.name in labels or e.name.startswith(OWN_OPTIMIZER_LABEL))]
+    busy = [(e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    outer = [(a, b) for a, b, name in parts if name in (NEXT_BATCH, TRAIN_STEP)]
+    window = (min(a for a, _ in outer), max(b for _, b in outer))
+    busy_us, idle_us = gpu_idle_by_part(busy, parts, window)
+    per_iteration = 1e3 * profiled
+    return ((window[1] - window[0]) / per_iteration, busy_us / per_iteration,
+            {name: t / per_iteration for name, t in sorted(idle_us.items(), key=lambda kv: -kv[1])})
+
+
+def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, validation_iterations: int = 0) -> dict:
     """Times `iterations` training iterations of an nnU-Net trainer after `on_train_start` and `warmup` untimed
-    ones; medians in ms of the wait for a batch, the step and their sum, and the GPU's busy time per iteration
-    over `profiled` more iterations (None on the CPU). The data loaders are shut down at the end."""
+    ones; medians in ms of the wait for a batch, the step and their sum; on CUDA, over `profiled` more iterations,
+    the GPU's busy time per iteration and its idle time split by what the host was doing (None on the CPU); then
+    the median of `validation_iterations` validation iterations. The data loaders are shut down at the end."""
     import torch
 
     trainer.on_train_start()
@@ -53,16 +190,18 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int) -> 
             waits.append((t1 - t0) * 1e3)
             steps.append((t2 - t1) * 1e3)
             totals.append((t2 - t0) * 1e3)
-        gpu_busy = None
+        profiled_wall = gpu_busy = gpu_idle = None
         if trainer.device.type == "cuda" and profiled > 0:
-            activities = [torch.profiler.ProfilerActivity.CUDA]
-            with torch.profiler.profile(activities=activities) as prof:
-                for _ in range(profiled):
-                    trainer.train_step(next(trainer.dataloader_train))
-                torch.cuda.synchronize()
-            busy_us = sum(e.device_time_total for e in prof.events()
-                          if e.device_type == torch.autograd.DeviceType.CUDA)
-            gpu_busy = busy_us / 1e3 / profiled
+            profiled_wall, gpu_busy, gpu_idle = _profiled_iterations(trainer, profiled)
+        validations = []
+        if validation_iterations > 0:
+            with torch.no_grad():
+                trainer.on_validation_epoch_start()
+                for _ in range(validation_iterations + 1):  # the first records the validation graphs: untimed
+                    t0 = time.perf_counter()
+                    trainer.validation_step(next(trainer.dataloader_val))
+                    validations.append((time.perf_counter() - t0) * 1e3)
+                validations = validations[1:]
     finally:
         for loader in (trainer.dataloader_train, trainer.dataloader_val):
             if hasattr(loader, "_finish"):
@@ -71,9 +210,16 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int) -> 
               "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
               "wait_ms_median": statistics.median(waits), "step_ms_median": statistics.median(steps),
               "iteration_ms_median": statistics.median(totals), "iteration_ms_mean": statistics.mean(totals),
-              "gpu_busy_ms_per_iteration": gpu_busy, "profiled_iterations": profiled if gpu_busy is not None else 0}
-    # what one epoch's iterations (250 for nnU-Net's trainers) take at this pace: the training part of the epoch
+              "profiled_iterations": profiled if gpu_busy is not None else 0,
+              "profiled_iteration_ms": profiled_wall, "gpu_busy_ms_per_iteration": gpu_busy,
+              "gpu_idle_ms_per_iteration_by_part": gpu_idle,
+              "validation_iterations": len(validations),
+              "validation_iteration_ms_median": statistics.median(validations) if validations else None}
+    # what one epoch's iterations (250 + 50 for nnU-Net's trainers) take at this pace: the epoch without its end
     result["train_iterations_seconds_per_epoch"] = result["iteration_ms_mean"] * trainer.num_iterations_per_epoch / 1e3
+    if validations:
+        result["validation_iterations_seconds_per_epoch"] = (result["validation_iteration_ms_median"]
+                                                             * trainer.num_val_iterations_per_epoch / 1e3)
     return result
 
 
@@ -87,12 +233,26 @@ def build_trainer(dataset_id: int, name: str, configuration: str, fold: int, dev
 
 
 def markdown(report: dict) -> str:
-    rows = ["| trainer | wait for a batch ms | train_step ms | iteration ms | GPU busy ms "
-            "| an epoch's training iterations s |", "|---|---|---|---|---|---|"]
-    for name, r in report["trainers"].items():
-        busy = f"{r['gpu_busy_ms_per_iteration']:.1f}" if r["gpu_busy_ms_per_iteration"] is not None else "-"
-        rows.append(f"| {name} | {r['wait_ms_median']:.1f} | {r['step_ms_median']:.1f} | "
-                    f"{r['iteration_ms_median']:.1f} | {busy} | {r['train_iterations_seconds_per_epoch']:.1f} |")
+    def ms(value):
+        return "-" if value is None else f"{value:.1f}"
+
+    trainers = report["trainers"]
+    rows = ["| trainer | wait for a batch ms | train_step ms | iteration ms | profiled iteration ms | GPU busy ms "
+            "| validation iteration ms | an epoch's training iterations s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in trainers.items():
+        rows.append(f"| {name} | {ms(r['wait_ms_median'])} | {ms(r['step_ms_median'])} | "
+                    f"{ms(r['iteration_ms_median'])} | {ms(r['profiled_iteration_ms'])} | "
+                    f"{ms(r['gpu_busy_ms_per_iteration'])} | {ms(r['validation_iteration_ms_median'])} | "
+                    f"{r['train_iterations_seconds_per_epoch']:.1f} |")
+    idle = {name: r["gpu_idle_ms_per_iteration_by_part"] for name, r in trainers.items()
+            if r["gpu_idle_ms_per_iteration_by_part"]}
+    if idle:
+        parts = sorted({part for by_part in idle.values() for part in by_part},
+                       key=lambda part: -max(by_part.get(part, 0.0) for by_part in idle.values()))
+        rows += ["", "| GPU idle ms per iteration, while the host was in | " + " | ".join(idle) + " |",
+                 "|---|" + "---|" * len(idle)]
+        rows += [f"| {part} | " + " | ".join(ms(by_part.get(part, 0.0)) for by_part in idle.values()) + " |"
+                 for part in parts]
     return "\n".join(rows)
 
 
@@ -105,6 +265,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=30, help="untimed iterations (compile, CUDA graphs)")
     parser.add_argument("--iterations", type=int, default=100, help="timed iterations per trainer")
     parser.add_argument("--profiled", type=int, default=10, help="iterations under torch.profiler (GPU busy time)")
+    parser.add_argument("--validation-iterations", type=int, default=20, help="timed validation iterations")
     parser.add_argument("--num-processes", type=int, default=os.cpu_count() or 4, help="worker processes")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path("trainer_iteration.json"), help="JSON output")
@@ -129,7 +290,8 @@ def main() -> int:
     for name in args.trainers.split(","):
         print(f"== {name}", flush=True)
         trainer = build_trainer(DATASET_ID, name, CONFIG, 0, args.device)
-        report["trainers"][name] = measure_iterations(trainer, args.warmup, args.iterations, args.profiled)
+        report["trainers"][name] = measure_iterations(trainer, args.warmup, args.iterations, args.profiled,
+                                                      args.validation_iterations)
         print(json.dumps(report["trainers"][name], indent=1), flush=True)
         args.out.write_text(json.dumps(report, indent=2))
         del trainer

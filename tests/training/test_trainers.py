@@ -249,12 +249,52 @@ def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     t = _trainer(TINY, "3d_fullres")
-    r = measure_iterations(t, warmup=1, iterations=3, profiled=2)
+    r = measure_iterations(t, warmup=1, iterations=3, profiled=2, validation_iterations=2)
     assert r["step_ms_median"] > 0 and r["wait_ms_median"] >= 0
     assert r["iteration_ms_median"] >= r["step_ms_median"]
     assert r["gpu_busy_ms_per_iteration"] is None and r["profiled_iterations"] == 0
+    assert r["gpu_idle_ms_per_iteration_by_part"] is None
     assert r["train_iterations_seconds_per_epoch"] == pytest.approx(r["iteration_ms_mean"] * 4 / 1e3)
+    assert r["validation_iterations"] == 2 and r["validation_iteration_ms_median"] > 0
+    assert r["validation_iterations_seconds_per_epoch"] == pytest.approx(
+        r["validation_iteration_ms_median"] * t.num_val_iterations_per_epoch / 1e3)
     assert r["batch_size"] == 2 and len(r["patch_size"]) == 3
+
+
+def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch):
+    """Each part of train_step shows under its label in a profile, and the patches are gone afterwards."""
+    from benchmarks.trainer_iteration import labelled_parts
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    t = _trainer(TINY, "3d_fullres")
+    t.on_train_start()
+    try:
+        t.on_train_epoch_start()
+        network, backward, clip = t.network, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with labelled_parts(t):
+                t.train_step(next(t.dataloader_train))
+        names = {e.name for e in prof.events()}
+        assert {"network forward", "loss forward", "backward", "clip_grad_norm_", "finiteness check"} <= names
+        assert any(name.startswith("Optimizer.step") for name in names)
+        assert t.network is network and torch.Tensor.backward is backward
+        assert torch.nn.utils.clip_grad_norm_ is clip and "_finite_on_all_ranks" not in vars(t)
+    finally:
+        for loader in (t.dataloader_train, t.dataloader_val):
+            if hasattr(loader, "_finish"):
+                loader._finish()
+
+
+def test_gpu_idle_time_goes_to_the_innermost_open_part():
+    from benchmarks.trainer_iteration import BETWEEN, gpu_idle_by_part
+
+    busy = [(0, 10), (5, 12), (20, 30), (34, 40)]  # overlapping kernels are counted once
+    parts = [(0, 25, "step"), (11, 18, "loss"), (26, 36, "optimizer"), (31, 33, "sync")]
+    busy_time, idle = gpu_idle_by_part(busy, parts, window=(0, 45))
+    assert busy_time == 12 + 10 + 6
+    # idle: 12-20 (loss 12-18, step 18-20), 30-34 (optimizer 30-31 and 33-34, sync 31-33), 40-45 (nothing open)
+    assert idle == {"loss": 6, "step": 2, "optimizer": 2, "sync": 2, BETWEEN: 5}
+    assert busy_time + sum(idle.values()) == 45
 
 
 def test_split_used_for_training(nnunet_dirs):
