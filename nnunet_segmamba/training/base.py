@@ -19,8 +19,10 @@ the class attributes of the "tunables" block below or override one hook. Compare
   never on CPU. The scan and causal conv are custom ops (`nnunet_segmamba.ssm.ops`), so the whole network is
   one graph. On one GPU the training and validation steps also run as CUDA graphs (`compile_mode`), since at
   small patches the step is bound by the host's kernel launches; the final validation uses nnU-Net's plain
-  compile. AMP: nnU-Net's autocast + GradScaler on CUDA, unchanged; the selective scan runs
-  in float32 inside the network.
+  compile. AMP: nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
+* the training step on CUDA never waits for the GPU (`train_step`): non-finite steps are skipped on the device
+  and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
+  GradScaler needs no sync either.
 
 Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
 Nesterov momentum 0.99, weight decay 3e-5), poly learning-rate schedule, gradient-norm clipping at 12,
@@ -35,6 +37,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -47,6 +50,9 @@ from nnunet_segmamba.training.augmentation import enable_elastic_deformation
 from nnunet_segmamba.training.reliability import atomic_write_path, non_finite_steps_error
 from nnunet_segmamba.training.splits import load_or_create_split, split_file_path
 
+
+def _to_numpy(value) -> np.ndarray:
+    return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 class nnUNetTrainerSegMambaBase(nnUNetTrainer):
@@ -83,6 +89,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
+    # (loss on the host, CUDA event of its arrival, epoch, iteration) of a step not yet checked for finiteness
+    _unchecked_loss: tuple | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -206,6 +214,23 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         if self.max_batch_size is not None:
             self.batch_size = min(self.batch_size, int(self.max_batch_size))
 
+    def configure_optimizers(self):
+        """nnU-Net's SGD and poly schedule; with a GradScaler, SGD's fused kernel (the same update), with which
+        GradScaler skips a step with non-finite gradients on the device instead of waiting for the GPU to say so
+        (`_step_without_host_syncs`)."""
+        optimizer, lr_scheduler = super().configure_optimizers()
+        if self.grad_scaler is not None and type(optimizer) is torch.optim.SGD and not optimizer.defaults["fused"]:
+            optimizer = torch.optim.SGD(self.network.parameters(), **{**optimizer.defaults, "fused": True})
+            lr_scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, lr_scheduler
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's. The loaded optimizer state brings its param groups' settings: a checkpoint written with or
+        without the fused kernel keeps this trainer's choice."""
+        super().load_checkpoint(filename_or_checkpoint)
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.optimizer.defaults.get("fused")
+
     # ---- data ----------------------------------------------------------------------------------------------
     @staticmethod
     def get_training_transforms(*args, **kwargs):
@@ -234,12 +259,12 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's train_step, except that a step whose loss (or, without a GradScaler, gradient norm) is not
-        finite changes nothing: no optimizer step, gradients cleared, GradScaler untouched.
+        finite does not change the weights; such steps are logged and counted, and after
+        `max_consecutive_non_finite_steps` of them in a row training stops with a RuntimeError naming likely
+        causes (docs/reliability.md).
 
-        Such steps are logged and counted; after `max_consecutive_non_finite_steps` of them in a row training
-        stops with a RuntimeError naming likely causes. With a GradScaler (CUDA AMP), non-finite *gradients*
-        of a finite loss are the scaler's business, as in nnU-Net: it skips that step and lowers its scale.
-        Skipped steps return a NaN loss, which `on_train_epoch_end` leaves out of the epoch's mean.
+        With a GradScaler (CUDA AMP) the step never waits for the GPU (`_step_without_host_syncs`); without one
+        (CPU), where waiting costs nothing, the loss is checked before the backward (`_step_checked_on_the_host`).
         """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
@@ -255,22 +280,60 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
             loss = self.loss(output, target)
+        if self.grad_scaler is None:
+            return self._step_checked_on_the_host(loss)
+        return self._step_without_host_syncs(loss)
 
+    def _step_without_host_syncs(self, loss: torch.Tensor) -> dict:
+        """The step with a GradScaler, queued without waiting for the GPU: each wait would leave the GPU idle
+        while the host launches what follows (about 15 ms per hippocampus step, docs/performance.md).
+
+        A non-finite loss turns every gradient into NaN, so GradScaler skips the optimizer step on the device (the
+        fused SGD of `configure_optimizers` reads its found-inf flag there) and lowers its scale, as it does for a
+        finite loss with overflowing gradients. Under DDP the NaN gradients reach every rank, so all skip. The
+        loss goes to the host in the background and is checked for the log and the count at the next step or at
+        the end of the epoch (`_check_previous_loss`), by which time it has long arrived. The step returns the
+        loss on the device (reading it waits for it, unlike reading the copy in flight).
+        """
+        self._check_previous_loss()
+        finite = torch.isfinite(loss.detach())
+        host_loss = loss.detach().float().to("cpu", non_blocking=True)
+        arrived = None
+        if loss.is_cuda:
+            arrived = torch.cuda.Event()
+            arrived.record()
+        self._unchecked_loss = (host_loss, arrived, self.current_epoch, self._iteration_in_epoch)
+        self.grad_scaler.scale(loss * torch.where(finite, 1.0, math.nan)).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return {"loss": loss.detach()}
+
+    def _check_previous_loss(self) -> None:
+        """Log and count the last queued step if its loss was not finite (see `_step_without_host_syncs`)."""
+        if self._unchecked_loss is None:
+            return
+        host_loss, arrived, epoch, iteration = self._unchecked_loss
+        self._unchecked_loss = None
+        if arrived is not None:
+            arrived.synchronize()
+        if bool(torch.isfinite(host_loss)):
+            self._non_finite_consecutive = 0
+        else:
+            self._count_non_finite_step(float(host_loss), "loss", epoch, iteration)
+
+    def _step_checked_on_the_host(self, loss: torch.Tensor) -> dict:
+        """The step without a GradScaler (CPU): a non-finite loss skips the backward, a non-finite gradient norm
+        the optimizer step; gradients are cleared and the step returns a NaN loss."""
         if not self._finite_on_all_ranks(loss):
             return self._skip_non_finite_step(loss, "loss")
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            # gradients are identical on all DDP ranks after backward: every rank takes the same decision
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            if not torch.isfinite(grad_norm):
-                return self._skip_non_finite_step(grad_norm, "gradient norm")
-            self.optimizer.step()
+        loss.backward()
+        # gradients are identical on all DDP ranks after backward: every rank takes the same decision
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if not torch.isfinite(grad_norm):
+            return self._skip_non_finite_step(grad_norm, "gradient norm")
+        self.optimizer.step()
         self._non_finite_consecutive = 0
         return {"loss": loss.detach().cpu().numpy()}
 
@@ -302,20 +365,24 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     def _skip_non_finite_step(self, value: torch.Tensor, what: str) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
+        self._count_non_finite_step(value.detach().float().cpu().item(), what, self.current_epoch,
+                                    self._iteration_in_epoch)
+        return {"loss": np.array(np.nan, dtype=np.float32)}
+
+    def _count_non_finite_step(self, value: float, what: str, epoch: int, iteration: int) -> None:
         self._non_finite_consecutive += 1
         self._non_finite_in_epoch += 1
         self.num_non_finite_steps += 1
         self.print_to_log_file(
-            f"WARNING: non-finite {what} ({value.detach().float().cpu().item()}) at epoch {self.current_epoch}, "
-            f"iteration {self._iteration_in_epoch}: step skipped, weights unchanged "
-            f"({self._non_finite_consecutive} in a row, at most {self.max_consecutive_non_finite_steps})")
+            f"WARNING: non-finite {what} ({value}) at epoch {epoch}, iteration {iteration}: step skipped, weights "
+            f"unchanged ({self._non_finite_consecutive} in a row, at most {self.max_consecutive_non_finite_steps})")
         if self._non_finite_consecutive >= self.max_consecutive_non_finite_steps:
-            raise non_finite_steps_error(self._non_finite_consecutive, self.current_epoch,
-                                         self._iteration_in_epoch, what, type(self).__name__)
-        return {"loss": np.array(np.nan, dtype=np.float32)}
+            raise non_finite_steps_error(self._non_finite_consecutive, epoch, iteration, what, type(self).__name__)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         """nnU-Net's, with skipped (non-finite) steps left out of the mean loss and counted in the log."""
+        self._check_previous_loss()  # the epoch's last step; every earlier loss has reached the host before it
+        train_outputs = [{**o, "loss": _to_numpy(o["loss"])} for o in train_outputs]
         finite = [o for o in train_outputs if np.all(np.isfinite(o["loss"]))]
         if len(finite) < len(train_outputs):
             self.print_to_log_file(

@@ -9,6 +9,7 @@ test runs `nnUNetv2_train` twice (about a minute on a 2-core CPU).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -111,6 +112,75 @@ def test_repeated_non_finite_steps_stop_training_with_a_clear_message(nnunet_dir
     assert "iteration 5" in message and "learning rate" in message and "float16" in message
     assert "check_images_finite" in message and "--c" in message
     assert all(torch.isfinite(v).all() for v in t.network.state_dict().values() if v.is_floating_point())
+
+
+def _trainer_with_grad_scaler(seed: int = 0):
+    """The tiny trainer with a GradScaler, as on CUDA, here on the CPU (torch's CPU GradScaler and fused SGD):
+    its steps take the path without host syncs."""
+    t = _trainer(seed=seed)
+    t.grad_scaler = torch.amp.GradScaler("cpu")
+    t.optimizer, t.lr_scheduler = t.configure_optimizers()
+    return t
+
+
+def test_step_without_host_syncs_is_nnunets_step(nnunet_dirs):
+    """With a GradScaler the step queues a fused SGD update behind a scaled backward: the same weights as the
+    plain step (scaling by a power of two is exact), and the loss comes back for the epoch's mean."""
+    plain, scaled = _trainer(seed=3), _trainer_with_grad_scaler(seed=3)
+    assert scaled.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
+    assert scaled.optimizer.param_groups[0]["momentum"] == plain.optimizer.param_groups[0]["momentum"] == 0.99
+    for t in (plain, scaled):
+        t.on_train_epoch_start()
+        outs = [t.train_step(_batch(t, seed)) for seed in (1, 2)]
+        t.on_train_epoch_end(outs)
+    for (name, a), b in zip(plain.network.state_dict().items(), scaled.network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert scaled.logger.get_value("train_losses", step=-1) == pytest.approx(
+        plain.logger.get_value("train_losses", step=-1), rel=1e-6)
+
+
+def test_step_without_host_syncs_skips_a_non_finite_loss_on_the_device(nnunet_dirs):
+    t = _trainer_with_grad_scaler()
+    t.on_train_epoch_start()
+    before, scale = _weights(t), t.grad_scaler.get_scale()
+    out = t.train_step(_batch(t, 1, nan=True))
+    after = _weights(t)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+    assert t.grad_scaler.get_scale() == scale / 2  # as for overflowing gradients
+    assert t.num_non_finite_steps == 0  # checked at the next step, when the loss has reached the host
+
+    good = t.train_step(_batch(t, 2))
+    assert (t._non_finite_consecutive, t._non_finite_in_epoch, t.num_non_finite_steps) == (1, 1, 1)
+    assert not all(torch.equal(after[k], v) for k, v in t.network.state_dict().items())
+    t.on_train_epoch_end([out, good])
+    assert t._non_finite_consecutive == 0
+    assert t.logger.get_value("train_losses", step=-1) == pytest.approx(float(good["loss"]))
+    log = Path(t.log_file).read_text()
+    assert "non-finite loss (nan) at epoch 0, iteration 1: step skipped" in log
+    assert "non-finite steps skipped in epoch 0: 1 of 2 (in this run: 1)" in log
+
+
+def test_step_without_host_syncs_stops_after_repeated_non_finite_losses(nnunet_dirs):
+    t = _trainer_with_grad_scaler()
+    t.max_consecutive_non_finite_steps = 2
+    t.on_train_epoch_start()
+    outs = [t.train_step(_batch(t, seed, nan=True)) for seed in (1, 2)]
+    with pytest.raises(RuntimeError, match=r"after 2 consecutive training steps with a non-finite loss"
+                                           r" \(NaN or Inf; last at epoch 0, iteration 2\)"):
+        t.on_train_epoch_end(outs)  # the epoch's last step is checked at its end
+
+
+def test_resumed_checkpoint_keeps_the_trainers_optimizer_kernel(nnunet_dirs):
+    """A checkpoint's optimizer state carries `fused` in its param groups; loading one written without the fused
+    kernel must not switch it off (GradScaler hands the fused SGD its found-inf flag, which the others reject)."""
+    written = _trainer()
+    path = Path(written.output_folder) / "checkpoint_unfused.pth"
+    written.save_checkpoint(str(path))
+    t = _trainer_with_grad_scaler()
+    t.load_checkpoint(str(path))
+    assert all(group["fused"] for group in t.optimizer.param_groups)
+    t.on_train_epoch_start()
+    assert math.isfinite(float(t.train_step(_batch(t, 1))["loss"]))
 
 
 def test_float16_scan_over_a_long_sequence_is_finite():
