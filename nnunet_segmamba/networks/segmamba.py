@@ -4,7 +4,8 @@ Xing, Ye, Yang, Ning, Xing, Zhu: "SegMamba: Long-range Sequential Modeling Mamba
 Segmentation", MICCAI 2024 (arXiv:2401.13560). The modules, their math and their state_dict keys follow the
 authors' code (see `shared/spec/segmamba.md`), so their checkpoints load with strict=True. Additions, all off
 by default or equal to the reference where the reference is defined: any input size, a 2D form, deep
-supervision heads, the mixer and block ablations, gradient checkpointing, recomputed Mamba branches.
+supervision heads, the mixer and block ablations, gradient checkpointing; and recomputed Mamba branches, on by
+default (the same values and gradients as the reference from less memory).
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ class SegMamba(nn.Module):
             reference initialises only the forward branch's dt_proj specially).
         gradient_checkpointing: recompute the Mamba stages in the backward pass to save training memory.
         recompute_mamba_branches: keep only the scans' outputs of every Mamba layer for the backward pass and
-            recompute the rest of each branch there (`TriOrientedMamba(recompute_branches=True)`): less memory
-            than the plain network, less time than `gradient_checkpointing`, which also runs the scans again.
-            One of the two at most.
+            recompute the rest of each branch there (`TriOrientedMamba(recompute_branches=True)`): about 2.2 GiB
+            less memory at the same step time on a GPU (batch 2, 128^3, docs/performance.md), less time than
+            `gradient_checkpointing`, which also runs the scans again. One of the two at most; None (default):
+            on unless `gradient_checkpointing` is. The same values and gradients either way.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
         scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on
@@ -126,7 +128,7 @@ class SegMamba(nn.Module):
                  num_slices: Sequence[int | None] | None = None, deep_supervision: bool = False, mixer: str = "tom",
                  block: str = "published", dt_init_all_branches: bool = False,
                  gradient_checkpointing: bool = False, pad_input: bool = True, scan_backend: str = "auto",
-                 recompute_mamba_branches: bool = False) -> None:
+                 recompute_mamba_branches: bool | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -143,6 +145,8 @@ class SegMamba(nn.Module):
         if gradient_checkpointing and recompute_mamba_branches:
             raise ValueError("gradient_checkpointing already recomputes the whole Mamba stages; set "
                              "recompute_mamba_branches=False with it (or use recompute_mamba_branches alone)")
+        if recompute_mamba_branches is None:
+            recompute_mamba_branches = not gradient_checkpointing
         num_slices = tuple(num_slices) if num_slices is not None else (None,) * 4
         if len(num_slices) != 4:
             raise ValueError(f"num_slices needs one entry per stage (4) or None, got {num_slices}")

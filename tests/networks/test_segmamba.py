@@ -170,7 +170,7 @@ def test_forward_mixer_layers_have_exactly_mamba_ssm_keys():
 @pytest.mark.parametrize("option", ["gradient_checkpointing", "recompute_mamba_branches"])
 def test_recomputing_options_give_the_same_gradients(option):
     torch.manual_seed(0)
-    plain = SegMamba(1, 2, **TINY)
+    plain = SegMamba(1, 2, recompute_mamba_branches=False, **TINY)
     ckpt = SegMamba(1, 2, **{option: True}, **TINY)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(1, 1, 32, 16, 16)
@@ -178,6 +178,16 @@ def test_recomputing_options_give_the_same_gradients(option):
         net(x).sum().backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mamba_branches_are_recomputed_unless_whole_stages_are():
+    from nnunet_segmamba.nn import mamba_mixers
+
+    def recomputed(**kwargs):
+        return {mixer.recompute_branches for mixer in mamba_mixers(SegMamba(1, 2, **TINY, **kwargs))}
+
+    assert recomputed() == {True}
+    assert recomputed(gradient_checkpointing=True) == recomputed(recompute_mamba_branches=False) == {False}
 
 
 @pytest.mark.parametrize("kwargs, x_shape, message", [
