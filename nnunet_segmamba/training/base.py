@@ -20,8 +20,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
   one graph. On one GPU the training and validation steps also run as CUDA graphs (`compile_mode`), since at
   small patches the step is bound by the host's kernel launches; the final validation uses nnU-Net's plain
   compile. AMP: nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
-* the training step on CUDA never waits for the GPU (`train_step`): non-finite steps are skipped on the device
-  and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
+* the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
+  device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
   GradScaler needs no sync either.
 
 Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
@@ -263,7 +263,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         `max_consecutive_non_finite_steps` of them in a row training stops with a RuntimeError naming likely
         causes (docs/reliability.md).
 
-        With a GradScaler (CUDA AMP) the step never waits for the GPU (`_step_without_host_syncs`); without one
+        With a GradScaler (CUDA AMP) the step does not wait for the GPU (`_step_without_host_syncs`); without one
         (CPU), where waiting costs nothing, the loss is checked before the backward (`_step_checked_on_the_host`).
         """
         data = batch["data"].to(self.device, non_blocking=True)
