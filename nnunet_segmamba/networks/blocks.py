@@ -149,7 +149,7 @@ class MambaLayer(nn.Module):
 
     def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
                  dt_init_all_branches: bool = False, scan_backend: str = "auto",
-                 recompute_branches: bool = False) -> None:
+                 recompute_branches: bool | None = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.mamba = TriOrientedMamba(dim, d_state=16, d_conv=4, expand=2, directions=directions,
@@ -171,7 +171,7 @@ class MambaLayerV1(nn.Module):
 
     def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
                  dt_init_all_branches: bool = False, scan_backend: str = "auto",
-                 recompute_branches: bool = False, mlp_ratio: int = 4) -> None:
+                 recompute_branches: bool | None = False, mlp_ratio: int = 4) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.mamba = TriOrientedMamba(dim, directions=directions, dt_init_all_branches=dt_init_all_branches,

@@ -5,7 +5,7 @@ Segmentation", MICCAI 2024 (arXiv:2401.13560). The modules, their math and their
 authors' code (see `shared/spec/segmamba.md`), so their checkpoints load with strict=True. Additions, all off
 by default or equal to the reference where the reference is defined: any input size, a 2D form, deep
 supervision heads, the mixer and block ablations, gradient checkpointing; and recomputed Mamba branches, on by
-default (the same values and gradients as the reference from less memory).
+default on CUDA (the same values and gradients as the reference from less memory).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ class MambaEncoder(nn.Module):
 
     def __init__(self, spatial_dims: int, in_chans: int, depths: Sequence[int], dims: Sequence[int],
                  num_slices: Sequence[int | None], mixer: str, block: str, dt_init_all_branches: bool,
-                 gradient_checkpointing: bool, scan_backend: str, recompute_mamba_branches: bool = False) -> None:
+                 gradient_checkpointing: bool, scan_backend: str,
+                 recompute_mamba_branches: bool | None = False) -> None:
         super().__init__()
         Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
         self.downsample_layers = nn.ModuleList([nn.Sequential(Conv(in_chans, dims[0], 7, stride=2, padding=3))])
@@ -102,7 +103,8 @@ class SegMamba(nn.Module):
             recompute the rest of each branch there (`TriOrientedMamba(recompute_branches=True)`): about 2.2 GiB
             less memory at the same step time on a GPU (batch 2, 128^3, docs/performance.md), less time than
             `gradient_checkpointing`, which also runs the scans again. One of the two at most; None (default):
-            on unless `gradient_checkpointing` is. The same values and gradients either way.
+            on for CUDA inputs unless `gradient_checkpointing` is (on the CPU it costs time). The same values and
+            gradients either way.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
         scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on
@@ -145,8 +147,8 @@ class SegMamba(nn.Module):
         if gradient_checkpointing and recompute_mamba_branches:
             raise ValueError("gradient_checkpointing already recomputes the whole Mamba stages; set "
                              "recompute_mamba_branches=False with it (or use recompute_mamba_branches alone)")
-        if recompute_mamba_branches is None:
-            recompute_mamba_branches = not gradient_checkpointing
+        if recompute_mamba_branches is None and gradient_checkpointing:
+            recompute_mamba_branches = False
         num_slices = tuple(num_slices) if num_slices is not None else (None,) * 4
         if len(num_slices) != 4:
             raise ValueError(f"num_slices needs one entry per stage (4) or None, got {num_slices}")

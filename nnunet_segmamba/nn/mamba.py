@@ -111,7 +111,9 @@ class TriOrientedMamba(nn.Module):
             conv, the x and dt projections), by selective activation checkpointing: less than half of the
             layer's activation memory, for one more causal conv and two small GEMMs per branch (mamba-ssm's
             fused Mamba recomputes the conv and delta the same way). The scan itself is not run again on the
-            Triton kernels; elsewhere its custom op's backward repeats the scan's forward (`ssm/ops.py`).
+            Triton kernels; elsewhere its custom op's backward repeats the scan's forward (`ssm/ops.py`). None:
+            for CUDA inputs only (measured there: 2.2 GiB less for SegMamba at 128^3 at the same step time,
+            docs/performance.md; on the CPU it costs a small network time, and memory is rarely the limit).
 
     Shapes:
         forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
@@ -125,7 +127,7 @@ class TriOrientedMamba(nn.Module):
                  dt_rank: int | str = "auto", directions: Sequence[str] = ("forward", "backward", "slice"),
                  num_slices: int | None = None, dt_init_all_branches: bool = False, dt_min: float = 0.001,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_backend: str = "auto",
-                 recompute_branches: bool = False) -> None:
+                 recompute_branches: bool | None = False) -> None:
         super().__init__()
         directions = tuple(directions)
         unknown = [d for d in directions if d not in DIRECTIONS]
@@ -226,7 +228,8 @@ class TriOrientedMamba(nn.Module):
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))
         in_kernels = self._orders_read_in_kernels(xz.device)
-        recompute = self.recompute_branches and torch.is_grad_enabled()
+        recompute = torch.is_grad_enabled() and (xz.is_cuda if self.recompute_branches is None
+                                                 else self.recompute_branches)
         out = 0
         for direction in self.directions:
             if recompute:  # no randomness in a branch: no RNG state to keep

@@ -180,14 +180,27 @@ def test_recomputing_options_give_the_same_gradients(option):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_mamba_branches_are_recomputed_unless_whole_stages_are():
+def test_mamba_branches_are_recomputed_by_default_on_cuda_only(monkeypatch):
+    """recompute_mamba_branches=None (default): each layer recomputes its branches for CUDA inputs, not on the CPU,
+    where it costs time; never with gradient_checkpointing, which recomputes whole stages."""
+    from nnunet_segmamba.nn import mamba as mamba_module
     from nnunet_segmamba.nn import mamba_mixers
 
-    def recomputed(**kwargs):
+    def setting(**kwargs):
         return {mixer.recompute_branches for mixer in mamba_mixers(SegMamba(1, 2, **TINY, **kwargs))}
 
-    assert recomputed() == {True}
-    assert recomputed(gradient_checkpointing=True) == recomputed(recompute_mamba_branches=False) == {False}
+    assert setting() == {None} and setting(recompute_mamba_branches=True) == {True}
+    assert setting(gradient_checkpointing=True) == setting(recompute_mamba_branches=False) == {False}
+
+    checkpointed = []
+    real_checkpoint = mamba_module.checkpoint
+    monkeypatch.setattr(mamba_module, "checkpoint",
+                        lambda *args, **kwargs: checkpointed.append(1) or real_checkpoint(*args, **kwargs))
+    x = torch.randn(1, 1, 32, 16, 16)
+    SegMamba(1, 2, **TINY)(x).sum().backward()
+    assert not checkpointed  # None on the CPU: not recomputed
+    SegMamba(1, 2, recompute_mamba_branches=True, **TINY)(x).sum().backward()
+    assert checkpointed
 
 
 @pytest.mark.parametrize("kwargs, x_shape, message", [
