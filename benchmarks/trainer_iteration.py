@@ -19,6 +19,8 @@ and takes each iteration apart:
             the iteration (data loader, forward, loss, backward, GradScaler, clipping, optimizer, our finiteness
             check) is labelled for the profiler, and each stretch of idle GPU goes to the innermost label open then.
             A part that shows here makes the GPU wait, typically for launches after a sync.
+  host wait the time the training thread spent in CUDA's synchronising calls in those iterations: what is left
+            of the iteration is the host's own work, which bounds the iteration once no sync does.
 
 and the validation iterations of an epoch (nnU-Net's `validation_step`, --validation-iterations of them), which an
 epoch's time includes too.
@@ -104,6 +106,17 @@ def labelled_parts(trainer):
                 setattr(owner, name, value)
 
 
+def merged_within(intervals: list[tuple[float, float]], window: tuple[float, float]) -> list[list[float]]:
+    """The union of `intervals` (start, end) inside `window`, as sorted, disjoint [start, end] pieces."""
+    lo, hi = window
+    merged: list[list[float]] = []
+    for start, end in sorted((max(a, lo), min(b, hi)) for a, b in intervals if b > lo and a < hi):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
 
 def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, float, str]],
                      window: tuple[float, float]) -> tuple[float, dict[str, float]]:
@@ -111,12 +124,7 @@ def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, f
     overlap) and its idle time there split by the innermost of the nested, labelled `parts` open meanwhile
     (BETWEEN where none is). All times in one unit, intervals as (start, end)."""
     lo, hi = window
-    merged: list[list[float]] = []
-    for start, end in sorted((max(a, lo), min(b, hi)) for a, b in busy if b > lo and a < hi):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
+    merged = merged_within(busy, window)
     busy_time = sum(end - start for start, end in merged)
     gaps, t = [], lo
     for start, end in merged:
@@ -138,9 +146,13 @@ def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, f
     return busy_time, idle
 
 
-def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str, float]]:
-    """Runs `profiled` labelled training iterations under torch.profiler; per iteration: wall ms, GPU busy ms and
-    GPU idle ms by part (see gpu_idle_by_part)."""
+# CUDA runtime calls in which the host waits for the GPU (`.item()`, `.cpu()`, events, explicit syncs)
+HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+
+
+def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str, float], float]:
+    """Runs `profiled` labelled training iterations under torch.profiler; per iteration: wall ms, GPU busy ms,
+    GPU idle ms by part (see gpu_idle_by_part) and the ms the training thread spent waiting for the GPU."""
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -163,9 +175,14 @@ def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str
     outer = [(a, b) for a, b, name in parts if name in (NEXT_BATCH, TRAIN_STEP)]
     window = (min(a for a, _ in outer), max(b for _, b in outer))
     busy_us, idle_us = gpu_idle_by_part(busy, parts, window)
+    training_thread = next(e.thread for e in events if e.name == TRAIN_STEP)
+    waits = [(e.time_range.start, e.time_range.end) for e in events
+             if e.name in HOST_WAITS and e.thread == training_thread]
+    wait_us = sum(end - start for start, end in merged_within(waits, window))
     per_iteration = 1e3 * profiled
     return ((window[1] - window[0]) / per_iteration, busy_us / per_iteration,
-            {name: t / per_iteration for name, t in sorted(idle_us.items(), key=lambda kv: -kv[1])})
+            {name: t / per_iteration for name, t in sorted(idle_us.items(), key=lambda kv: -kv[1])},
+            wait_us / per_iteration)
 
 
 def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, validation_iterations: int = 0) -> dict:
@@ -190,9 +207,9 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
             waits.append((t1 - t0) * 1e3)
             steps.append((t2 - t1) * 1e3)
             totals.append((t2 - t0) * 1e3)
-        profiled_wall = gpu_busy = gpu_idle = None
+        profiled_wall = gpu_busy = gpu_idle = host_wait = None
         if trainer.device.type == "cuda" and profiled > 0:
-            profiled_wall, gpu_busy, gpu_idle = _profiled_iterations(trainer, profiled)
+            profiled_wall, gpu_busy, gpu_idle, host_wait = _profiled_iterations(trainer, profiled)
         validations = []
         if validation_iterations > 0:
             with torch.no_grad():
@@ -212,7 +229,7 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
               "iteration_ms_median": statistics.median(totals), "iteration_ms_mean": statistics.mean(totals),
               "profiled_iterations": profiled if gpu_busy is not None else 0,
               "profiled_iteration_ms": profiled_wall, "gpu_busy_ms_per_iteration": gpu_busy,
-              "gpu_idle_ms_per_iteration_by_part": gpu_idle,
+              "gpu_idle_ms_per_iteration_by_part": gpu_idle, "host_waiting_for_gpu_ms_per_iteration": host_wait,
               "validation_iterations": len(validations),
               "validation_iteration_ms_median": statistics.median(validations) if validations else None}
     # what one epoch's iterations (250 + 50 for nnU-Net's trainers) take at this pace: the epoch without its end
@@ -238,12 +255,13 @@ def markdown(report: dict) -> str:
 
     trainers = report["trainers"]
     rows = ["| trainer | wait for a batch ms | train_step ms | iteration ms | profiled iteration ms | GPU busy ms "
-            "| validation iteration ms | an epoch's training iterations s |", "|---|---|---|---|---|---|---|---|"]
+            "| host waiting for the GPU ms | validation iteration ms | an epoch's training iterations s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, r in trainers.items():
         rows.append(f"| {name} | {ms(r['wait_ms_median'])} | {ms(r['step_ms_median'])} | "
                     f"{ms(r['iteration_ms_median'])} | {ms(r['profiled_iteration_ms'])} | "
-                    f"{ms(r['gpu_busy_ms_per_iteration'])} | {ms(r['validation_iteration_ms_median'])} | "
-                    f"{r['train_iterations_seconds_per_epoch']:.1f} |")
+                    f"{ms(r['gpu_busy_ms_per_iteration'])} | {ms(r['host_waiting_for_gpu_ms_per_iteration'])} | "
+                    f"{ms(r['validation_iteration_ms_median'])} | {r['train_iterations_seconds_per_epoch']:.1f} |")
     idle = {name: r["gpu_idle_ms_per_iteration_by_part"] for name, r in trainers.items()
             if r["gpu_idle_ms_per_iteration_by_part"]}
     if idle:

@@ -58,6 +58,14 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.network.state_dict().items()}
 
 
+def _assert_first_of_two_steps_left_out(trainer, good: dict) -> None:
+    """After an epoch of a NaN-loss step and a good one: the epoch's mean is the good loss; both are logged."""
+    assert trainer.logger.get_value("train_losses", step=-1) == pytest.approx(float(good["loss"]))
+    log = Path(trainer.log_file).read_text()
+    assert "non-finite loss (nan) at epoch 0, iteration 1: step skipped" in log
+    assert "non-finite steps skipped in epoch 0: 1 of 2 (in this run: 1)" in log
+
+
 # ---- numerical faults ---------------------------------------------------------------------------------------
 def test_nan_input_step_is_skipped_counted_and_logged(nnunet_dirs):
     t = _trainer()
@@ -75,11 +83,8 @@ def test_nan_input_step_is_skipped_counted_and_logged(nnunet_dirs):
     assert all(torch.isfinite(v).all() for v in t.network.state_dict().values() if v.is_floating_point())
     assert not all(torch.equal(after[k], v) for k, v in t.network.state_dict().items())
 
-    t.on_train_epoch_end([out, good])  # the NaN step is left out of the epoch's mean
-    assert t.logger.get_value("train_losses", step=-1) == pytest.approx(float(good["loss"]))
-    log = Path(t.log_file).read_text()
-    assert "non-finite loss (nan) at epoch 0, iteration 1: step skipped" in log
-    assert "non-finite steps skipped in epoch 0: 1 of 2 (in this run: 1)" in log
+    t.on_train_epoch_end([out, good])
+    _assert_first_of_two_steps_left_out(t, good)
 
 
 def test_non_finite_gradient_of_a_finite_loss_is_skipped(nnunet_dirs):
@@ -154,10 +159,7 @@ def test_step_without_host_syncs_skips_a_non_finite_loss_on_the_device(nnunet_di
     assert not all(torch.equal(after[k], v) for k, v in t.network.state_dict().items())
     t.on_train_epoch_end([out, good])
     assert t._non_finite_consecutive == 0
-    assert t.logger.get_value("train_losses", step=-1) == pytest.approx(float(good["loss"]))
-    log = Path(t.log_file).read_text()
-    assert "non-finite loss (nan) at epoch 0, iteration 1: step skipped" in log
-    assert "non-finite steps skipped in epoch 0: 1 of 2 (in this run: 1)" in log
+    _assert_first_of_two_steps_left_out(t, good)
 
 
 def test_step_without_host_syncs_stops_after_repeated_non_finite_losses(nnunet_dirs):

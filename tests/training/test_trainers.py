@@ -253,7 +253,7 @@ def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
     assert r["step_ms_median"] > 0 and r["wait_ms_median"] >= 0
     assert r["iteration_ms_median"] >= r["step_ms_median"]
     assert r["gpu_busy_ms_per_iteration"] is None and r["profiled_iterations"] == 0
-    assert r["gpu_idle_ms_per_iteration_by_part"] is None
+    assert r["gpu_idle_ms_per_iteration_by_part"] is None and r["host_waiting_for_gpu_ms_per_iteration"] is None
     assert r["train_iterations_seconds_per_epoch"] == pytest.approx(r["iteration_ms_mean"] * 4 / 1e3)
     assert r["validation_iterations"] == 2 and r["validation_iteration_ms_median"] > 0
     assert r["validation_iterations_seconds_per_epoch"] == pytest.approx(
@@ -286,7 +286,9 @@ def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch)
 
 
 def test_gpu_idle_time_goes_to_the_innermost_open_part():
-    from benchmarks.trainer_iteration import BETWEEN, gpu_idle_by_part
+    from benchmarks.trainer_iteration import BETWEEN, gpu_idle_by_part, merged_within
+
+    assert merged_within([(5, 8), (0, 3), (2, 4), (9, 20)], window=(1, 10)) == [[1, 4], [5, 8], [9, 10]]
 
     busy = [(0, 10), (5, 12), (20, 30), (34, 40)]  # overlapping kernels are counted once
     parts = [(0, 25, "step"), (11, 18, "loss"), (26, 36, "optimizer"), (31, 33, "sync")]
