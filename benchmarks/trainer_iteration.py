@@ -78,26 +78,24 @@ _MISSING = object()
 def labelled_parts(trainer):
     """Puts each part of nnU-Net's train_step in a profiler label while the block runs: the network, the loss, the
     backward, GradScaler's methods, gradient clipping and our trainers' finiteness check (the optimizer labels
-    its own step). Everything patched is restored at the end."""
+    its own step). Yields the labels; everything patched is restored at the end."""
     import torch
 
-    patches = [(trainer, "network", _Labelled(trainer.network, "network forward")),
-               (trainer, "loss", _Labelled(trainer.loss, "loss forward")),
-               (torch.Tensor, "backward", _labelled_function(torch.Tensor.backward, "backward")),
-               (torch.nn.utils, "clip_grad_norm_", _labelled_function(torch.nn.utils.clip_grad_norm_,
-                                                                      "clip_grad_norm_"))]
+    parts = [(trainer, "network", "network forward"), (trainer, "loss", "loss forward"),
+             (torch.Tensor, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "clip_grad_norm_")]
     if trainer.grad_scaler is not None:
-        patches += [(trainer.grad_scaler, name, _labelled_function(getattr(trainer.grad_scaler, name),
-                                                                   f"GradScaler.{name}"))
-                    for name in ("unscale_", "step", "update")]
+        parts += [(trainer.grad_scaler, name, f"GradScaler.{name}") for name in ("unscale_", "step", "update")]
     if hasattr(trainer, "_finite_on_all_ranks"):
-        patches.append((trainer, "_finite_on_all_ranks",
-                        _labelled_function(trainer._finite_on_all_ranks, "finiteness check")))
-    saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
+        parts.append((trainer, "_finite_on_all_ranks", "finiteness check"))
+    saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in parts]
+    for owner, name, label in parts:
+        value = getattr(owner, name)
+        # a module keeps its attributes (parameters()) through the wrapper; a function stays a function, so
+        # that a method (Tensor.backward) still binds its instance
+        setattr(owner, name, _Labelled(value, label) if isinstance(value, torch.nn.Module)
+                else _labelled_function(value, label))
     try:
-        yield
+        yield {label for _, _, label in parts}
     finally:
         for owner, name, value in reversed(saved):
             if value is _MISSING:
@@ -157,7 +155,7 @@ def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        with labelled_parts(trainer):
+        with labelled_parts(trainer) as labels:
             for _ in range(profiled):
                 with torch.profiler.record_function(NEXT_BATCH):
                     batch = next(trainer.dataloader_train)
@@ -165,8 +163,7 @@ def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str
                     trainer.train_step(batch)
         torch.cuda.synchronize()
     events = prof.events()
-    labels = {NEXT_BATCH, TRAIN_STEP, "network forward", "loss forward", "backward", "clip_grad_norm_",
-              "finiteness check", "GradScaler.unscale_", "GradScaler.step", "GradScaler.update"}
+    labels |= {NEXT_BATCH, TRAIN_STEP}
     parts = [(e.time_range.start, e.time_range.end, e.name) for e in events
              if e.device_type == torch.autograd.DeviceType.CPU
              and (e.name in labels or e.name.startswith(OWN_OPTIMIZER_LABEL))]

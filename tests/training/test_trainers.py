@@ -272,10 +272,11 @@ def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch)
         t.on_train_epoch_start()
         network, backward, clip = t.network, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            with labelled_parts(t):
+            with labelled_parts(t) as labels:
                 t.train_step(next(t.dataloader_train))
         names = {e.name for e in prof.events()}
-        assert {"network forward", "loss forward", "backward", "clip_grad_norm_", "finiteness check"} <= names
+        assert labels == {"network forward", "loss forward", "backward", "clip_grad_norm_", "finiteness check"}
+        assert labels <= names
         assert any(name.startswith("Optimizer.step") for name in names)
         assert t.network is network and torch.Tensor.backward is backward
         assert torch.nn.utils.clip_grad_norm_ is clip and "_finite_on_all_ranks" not in vars(t)
