@@ -77,8 +77,8 @@ _MISSING = object()
 @contextlib.contextmanager
 def labelled_parts(trainer):
     """Puts each part of nnU-Net's train_step in a profiler label while the block runs: the network, the loss, the
-    backward, GradScaler's methods, gradient clipping and our trainers' finiteness check (the optimizer labels
-    its own step). Yields the labels; everything patched is restored at the end."""
+    backward, GradScaler's methods, gradient clipping and our trainers' training forward and finiteness checks
+    (the optimizer labels its own step). Yields the labels; everything patched is restored at the end."""
     import torch
 
     parts = [(trainer, "network", "network forward"), (trainer, "loss", "loss forward"),
@@ -87,6 +87,10 @@ def labelled_parts(trainer):
         parts += [(trainer.grad_scaler, name, f"GradScaler.{name}") for name in ("unscale_", "step", "update")]
     if hasattr(trainer, "_finite_on_all_ranks"):
         parts.append((trainer, "_finite_on_all_ranks", "finiteness check"))
+    if hasattr(trainer, "_forward_and_loss"):  # our trainers' training forward: the two above, or one graph
+        parts.append((trainer, "_forward_and_loss", "network and loss forward"))
+    if hasattr(trainer, "_check_previous_loss") and trainer.grad_scaler is not None:
+        parts.append((trainer, "_check_previous_loss", "previous step's loss check"))
     saved = [(owner, name, owner.__dict__.get(name, _MISSING)) for owner, name, _ in parts]
     for owner, name, label in parts:
         value = getattr(owner, name)

@@ -18,8 +18,9 @@ the class attributes of the "tunables" block below or override one hook. Compare
 * torch.compile: nnU-Net's rule (`nnUNetTrainer._do_i_compile`): compiled on CUDA unless nnUNet_compile=f,
   never on CPU. The scan and causal conv are custom ops (`nnunet_segmamba.ssm.ops`), so the whole network is
   one graph. On one GPU the training and validation steps also run as CUDA graphs (`compile_mode`), since at
-  small patches the step is bound by the host's kernel launches; the final validation uses nnU-Net's plain
-  compile. AMP: nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
+  small patches the step is bound by the host's kernel launches; the training forward and nnU-Net's loss are
+  then one compiled module (`NetworkAndLoss`); the final validation uses nnU-Net's plain compile. AMP:
+  nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
 * the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
   device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
   GradScaler needs no sync either.
@@ -37,6 +38,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
@@ -53,6 +55,19 @@ from nnunet_segmamba.training.splits import load_or_create_split, split_file_pat
 
 def _to_numpy(value) -> np.ndarray:
     return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+class NetworkAndLoss(nn.Module):
+    """The training forward: the network and the loss on its outputs, as one module, so that one compile (and one
+    CUDA graph) holds both and the loss's kernels are fused and replayed with the network's instead of launched
+    one by one by the host."""
+
+    def __init__(self, network: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.network, self.loss = network, loss
+
+    def forward(self, data: torch.Tensor, target) -> torch.Tensor:
+        return self.loss(self.network(data), target)
 
 
 class nnUNetTrainerSegMambaBase(nnUNetTrainer):
@@ -91,6 +106,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
     # (loss on the host, CUDA event of its arrival, epoch, iteration) of a step not yet checked for finiteness
     _unchecked_loss: tuple | None = None
+    # the network and the loss compiled as one module, where the steps run as CUDA graphs (`initialize`)
+    _compiled_network_and_loss: nn.Module | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -163,8 +180,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             # nnU-Net compiled inline with the default mode (lazily: nothing is traced until the first call);
             # wrap the same module, whose parameters the optimizer already holds, in the chosen mode instead
             self.network = torch.compile(self._segmamba(), mode=self.compile_mode)
+            self._compiled_network_and_loss = torch.compile(NetworkAndLoss(self._segmamba(), self.loss),
+                                                            mode=self.compile_mode)
             self.print_to_log_file(f"torch.compile mode: {self.compile_mode} (CUDA graphs for the training and "
-                                   f"validation steps)")
+                                   f"validation steps; the training forward and the loss compiled together)")
         self.print_to_log_file(f"SegMamba scan backend: {self.scan_backend_in_use()}")
 
     def uses_cuda_graphs(self) -> bool:
@@ -208,6 +227,15 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             return None
         dim = len(self.configuration_manager.patch_size)
         return [[1.0 / s] * dim for s in self._segmamba().deep_supervision_strides]
+
+    def _build_loss(self):
+        """nnU-Net's loss, with the deep supervision weights as Python floats: nnU-Net's are numpy scalars, which
+        dynamo traces as tensors, and the wrapper's `weight != 0` test on them would break the compiled training
+        forward's graph (`NetworkAndLoss`) in two. Same values."""
+        loss = super()._build_loss()
+        if isinstance(loss, DeepSupervisionWrapper):
+            loss.weight_factors = tuple(float(w) for w in loss.weight_factors)
+        return loss
 
     def _set_batch_size_and_oversample(self) -> None:
         super()._set_batch_size_and_oversample()
@@ -278,11 +306,18 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
-            loss = self.loss(output, target)
+            loss = self._forward_and_loss(data, target)
         if self.grad_scaler is None:
             return self._step_checked_on_the_host(loss)
         return self._step_without_host_syncs(loss)
+
+    def _forward_and_loss(self, data: torch.Tensor, target) -> torch.Tensor:
+        """nnU-Net's loss of the network's outputs; where the steps run as CUDA graphs, both in one graph."""
+        if self._compiled_network_and_loss is None:
+            return self.loss(self.network(data), target)
+        # a copy: the next replay overwrites the graph's output, and nnU-Net keeps each step's loss until the
+        # epoch's end
+        return self._compiled_network_and_loss(data, target).clone()
 
     def _step_without_host_syncs(self, loss: torch.Tensor) -> dict:
         """The step with a GradScaler, queued without waiting for the GPU: each wait would leave the GPU idle

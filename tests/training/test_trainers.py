@@ -179,10 +179,13 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
     monkeypatch.setattr(TINY, "_do_i_compile", lambda self: True)  # as on CUDA
     t = _trainer(TINY, "3d_fullres")
     t.initialize()
-    # nnU-Net's own compiles (the network, its Dice loss) in the default mode, then the network's in compile_mode
-    assert modes[-1] == "reduce-overhead" and set(modes[:-1]) == {None} and t.uses_cuda_graphs()
+    # nnU-Net's own compiles (the network, its Dice loss) in the default mode, then the network's and the training
+    # forward's (network and loss) in compile_mode
+    assert modes[-2:] == ["reduce-overhead"] * 2 and set(modes[:-2]) == {None} and t.uses_cuda_graphs()
     optimized = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in t.network.parameters()} == optimized
+    training_forward = t._compiled_network_and_loss._orig_mod
+    assert training_forward.network is t._segmamba() and training_forward.loss is t.loss
     assert "torch.compile mode: reduce-overhead" in Path(t.log_file).read_text()
 
     seen = []
@@ -200,13 +203,32 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
     modes.clear()
     t = _trainer(DefaultCompile, "3d_fullres")
     t.initialize()
-    assert set(modes) == {None} and not t.uses_cuda_graphs()
+    assert set(modes) == {None} and not t.uses_cuda_graphs() and t._compiled_network_and_loss is None
 
     class Unknown(TINY):
         compile_mode = "max-autotune"
 
     with pytest.raises(ValueError, match="compile_mode must be 'default' or 'reduce-overhead'"):
         _trainer(Unknown, "3d_fullres")
+
+
+def test_training_forward_and_loss_trace_as_one_graph(nnunet_dirs):
+    """The module the CUDA-graph trainer compiles for its training forward (the network and nnU-Net's deep
+    supervision loss, whose Dice part nnU-Net compiled itself) traces without a graph break, which would split
+    the CUDA graph, and gives the loss of the two called one after the other. Traced with the eager backend on
+    the CPU: dynamo's trace is what is checked here; the kernels are checked on a GPU (test below)."""
+    from nnunet_segmamba.training.base import NetworkAndLoss
+
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    t.loss.loss.dc = torch.compile(t.loss.loss.dc)  # as nnU-Net's _build_loss does where it compiles
+    patch = t.configuration_manager.patch_size
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2, 1, *patch, generator=g)
+    target = [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float() for s in (1, 2, 4, 8)]
+    traced = torch.compile(NetworkAndLoss(t.network, t.loss), backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(data, target), t.loss(t.network(data), target))
 
 
 @pytest.mark.gpu
@@ -275,11 +297,13 @@ def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch)
             with labelled_parts(t) as labels:
                 t.train_step(next(t.dataloader_train))
         names = {e.name for e in prof.events()}
-        assert labels == {"network forward", "loss forward", "backward", "clip_grad_norm_", "finiteness check"}
+        assert labels == {"network forward", "loss forward", "backward", "clip_grad_norm_", "finiteness check",
+                          "network and loss forward"}
         assert labels <= names
         assert any(name.startswith("Optimizer.step") for name in names)
         assert t.network is network and torch.Tensor.backward is backward
-        assert torch.nn.utils.clip_grad_norm_ is clip and "_finite_on_all_ranks" not in vars(t)
+        assert torch.nn.utils.clip_grad_norm_ is clip
+        assert not {"_finite_on_all_ranks", "_forward_and_loss"} & set(vars(t))
     finally:
         for loader in (t.dataloader_train, t.dataloader_val):
             if hasattr(loader, "_finish"):
