@@ -4,8 +4,8 @@ and the GPU's.
     python -m benchmarks.trainer_iteration --data HIPPOCAMPUS_DIR --work WORK \
         --trainers nnUNetTrainer,nnUNetTrainerSegMamba --warmup 30 --iterations 100 --out iteration.json
 
-An epoch is more than its training steps: on the hippocampus nnUNetTrainer needs 28.8 ms per iteration for a
-14 ms compiled step, SegMamba 68 ms for a 54 ms one (docs/performance.md, "The three trainers in one run"). This
+An epoch is more than its training steps: in one hippocampus study nnUNetTrainer needed 28.8 ms per iteration
+for a 14 ms compiled step (docs/performance.md, "The three trainers in one run", the earlier run). This
 runs each trainer's iterations as nnU-Net's `run_training` does, `train_step(next(dataloader_train))`, on the
 hippocampus study's preprocessed data (`--work` may be the study's: it is prepared once) and fold 0 of its split,
 and takes each iteration apart:
