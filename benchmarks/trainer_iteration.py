@@ -11,7 +11,8 @@ hippocampus study's preprocessed data (`--work` may be the study's: it is prepar
 and takes each iteration apart:
 
   wait      the time in `next(dataloader_train)`: the data loader had no batch ready;
-  step      the wall time of `train_step`, which ends with a sync (nnU-Net reads the loss back);
+  step      the wall time of `train_step`; nnU-Net's ends with a sync (it reads the loss back), ours on CUDA
+            do not wait for the GPU, so the host may run up to a step ahead;
   GPU busy  the time the GPU runs kernels or copies, per iteration (torch.profiler over --profiled iterations;
             CUDA only). The kernels of replayed CUDA graphs count only where CUPTI reports them: a busy time far
             below the benchmark's step time (`nnunet-segmamba benchmark`) means it did not.
@@ -21,6 +22,8 @@ and takes each iteration apart:
             A part that shows here makes the GPU wait, typically for launches after a sync.
   host wait the time the training thread spent in CUDA's synchronising calls in those iterations: what is left
             of the iteration is the host's own work, which bounds the iteration once no sync does.
+  host      the training thread's time in each labelled part (innermost, as for the GPU's idle time), and of
+            it the time waiting for the GPU: where the host's own work goes.
 
 and the validation iterations of an epoch (nnU-Net's `validation_step`, --validation-iterations of them), which an
 epoch's time includes too.
@@ -120,14 +123,30 @@ def merged_within(intervals: list[tuple[float, float]], window: tuple[float, flo
     return merged
 
 
+def time_by_part(intervals: list[tuple[float, float]], parts: list[tuple[float, float, str]],
+                 window: tuple[float, float]) -> dict[str, float]:
+    """The time covered by `intervals` inside `window` (their union), split by the innermost of the nested,
+    labelled `parts` open meanwhile (BETWEEN where none is). All times in one unit, intervals as (start, end)."""
+    by_part: dict[str, float] = {}
+    for piece_start, piece_end in merged_within(intervals, window):
+        # cut the piece at every part boundary inside it; each cut goes to the innermost part around its middle
+        cuts = sorted({piece_start, piece_end}
+                      | {x for a, b, _ in parts for x in (a, b) if piece_start < x < piece_end})
+        for a, b in zip(cuts, cuts[1:]):
+            middle = (a + b) / 2
+            around = [(start, end, name) for start, end, name in parts if start <= middle < end]
+            # nested labels: the innermost is the latest to open
+            name = max(around)[2] if around else BETWEEN
+            by_part[name] = by_part.get(name, 0.0) + (b - a)
+    return by_part
+
+
 def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, float, str]],
                      window: tuple[float, float]) -> tuple[float, dict[str, float]]:
     """The GPU's busy time inside `window` (the union of the `busy` intervals: kernels and copies, which may
-    overlap) and its idle time there split by the innermost of the nested, labelled `parts` open meanwhile
-    (BETWEEN where none is). All times in one unit, intervals as (start, end)."""
+    overlap) and its idle time there split by the innermost labelled part open meanwhile (`time_by_part`)."""
     lo, hi = window
     merged = merged_within(busy, window)
-    busy_time = sum(end - start for start, end in merged)
     gaps, t = [], lo
     for start, end in merged:
         if start > t:
@@ -135,26 +154,17 @@ def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, f
         t = max(t, end)
     if hi > t:
         gaps.append((t, hi))
-    idle: dict[str, float] = {}
-    for gap_start, gap_end in gaps:
-        # cut the gap at every part boundary inside it; each piece goes to the innermost part around its middle
-        cuts = sorted({gap_start, gap_end} | {x for a, b, _ in parts for x in (a, b) if gap_start < x < gap_end})
-        for a, b in zip(cuts, cuts[1:]):
-            middle = (a + b) / 2
-            around = [(start, end, name) for start, end, name in parts if start <= middle < end]
-            # nested labels: the innermost is the latest to open
-            name = max(around)[2] if around else BETWEEN
-            idle[name] = idle.get(name, 0.0) + (b - a)
-    return busy_time, idle
+    return sum(end - start for start, end in merged), time_by_part(gaps, parts, window)
 
 
 # CUDA runtime calls in which the host waits for the GPU (`.item()`, `.cpu()`, events, explicit syncs)
 HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 
 
-def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str, float], float]:
-    """Runs `profiled` labelled training iterations under torch.profiler; per iteration: wall ms, GPU busy ms,
-    GPU idle ms by part (see gpu_idle_by_part) and the ms the training thread spent waiting for the GPU."""
+def _profiled_iterations(trainer, profiled: int) -> dict:
+    """Runs `profiled` labelled training iterations under torch.profiler; per iteration, in ms: wall time, GPU
+    busy time, GPU idle time by part (see gpu_idle_by_part), the training thread's time waiting for the GPU, and
+    the training thread's time by part, and of it the time waiting for the GPU."""
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -179,11 +189,23 @@ def _profiled_iterations(trainer, profiled: int) -> tuple[float, float, dict[str
     training_thread = next(e.thread for e in events if e.name == TRAIN_STEP)
     waits = [(e.time_range.start, e.time_range.end) for e in events
              if e.name in HOST_WAITS and e.thread == training_thread]
-    wait_us = sum(end - start for start, end in merged_within(waits, window))
-    per_iteration = 1e3 * profiled
-    return ((window[1] - window[0]) / per_iteration, busy_us / per_iteration,
-            {name: t / per_iteration for name, t in sorted(idle_us.items(), key=lambda kv: -kv[1])},
-            wait_us / per_iteration)
+    host_us, waiting_us = time_by_part([window], parts, window), time_by_part(waits, parts, window)
+
+    def per_iteration(by_part: dict[str, float]) -> dict[str, float]:
+        return {name: t / (1e3 * profiled) for name, t in sorted(by_part.items(), key=lambda kv: -kv[1])}
+
+    return {"profiled_iteration_ms": (window[1] - window[0]) / (1e3 * profiled),
+            "gpu_busy_ms_per_iteration": busy_us / (1e3 * profiled),
+            "gpu_idle_ms_per_iteration_by_part": per_iteration(idle_us),
+            "host_waiting_for_gpu_ms_per_iteration": sum(waiting_us.values()) / (1e3 * profiled),
+            "host_ms_per_iteration_by_part": per_iteration(host_us),
+            "host_waiting_for_gpu_ms_per_iteration_by_part": per_iteration(waiting_us)}
+
+
+# the figures of the profiled iterations, None where there are none (on the CPU)
+PROFILED_FIGURES = ("profiled_iteration_ms", "gpu_busy_ms_per_iteration", "gpu_idle_ms_per_iteration_by_part",
+                    "host_waiting_for_gpu_ms_per_iteration", "host_ms_per_iteration_by_part",
+                    "host_waiting_for_gpu_ms_per_iteration_by_part")
 
 
 def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, validation_iterations: int = 0) -> dict:
@@ -208,9 +230,9 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
             waits.append((t1 - t0) * 1e3)
             steps.append((t2 - t1) * 1e3)
             totals.append((t2 - t0) * 1e3)
-        profiled_wall = gpu_busy = gpu_idle = host_wait = None
+        profiled_figures = dict.fromkeys(PROFILED_FIGURES)
         if trainer.device.type == "cuda" and profiled > 0:
-            profiled_wall, gpu_busy, gpu_idle, host_wait = _profiled_iterations(trainer, profiled)
+            profiled_figures = _profiled_iterations(trainer, profiled)
         validations = []
         if validation_iterations > 0:
             with torch.no_grad():
@@ -228,10 +250,8 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
               "patch_size": [int(p) for p in trainer.configuration_manager.patch_size],
               "wait_ms_median": statistics.median(waits), "step_ms_median": statistics.median(steps),
               "iteration_ms_median": statistics.median(totals), "iteration_ms_mean": statistics.mean(totals),
-              "profiled_iterations": profiled if gpu_busy is not None else 0,
-              "profiled_iteration_ms": profiled_wall, "gpu_busy_ms_per_iteration": gpu_busy,
-              "gpu_idle_ms_per_iteration_by_part": gpu_idle, "host_waiting_for_gpu_ms_per_iteration": host_wait,
-              "validation_iterations": len(validations),
+              "profiled_iterations": profiled if profiled_figures["gpu_busy_ms_per_iteration"] is not None else 0,
+              **profiled_figures, "validation_iterations": len(validations),
               "validation_iteration_ms_median": statistics.median(validations) if validations else None}
     # what one epoch's iterations (250 + 50 for nnU-Net's trainers) take at this pace: the epoch without its end
     result["train_iterations_seconds_per_epoch"] = result["iteration_ms_mean"] * trainer.num_iterations_per_epoch / 1e3
@@ -272,6 +292,15 @@ def markdown(report: dict) -> str:
                  "|---|" + "---|" * len(idle)]
         rows += [f"| {part} | " + " | ".join(ms(by_part.get(part, 0.0)) for by_part in idle.values()) + " |"
                  for part in parts]
+    host = {name: (r["host_ms_per_iteration_by_part"], r["host_waiting_for_gpu_ms_per_iteration_by_part"])
+            for name, r in trainers.items() if r["host_ms_per_iteration_by_part"]}
+    if host:
+        parts = sorted({part for by_part, _ in host.values() for part in by_part},
+                       key=lambda part: -max(by_part.get(part, 0.0) for by_part, _ in host.values()))
+        rows += ["", "| training thread ms per iteration in (of which waiting for the GPU) | " + " | ".join(host)
+                 + " |", "|---|" + "---|" * len(host)]
+        rows += [f"| {part} | " + " | ".join(f"{ms(by_part.get(part, 0.0))} ({ms(waiting.get(part, 0.0))})"
+                                            for by_part, waiting in host.values()) + " |" for part in parts]
     return "\n".join(rows)
 
 

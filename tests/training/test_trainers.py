@@ -276,6 +276,7 @@ def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
     assert r["iteration_ms_median"] >= r["step_ms_median"]
     assert r["gpu_busy_ms_per_iteration"] is None and r["profiled_iterations"] == 0
     assert r["gpu_idle_ms_per_iteration_by_part"] is None and r["host_waiting_for_gpu_ms_per_iteration"] is None
+    assert r["host_ms_per_iteration_by_part"] is None and r["host_waiting_for_gpu_ms_per_iteration_by_part"] is None
     assert r["train_iterations_seconds_per_epoch"] == pytest.approx(r["iteration_ms_mean"] * 4 / 1e3)
     assert r["validation_iterations"] == 2 and r["validation_iteration_ms_median"] > 0
     assert r["validation_iterations_seconds_per_epoch"] == pytest.approx(
@@ -310,8 +311,8 @@ def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch)
                 loader._finish()
 
 
-def test_gpu_idle_time_goes_to_the_innermost_open_part():
-    from benchmarks.trainer_iteration import BETWEEN, gpu_idle_by_part, merged_within
+def test_gpu_idle_and_host_time_go_to_the_innermost_open_part():
+    from benchmarks.trainer_iteration import BETWEEN, gpu_idle_by_part, merged_within, time_by_part
 
     assert merged_within([(5, 8), (0, 3), (2, 4), (9, 20)], window=(1, 10)) == [[1, 4], [5, 8], [9, 10]]
 
@@ -322,6 +323,11 @@ def test_gpu_idle_time_goes_to_the_innermost_open_part():
     # idle: 12-20 (loss 12-18, step 18-20), 30-34 (optimizer 30-31 and 33-34, sync 31-33), 40-45 (nothing open)
     assert idle == {"loss": 6, "step": 2, "optimizer": 2, "sync": 2, BETWEEN: 5}
     assert busy_time + sum(idle.values()) == 45
+    # the host's whole window by part, and its waits (overlapping ones counted once)
+    assert time_by_part([(0, 45)], parts, window=(0, 45)) == {"step": 18, "loss": 7, "optimizer": 8, "sync": 2,
+                                                               BETWEEN: 10}
+    assert time_by_part([(12, 14), (13, 14), (30, 32)], parts, window=(0, 45)) == {"loss": 2, "optimizer": 1,
+                                                                                    "sync": 1}
 
 
 def test_split_used_for_training(nnunet_dirs):
