@@ -13,9 +13,10 @@ and takes each iteration apart:
   wait      the time in `next(dataloader_train)`: the data loader had no batch ready;
   step      the wall time of `train_step`; nnU-Net's ends with a sync (it reads the loss back), ours on CUDA
             do not wait for the GPU, so the host may run up to a step ahead;
-  GPU busy  the time the GPU runs kernels or copies, per iteration (torch.profiler over --profiled iterations;
-            CUDA only). The kernels of replayed CUDA graphs count only where CUPTI reports them: a busy time far
-            below the benchmark's step time (`nnunet-segmamba benchmark`) means it did not.
+  GPU busy  the time the GPU runs kernels or copies, per iteration (torch.profiler over --profiled iterations,
+            from an idle GPU to the end of their work; CUDA only). The kernels of replayed CUDA graphs count
+            only where CUPTI reports them: a busy time far below the benchmark's step time
+            (`nnunet-segmamba benchmark`) means it did not.
   GPU idle  the rest of those iterations' wall time, split by what the host was doing meanwhile: each part of
             the iteration (data loader, forward, loss, backward, GradScaler, clipping, optimizer, our finiteness
             check) is labelled for the profiler, and each stretch of idle GPU goes to the innermost label open then.
@@ -28,9 +29,10 @@ and takes each iteration apart:
 and the validation iterations of an epoch (nnU-Net's `validation_step`, --validation-iterations of them), which an
 epoch's time includes too.
 
-After `on_train_start` (network, compile, data loaders) --warmup iterations run untimed: they hold the compile and,
-for our trainers, the recording of the CUDA graphs. Nothing is trained to the end, evaluated or saved. Prints a
-table and writes JSON. Not a test: it needs a GPU and minutes.
+cuDNN runs in benchmark mode, as nnUNetv2_train sets it (the fastest algorithm for each convolution, timed on
+first use). After `on_train_start` (network, compile, data loaders) --warmup iterations run untimed: they hold the
+compile, cuDNN's timing and, for our trainers, the recording of the CUDA graphs. Nothing is trained to the end,
+evaluated or saved. Prints a table and writes JSON. Not a test: it needs a GPU and minutes.
 """
 from __future__ import annotations
 
@@ -168,6 +170,9 @@ def _profiled_iterations(trainer, profiled: int) -> dict:
     import torch
 
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    # start from an idle GPU and end when it is done: a host that runs ahead of the GPU (our trainers' steps do not
+    # wait for it) would otherwise end the window while the GPU still has its last iterations' work queued
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as prof:
         with labelled_parts(trainer) as labels:
             for _ in range(profiled):
@@ -184,7 +189,7 @@ def _profiled_iterations(trainer, profiled: int) -> dict:
     busy = [(e.time_range.start, e.time_range.end) for e in events
             if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     outer = [(a, b) for a, b, name in parts if name in (NEXT_BATCH, TRAIN_STEP)]
-    window = (min(a for a, _ in outer), max(b for _, b in outer))
+    window = (min(a for a, _ in outer), max([b for _, b in outer] + [b for _, b in busy]))
     busy_us, idle_us = gpu_idle_by_part(busy, parts, window)
     training_thread = next(e.thread for e in events if e.name == TRAIN_STEP)
     waits = [(e.time_range.start, e.time_range.end) for e in events
@@ -262,12 +267,18 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
 
 
 def build_trainer(dataset_id: int, name: str, configuration: str, fold: int, device: str):
-    """The trainer `name` as nnUNetv2_train builds it (looked up in nnU-Net's trainers and nnUNet_extTrainer). The
-    nnUNet_* variables must be set first: nnU-Net reads them when its modules are imported."""
+    """The trainer `name` as nnUNetv2_train builds it (looked up in nnU-Net's trainers and nnUNet_extTrainer), with
+    cuDNN set up as nnUNetv2_train sets it before training: benchmark mode, which times the convolution
+    algorithms for each shape and keeps the fastest. The nnUNet_* variables must be set first: nnU-Net reads them
+    when its modules are imported."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    return get_trainer_from_args(str(dataset_id), configuration, fold, name, device=torch.device(device))
+    trainer = get_trainer_from_args(str(dataset_id), configuration, fold, name, device=torch.device(device))
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    return trainer
 
 
 def markdown(report: dict) -> str:
