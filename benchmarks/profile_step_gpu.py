@@ -7,7 +7,11 @@ The step is `nnunet_segmamba.benchmark.training_step` (batch 2, 4 x 128^3 -> 3, 
 nnU-Net's SGD, gradient clipping); network names are the benchmark's (`_compiled` = torch.compile). After
 --warmup steps (the compile), --steps steps run under torch.profiler; each kernel is put in one category by its
 name (`categorize`) and the table gives ms per step per category, the step's wall time without the profiler and
-the top kernels. Nothing is asserted; prints tables and writes JSON.
+the top kernels; with --launchers N, for each top kernel the host operators that launched it (the innermost
+operator and its parents), e.g. which operations a layout's copies come from. Nothing is asserted; prints tables
+and writes JSON.
+
+    python -m benchmarks.profile_step_gpu --networks 'segmamba_cl_compiled[triton]' --launchers 3 --out cl.json
 """
 from __future__ import annotations
 
@@ -48,8 +52,30 @@ def categorize(kernel: str) -> str:
     return "other"
 
 
+def kernel_launchers(events, steps: int, depth: int = 4) -> dict[str, list[dict]]:
+    """Which host operations launched each kernel: for every CPU event that launched kernels (torch.profiler links
+    a kernel to the innermost operator open at its launch), the chain of that operator and up to `depth` - 1 of
+    its parents ("aten::copy_ < aten::contiguous < aten::convolution_backward"), with the kernel's ms and calls
+    per step under it, largest first. Says, for instance, which operators' copies a layout change brings in."""
+    per_kernel: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
+    for event in events:
+        if not getattr(event, "kernels", None):
+            continue
+        chain, parent = [event.name], event.cpu_parent
+        while parent is not None and len(chain) < depth:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        for kernel in event.kernels:
+            entry = per_kernel[kernel.name][" < ".join(chain)]
+            entry[0] += kernel.duration / 1e3 / steps
+            entry[1] += 1
+    return {kernel: [{"ops": ops, "ms_per_step": round(ms, 3), "calls_per_step": n / steps}
+                     for ops, (ms, n) in sorted(chains.items(), key=lambda kv: -kv[1][0])]
+            for kernel, chains in per_kernel.items()}
+
+
 def profile_network(name: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int,
-                    top: int) -> dict:
+                    top: int, launchers: int = 0) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build_network(name, in_channels, out_channels, patch=patch).cuda().train()
@@ -65,7 +91,8 @@ def profile_network(name: str, batch: int, patch, in_channels: int, out_channels
         step()
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if launchers else [])
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
@@ -88,6 +115,10 @@ def profile_network(name: str, batch: int, patch, in_channels: int, out_channels
         "top_kernels": [{"name": k[:160], "ms_per_step": round(ms, 3), "calls_per_step": n / steps,
                          "category": categorize(k)} for k, (ms, n) in kernels[:top]],
     }
+    if launchers:
+        launched_by = kernel_launchers(prof.events(), steps)
+        for entry, (kernel, _) in zip(result["top_kernels"], kernels[:top]):
+            entry["launched_by"] = launched_by.get(kernel, [])[:launchers]
     del model, step
     return result
 
@@ -102,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--launchers", type=int, default=0, metavar="N",
+                        help="for each top kernel, the N host operator chains that launched most of its time "
+                             "(profiles the host too)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
@@ -111,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         try:
             r = profile_network(name, args.batch, args.patch, args.in_channels, args.out_channels,
-                                args.warmup, args.steps, args.top)
+                                args.warmup, args.steps, args.top, args.launchers)
         except Exception as exc:  # keep the other networks' figures
             print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
             report["networks"][name] = {"error": f"{type(exc).__name__}: {exc}"}
@@ -123,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {cat:28s} {ms:8.1f} ms")
         for k in r["top_kernels"]:
             print(f"   {k['ms_per_step']:7.2f} ms x{k['calls_per_step']:5.1f}  [{k['category']}] {k['name'][:110]}")
+            for launcher in k.get("launched_by", []):
+                print(f"           {launcher['ms_per_step']:7.2f} ms x{launcher['calls_per_step']:5.1f}  "
+                      f"from {launcher['ops'][:110]}")
         if args.out:
             args.out.write_text(json.dumps(report, indent=1))
     return 0

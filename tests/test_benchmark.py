@@ -259,3 +259,28 @@ def test_compiled_networks_build_and_train(tmp_path):
     train = report["networks"]["segmamba_compiled[torch]"]["train"]
     assert _positive(train["ms_median"]) and _positive(train["loss_last"])
     assert train["first_call_ms"] >= train["ms_min"]
+
+
+def test_kernels_are_traced_to_the_operators_that_launched_them():
+    """profile_step_gpu --launchers: each kernel's time goes to the chain of the operator that launched it and its
+    parents (up to the depth), per step, largest first."""
+    from types import SimpleNamespace as Event
+
+    from benchmarks.profile_step_gpu import kernel_launchers
+
+    def kernel(name, us):
+        return Event(name=name, duration=us)
+
+    step = Event(name="step", kernels=[], cpu_parent=None)
+    backward = Event(name="aten::convolution_backward", kernels=[], cpu_parent=step)
+    contiguous = Event(name="aten::contiguous", kernels=[], cpu_parent=backward)
+    events = [step, backward, contiguous,
+              Event(name="aten::copy_", kernels=[kernel("copy", 3000), kernel("copy", 1000)], cpu_parent=contiguous),
+              Event(name="aten::copy_", kernels=[kernel("copy", 500)], cpu_parent=step),
+              Event(name="aten::cudnn_convolution", kernels=[kernel("fprop", 2000)], cpu_parent=None)]
+    found = kernel_launchers(events, steps=2, depth=3)
+    assert found["copy"] == [
+        {"ops": "aten::copy_ < aten::contiguous < aten::convolution_backward", "ms_per_step": 2.0,
+         "calls_per_step": 1.0},
+        {"ops": "aten::copy_ < step", "ms_per_step": 0.25, "calls_per_step": 0.5}]
+    assert found["fprop"] == [{"ops": "aten::cudnn_convolution", "ms_per_step": 1.0, "calls_per_step": 0.5}]
