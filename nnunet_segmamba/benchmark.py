@@ -56,7 +56,10 @@ CUDA_GRAPH_NETWORKS = ("segmamba_compiled_cg[triton]", "segmamba_compiled_cg[cud
 # except its scan
 RECOMPUTE_NETWORKS = ("segmamba_recompute[triton]", "segmamba_recompute_compiled[triton]",
                       "segmamba_recompute_compiled_cg[triton]")
-EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", "segmamba_cl[cuda]", "segmamba_cl[triton]",
+# `segmamba_cl`: weights and input in channels_last_3d, eager, compiled, or compiled with CUDA graphs
+CHANNELS_LAST_NETWORKS = ("segmamba_cl[cuda]", "segmamba_cl[triton]", "segmamba_cl_compiled[triton]",
+                          "segmamba_cl_compiled_cg[triton]")
+EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", *CHANNELS_LAST_NETWORKS,
                   *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS, *CUDA_GRAPH_NETWORKS, *RECOMPUTE_NETWORKS)
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
@@ -70,6 +73,8 @@ NETWORK_HELP = {
     "segmamba_ckpt[triton]": "SegMamba with gradient checkpointing of the Mamba stages, triton scan",
     "segmamba_cl[cuda]": "SegMamba with weights and input in channels_last_3d (cuDNN's NDHWC convolutions), cuda scan",
     "segmamba_cl[triton]": "SegMamba in channels_last_3d, triton scan",
+    "segmamba_cl_compiled[triton]": "SegMamba in channels_last_3d under torch.compile, triton scan",
+    "segmamba_cl_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs)",
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
     "segmamba_compiled[triton]": "SegMamba under torch.compile, triton scan",
     "segmamba_compiled[torch]": "SegMamba under torch.compile, chunked PyTorch scan",

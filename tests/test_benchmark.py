@@ -244,10 +244,14 @@ def test_compiled_networks_build_and_train(tmp_path):
     from torch._dynamo import OptimizedModule
 
     assert set(benchmark.COMPILED_NETWORKS) <= set(benchmark.KNOWN_NETWORKS)
-    for name in (*benchmark.COMPILED_NETWORKS, *benchmark.LAYOUT_OPT_NETWORKS, *benchmark.CUDA_GRAPH_NETWORKS):
+    for name in (*benchmark.COMPILED_NETWORKS, *benchmark.LAYOUT_OPT_NETWORKS, *benchmark.CUDA_GRAPH_NETWORKS,
+                 *benchmark.CHANNELS_LAST_NETWORKS):
         assert name in benchmark.NETWORK_HELP, name
         assert benchmark._uncompiled_name(name) in benchmark.KNOWN_NETWORKS, name
     assert isinstance(benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4), OptimizedModule)
+    channels_last = benchmark.build_network("segmamba_cl_compiled_cg[triton]", 1, 2, segmamba_width=4)
+    assert isinstance(channels_last, OptimizedModule)
+    assert next(channels_last.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
     torch._dynamo.reset()
     report = benchmark.run_benchmark(
         networks=["segmamba_compiled[cuda]", "segmamba_compiled[torch]"], device="cpu", batch=1, patch=(32, 16, 16),

@@ -26,8 +26,42 @@ def conv_nd(spatial_dims: int) -> type[nn.Module]:
     return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
 
 
+class _KeepsChannelsLast:
+    """InstanceNorm whose output keeps a channels-last input's layout.
+
+    torch's instance_norm normalises a contiguous (channels-first) copy of its input and returns a channels-first
+    result. In a network run in channels_last, every norm would then flip the layout and the next convolution
+    would copy it back, since cuDNN runs its half-precision convolutions channels-last (docs/performance.md,
+    "Where the compiled step's time goes"). A channels-last input is normalised here in place of that: the same
+    statistics (biased variance over the spatial dims, in float32), as one reduction and one pointwise pass that
+    torch.compile fuses. Other inputs, and norms with running statistics, take torch's path unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        if (self.track_running_stats or channels_last is None or x.is_contiguous()
+                or not x.is_contiguous(memory_format=channels_last)):
+            return super().forward(x)
+        dims = tuple(range(2, x.dim()))
+        x32 = x.float()
+        var, mean = torch.var_mean(x32, dim=dims, keepdim=True, correction=0)
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            shape = (1, -1) + (1,) * len(dims)
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(x.dtype)
+
+
+class InstanceNorm2dKeepingLayout(_KeepsChannelsLast, nn.InstanceNorm2d):
+    """nn.InstanceNorm2d (same arguments, no state of its own) whose output keeps a channels-last input's layout."""
+
+
+class InstanceNorm3dKeepingLayout(_KeepsChannelsLast, nn.InstanceNorm3d):
+    """nn.InstanceNorm3d (same arguments, no state of its own) whose output keeps a channels-last input's layout."""
+
+
 def instance_norm_nd(spatial_dims: int) -> type[nn.Module]:
-    return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims]
+    return {2: InstanceNorm2dKeepingLayout, 3: InstanceNorm3dKeepingLayout}[spatial_dims]
 
 
 class _Wrapped(nn.Sequential):

@@ -203,6 +203,59 @@ def test_mamba_branches_are_recomputed_by_default_on_cuda_only(monkeypatch):
     assert checkpointed
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("affine", [False, True])
+def test_instance_norm_keeps_a_channels_last_layout(spatial_dims, affine):
+    """The networks' InstanceNorm: a channels-last input gives a channels-last output with torch's values and
+    gradients (torch's own returns channels-first); a channels-first input takes torch's path exactly."""
+    from nnunet_segmamba.networks.blocks import instance_norm_nd
+
+    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims]
+    g = torch.Generator().manual_seed(0)
+    norm = instance_norm_nd(spatial_dims)(6, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    x = torch.randn(2, 6, *[5, 7, 4][:spatial_dims], generator=g) * 3 + 1
+    reference = torch.nn.functional.instance_norm(x.clone().requires_grad_(), weight=norm.weight, bias=norm.bias,
+                                                  eps=norm.eps)
+    x_cl = x.to(memory_format=fmt).requires_grad_(True)
+    y = norm(x_cl)
+    assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(reference.shape, generator=g)
+    y.backward(dy)
+    x_ref = x.clone().requires_grad_(True)
+    torch.nn.functional.instance_norm(x_ref, weight=norm.weight, bias=norm.bias, eps=norm.eps).backward(dy)
+    torch.testing.assert_close(x_cl.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(norm(x), torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias,
+                                                                   eps=norm.eps))
+
+
+def test_channels_last_segmamba_feeds_every_convolution_channels_last():
+    """SegMamba (the paper's size) with weights and input in channels_last_3d: with convolutions that answer in
+    channels-last, as cuDNN's half-precision ones do on a GPU, every convolution gets a channels-last input (with
+    torch's InstanceNorm 42 of the 65 did not, each a layout copy on a GPU), and the output is the channels-first
+    network's."""
+    torch.manual_seed(0)
+    net = SegMamba(4, 3, scan_backend="torch", deep_supervision=True).eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+    cl = torch.channels_last_3d
+    net = net.to(memory_format=cl)
+    inputs = []
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            m.register_forward_pre_hook(lambda m, args: inputs.append(args[0].is_contiguous(memory_format=cl)))
+            m.register_forward_hook(lambda m, args, out: out.contiguous(memory_format=cl))
+    with torch.no_grad():
+        out = net(x.to(memory_format=cl))
+    assert len(inputs) == 65 and all(inputs)
+    for head, expected_head in zip(out, expected, strict=True):
+        torch.testing.assert_close(head, expected_head, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kwargs, x_shape, message", [
     (dict(), (1, 1, 32, 32), "expects a (B, C, D, H, W)"),
     (dict(), (1, 3, 32, 32, 32), "3 channels but the network was built with in_chans=1"),
