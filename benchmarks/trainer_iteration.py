@@ -297,22 +297,24 @@ def markdown(report: dict) -> str:
     idle = {name: r["gpu_idle_ms_per_iteration_by_part"] for name, r in trainers.items()
             if r["gpu_idle_ms_per_iteration_by_part"]}
     if idle:
-        parts = sorted({part for by_part in idle.values() for part in by_part},
-                       key=lambda part: -max(by_part.get(part, 0.0) for by_part in idle.values()))
-        rows += ["", "| GPU idle ms per iteration, while the host was in | " + " | ".join(idle) + " |",
-                 "|---|" + "---|" * len(idle)]
-        rows += [f"| {part} | " + " | ".join(ms(by_part.get(part, 0.0)) for by_part in idle.values()) + " |"
-                 for part in parts]
-    host = {name: (r["host_ms_per_iteration_by_part"], r["host_waiting_for_gpu_ms_per_iteration_by_part"])
-            for name, r in trainers.items() if r["host_ms_per_iteration_by_part"]}
+        rows += _parts_table("GPU idle ms per iteration, while the host was in", idle,
+                             lambda name, part: ms(idle[name].get(part, 0.0)))
+    host = {name: r["host_ms_per_iteration_by_part"] for name, r in trainers.items()
+            if r["host_ms_per_iteration_by_part"]}
     if host:
-        parts = sorted({part for by_part, _ in host.values() for part in by_part},
-                       key=lambda part: -max(by_part.get(part, 0.0) for by_part, _ in host.values()))
-        rows += ["", "| training thread ms per iteration in (of which waiting for the GPU) | " + " | ".join(host)
-                 + " |", "|---|" + "---|" * len(host)]
-        rows += [f"| {part} | " + " | ".join(f"{ms(by_part.get(part, 0.0))} ({ms(waiting.get(part, 0.0))})"
-                                            for by_part, waiting in host.values()) + " |" for part in parts]
+        waiting = {name: trainers[name]["host_waiting_for_gpu_ms_per_iteration_by_part"] for name in host}
+        rows += _parts_table("training thread ms per iteration in (of which waiting for the GPU)", host,
+                             lambda name, part: f"{ms(host[name].get(part, 0.0))} ({ms(waiting[name].get(part, 0.0))})")
     return "\n".join(rows)
+
+
+def _parts_table(title: str, by_trainer: dict[str, dict[str, float]], cell) -> list[str]:
+    """A blank line and a table of one row per labelled part (the largest in any trainer first) and one column per
+    trainer of `by_trainer` (trainer -> part -> ms); `cell(trainer, part)` writes an entry."""
+    parts = sorted({part for by_part in by_trainer.values() for part in by_part},
+                   key=lambda part: -max(by_part.get(part, 0.0) for by_part in by_trainer.values()))
+    return (["", f"| {title} | " + " | ".join(by_trainer) + " |", "|---|" + "---|" * len(by_trainer)]
+            + [f"| {part} | " + " | ".join(cell(name, part) for name in by_trainer) + " |" for part in parts])
 
 
 def main() -> int:
