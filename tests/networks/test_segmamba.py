@@ -217,16 +217,15 @@ def test_instance_norm_keeps_a_channels_last_layout(spatial_dims, affine):
         with torch.no_grad():
             norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
     x = torch.randn(2, 6, *[5, 7, 4][:spatial_dims], generator=g) * 3 + 1
-    reference = torch.nn.functional.instance_norm(x.clone().requires_grad_(), weight=norm.weight, bias=norm.bias,
-                                                  eps=norm.eps)
+    x_ref = x.clone().requires_grad_(True)
+    reference = torch.nn.functional.instance_norm(x_ref, weight=norm.weight, bias=norm.bias, eps=norm.eps)
     x_cl = x.to(memory_format=fmt).requires_grad_(True)
     y = norm(x_cl)
     assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous()
     torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
     dy = torch.randn(reference.shape, generator=g)
     y.backward(dy)
-    x_ref = x.clone().requires_grad_(True)
-    torch.nn.functional.instance_norm(x_ref, weight=norm.weight, bias=norm.bias, eps=norm.eps).backward(dy)
+    reference.backward(dy)
     torch.testing.assert_close(x_cl.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
     assert torch.equal(norm(x), torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias,
                                                                    eps=norm.eps))
