@@ -4,6 +4,9 @@ and the GPU's.
     python -m benchmarks.trainer_iteration --data HIPPOCAMPUS_DIR --work WORK \
         --trainers nnUNetTrainer,nnUNetTrainerSegMamba --warmup 30 --iterations 100 --out iteration.json
 
+A trainer name may set class attributes of the trainer for this run, `NAME:ATTRIBUTE=VALUE` (a Python literal),
+to compare a tunable in one run: `--trainers nnUNetTrainerSegMamba,nnUNetTrainerSegMamba:channels_last=False`.
+
 An epoch is more than its training steps: in one hippocampus study nnUNetTrainer needed 28.8 ms per iteration
 for a 14 ms compiled step (docs/performance.md, "The three trainers in one run", the earlier run). This
 runs each trainer's iterations as nnU-Net's `run_training` does, `train_step(next(dataloader_train))`, on the
@@ -266,15 +269,38 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
     return result
 
 
-def build_trainer(dataset_id: int, name: str, configuration: str, fold: int, device: str):
-    """The trainer `name` as nnUNetv2_train builds it (looked up in nnU-Net's trainers and nnUNet_extTrainer), with
-    cuDNN set up as nnUNetv2_train sets it before training: benchmark mode, which times the convolution
-    algorithms for each shape and keeps the fastest. The nnUNet_* variables must be set first: nnU-Net reads them
-    when its modules are imported."""
+def parse_trainer(spec: str) -> tuple[str, dict]:
+    """`NAME` or `NAME:ATTRIBUTE=VALUE` (VALUE a Python literal) -> (NAME, {ATTRIBUTE: VALUE})."""
+    import ast
+
+    name, _, setting = spec.partition(":")
+    if not setting:
+        return name, {}
+    attribute, equals, value = setting.partition("=")
+    try:
+        if not (equals and attribute.isidentifier()):
+            raise ValueError
+        return name, {attribute: ast.literal_eval(value)}
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"trainer_iteration: --trainers entry {spec!r} is not NAME or NAME:ATTRIBUTE=VALUE with a "
+                         f"Python literal, e.g. nnUNetTrainerSegMamba:channels_last=False") from None
+
+
+def build_trainer(dataset_id: int, spec: str, configuration: str, fold: int, device: str):
+    """The trainer named by `spec` (`parse_trainer`) as nnUNetv2_train builds it (looked up in nnU-Net's trainers
+    and nnUNet_extTrainer), with the spec's class attributes set on the instance before anything reads them (they
+    are read from `initialize` on), and cuDNN set up as nnUNetv2_train sets it before training: benchmark mode,
+    which times the convolution algorithms for each shape and keeps the fastest. The nnUNet_* variables must be
+    set first: nnU-Net reads them when its modules are imported."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    name, attributes = parse_trainer(spec)
     trainer = get_trainer_from_args(str(dataset_id), configuration, fold, name, device=torch.device(device))
+    for attribute, value in attributes.items():
+        if not hasattr(type(trainer), attribute):
+            raise SystemExit(f"trainer_iteration: {name} has no attribute {attribute!r} to set")
+        setattr(trainer, attribute, value)
     if torch.cuda.is_available():
         torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
@@ -322,7 +348,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="folder with images/ and labels/ (MSD Task04)")
     parser.add_argument("--work", type=Path, required=True, help="working folder for nnU-Net's three folders")
     parser.add_argument("--trainers", default="nnUNetTrainer,nnUNetTrainerSegMamba,nnUNetTrainerSegMambaNoMamba",
-                        help="comma-separated trainer names")
+                        help="comma-separated trainer names, each optionally NAME:ATTRIBUTE=VALUE")
     parser.add_argument("--warmup", type=int, default=30, help="untimed iterations (compile, CUDA graphs)")
     parser.add_argument("--iterations", type=int, default=100, help="timed iterations per trainer")
     parser.add_argument("--profiled", type=int, default=10, help="iterations under torch.profiler (GPU busy time)")
