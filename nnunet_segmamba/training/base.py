@@ -21,6 +21,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
   small patches the step is bound by the host's kernel launches; the training forward and nnU-Net's loss are
   then one compiled module (`NetworkAndLoss`); the final validation uses nnU-Net's plain compile. AMP:
   nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
+* layout: on one GPU a 3D network's weights are in channels_last_3d (`channels_last`), the layout in which cuDNN
+  runs half-precision convolutions; checkpoints load into either layout.
 * the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
   device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
   GradScaler needs no sync either.
@@ -55,6 +57,21 @@ from nnunet_segmamba.training.splits import load_or_create_split, split_file_pat
 
 def _to_numpy(value) -> np.ndarray:
     return value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def match_state_layouts_to_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor of the parameter's shape (SGD's momentum) the parameter's strides.
+
+    A checkpoint written by a network in another memory format (channels-first vs channels_last_3d) brings
+    momentum buffers laid out differently from the parameters, and the fused SGD kernel pairs elements by memory
+    position, not index: it would silently apply each momentum to the wrong weight."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                        and value.stride() != param.stride()):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class NetworkAndLoss(nn.Module):
@@ -101,6 +118,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     #: patch, where launching SegMamba's many small kernels bounds the step); "default" is nnU-Net's own compile.
     #: Multi-GPU (DDP) training always uses "default".
     compile_mode: ClassVar[str] = "reduce-overhead"
+    #: on one GPU, a 3D network's weights in torch.channels_last_3d, so that cuDNN's convolutions (channels-last
+    #: in half precision) and the layout-keeping norms need no layout copies between them (docs/performance.md,
+    #: "Channels-last"). Not under DDP (its gradient buckets are laid out when it wraps the network) nor on the CPU.
+    channels_last: ClassVar[bool] = True
 
     # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
@@ -176,6 +197,11 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
+        if self.uses_channels_last():
+            # the parameters' data is replaced in place (same Parameter objects), so the optimizer keeps them; the
+            # network is not traced yet, nnU-Net's compile is lazy
+            self._segmamba().to(memory_format=torch.channels_last_3d)
+            self.print_to_log_file("SegMamba weights in channels_last_3d")
         if self.uses_cuda_graphs():
             # nnU-Net compiled inline with the default mode (lazily: nothing is traced until the first call);
             # wrap the same module, whose parameters the optimizer already holds, in the chosen mode instead
@@ -190,6 +216,12 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         """True where the steps run as CUDA graphs: nnU-Net's rule compiled the network, on one GPU."""
         return (self.compile_mode == "reduce-overhead" and not self.is_ddp
                 and isinstance(self.network, OptimizedModule))
+
+    def uses_channels_last(self) -> bool:
+        """True where the network's weights are put in channels_last_3d (`channels_last`): a 3D network on one
+        CUDA device."""
+        return (self.channels_last and self.device.type == "cuda" and not self.is_ddp
+                and len(self.configuration_manager.patch_size) == 3)
 
     def scan_backend_in_use(self) -> str:
         """Which selective-scan implementation the network's Mamba layers start with on this trainer's device,
@@ -258,6 +290,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         super().load_checkpoint(filename_or_checkpoint)
         for group in self.optimizer.param_groups:
             group["fused"] = self.optimizer.defaults.get("fused")
+        match_state_layouts_to_parameters(self.optimizer)
 
     # ---- data ----------------------------------------------------------------------------------------------
     @staticmethod

@@ -212,6 +212,62 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
         _trainer(Unknown, "3d_fullres")
 
 
+def test_fused_sgd_state_follows_the_parameters_layout():
+    """Momentum buffers from a checkpoint of another memory format: the fused SGD kernel pairs elements by memory
+    position, so without matching the layouts it applies each momentum to the wrong weight (on the CPU as on CUDA);
+    matched, the step is the unfused one."""
+    from nnunet_segmamba.training.base import match_state_layouts_to_parameters
+
+    g = torch.Generator().manual_seed(0)
+    weight, grad, momentum = (torch.randn(4, 3, 2, 3, 3, generator=g) for _ in range(3))
+
+    def step(fused: bool, match: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(weight.clone().contiguous(memory_format=torch.channels_last_3d))
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, fused=fused)
+        opt.state[p]["momentum_buffer"] = momentum.clone()  # channels-first, as a channels-first run saved it
+        if match:
+            match_state_layouts_to_parameters(opt)
+            assert opt.state[p]["momentum_buffer"].stride() == p.stride()
+        p.grad = grad.clone().contiguous(memory_format=torch.channels_last_3d)
+        opt.step()
+        return p.detach()
+
+    reference = step(fused=False, match=False)
+    torch.testing.assert_close(step(fused=True, match=True), reference)
+    assert not torch.allclose(step(fused=True, match=False), reference)  # what the matching prevents
+
+
+def test_channels_last_trainer_resumes_a_channels_first_checkpoint(nnunet_dirs, tmp_path, monkeypatch):
+    """Where the trainer puts the weights in channels_last_3d (one GPU; forced here on the CPU), the optimizer
+    updates those same parameters and a checkpoint of a channels-first run loads with its momentum laid out as the
+    weights. On the CPU the trainer keeps channels-first."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    first = _trainer(TINY, "3d_fullres")
+    assert not first.uses_channels_last()
+    first.on_train_start()
+    try:
+        first.on_train_epoch_start()
+        first.train_step(next(first.dataloader_train))
+        first.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    finally:
+        first.on_train_end()
+
+    monkeypatch.setattr(TINY, "uses_channels_last", lambda self: True)
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: False)
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    convs = [m.weight for m in t.network.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+                         for w in convs if w.shape[1] > 1 and w.shape[2:].numel() > 1)
+    assert {id(p) for p in t.network.parameters()} == {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    t.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    buffers = [(p, t.optimizer.state[p]["momentum_buffer"]) for p in t.network.parameters() if p in t.optimizer.state]
+    assert buffers and all(b.stride() == p.stride() for p, b in buffers)
+    assert any(not p.is_contiguous() for p, _ in buffers)
+
+
 def test_training_forward_and_loss_trace_as_one_graph(nnunet_dirs):
     """The module the CUDA-graph trainer compiles for its training forward (the network and nnU-Net's deep
     supervision loss, whose Dice part nnU-Net compiled itself) traces without a graph break, which would split
@@ -282,6 +338,18 @@ def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
     assert r["validation_iterations_seconds_per_epoch"] == pytest.approx(
         r["validation_iteration_ms_median"] * t.num_val_iterations_per_epoch / 1e3)
     assert r["batch_size"] == 2 and len(r["patch_size"]) == 3
+
+
+def test_trainer_iteration_sets_a_trainers_attribute_from_its_name():
+    from benchmarks.trainer_iteration import parse_trainer
+
+    assert parse_trainer("nnUNetTrainer") == ("nnUNetTrainer", {})
+    assert parse_trainer("nnUNetTrainerSegMamba:channels_last=False") == ("nnUNetTrainerSegMamba",
+                                                                          {"channels_last": False})
+    assert parse_trainer("X:compile_mode='default'") == ("X", {"compile_mode": "default"})
+    for bad in ("X:channels_last", "X:channels_last=nope", "X:1a=2"):
+        with pytest.raises(SystemExit, match="NAME:ATTRIBUTE=VALUE"):
+            parse_trainer(bad)
 
 
 def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch):
