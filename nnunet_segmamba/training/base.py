@@ -201,7 +201,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             # the parameters' data is replaced in place (same Parameter objects), so the optimizer keeps them; the
             # network is not traced yet, nnU-Net's compile is lazy
             self._segmamba().to(memory_format=torch.channels_last_3d)
-            self.print_to_log_file("SegMamba weights in channels_last_3d")
+            self.print_to_log_file("network weights in channels_last_3d")
         if self.uses_cuda_graphs():
             # nnU-Net compiled inline with the default mode (lazily: nothing is traced until the first call);
             # wrap the same module, whose parameters the optimizer already holds, in the chosen mode instead
