@@ -149,7 +149,8 @@ def prepare_dataset(data: Path, work: Path, num_processes: int, compile_mode: st
 def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int, num_gpus: int = 1,
               device_check_cases: int = 0, compile_mode: str = "default", out_json: Path | None = None) -> dict:
     """Preprocess (once per `work`), train and evaluate each trainer in turn; the results so far are
-    written to `out_json` after every trainer, so a run stopped by a time limit keeps the trainers it finished."""
+    written to `out_json` after each trainer's training and again after its test evaluation, so a run stopped by
+    a time limit keeps what it finished (a trainer stopped during its prediction has `"test": None`)."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -179,18 +180,21 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
         backend = [line.split("SegMamba scan backend: ", 1)[1] for line in out.splitlines()
                    if "SegMamba scan backend: " in line]  # the trainer's log line (not nnU-Net's trainers)
         epoch_s = _epoch_seconds(fold / "checkpoint_final.pth")
-        summary = predict_test_split(DATASET_ID, CONFIG, 0, trainer, device="cuda", num_processes=num_processes)
-        results["trainers"][trainer] = {
+        entry = results["trainers"][trainer] = {
             "train_seconds": round(train_s, 1),
             "epoch_seconds_mean": round(sum(epoch_s) / len(epoch_s), 2),
             "epoch_seconds_median_after_first": round(statistics.median(epoch_s[1:]), 2) if len(epoch_s) > 1 else None,
             "epoch_seconds": [round(e, 2) for e in epoch_s],
             "peak_memory_gib": round(peak[-1] / 2**30, 2) if peak else None,
             "scan_backend": backend[-1] if backend else None,
-            "test": {region: {m: summary["metrics"][region][m]["mean"] for m in ("dice", "hd95_mm")}
-                     for region in summary["metrics"]},
-            "test_cases": summary["num_cases"], "convention": summary["convention"],
+            "test": None, "test_cases": None, "convention": None,
         }
+        if out_json is not None:  # a run stopped during the prediction keeps the training figures
+            out_json.write_text(json.dumps(results, indent=2))
+        summary = predict_test_split(DATASET_ID, CONFIG, 0, trainer, device="cuda", num_processes=num_processes)
+        entry.update(test={region: {m: summary["metrics"][region][m]["mean"] for m in ("dice", "hd95_mm")}
+                           for region in summary["metrics"]},
+                     test_cases=summary["num_cases"], convention=summary["convention"])
         if device_check_cases:
             from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -204,15 +208,20 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
 
 
 def markdown(results: dict) -> str:
-    regions = list(next(iter(results["trainers"].values()))["test"])
-    head = "| trainer | " + " | ".join(f"Dice {r}" for r in regions) + " | " + \
-           " | ".join(f"HD95 {r} (mm)" for r in regions) + " | s/epoch (mean) | s/epoch (median of 2+) | peak GiB |"
-    rows = [head, "|" + "---|" * (4 + 2 * len(regions))]
+    """The study's table; "-" for the test figures of a trainer whose test evaluation did not finish."""
+    regions = next((list(r["test"]) for r in results["trainers"].values() if r.get("test")), [])
+    head = (["trainer"] + [f"Dice {r}" for r in regions] + [f"HD95 {r} (mm)" for r in regions]
+            + ["s/epoch (mean)", "s/epoch (median of 2+)", "peak GiB"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def metric(r: dict, region: str, name: str, digits: int) -> str:
+        return f"{r['test'][region][name]:.{digits}f}" if r.get("test") else "-"
+
     for name, r in results["trainers"].items():
-        rows.append(f"| {name} | " + " | ".join(f"{r['test'][g]['dice']:.4f}" for g in regions) + " | " +
-                    " | ".join(f"{r['test'][g]['hd95_mm']:.2f}" for g in regions) +
-                    f" | {r['epoch_seconds_mean']:.1f} | {r.get('epoch_seconds_median_after_first')} | "
-                    f"{r['peak_memory_gib']} |")
+        cells = ([metric(r, g, "dice", 4) for g in regions] + [metric(r, g, "hd95_mm", 2) for g in regions]
+                 + [f"{r['epoch_seconds_mean']:.1f}", str(r.get("epoch_seconds_median_after_first")),
+                    str(r["peak_memory_gib"])])
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, r in results["trainers"].items():
         if "device_check" not in r:
             continue

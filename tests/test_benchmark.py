@@ -288,3 +288,19 @@ def test_kernels_are_traced_to_the_operators_that_launched_them():
          "calls_per_step": 1.0},
         {"ops": "aten::copy_ < step", "ms_per_step": 0.25, "calls_per_step": 0.5}]
     assert found["fprop"] == [{"ops": "aten::cudnn_convolution", "ms_per_step": 1.0, "calls_per_step": 0.5}]
+
+
+def test_hippocampus_study_table_marks_a_trainer_without_test_figures():
+    """benchmarks/hippocampus_study.py writes a trainer's training figures before its test prediction; a run
+    stopped in between leaves "test": None, which the table shows as "-"."""
+    from benchmarks.hippocampus_study import markdown
+
+    timing = {"epoch_seconds_mean": 47.42, "epoch_seconds_median_after_first": 12.26, "peak_memory_gib": 3.4}
+    evaluated = {**timing, "test": {"Anterior": {"dice": 0.88327, "hd95_mm": 1.3418}}}
+    rows = markdown({"trainers": {"a": evaluated, "b": {**timing, "test": None}}}).splitlines()
+    assert rows[0] == ("| trainer | Dice Anterior | HD95 Anterior (mm) | s/epoch (mean) | s/epoch (median of 2+) "
+                       "| peak GiB |")
+    assert rows[1] == "|---|---|---|---|---|---|"
+    assert rows[2] == "| a | 0.8833 | 1.34 | 47.4 | 12.26 | 3.4 |"
+    assert rows[3] == "| b | - | - | 47.4 | 12.26 | 3.4 |"
+    assert markdown({"trainers": {"b": {**timing, "test": None}}}).splitlines()[2] == "| b | 47.4 | 12.26 | 3.4 |"
