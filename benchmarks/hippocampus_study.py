@@ -163,6 +163,11 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
                "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "num_gpus": num_gpus, "gpus_visible": torch.cuda.device_count(), "compile": compile_mode,
                "preprocess_seconds": round(prepared["preprocess_seconds"], 1), "trainers": {}}
+
+    def save() -> None:
+        if out_json is not None:
+            out_json.write_text(json.dumps(results, indent=2))
+
     for base in trainers:
         trainer = f"{base}_{epochs}epochs"
         fold = Path(env["nnUNet_results"]) / raw.name / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
@@ -189,8 +194,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
             "scan_backend": backend[-1] if backend else None,
             "test": None, "test_cases": None, "convention": None,
         }
-        if out_json is not None:  # a run stopped during the prediction keeps the training figures
-            out_json.write_text(json.dumps(results, indent=2))
+        save()  # a run stopped during the prediction keeps the training figures
         summary = predict_test_split(DATASET_ID, CONFIG, 0, trainer, device="cuda", num_processes=num_processes)
         entry.update(test={region: {m: summary["metrics"][region][m]["mean"] for m in ("dice", "hd95_mm")}
                            for region in summary["metrics"]},
@@ -200,10 +204,9 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
 
             files = get_filenames_of_train_images_and_targets(str(raw), load_json(str(raw / "dataset.json")))
             cases = {i: files[i] for i in split["test"][:device_check_cases]}
-            results["trainers"][trainer]["device_check"] = compare_devices(fold.parent, 0, trainer, cases)
-        print(json.dumps(results["trainers"][trainer], indent=2), flush=True)
-        if out_json is not None:
-            out_json.write_text(json.dumps(results, indent=2))
+            entry["device_check"] = compare_devices(fold.parent, 0, trainer, cases)
+        print(json.dumps(entry, indent=2), flush=True)
+        save()
     return results
 
 
