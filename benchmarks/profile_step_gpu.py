@@ -55,13 +55,15 @@ def categorize(kernel: str) -> str:
 def kernel_launchers(events, steps: int, depth: int = 4) -> dict[str, list[dict]]:
     """Which host operations launched each kernel: for every CPU event that launched kernels (torch.profiler links
     a kernel to the innermost operator open at its launch), the chain of that operator and up to `depth` - 1 of
-    its parents ("aten::copy_ < aten::contiguous < aten::convolution_backward"), with the kernel's ms and calls
-    per step under it, largest first. Says, for instance, which operators' copies a layout change brings in."""
+    its parents ("aten::copy_ < aten::contiguous < aten::convolution_backward"; the innermost with its first two
+    input shapes where recorded), with the kernel's ms and calls per step under it, largest first. Says, for instance, which operators' copies a layout change brings in."""
     per_kernel: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     for event in events:
         if not getattr(event, "kernels", None):
             continue
-        chain, parent = [event.name], event.cpu_parent
+        # the innermost operator's input shapes (when recorded) tell, e.g., which stage a scan kernel ran for
+        shapes = [list(s) for s in (getattr(event, "input_shapes", None) or []) if s][:2]
+        chain, parent = [event.name + (f" {shapes}" if shapes else "")], event.cpu_parent
         while parent is not None and len(chain) < depth:
             chain.append(parent.name)
             parent = parent.cpu_parent
@@ -92,12 +94,16 @@ def profile_network(name: str, batch: int, patch, in_channels: int, out_channels
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
     activities = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if launchers else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=bool(launchers)) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
+        # with the host profiled too, the host's annotated regions (a compiled graph's call, the optimizer's step)
+        # come back as device events spanning their kernels: kernels are counted once, annotations not at all
+        if getattr(event, "is_user_annotation", False) or event.name.startswith("## "):
+            continue
         if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
             entry = per_kernel[event.name]
             entry[0] += event.device_time_total / 1e3 / steps

@@ -281,13 +281,18 @@ def test_kernels_are_traced_to_the_operators_that_launched_them():
     events = [step, backward, contiguous,
               Event(name="aten::copy_", kernels=[kernel("copy", 3000), kernel("copy", 1000)], cpu_parent=contiguous),
               Event(name="aten::copy_", kernels=[kernel("copy", 500)], cpu_parent=step),
-              Event(name="aten::cudnn_convolution", kernels=[kernel("fprop", 2000)], cpu_parent=None)]
+              Event(name="aten::cudnn_convolution", kernels=[kernel("fprop", 2000)], cpu_parent=None),
+              Event(name="scan_op", input_shapes=[[7, 96, 18432], [], [7, 96, 18432]],
+                    kernels=[kernel("_bwd_chunk", 4000)], cpu_parent=step)]
     found = kernel_launchers(events, steps=2, depth=3)
     assert found["copy"] == [
         {"ops": "aten::copy_ < aten::contiguous < aten::convolution_backward", "ms_per_step": 2.0,
          "calls_per_step": 1.0},
         {"ops": "aten::copy_ < step", "ms_per_step": 0.25, "calls_per_step": 0.5}]
     assert found["fprop"] == [{"ops": "aten::cudnn_convolution", "ms_per_step": 1.0, "calls_per_step": 0.5}]
+    # the innermost operator's first two non-scalar input shapes, where recorded
+    assert found["_bwd_chunk"] == [{"ops": "scan_op [[7, 96, 18432], [7, 96, 18432]] < step", "ms_per_step": 2.0,
+                                    "calls_per_step": 0.5}]
 
 
 def test_hippocampus_study_table_marks_a_trainer_without_test_figures():
