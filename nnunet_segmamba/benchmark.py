@@ -56,9 +56,12 @@ CUDA_GRAPH_NETWORKS = ("segmamba_compiled_cg[triton]", "segmamba_compiled_cg[cud
 # except its scan
 RECOMPUTE_NETWORKS = ("segmamba_recompute[triton]", "segmamba_recompute_compiled[triton]",
                       "segmamba_recompute_compiled_cg[triton]")
-# `segmamba_cl`: weights and input in channels_last_3d, eager, compiled, or compiled with CUDA graphs
+# `segmamba_cl`: weights and input in channels_last_3d, eager, compiled, or compiled with CUDA graphs;
+# `segmamba_cl_recompute`: with recomputed branches too, and compiled with CUDA graphs the trainers' setting on
+# one GPU
 CHANNELS_LAST_NETWORKS = ("segmamba_cl[cuda]", "segmamba_cl[triton]", "segmamba_cl_compiled[triton]",
-                          "segmamba_cl_compiled_cg[triton]")
+                          "segmamba_cl_compiled_cg[triton]", "segmamba_cl_recompute[triton]",
+                          "segmamba_cl_recompute_compiled[triton]", "segmamba_cl_recompute_compiled_cg[triton]")
 EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", *CHANNELS_LAST_NETWORKS,
                   *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS, *CUDA_GRAPH_NETWORKS, *RECOMPUTE_NETWORKS)
 NETWORK_HELP = {
@@ -75,6 +78,9 @@ NETWORK_HELP = {
     "segmamba_cl[triton]": "SegMamba in channels_last_3d, triton scan",
     "segmamba_cl_compiled[triton]": "SegMamba in channels_last_3d under torch.compile, triton scan",
     "segmamba_cl_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs)",
+    "segmamba_cl_recompute[triton]": "SegMamba in channels_last_3d with recomputed Mamba branches, triton scan",
+    "segmamba_cl_recompute_compiled[triton]": "the same under torch.compile",
+    "segmamba_cl_recompute_compiled_cg[triton]": "the same compiled with CUDA graphs: the trainers' setting on one GPU",
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
     "segmamba_compiled[triton]": "SegMamba under torch.compile, triton scan",
     "segmamba_compiled[torch]": "SegMamba under torch.compile, chunked PyTorch scan",
@@ -168,12 +174,13 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         from .networks.segmamba import SegMamba
 
         w = segmamba_width
+        variant = name.split("[")[0].split("_")[1:]  # segmamba_cl_recompute[triton] -> ["cl", "recompute"]
         net = SegMamba(in_channels, out_channels, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=16 * w,
-                        mixer="none" if name == "segmamba_nomamba" else "tom",
-                        gradient_checkpointing=name.startswith("segmamba_ckpt"),
-                        recompute_mamba_branches=name.startswith("segmamba_recompute"),
+                        mixer="none" if "nomamba" in variant else "tom",
+                        gradient_checkpointing="ckpt" in variant,
+                        recompute_mamba_branches="recompute" in variant,
                         scan_backend=_backend_of(name) or "auto")
-        return _ChannelsLast3d(net) if name.startswith("segmamba_cl") else net
+        return _ChannelsLast3d(net) if "cl" in variant else net
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 

@@ -252,6 +252,10 @@ def test_compiled_networks_build_and_train(tmp_path):
     channels_last = benchmark.build_network("segmamba_cl_compiled_cg[triton]", 1, 2, segmamba_width=4)
     assert isinstance(channels_last, OptimizedModule)
     assert next(channels_last.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    trainers_setting = benchmark.build_network("segmamba_cl_recompute_compiled_cg[triton]", 1, 2, segmamba_width=4)
+    assert next(trainers_setting.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    assert {m.recompute_branches for m in trainers_setting.modules() if hasattr(m, "recompute_branches")} == {True}
+    assert {m.recompute_branches for m in channels_last.modules() if hasattr(m, "recompute_branches")} == {False}
     torch._dynamo.reset()
     report = benchmark.run_benchmark(
         networks=["segmamba_compiled[cuda]", "segmamba_compiled[torch]"], device="cpu", batch=1, patch=(32, 16, 16),
