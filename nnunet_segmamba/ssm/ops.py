@@ -30,7 +30,8 @@ and the backward runs only the backward kernels (`dispatch.scan_keeps_residuals`
 tensors otherwise). Every other case recomputes: the backward runs the eager forward again with gradients on and
 takes `torch.autograd.grad` of it (each implementation's own backward: mamba-ssm's, the CPU kernel's, or autograd
 through the torch scan), which keeps one backward per implementation at the cost of one more forward in a
-compiled training step; so does the causal conv, whose forward is a small part of the layer. Measured on an H200
+compiled training step; so does the causal conv, except on the Triton kernels, whose backward needs only the
+forward's inputs and runs alone (`triton_conv.causal_conv1d_triton_bwd`). Measured on an H200
 (docs/performance.md): keeping the Triton residuals took SegMamba's compiled training step from 198.8 to 187.8 ms.
 A gradient absent from the inputs (D, z or delta_bias given as None) comes back as an empty tensor and is turned
 into None by the autograd formula; one not reached (e.g. an input that the forward ignores) as zeros.
@@ -214,11 +215,18 @@ def _(x, weight, bias, silu, backend, order, num_slices):
 @torch.library.custom_op(f"{_NS}::causal_conv1d_bwd", mutates_args=())
 def causal_conv1d_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, backend: str,
                       order: str, num_slices: Optional[int]) -> list[Tensor]:
-    """Gradients of (x, weight, bias), by recomputing the forward."""
-    leaves = _leaves((x, weight, bias))
-    with _recording():
-        out = dispatch.causal_conv1d_eager(*leaves, silu, backend, order, num_slices)
-        grads = _gradients([out], [dout], leaves)
+    """Gradients of (x, weight, bias): on the Triton kernels from the backward kernels alone, elsewhere by
+    recomputing the forward (see the module docstring)."""
+    if dispatch.resolve(backend, x.device) == "triton" and dispatch.triton_scan_status()[0]:
+        from .triton_conv import causal_conv1d_triton_bwd
+
+        dx, dweight, dbias = causal_conv1d_triton_bwd(dout, x, weight, bias, silu, order, num_slices)
+        grads = [dx, dweight, dbias if dbias is not None else x.new_empty(0)]
+    else:
+        leaves = _leaves((x, weight, bias))
+        with _recording():
+            out = dispatch.causal_conv1d_eager(*leaves, silu, backend, order, num_slices)
+            grads = _gradients([out], [dout], leaves)
     return _fresh([g.contiguous() for g in grads], (dout, x, weight, bias))
 
 

@@ -15,9 +15,10 @@ memory position p(t):
 so input and output both stay in the raster layout. Accumulation is in float32; the output has x's dtype.
 
 The backward recomputes the pre-activation from x instead of saving it (one tensor of x's size less to keep
-alive per direction and layer). The weight and bias gradients are sums over batch and length: each program
-writes its partial sums to a float32 buffer and torch adds them up, so the result does not depend on the
-order in which programs finish (no atomics).
+alive per direction and layer), in two passes: the gradient at the pre-activation, once per step, into a
+transient float32 buffer in scan order; then dx from K shifted reads of it. The weight and bias gradients are
+sums over batch and length: each program writes its partial sums to a float32 buffer and torch adds them up,
+so the result does not depend on the order in which programs finish (no atomics).
 
 Triton is imported defensively: this module imports on machines without it (`TRITON_AVAILABLE` is False and
 `TRITON_IMPORT_ERROR` says why), and `causal_conv1d_triton` then raises a RuntimeError. The kernels run on CUDA
@@ -31,7 +32,7 @@ from .orders import slice_geometry
 from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, interpreting, jit,
                             memory_position, next_power_of_2, on_device_of, tl)
 
-__all__ = ["causal_conv1d_triton", "MAX_WIDTH"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_triton_bwd", "MAX_WIDTH"]
 
 MAX_WIDTH = 8
 # Largest tile of scan-order steps per program. Module-level so tests can shrink it to cover tile boundaries
@@ -87,47 +88,61 @@ if TRITON_AVAILABLE:
         tl.store(out_row + pos, acc.to(out_ptr.dtype.element_ty), mask=in_seq)
 
     @jit
-    def _causal_conv1d_bwd_kernel(
-        x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+    def _causal_conv1d_bwd_gate_kernel(
+        x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
         D, L, n, M, n_tiles,
-        stride_xb, stride_xd, stride_gb, stride_gd, stride_dxb, stride_dxd,
+        stride_xb, stride_xd, stride_gb, stride_gd,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
+        """g, the gradient at the pre-activation, at the tile's steps (float32, stored in scan order), and the
+        tile's shares of the weight and bias gradients."""
         row = tl.program_id(0)
         tile = tl.program_id(1)
         b = (row // D).to(tl.int64)
         c = (row % D).to(tl.int64)
         x_row = x_ptr + b * stride_xb + c * stride_xd
-        dout_row = dout_ptr + b * stride_gb + c * stride_gd
-        dx_row = dx_ptr + b * stride_dxb + c * stride_dxd
+        w_row = w_ptr + c * K
+
+        t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        in_seq = t < L
+        g = _load_scan(dout_ptr + b * stride_gb + c * stride_gd, t, in_seq, L, n, M, MODE)
+        if SILU:
+            pre = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
+            sig = tl.sigmoid(pre)
+            g = g * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(g_ptr + row.to(tl.int64) * L + t, g, mask=in_seq)
+        part = row.to(tl.int64) * n_tiles + tile
+        for k in tl.static_range(K):
+            src = t - (K - 1) + k
+            xk = _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
+            tl.store(dw_part_ptr + part * K + k, tl.sum(g * xk, axis=0))
+        if HAS_BIAS:
+            tl.store(db_part_ptr + part, tl.sum(g, axis=0))
+
+    @jit
+    def _causal_conv1d_bwd_input_kernel(
+        g_ptr, w_ptr, dx_ptr,
+        D, L, n, M,
+        stride_dxb, stride_dxd,
+        K: tl.constexpr, MODE: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        """dx at scan step s: x there feeds the outputs at steps s .. s + K-1, the one at s + j through
+        weight[K-1-j]; g is read in scan order, zero past the end (no outputs there)."""
+        row = tl.program_id(0)
+        tile = tl.program_id(1)
+        b = (row // D).to(tl.int64)
+        c = (row % D).to(tl.int64)
+        g_row = g_ptr + row.to(tl.int64) * L
         w_row = w_ptr + c * K
 
         s = tile * BLOCK_L + tl.arange(0, BLOCK_L)
         in_seq = s < L
         dx = tl.zeros([BLOCK_L], dtype=tl.float32)
-        # x at step s feeds the outputs at steps s .. s + K-1; the one at s + j through weight[K-1-j]. g, the
-        # gradient at the pre-activation, is needed at those K steps, so the tile reaches K-1 steps past its
-        # end (recomputing the pre-activation there rather than reading it from a neighbouring program).
         for j in tl.static_range(K):
             u = s + j
-            u_in = u < L
-            g = _load_scan(dout_row, u, u_in, L, n, M, MODE)  # zero past the end: no outputs there
-            if SILU:
-                pre = _pre_activation(x_row, w_row, b_ptr, c, u, u_in, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
-                sig = tl.sigmoid(pre)
-                g = g * sig * (1.0 + pre * (1.0 - sig))
-            dx += tl.load(w_row + (K - 1 - j)).to(tl.float32) * g
-            if j == 0:
-                # g at the tile's own steps: this program's share of the weight and bias sums.
-                part = row.to(tl.int64) * n_tiles + tile
-                for k in tl.static_range(K):
-                    src = s - (K - 1) + k
-                    xk = _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
-                    tl.store(dw_part_ptr + part * K + k, tl.sum(g * xk, axis=0))
-                if HAS_BIAS:
-                    tl.store(db_part_ptr + part, tl.sum(g, axis=0))
+            dx += tl.load(w_row + (K - 1 - j)).to(tl.float32) * tl.load(g_row + u, mask=u < L, other=0.0)
         pos = memory_position(tl.where(in_seq, s, 0), L, n, M, MODE)
-        tl.store(dx_row + pos, dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + pos, dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
 
 
 def _block_size(length: int) -> int:
@@ -170,28 +185,42 @@ class _CausalConv1dTriton(torch.autograd.Function):
     def backward(ctx, dout):
         x, w, b = ctx.saved_tensors
         silu, mode_id, num_slices, slice_len, block = ctx.config
-        dout = _contiguous_along_l(dout)
-        batch, dim, length = x.shape
-        width = w.shape[-1]
-        n_tiles = cdiv(length, block)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
-        dw_part = torch.zeros((batch * dim, n_tiles, width), dtype=torch.float32, device=x.device)
-        db_part = torch.zeros((batch * dim, n_tiles) if b is not None else (1,), dtype=torch.float32,
-                              device=x.device)
-        if x.numel():
-            with on_device_of(x):
-                _causal_conv1d_bwd_kernel[(batch * dim, n_tiles)](
-                    x, w, b if b is not None else w, dout, dx, dw_part, db_part,
-                    dim, length, num_slices, slice_len, n_tiles,
-                    *_row_strides(x), *_row_strides(dout), *_row_strides(dx),
-                    K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
-                )
-        dweight = dw_part.view(batch, dim, n_tiles, width).sum(dim=(0, 2)).to(w.dtype)
-        dbias = db_part.view(batch, dim, n_tiles).sum(dim=(0, 2)).to(b.dtype) if b is not None else None
+        dx, dweight, dbias = _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None,
                 None, None, None, None)
+
+
+def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
+    """Gradients of x, the (d, K) weight and the bias (None without one), in two passes: the gradient at the
+    pre-activation once per step into a float32 buffer in scan order (with the weight and bias sums), then dx
+    from K shifted reads of it, rather than one pass that recomputes the pre-activation and its SiLU at the K steps
+    each step feeds (K times the loads and sigmoids; docs/performance.md, "The causal conv's backward")."""
+    dout = _contiguous_along_l(dout)
+    x = _contiguous_along_l(x)
+    batch, dim, length = x.shape
+    width = w.shape[-1]
+    n_tiles = cdiv(length, block)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
+    dw_part = torch.zeros((batch * dim, n_tiles, width), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros((batch * dim, n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
+    if x.numel():
+        g = torch.empty((batch * dim, length), dtype=torch.float32, device=x.device)
+        with on_device_of(x):
+            _causal_conv1d_bwd_gate_kernel[(batch * dim, n_tiles)](
+                x, w, b if b is not None else w, dout, g, dw_part, db_part,
+                dim, length, num_slices, slice_len, n_tiles,
+                *_row_strides(x), *_row_strides(dout),
+                K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
+            )
+            _causal_conv1d_bwd_input_kernel[(batch * dim, n_tiles)](
+                g, w, dx, dim, length, num_slices, slice_len, *_row_strides(dx),
+                K=width, MODE=mode_id, BLOCK_L=block,
+            )
+    dweight = dw_part.view(batch, dim, n_tiles, width).sum(dim=(0, 2)).to(w.dtype)
+    dbias = db_part.view(batch, dim, n_tiles).sum(dim=(0, 2)).to(b.dtype) if b is not None else None
+    return dx, dweight, dbias
 
 
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -243,3 +272,16 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         raise ValueError(f"x is on {x.device}; the Triton causal conv needs CUDA tensors (or TRITON_INTERPRET=1 "
                          "set before importing this module, for the CPU interpreter)")
     return _CausalConv1dTriton.apply(x, weight, bias, bool(silu), MODES[mode], num_slices, slice_len)
+
+
+def causal_conv1d_triton_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None, silu: bool = True, mode: str = "forward",
+                             num_slices: int | None = None):
+    """Gradients (dx, dweight, dbias or None) of `causal_conv1d_triton(x, weight, bias, silu, mode, num_slices)`
+    against `dout`, without running the forward: for the custom op's backward (`ops.py`), whose forward took
+    the same, already checked, arguments. Each gradient has its input's shape and dtype."""
+    num_slices, slice_len = slice_geometry(mode, x.shape[-1], num_slices, "mode")
+    w = weight.reshape(weight.shape[0], weight.shape[-1]).contiguous()
+    dx, dweight, dbias = _backward(dout, x, w, bias.contiguous() if bias is not None else None, bool(silu),
+                                   MODES[mode], num_slices, slice_len, _block_size(x.shape[-1]))
+    return dx, dweight.reshape(weight.shape), dbias
