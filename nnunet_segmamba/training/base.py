@@ -23,6 +23,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
   nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
 * layout: on one GPU a 3D network's weights are in channels_last_3d (`channels_last`), the layout in which cuDNN
   runs half-precision convolutions; checkpoints load into either layout.
+* memory: on a GPU the Mamba branches are recomputed in the backward pass for large batches only
+  (`recompute_mamba_branches`), where their activations are gigabytes; at small ones it would only cost time.
 * the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
   device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
   GradScaler needs no sync either.
@@ -50,9 +52,15 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_segmamba.networks.blocks import TOTAL_STRIDE
+from nnunet_segmamba.nn import mamba_mixers
 from nnunet_segmamba.training.augmentation import enable_elastic_deformation
 from nnunet_segmamba.training.reliability import atomic_write_path, non_finite_steps_error
 from nnunet_segmamba.training.splits import load_or_create_split, split_file_path
+
+# voxels per batch (batch size x patch) from which the trainers recompute the Mamba branches on a GPU
+# (`recompute_mamba_branches`): between the two settings measured, the hippocampus's 7 x 48 x 64 x 48 (1.0 M) and
+# BraTS's 2 x 128^3 (4.2 M)
+RECOMPUTE_FROM_VOXELS = 2 ** 21
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -122,6 +130,13 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     #: in half precision) and the layout-keeping norms need no layout copies between them (docs/performance.md,
     #: "Channels-last"). Not under DDP (its gradient buckets are laid out when it wraps the network) nor on the CPU.
     channels_last: ClassVar[bool] = True
+    #: recompute each Mamba branch but its scan in the backward pass instead of keeping its activations
+    #: (`SegMamba(recompute_mamba_branches=...)`). None: on a GPU from RECOMPUTE_FROM_VOXELS voxels per batch
+    #: (batch size x patch), where the branches' activations are gigabytes (2.2 GiB at 2 x 128^3) and recomputing
+    #: them costs no measurable time; below that they are small (0.56 GiB at the hippocampus's 7 x 48 x 64 x 48)
+    #: and recomputing them costs a few percent of the step (docs/performance.md). A `recompute_mamba_branches`
+    #: or `gradient_checkpointing` in `network_kwargs` wins.
+    recompute_mamba_branches: ClassVar[bool | None] = None
 
     # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
@@ -197,6 +212,13 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
+        recompute = self.recomputes_mamba_branches()
+        if recompute is not None:
+            # read by each mixer when it runs; the network is not traced yet (nnU-Net's compile is lazy)
+            for mixer in mamba_mixers(self._segmamba()):
+                if hasattr(mixer, "recompute_branches"):
+                    mixer.recompute_branches = recompute
+            self.print_to_log_file(f"Mamba branches recomputed in the backward pass: {recompute}")
         if self.uses_channels_last():
             # the parameters' data is replaced in place (same Parameter objects), so the optimizer keeps them; the
             # network is not traced yet, nnU-Net's compile is lazy
@@ -217,6 +239,16 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         return (self.compile_mode == "reduce-overhead" and not self.is_ddp
                 and isinstance(self.network, OptimizedModule))
 
+    def recomputes_mamba_branches(self) -> bool | None:
+        """Whether the Mamba branches are recomputed in the backward pass (`recompute_mamba_branches`); None where
+        `network_kwargs` decides."""
+        if {"recompute_mamba_branches", "gradient_checkpointing"} & set(self.network_kwargs):
+            return None
+        if self.recompute_mamba_branches is not None:
+            return bool(self.recompute_mamba_branches)
+        voxels = int(self.batch_size) * math.prod(int(p) for p in self.configuration_manager.patch_size)
+        return self.device.type == "cuda" and voxels >= RECOMPUTE_FROM_VOXELS
+
     def uses_channels_last(self) -> bool:
         """True where the network's weights are put in channels_last_3d (`channels_last`): a 3D network on one
         CUDA device."""
@@ -227,7 +259,6 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         """Which selective-scan implementation the network's Mamba layers start with on this trainer's device,
         and what was asked for (a kernel chosen by "auto" that fails at run time is replaced by the next one,
         with a warning: nnunet_segmamba.ssm.dispatch)."""
-        from nnunet_segmamba.nn import mamba_mixers
         from nnunet_segmamba.ssm import dispatch
 
         asked = {mixer.scan_backend for mixer in mamba_mixers(self._segmamba())}

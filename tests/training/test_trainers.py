@@ -268,6 +268,36 @@ def test_channels_last_trainer_resumes_a_channels_first_checkpoint(nnunet_dirs, 
     assert any(not p.is_contiguous() for p, _ in buffers)
 
 
+def test_mamba_branches_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatch):
+    """On a GPU the trainers recompute the Mamba branches from RECOMPUTE_FROM_VOXELS voxels per batch (batch size x
+    patch), not below; never on the CPU; the tunable and network_kwargs override the rule, and every mixer of the
+    network follows it after initialize()."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_segmamba.nn import TriOrientedMamba
+    from nnunet_segmamba.training import base
+
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: False)
+    monkeypatch.setattr(TINY, "recompute_mamba_branches", True)
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    mixers = [m for m in t.network.modules() if isinstance(m, TriOrientedMamba)]
+    assert mixers and all(m.recompute_branches is True for m in mixers)
+
+    monkeypatch.setattr(TINY, "recompute_mamba_branches", None)
+    assert t.recomputes_mamba_branches() is False  # the CPU
+    t.device = torch.device("cuda")  # the rule only; nothing runs on it
+    voxels = t.batch_size * int(np.prod(t.configuration_manager.patch_size))
+    monkeypatch.setattr(base, "RECOMPUTE_FROM_VOXELS", voxels + 1)
+    assert t.recomputes_mamba_branches() is False
+    monkeypatch.setattr(base, "RECOMPUTE_FROM_VOXELS", voxels)
+    assert t.recomputes_mamba_branches() is True
+    monkeypatch.setattr(TINY, "recompute_mamba_branches", False)
+    assert t.recomputes_mamba_branches() is False
+    monkeypatch.setattr(TINY, "network_kwargs", {**TINY.network_kwargs, "recompute_mamba_branches": True})
+    assert t.recomputes_mamba_branches() is None
+
+
 def test_training_forward_and_loss_trace_as_one_graph(nnunet_dirs):
     """The module the CUDA-graph trainer compiles for its training forward (the network and nnU-Net's deep
     supervision loss, whose Dice part nnU-Net compiled itself) traces without a graph break, which would split
