@@ -16,7 +16,8 @@ Multi-GPU: `--num-gpus 2` trains with `nnUNetv2_train ... -num_gpus 2` (nnU-Net'
 `--device-check N` then predicts the first N test cases with the trained checkpoint on one GPU (fp16 autocast,
 the CUDA scan) and on the CPU (float32, the PyTorch scan) and reports how far the two results are apart.
 
-Prints a markdown table and writes JSON. Not a test: it needs a GPU and minutes.
+Prints a markdown table and writes JSON, with each trainer's training log copied beside it. Not a test: it needs
+a GPU and minutes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,6 +148,18 @@ def prepare_dataset(data: Path, work: Path, num_processes: int, compile_mode: st
     return {"env": env, "raw": raw, "preprocessed": preprocessed, "split": split, "preprocess_seconds": preprocess_s}
 
 
+def copy_training_log(fold: Path, out_json: Path | None, trainer: str) -> str | None:
+    """The fold's latest nnU-Net training log, copied next to the JSON as <json stem>_log_<trainer>.txt (the epoch
+    times can be checked against it, also for a trainer whose entry a time limit cut short); its file name, or
+    None without a JSON or a log."""
+    logs = list(fold.glob("training_log_*.txt"))
+    if out_json is None or not logs:
+        return None
+    destination = out_json.with_name(f"{out_json.stem}_log_{trainer}.txt")
+    shutil.copyfile(max(logs, key=lambda log: log.stat().st_mtime), destination)
+    return destination.name
+
+
 def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_processes: int, num_gpus: int = 1,
               device_check_cases: int = 0, compile_mode: str = "default", out_json: Path | None = None) -> dict:
     """Preprocess (once per `work`), train and evaluate each trainer in turn; the results so far are
@@ -193,6 +207,7 @@ def run_study(data: Path, work: Path, epochs: int, trainers: list[str], num_proc
             "peak_memory_gib": round(peak[-1] / 2**30, 2) if peak else None,
             "scan_backend": backend[-1] if backend else None,
             "test": None, "test_cases": None, "convention": None,
+            "training_log": copy_training_log(fold, out_json, trainer),
         }
         save()  # a run stopped during the prediction keeps the training figures
         summary = predict_test_split(DATASET_ID, CONFIG, 0, trainer, device="cuda", num_processes=num_processes)

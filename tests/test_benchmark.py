@@ -299,6 +299,26 @@ def test_kernels_are_traced_to_the_operators_that_launched_them():
                                     "calls_per_step": 0.5}]
 
 
+def test_hippocampus_study_copies_the_latest_training_log_next_to_its_json(tmp_path):
+    """The study copies the fold's newest nnU-Net training log beside its JSON, named after the JSON and trainer."""
+    import os
+
+    from benchmarks.hippocampus_study import copy_training_log
+
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    # nnU-Net's names do not sort by time (months and days are not zero-padded): the newer file wins by its time
+    older, newer = fold / "training_log_2026_12_2_10_00_00.txt", fold / "training_log_2026_9_30_10_00_00.txt"
+    older.write_text("first run")
+    newer.write_text("second run")
+    os.utime(older, (1_000, 1_000))
+    out_json = tmp_path / "study.json"
+    assert copy_training_log(fold, out_json, "nnUNetTrainer_5epochs") == "study_log_nnUNetTrainer_5epochs.txt"
+    assert (tmp_path / "study_log_nnUNetTrainer_5epochs.txt").read_text() == "second run"
+    assert copy_training_log(fold, None, "t") is None
+    assert copy_training_log(tmp_path / "missing", out_json, "t") is None
+
+
 def test_hippocampus_study_table_marks_a_trainer_without_test_figures():
     """benchmarks/hippocampus_study.py writes a trainer's training figures before its test prediction; a run
     stopped in between leaves "test": None, which the table shows as "-"."""
