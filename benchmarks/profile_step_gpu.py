@@ -56,12 +56,12 @@ def kernel_launchers(events, steps: int, depth: int = 4) -> dict[str, list[dict]
     """Which host operations launched each kernel: for every CPU event that launched kernels (torch.profiler links
     a kernel to the innermost operator open at its launch), the chain of that operator and up to `depth` - 1 of
     its parents ("aten::copy_ < aten::contiguous < aten::convolution_backward"; the innermost with its first two
-    input shapes where recorded), with the kernel's ms and calls per step under it, largest first. Says, for instance, which operators' copies a layout change brings in."""
+    input shapes where recorded), with the kernel's ms and calls per step under it, largest first. Says, for
+    instance, which operators' copies a layout change brings in, or which stage a scan kernel ran for."""
     per_kernel: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))
     for event in events:
         if not getattr(event, "kernels", None):
             continue
-        # the innermost operator's input shapes (when recorded) tell, e.g., which stage a scan kernel ran for
         shapes = [list(s) for s in (getattr(event, "input_shapes", None) or []) if s][:2]
         chain, parent = [event.name + (f" {shapes}" if shapes else "")], event.cpu_parent
         while parent is not None and len(chain) < depth:
