@@ -213,11 +213,12 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         recompute = self.recomputes_mamba_branches()
-        if recompute is not None:
-            # read by each mixer when it runs; the network is not traced yet (nnU-Net's compile is lazy)
-            for mixer in mamba_mixers(self._segmamba()):
-                if hasattr(mixer, "recompute_branches"):
-                    mixer.recompute_branches = recompute
+        # the tri-orientated mixers (MedMamba's SS2D has no such option); each reads the flag when it runs, and the
+        # network is not traced yet (nnU-Net's compile is lazy)
+        mixers = [m for m in mamba_mixers(self._segmamba()) if hasattr(m, "recompute_branches")]
+        if recompute is not None and mixers:
+            for mixer in mixers:
+                mixer.recompute_branches = recompute
             self.print_to_log_file(f"Mamba branches recomputed in the backward pass: {recompute}")
         if self.uses_channels_last():
             # the parameters' data is replaced in place (same Parameter objects), so the optimizer keeps them; the
