@@ -167,13 +167,12 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 # the forward's warps were settled at 1 by the sweep over (128, 256, 512) x (1, 2) x (1, 2, 4), and the backward at
 # chunk 64, 1 warp, 8 programs per multiprocessor by the sweep over (32, 64, 128) x (1, 2) x (4, 8, 16, 32), both
 # recorded in docs/performance.md at batch 2 and 64^3 / 32^3, where the first stage has enough chunks to fill the
-# GPU with one channel split at any of those targets. The split target matters where (batch x chunks) is small (at
-# the hippocampus patch's first stage, batch 7, L = 18432: 2016 programs, 15 one-warp programs per multiprocessor),
-# and 32 per multiprocessor lost to 8 there too. This grid sweeps the chunk against a cap on the backward's
-# registers: 255 (with spills) at chunk 64 and 238 at chunk 32 on sm_90 (benchmarks/triton_registers.py) allow 8
-# one-warp programs per multiprocessor, capped at 168 / 128 they allow 12 / 16
-TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=1, bwd_programs_per_sm=8, bwd_maxnreg=reg)
-             for bl in (32, 64) for reg in (None, 168, 128)]
+# GPU with one channel split at any of those targets. This grid re-checks the chunk and the backward's warps around
+# that choice, and the split target, which matters where (batch x chunks) is small: at the hippocampus patch's
+# first stage (batch 7, L = 18432: 2016 programs, 15 one-warp programs per multiprocessor) 32 per multiprocessor
+# splits the channels in three
+TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=ps)
+             for bl in (64, 128) for wb in (1, 2) for ps in (8, 32)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 
 

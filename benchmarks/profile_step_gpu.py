@@ -12,9 +12,6 @@ operator and its parents), e.g. which operations a layout's copies come from. No
 and writes JSON.
 
     python -m benchmarks.profile_step_gpu --networks 'segmamba_cl_compiled[triton]' --launchers 3 --out cl.json
-
---scan-tuning sets launch settings of the Triton scan (`triton_scan.TUNING`) for the run, e.g. `block_l=32,
-bwd_maxnreg=168`, so that a setting the scan's own sweep found can be compared inside the whole step.
 """
 from __future__ import annotations
 
@@ -28,7 +25,6 @@ from pathlib import Path
 import torch
 
 from nnunet_segmamba.benchmark import parse_sizes, build_network, training_step
-from nnunet_segmamba.ssm import triton_scan
 
 # first match wins; names are lower-cased. Inductor's kernels (triton_{poi,red,per}_fused_<ops>) are tried
 # against INDUCTOR_CATEGORIES first, every kernel then against CATEGORIES.
@@ -78,18 +74,6 @@ def kernel_launchers(events, steps: int, depth: int = 4) -> dict[str, list[dict]
     return {kernel: [{"ops": ops, "ms_per_step": round(ms, 3), "calls_per_step": n / steps}
                      for ops, (ms, n) in sorted(chains.items(), key=lambda kv: -kv[1][0])]
             for kernel, chains in per_kernel.items()}
-
-
-def parse_scan_tuning(text: str) -> dict:
-    """'block_l=32,bwd_maxnreg=168' -> {'block_l': 32, 'bwd_maxnreg': 168} for keys of triton_scan.TUNING."""
-    tuning = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in triton_scan.TUNING or not value:
-            raise argparse.ArgumentTypeError(f"--scan-tuning takes KEY=VALUE pairs with keys from "
-                                             f"{sorted(triton_scan.TUNING)}, got {item!r}")
-        tuning[key] = None if value == "None" else int(value)
-    return tuning
 
 
 def profile_network(name: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int,
@@ -158,14 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launchers", type=int, default=0, metavar="N",
                         help="for each top kernel, the N host operator chains that launched most of its time "
                              "(profiles the host too)")
-    parser.add_argument("--scan-tuning", type=parse_scan_tuning, default={}, metavar="KEY=VALUE,...",
-                        help="launch settings of the Triton scan for this run (keys of triton_scan.TUNING)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
-    triton_scan.TUNING.update(args.scan_tuning)
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
-              "patch": list(args.patch), "scan_tuning": dict(triton_scan.TUNING), "networks": {}}
+              "patch": list(args.patch), "networks": {}}
     for name in args.networks.split(","):
         print(f"== {name}", flush=True)
         try:

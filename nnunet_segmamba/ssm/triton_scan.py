@@ -45,12 +45,9 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
            "TUNING"]
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
-# how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels, and a cap
-# on the backward's main kernel's registers per thread (None: the compiler's choice). The backward is bound by
-# latency, and its registers decide how many of its programs share a multiprocessor (65536 / (registers x 32 x
-# warps)): a cap trades spills for programs. benchmarks/bench_scan_gpu.py --tune sweeps them;
-# docs/performance.md records the choice.
-TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8, "bwd_maxnreg": None}
+# and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
+# benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
+TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8}
 
 
 @jit
@@ -455,7 +452,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
         *_batch_strides(u, delta, z, B, C),
         NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
-        **flags, **({"maxnreg": TUNING["bwd_maxnreg"]} if TUNING["bwd_maxnreg"] else {}))
+        **flags)
     dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
     if same_kind:
         dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype

@@ -119,17 +119,6 @@ def test_channel_splits_of_the_backward(monkeypatch, programs_per_sm, splits, dt
 
 
 @needs_kernels
-@pytest.mark.parametrize("n, block_l", [(4, 16), pytest.param(16, 64, marks=[pytest.mark.gpu, needs_cuda])],
-                         ids=["small", "spilling"])
-def test_register_cap_of_the_backward(monkeypatch, n, block_l):
-    """A cap on the backward kernel's registers changes no gradient (on the GPU at d_state 16 and chunk 64 the
-    kernel needs more than the cap and spills; the interpreter only checks that the launch takes the cap)."""
-    monkeypatch.setitem(triton_scan.TUNING, "bwd_maxnreg", 128)
-    check_order(make_inputs(18, batch=2, dim=2, n=n, length=40 if n == 4 else 200, device=DEVICE), "slice",
-                num_slices=5, block_l=block_l)
-
-
-@needs_kernels
 def test_slices_of_larger_tensors_are_read_in_place():
     """x and z as halves of one in_proj output, B and C as rows of one x_proj output: same as contiguous."""
     g = torch.Generator().manual_seed(15)
