@@ -12,7 +12,8 @@ Every network runs in one process at the same setting; the defaults are the pape
 - volume inference: MONAI's `sliding_window_inference` over one (1, C, *volume) image (BraTS: 240 x 240 x 155)
   with patch-sized tiles, overlap 1 - step (nnU-Net's tile_step_size 0.5), Gaussian weighting (sigma = patch/8),
   batch-1 tiles, and nnU-Net's mirror TTA applied per tile by `mirror_tta` (the mean over all 8 flips of the three
-  spatial axes). See `tile_layout` for how the tile positions compare with nnU-Net's predictor.
+  spatial axes), timed once; for a compiled network after one untimed pass. See `tile_layout` for how the tile
+  positions compare with nnU-Net's predictor.
 
 Out-of-memory in one phase is recorded as "OOM" and the run goes on; the memory of each network is freed before
 the next. torch, MONAI and the networks are imported inside functions: importing this module needs no GPU.
@@ -417,8 +418,10 @@ def tile_layout(volume: Sequence[int], patch: Sequence[int], step: float = 0.5) 
 
 
 def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[int], in_channels: int, amp: bool,
-                          step: float = 0.5) -> dict[str, Any]:
-    """Sliding-window inference with mirror TTA over one random (1, C, *volume) image, timed once."""
+                          step: float = 0.5, warmup_passes: int = 0) -> dict[str, Any]:
+    """Sliding-window inference with mirror TTA over one random (1, C, *volume) image, timed once after
+    `warmup_passes` untimed passes over it: a compiled network's first pass held work beyond its forwards, most
+    likely compiles (PlainConvUNet compiled took 10.4 s for it against 1.95 s eager; docs/performance.md)."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -431,17 +434,23 @@ def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[
         tiles += tile.shape[0]
         return mirror_tta(model, tile)
 
+    def sliding_window():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            return sliding_window_inference(image, list(patch), sw_batch_size=1, predictor=predictor,
+                                            overlap=1.0 - step, mode="gaussian", sigma_scale=0.125)
+
+    for _ in range(warmup_passes):
+        sliding_window()
+    tiles = 0
     _sync(device)
     _reset_peak(device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        logits = sliding_window_inference(image, list(patch), sw_batch_size=1, predictor=predictor,
-                                          overlap=1.0 - step, mode="gaussian", sigma_scale=0.125)
+    logits = sliding_window()
     _sync(device)
     seconds = time.perf_counter() - t0
     finite = bool(torch.isfinite(logits).all())
     return {"seconds": seconds, "tiles": tiles, "forward_passes": tiles * 8, "output_finite": finite,
-            **_peak(device)}
+            "warmup_passes": warmup_passes, **_peak(device)}
 
 
 def compare_backends(model, x, fast: str = "cuda", reference: str = "torch") -> dict[str, Any]:
@@ -690,10 +699,13 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                 lambda: time_patch_inference(model, dev, patch, in_channels, amp, warmup, iters),
                 dev, log, f"[{name}] patch inference")
             _report_phase(log, name, "patch inference", entry["patch_inference"], "ms_median", "ms")
+            # a compiled network's first pass over the volume is not its inference time: one untimed pass first
+            volume_warmup = 1 if "_compiled" in name else 0
             log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, "
-                f"{tiles} tiles x 8 mirrorings")
+                f"{tiles} tiles x 8 mirrorings, {volume_warmup} untimed pass(es) first")
             entry["volume_inference"] = _guarded(
-                lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step),
+                lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step,
+                                              warmup_passes=volume_warmup),
                 dev, log, f"[{name}] volume inference")
             _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
     del model

@@ -94,6 +94,36 @@ def test_volume_inference_counts_monai_tiles():
     assert result["forward_passes"] == 32 and result["output_finite"] and _positive(result["seconds"])
 
 
+def test_volume_inference_times_one_pass_after_its_warmup():
+    calls = []
+
+    class Counting(torch.nn.Conv3d):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    net = Counting(4, 3, 1)
+    result = benchmark.time_volume_inference(net, torch.device("cpu"), (40, 40, 24), (32, 32, 32), 4, amp=False,
+                                             warmup_passes=1)
+    assert len(calls) == 2 * 32  # the untimed pass and the timed one, 4 tiles x 8 flips each
+    assert result["tiles"] == 4 and result["forward_passes"] == 32 and result["warmup_passes"] == 1
+
+
+def test_compiled_networks_warm_up_the_volume_inference(monkeypatch):
+    warmups = []
+
+    def volume_inference(*args, warmup_passes=0, **kwargs):
+        warmups.append(warmup_passes)
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(benchmark, "build_network", lambda name, *a, **k: torch.nn.Conv3d(4, 3, 1))
+    monkeypatch.setattr(benchmark, "time_patch_inference", lambda *a, **k: {"ms_median": 1.0})
+    monkeypatch.setattr(benchmark, "time_volume_inference", volume_inference)
+    benchmark.run_benchmark(networks=["plainconv", "plainconv_compiled"], device="cpu", batch=1, patch=(32, 32, 32),
+                            volume=(32, 32, 32), warmup=0, iters=1, train=False, log=lambda line: None)
+    assert warmups == [0, 1]
+
+
 def test_mirror_tta_averages_eight_flips():
     calls = []
 
