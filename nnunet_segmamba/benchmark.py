@@ -701,8 +701,8 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
             _report_phase(log, name, "patch inference", entry["patch_inference"], "ms_median", "ms")
             # a compiled network's first pass over the volume is not its inference time: one untimed pass first
             volume_warmup = 1 if "_compiled" in name else 0
-            log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, "
-                f"{tiles} tiles x 8 mirrorings, {volume_warmup} untimed pass(es) first")
+            log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, {tiles} tiles x 8 mirrorings"
+                + (", after an untimed pass" if volume_warmup else ""))
             entry["volume_inference"] = _guarded(
                 lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step,
                                               warmup_passes=volume_warmup),
