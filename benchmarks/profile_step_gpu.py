@@ -12,6 +12,12 @@ operator and its parents), e.g. which operations a layout's copies come from. No
 and writes JSON.
 
     python -m benchmarks.profile_step_gpu --networks 'segmamba_cl_compiled[triton]' --launchers 3 --out cl.json
+
+With --inference the profiled step is the forward pass of a (batch, C, *patch) tile instead, under inference
+mode and fp16 autocast, as the benchmark's patch inference and each of the sliding window's mirrored forwards:
+
+    python -m benchmarks.profile_step_gpu --inference --batch 1 \
+        --networks 'segmamba_cl_compiled[triton],plainconv_compiled' --out tile_forward_profile.json
 """
 from __future__ import annotations
 
@@ -76,12 +82,27 @@ def kernel_launchers(events, steps: int, depth: int = 4) -> dict[str, list[dict]
             for kernel, chains in per_kernel.items()}
 
 
+def tile_forward(model, batch: int, patch, in_channels: int, device: str = "cuda"):
+    """One forward pass of a random (batch, C, *patch) tile without gradients, fp16 autocast, as a callable."""
+    model.eval()
+    x = torch.randn(batch, in_channels, *patch, device=device)
+
+    def step():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.float16):
+            model(x)
+
+    return step
+
+
 def profile_network(name: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int,
-                    top: int, launchers: int = 0) -> dict:
+                    top: int, launchers: int = 0, inference: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build_network(name, in_channels, out_channels, patch=patch).cuda().train()
-    step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
+    if inference:
+        step = tile_forward(model, batch, patch, in_channels)
+    else:
+        step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
@@ -142,16 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launchers", type=int, default=0, metavar="N",
                         help="for each top kernel, the N host operator chains that launched most of its time "
                              "(profiles the host too)")
+    parser.add_argument("--inference", action="store_true",
+                        help="profile a tile's forward pass (inference mode, fp16) instead of the training step")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
-              "patch": list(args.patch), "networks": {}}
+              "patch": list(args.patch), "step": "tile forward" if args.inference else "training step",
+              "networks": {}}
     for name in args.networks.split(","):
         print(f"== {name}", flush=True)
         try:
             r = profile_network(name, args.batch, args.patch, args.in_channels, args.out_channels,
-                                args.warmup, args.steps, args.top, args.launchers)
+                                args.warmup, args.steps, args.top, args.launchers, args.inference)
         except Exception as exc:  # keep the other networks' figures
             print(f"   failed: {type(exc).__name__}: {exc}", flush=True)
             report["networks"][name] = {"error": f"{type(exc).__name__}: {exc}"}

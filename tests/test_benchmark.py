@@ -329,6 +329,20 @@ def test_kernels_are_traced_to_the_operators_that_launched_them():
                                     "calls_per_step": 0.5}]
 
 
+def test_profiled_tile_forward_is_one_inference_pass_of_the_tile():
+    from benchmarks.profile_step_gpu import tile_forward
+
+    seen = []
+
+    class Recording(torch.nn.Conv3d):
+        def forward(self, x):
+            seen.append((tuple(x.shape), torch.is_inference_mode_enabled(), self.training))
+            return super().forward(x)
+
+    tile_forward(Recording(2, 3, 1).train(), 1, (8, 6, 4), 2, device="cpu")()
+    assert seen == [((1, 2, 8, 6, 4), True, False)]
+
+
 def test_hippocampus_study_copies_the_latest_training_log_next_to_its_json(tmp_path):
     """The study copies the fold's newest nnU-Net training log beside its JSON, named after the JSON and trainer."""
     import os
