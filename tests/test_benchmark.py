@@ -343,6 +343,31 @@ def test_profiled_tile_forward_is_one_inference_pass_of_the_tile():
     assert seen == [((1, 2, 8, 6, 4), True, False)]
 
 
+def test_memory_peak_finds_what_is_alive_at_the_trace_maximum():
+    from benchmarks.memory_peak_gpu import group_by_frame, live_at_peak
+
+    def frames(*files):
+        return [{"filename": f, "line": 7, "name": "forward"} for f in files]
+
+    ours = frames("/x/torch/nn/modules/conv.py", "/repo/nnunet_segmamba/networks/segmamba.py")
+    optimizer = frames("/x/torch/optim/sgd.py", "/repo/benchmark.py")
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 300, "frames": ours},
+        {"action": "free_requested", "addr": 1, "size": 100, "frames": ours},  # counted until free_completed
+        {"action": "alloc", "addr": 3, "size": 50, "frames": optimizer},  # the peak: 450
+        {"action": "free_completed", "addr": 1, "size": 100, "frames": ours},
+        {"action": "free_completed", "addr": 2, "size": 300, "frames": ours},
+        {"action": "alloc", "addr": 4, "size": 400, "frames": []},  # 450 again, not higher
+    ]
+    peak, index, live = live_at_peak(trace)
+    assert (peak, index) == (450, 3) and sorted(e["addr"] for e in live) == [1, 2, 3]
+    groups = group_by_frame(live, top=5)
+    assert [(g["frame"], g["allocations"]) for g in groups] == [
+        ("/repo/nnunet_segmamba/networks/segmamba.py:7 (forward)", 2), ("/repo/benchmark.py:7 (forward)", 1)]
+    assert groups[0]["gib"] * 1024 ** 3 == 400
+
+
 def test_hippocampus_study_copies_the_latest_training_log_next_to_its_json(tmp_path):
     """The study copies the fold's newest nnU-Net training log beside its JSON, named after the JSON and trainer."""
     import os

@@ -1,0 +1,142 @@
+"""What the GPU memory holds at a training step's peak: the live allocations at the highest point of CUDA's
+allocator trace, grouped by the code that allocated them.
+
+Records the caching allocator's history (`torch.cuda.memory._record_memory_history`) from before the network is
+built, runs --warmup steps (compiles, CUDA graph recording) and --steps more of the benchmark's training step
+(`nnunet_segmamba.benchmark.training_step`, names as the benchmark's), and reports:
+
+- the peak of each step (`max_memory_allocated` reset before it): which step sets the run's peak;
+- the allocations alive at the trace's peak, grouped by their innermost frame outside torch's own modules (a
+  module's forward, the optimizer, or inductor's generated code for a compiled graph, whose buffers carry the
+  generated file's line), the largest groups first;
+- with --snapshot, the snapshot as a pickle for https://pytorch.org/memory_viz (a picture of the timeline).
+
+A CUDA graph replays from memory its recording reserved: those allocations appear in the trace of the recording
+step only, which is where a CUDA-graph step's peak is. Needs a CUDA device. Prints tables and writes JSON; not a
+test.
+
+    python -m benchmarks.memory_peak_gpu --network 'segmamba_cl_recompute_compiled_cg[triton]' --out peak.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+GIB = 1024 ** 3
+# frames from these paths are the machinery that allocated, not the code that asked for the memory
+LIBRARY_PARTS = ("/torch/", "/triton/", "<frozen", "/contextlib.py", "/functools.py")
+
+
+def allocating_frame(frames: list[dict]) -> str:
+    """The innermost frame outside torch / Triton / the standard library, as 'file:line (function)'."""
+    for frame in frames:
+        name = frame.get("filename", "")
+        if not any(part in name for part in LIBRARY_PARTS):
+            return f"{name}:{frame.get('line', 0)} ({frame.get('name', '?')})"
+    return "torch internals" if frames else "no stack recorded"
+
+
+def live_at_peak(trace: list[dict]) -> tuple[int, int, list[dict]]:
+    """(peak bytes, the trace index where it was reached, the allocations alive then) from one device's trace:
+    an allocation counts from its 'alloc' to its 'free_completed', as pytorch's memory_viz counts them. Memory
+    allocated before the trace started is not in it."""
+    def replay(events):
+        live: dict[int, dict] = {}
+        total = 0
+        for index, event in enumerate(events):
+            if event["action"] == "alloc":
+                live[event["addr"]] = event
+                total += event["size"]
+            elif event["action"] == "free_completed" and event["addr"] in live:
+                total -= live.pop(event["addr"])["size"]
+            yield index, total, live
+
+    peak, peak_index = 0, -1
+    for index, total, _ in replay(trace):
+        if total > peak:
+            peak, peak_index = total, index
+    # once more up to the peak to take the live set there (copying it at every new maximum would be quadratic)
+    live: dict[int, dict] = {}
+    for _, _, live in replay(trace[:peak_index + 1]):
+        pass
+    return peak, peak_index, list(live.values())
+
+
+def group_by_frame(allocations: list[dict], top: int) -> list[dict]:
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for event in allocations:
+        entry = groups[allocating_frame(event.get("frames", []))]
+        entry[0] += event["size"]
+        entry[1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"frame": frame, "gib": size / GIB, "allocations": count} for frame, (size, count) in ranked]
+
+
+def run(network: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int) -> tuple:
+    import torch
+
+    from nnunet_segmamba.benchmark import build_network, training_step
+
+    torch.backends.cudnn.benchmark = True  # as nnU-Net's training
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    model = build_network(network, in_channels, out_channels, patch=patch).cuda().train()
+    step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
+    step_peaks = []
+    for _ in range(warmup + steps):
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        step_peaks.append(torch.cuda.max_memory_allocated() / GIB)
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return step_peaks, snapshot
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nnunet_segmamba.benchmark import parse_sizes
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--network", default="segmamba_cl_recompute_compiled_cg[triton]")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--patch", type=parse_sizes, default=(128, 128, 128), help="N (a cube) or D,H,W")
+    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--out-channels", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (compile, recording)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25, help="groups listed")
+    parser.add_argument("--snapshot", type=Path, default=None, help="also write the snapshot pickle here")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("memory_peak_gpu needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    step_peaks, snapshot = run(args.network, args.batch, args.patch, args.in_channels, args.out_channels,
+                               args.warmup, args.steps)
+    if args.snapshot:
+        args.snapshot.write_bytes(pickle.dumps(snapshot))
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, index, live = live_at_peak(trace)
+    groups = group_by_frame(live, args.top)
+    report = {"network": args.network, "batch": args.batch, "patch": list(args.patch), "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name(), "step_peaks_gib": step_peaks, "trace_events": len(trace),
+              "trace_peak_gib": peak / GIB, "trace_peak_event": index, "live_at_peak": groups}
+    print(f"{args.network}, batch {args.batch}, patch {'x'.join(map(str, args.patch))}")
+    print("peak per step (GiB): " + ", ".join(f"{p:.2f}" for p in step_peaks))
+    print(f"trace peak {peak / GIB:.2f} GiB at event {index} of {len(trace)}; alive then, by allocating frame:")
+    print("| GiB | allocations | frame |\n|---|---|---|")
+    for g in groups:
+        print(f"| {g['gib']:.3f} | {g['allocations']} | {g['frame']} |")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
