@@ -255,17 +255,29 @@ def test_compiled_cl_and_cg_names_set_inductors_options_and_mode(monkeypatch):
 
 
 def test_training_peak_is_reported_with_and_without_the_warmup(monkeypatch):
-    """The whole run's peak (what a GPU must hold) and the timed steps' own, which does not depend on what ran
-    earlier in the process (e.g. cuDNN's algorithm search for shapes a previous network had)."""
-    peaks = iter([{"peak_gib": 5.0, "peak_reserved_gib": 6.0},    # at the end of the warm-up
-                  {"peak_gib": 3.0, "peak_reserved_gib": 7.0}])   # after the timed steps
+    """The whole run's peak (what a GPU must hold), the peak after the first step (without the compile and cuDNN's
+    algorithm search, which depend on what ran earlier in the process; with a CUDA graph's recording) and the timed
+    steps' own."""
+    peaks = iter([{"peak_gib": 9.0, "peak_reserved_gib": 9.5},    # after the first step: compile, search
+                  {"peak_gib": 5.0, "peak_reserved_gib": 6.0},    # the rest of the warm-up: recording
+                  {"peak_gib": 3.0, "peak_reserved_gib": 7.0}])   # the timed steps
     resets = []
     monkeypatch.setattr(benchmark, "_peak", lambda device: next(peaks))
     monkeypatch.setattr(benchmark, "_reset_peak", lambda device: resets.append(device))
     result = benchmark.time_training(torch.nn.Conv3d(1, 2, 1), torch.device("cpu"), 1, (4, 4, 4), 1, 2, False,
-                                     warmup=1, iters=1)
-    assert (result["peak_gib"], result["peak_reserved_gib"], result["peak_after_warmup_gib"]) == (5.0, 7.0, 3.0)
-    assert len(resets) == 2
+                                     warmup=2, iters=1)
+    assert (result["peak_gib"], result["peak_reserved_gib"]) == (9.0, 9.5)
+    assert (result["peak_after_first_step_gib"], result["peak_after_warmup_gib"]) == (5.0, 3.0)
+    assert len(resets) == 3
+
+
+def test_training_peak_without_warmup_has_no_first_step_figure(monkeypatch):
+    peaks = iter([{"peak_gib": 2.0, "peak_reserved_gib": 2.0}, {"peak_gib": 3.0, "peak_reserved_gib": 4.0}])
+    monkeypatch.setattr(benchmark, "_peak", lambda device: next(peaks))
+    monkeypatch.setattr(benchmark, "_reset_peak", lambda device: None)
+    result = benchmark.time_training(torch.nn.Conv3d(1, 2, 1), torch.device("cpu"), 1, (4, 4, 4), 1, 2, False,
+                                     warmup=0, iters=1)
+    assert result["peak_gib"] == 3.0 and result["peak_after_first_step_gib"] is None
 
 
 def test_compiled_networks_build_and_train(tmp_path):
