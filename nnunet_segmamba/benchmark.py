@@ -768,7 +768,8 @@ def format_table(report: dict[str, Any]) -> str:
         vol = e["volume_inference"]
         tiles = f"{vol['tiles']} / {sw['tiles_nnunet']}" if isinstance(vol, dict) and "tiles" in vol else "-"
         lines.append(f"| {name} | {e['params'] / 1e6:.2f} M | {cell(e['train'], 'ms_median', '.1f')} | "
-                     f"{cell(e['train'], 'peak_gib', '.2f')} | {cell(e['train'], 'peak_after_first_step_gib', '.2f')} | "
+                     f"{cell(e['train'], 'peak_gib', '.2f')} | "
+                     f"{cell(e['train'], 'peak_after_first_step_gib', '.2f')} | "
                      f"{cell(e['patch_inference'], 'ms_median', '.1f')} | "
                      f"{cell(vol, 'seconds', '.2f')} | {tiles} | {cell(vol, 'peak_gib', '.2f')} |")
     for key, fast in (("equivalence", "cuda"), ("equivalence_triton", "triton")):
