@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_segmamba.benchmark import parse_sizes, build_network, training_step
+from nnunet_segmamba.benchmark import parse_sizes, build_network, tile_forward, training_step
 
 # first match wins; names are lower-cased. Inductor's kernels (triton_{poi,red,per}_fused_<ops>) are tried
 # against INDUCTOR_CATEGORIES first, every kernel then against CATEGORIES.
@@ -82,25 +82,13 @@ def kernel_launchers(events, steps: int, depth: int = 4) -> dict[str, list[dict]
             for kernel, chains in per_kernel.items()}
 
 
-def tile_forward(model, batch: int, patch, in_channels: int, device: str = "cuda"):
-    """One forward pass of a random (batch, C, *patch) tile without gradients, fp16 autocast, as a callable."""
-    model.eval()
-    x = torch.randn(batch, in_channels, *patch, device=device)
-
-    def step():
-        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.float16):
-            model(x)
-
-    return step
-
-
 def profile_network(name: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int,
                     top: int, launchers: int = 0, inference: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build_network(name, in_channels, out_channels, patch=patch).cuda().train()
     if inference:
-        step = tile_forward(model, batch, patch, in_channels)
+        step = tile_forward(model, torch.device("cuda"), patch, in_channels, amp=True, batch=batch)
     else:
         step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
     t0 = time.perf_counter()

@@ -352,13 +352,12 @@ def time_training(model, device, batch: int, patch: Sequence[int], in_channels: 
     losses = []
     first_peak, warmup_peak = {}, {}
 
-    def after_first_step():
-        first_peak.update(_peak(device))
-        _reset_peak(device)
-
-    def end_of_warmup():
-        warmup_peak.update(_peak(device))
-        _reset_peak(device)
+    def close_phase(store: dict) -> Callable[[], None]:
+        """The peak since the last reset into `store`, then a reset for the next phase."""
+        def close():
+            store.update(_peak(device))
+            _reset_peak(device)
+        return close
 
     def highest(*values):
         values = [v for v in values if v is not None]
@@ -367,8 +366,8 @@ def time_training(model, device, batch: int, patch: Sequence[int], in_channels: 
     try:
         _sync(device)
         _reset_peak(device)
-        result = time_calls(lambda: losses.append(step()), device, warmup, iters, after_warmup=end_of_warmup,
-                            after_first_call=after_first_step)
+        result = time_calls(lambda: losses.append(step()), device, warmup, iters,
+                            after_warmup=close_phase(warmup_peak), after_first_call=close_phase(first_peak))
         timed_peak = _peak(device)
         result.update({key: highest(value, warmup_peak.get(key), first_peak.get(key))
                        for key, value in timed_peak.items()})
@@ -382,15 +381,26 @@ def time_training(model, device, batch: int, patch: Sequence[int], in_channels: 
         model.zero_grad(set_to_none=True)
 
 
-def time_patch_inference(model, device, patch: Sequence[int], in_channels: int, amp: bool, warmup: int,
-                         iters: int) -> dict[str, Any]:
-    """One forward pass of a (1, C, *patch) tile, no gradients."""
+def tile_forward(model, device, patch: Sequence[int], in_channels: int, amp: bool,
+                 batch: int = 1) -> Callable[[], Any]:
+    """One forward pass of a random (batch, C, *patch) tile in eval and inference mode, under fp16 autocast when
+    `amp`, as a callable (the benchmark's patch inference; `benchmarks.profile_step_gpu --inference`)."""
     import torch
 
     model.eval()
-    x = torch.randn(1, in_channels, *patch, device=device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        return time_calls(lambda: model(x), device, warmup, iters)
+    x = torch.randn(batch, in_channels, *patch, device=device)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
+            return model(x)
+
+    return forward
+
+
+def time_patch_inference(model, device, patch: Sequence[int], in_channels: int, amp: bool, warmup: int,
+                         iters: int) -> dict[str, Any]:
+    """One forward pass of a (1, C, *patch) tile, no gradients."""
+    return time_calls(tile_forward(model, device, patch, in_channels, amp), device, warmup, iters)
 
 
 def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4)):

@@ -341,9 +341,7 @@ def test_kernels_are_traced_to_the_operators_that_launched_them():
                                     "calls_per_step": 0.5}]
 
 
-def test_profiled_tile_forward_is_one_inference_pass_of_the_tile():
-    from benchmarks.profile_step_gpu import tile_forward
-
+def test_tile_forward_is_one_inference_pass_of_the_tile():
     seen = []
 
     class Recording(torch.nn.Conv3d):
@@ -351,7 +349,7 @@ def test_profiled_tile_forward_is_one_inference_pass_of_the_tile():
             seen.append((tuple(x.shape), torch.is_inference_mode_enabled(), self.training))
             return super().forward(x)
 
-    tile_forward(Recording(2, 3, 1).train(), 1, (8, 6, 4), 2, device="cpu")()
+    benchmark.tile_forward(Recording(2, 3, 1).train(), torch.device("cpu"), (8, 6, 4), 2, amp=True, batch=1)()
     assert seen == [((1, 2, 8, 6, 4), True, False)]
 
 
