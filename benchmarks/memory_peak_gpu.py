@@ -6,9 +6,10 @@ built, runs --warmup steps (compiles, CUDA graph recording) and --steps more of 
 (`nnunet_segmamba.benchmark.training_step`, names as the benchmark's), and reports:
 
 - the peak of each step (`max_memory_allocated` reset before it): which step sets the run's peak;
-- the allocations alive at the trace's peak, grouped by their innermost frame outside torch's own modules (a
-  module's forward, the optimizer, or inductor's generated code for a compiled graph, whose buffers carry the
-  generated file's line), the largest groups first;
+- the allocations alive at the trace's peak after the first step (which holds the compile and cuDNN's algorithm
+  search, so the peaks of later steps are the ones that compare between networks), and at the whole run's, grouped
+  by their innermost Python frame outside torch's own modules (a module's forward, the optimizer, or inductor's
+  generated code for a compiled graph, whose buffers carry the generated file's line), the largest groups first;
 - with --snapshot, the snapshot as a pickle for https://pytorch.org/memory_viz (a picture of the timeline).
 
 A CUDA graph replays from memory its recording reserved: those allocations appear in the trace of the recording
@@ -32,17 +33,19 @@ LIBRARY_PARTS = ("/torch/", "/triton/", "<frozen", "/contextlib.py", "/functools
 
 
 def allocating_frame(frames: list[dict]) -> str:
-    """The innermost frame outside torch / Triton / the standard library, as 'file:line (function)'."""
+    """The innermost Python frame outside torch / Triton / the standard library, as 'file:line (function)'. C++
+    frames (the allocator's own, '??' where symbols are missing) are skipped."""
     for frame in frames:
         name = frame.get("filename", "")
-        if not any(part in name for part in LIBRARY_PARTS):
+        if name.endswith(".py") and not any(part in name for part in LIBRARY_PARTS):
             return f"{name}:{frame.get('line', 0)} ({frame.get('name', '?')})"
     return "torch internals" if frames else "no stack recorded"
 
 
-def live_at_peak(trace: list[dict]) -> tuple[int, int, list[dict]]:
-    """(peak bytes, the trace index where it was reached, the allocations alive then) from one device's trace:
-    an allocation counts from its 'alloc' to its 'free_completed', as pytorch's memory_viz counts them. Memory
+def live_at_peak(trace: list[dict], start: int = 0) -> tuple[int, int, list[dict]]:
+    """(peak bytes, the trace index where it was reached, the allocations alive then) from one device's trace,
+    the peak taken over the events from index `start` on (what is alive counts from the trace's beginning): an
+    allocation counts from its 'alloc' to its 'free_completed', as pytorch's memory_viz counts them. Memory
     allocated before the trace started is not in it."""
     def replay(events):
         live: dict[int, dict] = {}
@@ -57,7 +60,7 @@ def live_at_peak(trace: list[dict]) -> tuple[int, int, list[dict]]:
 
     peak, peak_index = 0, -1
     for index, total, _ in replay(trace):
-        if total > peak:
+        if index >= start and total > peak:
             peak, peak_index = total, index
     # once more up to the peak to take the live set there (copying it at every new maximum would be quadratic)
     live: dict[int, dict] = {}
@@ -82,18 +85,20 @@ def run(network: str, batch: int, patch, in_channels: int, out_channels: int, wa
     from nnunet_segmamba.benchmark import build_network, training_step
 
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     model = build_network(network, in_channels, out_channels, patch=patch).cuda().train()
     step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
-    step_peaks = []
-    for _ in range(warmup + steps):
+    step_peaks, first_step_events = [], 0
+    for i in range(warmup + steps):
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
         step_peaks.append(torch.cuda.max_memory_allocated() / GIB)
+        if i == 0:
+            first_step_events = len(torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()])
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    return step_peaks, snapshot
+    return step_peaks, first_step_events, snapshot
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,22 +122,26 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("memory_peak_gpu needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
-    step_peaks, snapshot = run(args.network, args.batch, args.patch, args.in_channels, args.out_channels,
-                               args.warmup, args.steps)
+    step_peaks, first_step_events, snapshot = run(args.network, args.batch, args.patch, args.in_channels,
+                                                  args.out_channels, args.warmup, args.steps)
     if args.snapshot:
         args.snapshot.write_bytes(pickle.dumps(snapshot))
     trace = snapshot["device_traces"][torch.cuda.current_device()]
-    peak, index, live = live_at_peak(trace)
-    groups = group_by_frame(live, args.top)
     report = {"network": args.network, "batch": args.batch, "patch": list(args.patch), "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name(), "step_peaks_gib": step_peaks, "trace_events": len(trace),
-              "trace_peak_gib": peak / GIB, "trace_peak_event": index, "live_at_peak": groups}
+              "first_step_events": first_step_events}
     print(f"{args.network}, batch {args.batch}, patch {'x'.join(map(str, args.patch))}")
     print("peak per step (GiB): " + ", ".join(f"{p:.2f}" for p in step_peaks))
-    print(f"trace peak {peak / GIB:.2f} GiB at event {index} of {len(trace)}; alive then, by allocating frame:")
-    print("| GiB | allocations | frame |\n|---|---|---|")
-    for g in groups:
-        print(f"| {g['gib']:.3f} | {g['allocations']} | {g['frame']} |")
+    for key, start, what in (("after_first_step", first_step_events, "after the first step"),
+                             ("whole_run", 0, "over the whole run")):
+        peak, index, live = live_at_peak(trace, start)
+        groups = group_by_frame(live, args.top)
+        report[key] = {"peak_gib": peak / GIB, "peak_event": index, "live_at_peak": groups}
+        print(f"\ntrace peak {what}: {peak / GIB:.2f} GiB at event {index} of {len(trace)}; alive then, by "
+              f"allocating frame:")
+        print("| GiB | allocations | frame |\n|---|---|---|")
+        for g in groups:
+            print(f"| {g['gib']:.3f} | {g['allocations']} | {g['frame']} |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -359,7 +359,8 @@ def test_memory_peak_finds_what_is_alive_at_the_trace_maximum():
     def frames(*files):
         return [{"filename": f, "line": 7, "name": "forward"} for f in files]
 
-    ours = frames("/x/torch/nn/modules/conv.py", "/repo/nnunet_segmamba/networks/segmamba.py")
+    # the allocator's C++ frames come first where the trace records them ('??' without symbols)
+    ours = frames("??", "/x/torch/nn/modules/conv.py", "/repo/nnunet_segmamba/networks/segmamba.py")
     optimizer = frames("/x/torch/optim/sgd.py", "/repo/benchmark.py")
     trace = [
         {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
@@ -376,6 +377,10 @@ def test_memory_peak_finds_what_is_alive_at_the_trace_maximum():
     assert [(g["frame"], g["allocations"]) for g in groups] == [
         ("/repo/nnunet_segmamba/networks/segmamba.py:7 (forward)", 2), ("/repo/benchmark.py:7 (forward)", 1)]
     assert groups[0]["gib"] * 1024 ** 3 == 400
+    # the peak from an index on (after a first step): what is alive still counts from the trace's beginning
+    peak, index, live = live_at_peak(trace, start=4)
+    assert (peak, index) == (450, 6) and sorted(e["addr"] for e in live) == [3, 4]
+    assert group_by_frame([{"size": 8, "frames": frames("??")}], top=5)[0]["frame"] == "torch internals"
 
 
 def test_hippocampus_study_copies_the_latest_training_log_next_to_its_json(tmp_path):
