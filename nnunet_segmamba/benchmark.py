@@ -63,7 +63,11 @@ RECOMPUTE_NETWORKS = ("segmamba_recompute[triton]", "segmamba_recompute_compiled
 CHANNELS_LAST_NETWORKS = ("segmamba_cl[cuda]", "segmamba_cl[triton]", "segmamba_cl_compiled[triton]",
                           "segmamba_cl_compiled_cg[triton]", "segmamba_cl_recompute[triton]",
                           "segmamba_cl_recompute_compiled[triton]", "segmamba_cl_recompute_compiled_cg[triton]")
-EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", *CHANNELS_LAST_NETWORKS,
+# `segmamba_cl16`: channels-last with the 3D convolutions' weights stored in float16 (what fp16 autocast casts
+# them to on every call, so the same arithmetic): inference only. Compiled, the casts inside the graph are
+# intermediate buffers that inductor lays out channels-first, and cuDNN converts around every convolution
+HALF_CONV_NETWORKS = ("segmamba_cl16_compiled[triton]", "segmamba_cl16_compiled_cg[triton]")
+EXTRA_NETWORKS = ("segmamba_ckpt[cuda]", "segmamba_ckpt[triton]", *CHANNELS_LAST_NETWORKS, *HALF_CONV_NETWORKS,
                   *COMPILED_NETWORKS, *LAYOUT_OPT_NETWORKS, *CUDA_GRAPH_NETWORKS, *RECOMPUTE_NETWORKS)
 NETWORK_HELP = {
     "segmamba[cuda]": "SegMamba, scan on mamba-ssm's CUDA kernel (skipped where it does not load)",
@@ -82,6 +86,8 @@ NETWORK_HELP = {
     "segmamba_cl_recompute[triton]": "SegMamba in channels_last_3d with recomputed Mamba branches, triton scan",
     "segmamba_cl_recompute_compiled[triton]": "the same under torch.compile",
     "segmamba_cl_recompute_compiled_cg[triton]": "the same compiled with CUDA graphs: the trainers' setting on one GPU",
+    "segmamba_cl16_compiled[triton]": "SegMamba in channels_last_3d, 3D conv weights in float16, compiled (inference)",
+    "segmamba_cl16_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs; inference)",
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
     "segmamba_compiled[triton]": "SegMamba under torch.compile, triton scan",
     "segmamba_compiled[torch]": "SegMamba under torch.compile, chunked PyTorch scan",
@@ -169,8 +175,10 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         inductor = compile_backend == "inductor"
         options = {"force_layout_optimization": True} if "_compiled_cl" in name and inductor else None
         mode = "reduce-overhead" if "_compiled_cg" in name and inductor else None
+        # static shapes: the patch inference (1 tile) and batched mirroring (8) each get their own graph, rather
+        # than a recompile with a dynamic batch size
         return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width, patch=patch),
-                             backend=compile_backend, mode=mode, options=options)
+                             backend=compile_backend, mode=mode, options=options, dynamic=False)
     if name.startswith("segmamba"):
         from .networks.segmamba import SegMamba
 
@@ -181,6 +189,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
                         gradient_checkpointing="ckpt" in variant,
                         recompute_mamba_branches="recompute" in variant,
                         scan_backend=_backend_of(name) or "auto")
+        if "cl16" in variant:
+            return _ChannelsLast3d(_half_convs(net))
         return _ChannelsLast3d(net) if "cl" in variant else net
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -215,6 +225,17 @@ def _ChannelsLast3d(net):
             return self.net(x.contiguous(memory_format=torch.channels_last_3d))
 
     return ChannelsLast3d(net)
+
+
+def _half_convs(net):
+    """`net` with its 3D convolutions' weights and biases in float16: what fp16 autocast casts them to for every
+    call, so under autocast the arithmetic is unchanged (and fp32 inference is not possible); for inference only."""
+    import torch
+
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            module.half()
+    return net
 
 
 def _backend_of(name: str) -> str | None:
@@ -391,6 +412,7 @@ def tile_forward(model, device, patch: Sequence[int], in_channels: int, amp: boo
     x = torch.randn(batch, in_channels, *patch, device=device)
 
     def forward():
+        torch.compiler.cudagraph_mark_step_begin()  # a new inference step for a CUDA-graph network; else a no-op
         with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.float16, enabled=amp):
             return model(x)
 
@@ -403,14 +425,23 @@ def time_patch_inference(model, device, patch: Sequence[int], in_channels: int, 
     return time_calls(tile_forward(model, device, patch, in_channels, amp), device, warmup, iters)
 
 
-def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4)):
+def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4), batched: bool = False):
     """nnU-Net's `_internal_maybe_mirror_and_predict`: mean of the network over all 2^k flips of `axes`.
 
-    x: (B, C, D, H, W); returns (B, out, D, H, W). With three axes: 1 + 3 + 3 + 1 = 8 forward passes.
+    x: (B, C, D, H, W); returns (B, out, D, H, W). With three axes: 1 + 3 + 3 + 1 = 8 forward passes, or with
+    `batched` one forward pass of the 8 flipped copies stacked along the batch (8 B tiles), the same sum in the same
+    order. Batched, the network's output is read before the next call, as a CUDA-graph network needs (its next
+    replay overwrites the output).
     """
     import torch
 
     combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+    if batched:
+        outputs = network(torch.cat([x] + [torch.flip(x, c) for c in combos])).split(x.shape[0])
+        prediction = outputs[0].clone()
+        for c, out in zip(combos, outputs[1:]):
+            prediction = prediction + torch.flip(out, c)
+        return prediction / (len(combos) + 1)
     prediction = network(x)
     for c in combos:
         prediction = prediction + torch.flip(network(torch.flip(x, c)), c)
@@ -445,10 +476,12 @@ def tile_layout(volume: Sequence[int], patch: Sequence[int], step: float = 0.5) 
 
 
 def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[int], in_channels: int, amp: bool,
-                          step: float = 0.5, warmup_passes: int = 0) -> dict[str, Any]:
+                          step: float = 0.5, warmup_passes: int = 0,
+                          batched_mirroring: bool = False) -> dict[str, Any]:
     """Sliding-window inference with mirror TTA over one random (1, C, *volume) image, timed once after
     `warmup_passes` untimed passes over it: a compiled network's first pass held work beyond its forwards, most
-    likely compiles (PlainConvUNet compiled took 10.4 s for it against 1.95 s eager; docs/performance.md)."""
+    likely compiles (PlainConvUNet compiled took 10.4 s for it against 1.95 s eager; docs/performance.md).
+    `batched_mirroring`: each tile's 8 flips in one forward pass (`mirror_tta(batched=True)`)."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -459,7 +492,8 @@ def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[
     def predictor(tile):
         nonlocal tiles
         tiles += tile.shape[0]
-        return mirror_tta(model, tile)
+        torch.compiler.cudagraph_mark_step_begin()  # a new inference step for a CUDA-graph network; else a no-op
+        return mirror_tta(model, tile, batched=batched_mirroring)
 
     def sliding_window():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
@@ -476,8 +510,9 @@ def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[
     _sync(device)
     seconds = time.perf_counter() - t0
     finite = bool(torch.isfinite(logits).all())
-    return {"seconds": seconds, "tiles": tiles, "forward_passes": tiles * 8, "output_finite": finite,
-            "warmup_passes": warmup_passes, **_peak(device)}
+    return {"seconds": seconds, "tiles": tiles, "forward_passes": tiles * (1 if batched_mirroring else 8),
+            "output_finite": finite, "warmup_passes": warmup_passes, "batched_mirroring": batched_mirroring,
+            **_peak(device)}
 
 
 def compare_backends(model, x, fast: str = "cuda", reference: str = "torch") -> dict[str, Any]:
@@ -589,7 +624,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                   warmup: int = 5, iters: int = 20, precision: str = "auto", segmamba_width: int = 48,
                   equivalence: bool = False, step: float = 0.5, command: str | None = None,
                   out: str | Path | None = None, log: Log = _print,
-                  compile_backend: str = "inductor") -> dict[str, Any]:
+                  compile_backend: str = "inductor", batched_mirroring: bool = False) -> dict[str, Any]:
     """Benchmark `networks` in this process; returns (and writes to `out` as JSON) the results.
 
     Args:
@@ -607,6 +642,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         step: sliding-window tile step as a fraction of the patch (nnU-Net's tile_step_size; overlap = 1 - step).
         compile_backend: torch.compile backend of the `_compiled` networks ("inductor", nnU-Net's; "aot_eager"
             traces without generating code, for quick checks).
+        batched_mirroring: the volume inference runs each tile's 8 mirrorings as one forward pass of 8 tiles
+            instead of 8 passes of one (the same mean); needed for `_compiled_cg` networks' volume inference.
         command: the command line, recorded as given.
         out: JSON file to write.
         log: progress printer.
@@ -651,7 +688,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                      "iters": iters, "segmamba_width": segmamba_width, "train": train, "inference": inference,
                      "optimizer": {"SGD": SGD_KWARGS, "grad_clip": GRAD_CLIP}, "loss": "BCEWithLogits",
                      "tile_step": step, "sw_batch_size": 1, "blend": "gaussian, sigma 0.125 * patch",
-                     "mirror_axes": [2, 3, 4], "cudnn_benchmark": dev.type == "cuda",
+                     "mirror_axes": [2, 3, 4], "batched_mirroring": batched_mirroring,
+                     "cudnn_benchmark": dev.type == "cuda",
                      "compile_backend": compile_backend},
         "sliding_window": tile_layout(volume, patch, step),
         "networks": {},
@@ -672,7 +710,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
             report["networks"][name] = _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels,
                                                   train, inference, warmup, iters, segmamba_width, step,
                                                   report["sliding_window"]["tiles_monai"], cuda_ok, cuda_reason,
-                                                  log, compile_backend)
+                                                  log, compile_backend, batched_mirroring)
             if out is not None:  # partial results survive a run killed by a time limit
                 _write(out, report)
     finally:
@@ -691,7 +729,8 @@ def _write(path: str | Path, report: dict[str, Any]) -> None:
 
 
 def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, train, inference, warmup, iters,
-               segmamba_width, step, tiles, cuda_ok, cuda_reason, log, compile_backend="inductor") -> dict[str, Any]:
+               segmamba_width, step, tiles, cuda_ok, cuda_reason, log, compile_backend="inductor",
+               batched_mirroring=False) -> dict[str, Any]:
     import torch
 
     from .ssm import dispatch
@@ -715,7 +754,9 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
     if not (isinstance(moved, dict) and moved.get("ok")):  # "OOM" or {"error": ...}: every phase gets it
         entry["train"] = entry["patch_inference"] = entry["volume_inference"] = moved
     else:
-        if train:
+        if train and "cl16" in name:
+            entry["train"] = {"skipped": "inference only (float16 weights)"}
+        elif train:
             log(f"[{name}] train: {warmup} warm-up + {iters} timed steps, batch {batch}")
             entry["train"] = _guarded(lambda: time_training(model, dev, batch, patch, in_channels, out_channels,
                                                             amp, warmup, iters), dev, log, f"[{name}] train")
@@ -726,13 +767,19 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                 lambda: time_patch_inference(model, dev, patch, in_channels, amp, warmup, iters),
                 dev, log, f"[{name}] patch inference")
             _report_phase(log, name, "patch inference", entry["patch_inference"], "ms_median", "ms")
+            if "_compiled_cg" in name and not batched_mirroring:
+                # a CUDA-graph network's next replay overwrites the output that per-flip mirroring still adds to
+                entry["volume_inference"] = {"skipped": "a CUDA-graph network needs --batched-mirroring"}
+                log(f"[{name}] volume inference skipped: {entry['volume_inference']['skipped']}")
+                return entry
             # a compiled network's first pass over the volume is not its inference time: one untimed pass first
             volume_warmup = 1 if "_compiled" in name else 0
             log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, {tiles} tiles x 8 mirrorings"
+                + (" (one forward pass of 8 per tile)" if batched_mirroring else "")
                 + (", after an untimed pass" if volume_warmup else ""))
             entry["volume_inference"] = _guarded(
                 lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step,
-                                              warmup_passes=volume_warmup),
+                                              warmup_passes=volume_warmup, batched_mirroring=batched_mirroring),
                 dev, log, f"[{name}] volume inference")
             _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
     del model
@@ -755,6 +802,8 @@ def format_table(report: dict[str, Any]) -> str:
             return "OOM"
         if "error" in phase:
             return "error"
+        if "skipped" in phase:
+            return "skipped"
         return "n/a" if phase.get(key) is None else format(phase[key], fmt)
 
     sw = report["sliding_window"]
@@ -765,7 +814,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"command: {report['command']}",
         f"settings: batch {report['settings']['batch']}, patch {'x'.join(map(str, report['settings']['patch']))}, "
         f"volume {'x'.join(map(str, report['settings']['volume']))}; tiles MONAI {sw['tiles_monai']} / nnU-Net "
-        f"{sw['tiles_nnunet']}",
+        f"{sw['tiles_nnunet']}" + ("; each tile's 8 mirrorings in one forward pass"
+                                   if report["settings"].get("batched_mirroring") else ""),
         "",
         "| network | params | train step ms | train peak GiB | same, after the first step | patch fwd ms "
         "| volume inference s | tiles | inference peak GiB |",
@@ -854,6 +904,9 @@ def register(subparsers) -> None:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the *_compiled networks (default inductor, as nnU-Net; "
                         "aot_eager traces without generating code)")
+    p.add_argument("--batched-mirroring", action="store_true",
+                   help="volume inference: each tile's 8 mirrorings as one forward pass of 8 tiles (the same mean; "
+                        "CUDA-graph networks need it)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=_run)
 
@@ -865,6 +918,7 @@ def _run(args: argparse.Namespace) -> int:
         inference=not args.no_inference, warmup=args.warmup, iters=args.iters, precision=args.precision,
         segmamba_width=args.segmamba_width, equivalence=args.equivalence, step=args.step,
         command=shlex.join(sys.argv), out=args.out, compile_backend=args.compile_backend,
+        batched_mirroring=args.batched_mirroring,
     )
     failed = any(isinstance(phase, dict) and "error" in phase
                  for e in report["networks"].values() for phase in e.values())

@@ -107,6 +107,10 @@ def test_volume_inference_times_one_pass_after_its_warmup():
                                              warmup_passes=1)
     assert len(calls) == 2 * 32  # the untimed pass and the timed one, 4 tiles x 8 flips each
     assert result["tiles"] == 4 and result["forward_passes"] == 32 and result["warmup_passes"] == 1
+    calls.clear()
+    result = benchmark.time_volume_inference(net, torch.device("cpu"), (40, 40, 24), (32, 32, 32), 4, amp=False,
+                                             batched_mirroring=True)
+    assert len(calls) == 4 and result["forward_passes"] == 4 and result["batched_mirroring"]
 
 
 def test_compiled_networks_warm_up_the_volume_inference(monkeypatch):
@@ -143,6 +147,43 @@ def test_mirror_tta_averages_eight_flips():
     ones = torch.ones(1, 1, 4, 2, 2)
     expected = torch.full_like(ones, (4 - 1) / 2)
     torch.testing.assert_close(benchmark.mirror_tta(first_axis_ramp, ones), expected)
+
+
+def test_batched_mirroring_is_one_forward_pass_with_the_same_mean():
+    calls = []
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)  # not flip-equivariant: the flips give eight different outputs
+
+    def net(x):
+        calls.append(tuple(x.shape))
+        return conv(x)
+
+    x = torch.randn(2, 2, 4, 6, 5)
+    with torch.no_grad():
+        per_flip = benchmark.mirror_tta(net, x)
+        batched = benchmark.mirror_tta(net, x, batched=True)
+    assert calls[-1] == (16, 2, 4, 6, 5) and len(calls) == 9  # 8 passes of 2 tiles, then one of 8 x 2
+    torch.testing.assert_close(batched, per_flip)
+
+
+def test_cuda_graph_networks_need_batched_mirroring_for_the_volume(monkeypatch):
+    batched = []
+
+    def volume_inference(*args, batched_mirroring=False, **kwargs):
+        batched.append(batched_mirroring)
+        return {"seconds": 1.0}
+
+    monkeypatch.setattr(benchmark, "build_network", lambda name, *a, **k: torch.nn.Conv3d(4, 3, 1))
+    monkeypatch.setattr(benchmark, "time_patch_inference", lambda *a, **k: {"ms_median": 1.0})
+    monkeypatch.setattr(benchmark, "time_volume_inference", volume_inference)
+    args = dict(device="cpu", batch=1, patch=(32, 32, 32), volume=(32, 32, 32), warmup=0, iters=1, train=False,
+                log=lambda line: None)
+    report = benchmark.run_benchmark(networks=["plainconv_compiled_cg"], **args)
+    assert batched == [] and "needs --batched-mirroring" in report["networks"]["plainconv_compiled_cg"][
+        "volume_inference"]["skipped"]
+    assert "| skipped |" in report["table"]
+    report = benchmark.run_benchmark(networks=["plainconv_compiled_cg"], batched_mirroring=True, **args)
+    assert batched == [True] and report["settings"]["batched_mirroring"]
+    assert "8 mirrorings in one forward pass" in report["table"]
 
 
 def test_oom_and_errors_are_recorded_and_the_run_continues(monkeypatch):
@@ -417,3 +458,14 @@ def test_hippocampus_study_table_marks_a_trainer_without_test_figures():
     assert rows[2] == "| a | 0.8833 | 1.34 | 47.4 | 12.26 | 3.4 |"
     assert rows[3] == "| b | - | - | 47.4 | 12.26 | 3.4 |"
     assert markdown({"trainers": {"b": {**timing, "test": None}}}).splitlines()[2] == "| b | 47.4 | 12.26 | 3.4 |"
+
+
+def test_half_conv_network_stores_only_its_3d_convolutions_in_float16():
+    net = benchmark.build_network("segmamba_cl16_compiled[triton]", 4, 3, segmamba_width=2,
+                                  compile_backend="eager")
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert convs and all(m.weight.dtype == torch.float16 for m in convs)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs if m.weight.dim() == 5)
+    conv_params = {id(p) for m in convs for p in m.parameters()}
+    others = [p for p in net.parameters() if id(p) not in conv_params]
+    assert others and all(p.dtype == torch.float32 for p in others)  # the Mamba layers' (and Conv1d's) stay
