@@ -9,7 +9,8 @@ built, runs --warmup steps (compiles, CUDA graph recording) and --steps more of 
 - the allocations alive at the trace's peak after the first step (which holds the compile and cuDNN's algorithm
   search, so the peaks of later steps are the ones that compare between networks), and at the whole run's, grouped
   by their innermost Python frame outside torch's own modules (a module's forward, the optimizer, or inductor's
-  generated code for a compiled graph, whose buffers carry the generated file's line), the largest groups first;
+  generated code for a compiled graph, whose buffers carry the generated file's line; for those also the buffer's
+  shape and dtype and the kernel that fills it, whose name lists the fused operators), the largest groups first;
 - with --snapshot, the snapshot as a pickle for https://pytorch.org/memory_viz (a picture of the timeline).
 
 A CUDA graph replays from memory its recording reserved: those allocations appear in the trace of the recording
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import pickle
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -32,14 +35,41 @@ GIB = 1024 ** 3
 LIBRARY_PARTS = ("/torch/", "/triton/", "<frozen", "/contextlib.py", "/functools.py")
 
 
-def allocating_frame(frames: list[dict]) -> str:
-    """The innermost Python frame outside torch / Triton / the standard library, as 'file:line (function)'. C++
-    frames (the allocator's own, '??' where symbols are missing) are skipped."""
+def own_frame(frames: list[dict]) -> dict | None:
+    """The innermost Python frame outside torch / Triton / the standard library. C++ frames (the allocator's own,
+    '??' where symbols are missing) are skipped."""
     for frame in frames:
         name = frame.get("filename", "")
         if name.endswith(".py") and not any(part in name for part in LIBRARY_PARTS):
-            return f"{name}:{frame.get('line', 0)} ({frame.get('name', '?')})"
-    return "torch internals" if frames else "no stack recorded"
+            return frame
+    return None
+
+
+def allocating_frame(frames: list[dict]) -> str:
+    """`own_frame` as 'file:line (function)'."""
+    frame = own_frame(frames)
+    if frame is None:
+        return "torch internals" if frames else "no stack recorded"
+    return f"{frame['filename']}:{frame.get('line', 0)} ({frame.get('name', '?')})"
+
+
+# the first kernel called after a buffer's allocation in inductor's generated code, which is what fills it
+_KERNEL_CALL = re.compile(r"\b(triton_\w+|cpp_fused\w*|extern_kernels\.\w+|torch\.ops\.[\w.]+)")
+
+
+def generated_code_context(filename: str, line: int, lookahead: int = 15) -> str | None:
+    """For a frame in inductor's generated code (its buffers are allocated on one line and filled by a kernel a few
+    lines on): the allocation's shape and dtype and the kernel that follows, whose name lists the fused operators;
+    None elsewhere or where the file is gone."""
+    text = linecache.getline(filename, line).strip()
+    allocation = re.search(r"empty_strided_\w+\((\([^)]*\)), \([^)]*\), (torch\.\w+)\)", text)
+    if not allocation:
+        return None
+    for offset in range(1, lookahead + 1):
+        call = _KERNEL_CALL.search(linecache.getline(filename, line + offset))
+        if call:
+            return f"{allocation.group(1)} {allocation.group(2)} -> {call.group(1)}"
+    return f"{allocation.group(1)} {allocation.group(2)}"
 
 
 def live_at_peak(trace: list[dict], start: int = 0) -> tuple[int, int, list[dict]]:
@@ -70,13 +100,17 @@ def live_at_peak(trace: list[dict], start: int = 0) -> tuple[int, int, list[dict
 
 
 def group_by_frame(allocations: list[dict], top: int) -> list[dict]:
-    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    groups: dict[str, list] = defaultdict(lambda: [0, 0, None])
     for event in allocations:
         entry = groups[allocating_frame(event.get("frames", []))]
         entry[0] += event["size"]
         entry[1] += 1
+        frame = own_frame(event.get("frames", []))
+        if entry[2] is None and frame is not None:
+            entry[2] = generated_code_context(frame["filename"], frame.get("line", 0))
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
-    return [{"frame": frame, "gib": size / GIB, "allocations": count} for frame, (size, count) in ranked]
+    return [{"frame": frame, "gib": size / GIB, "allocations": count, "generated_code": code}
+            for frame, (size, count, code) in ranked]
 
 
 def run(network: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int) -> tuple:
@@ -139,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         report[key] = {"peak_gib": peak / GIB, "peak_event": index, "live_at_peak": groups}
         print(f"\ntrace peak {what}: {peak / GIB:.2f} GiB at event {index} of {len(trace)}; alive then, by "
               f"allocating frame:")
-        print("| GiB | allocations | frame |\n|---|---|---|")
+        print("| GiB | allocations | frame | in generated code: buffer, then the kernel that fills it |\n"
+              "|---|---|---|---|")
         for g in groups:
-            print(f"| {g['gib']:.3f} | {g['allocations']} | {g['frame']} |")
+            print(f"| {g['gib']:.3f} | {g['allocations']} | {g['frame']} | {g['generated_code'] or ''} |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
     return 0

@@ -424,6 +424,25 @@ def test_memory_peak_finds_what_is_alive_at_the_trace_maximum():
     assert group_by_frame([{"size": 8, "frames": frames("??")}], top=5)[0]["frame"] == "torch internals"
 
 
+def test_memory_peak_names_the_kernel_that_fills_a_generated_buffer(tmp_path):
+    from benchmarks.memory_peak_gpu import generated_code_context, group_by_frame
+
+    code = tmp_path / "cabc123.py"  # as inductor writes a compiled graph
+    code.write_text("def partition_0(args):\n"
+                    "    buf7 = empty_strided_cuda((2, 48, 128, 128, 128), (1, 2, 3, 4, 5), torch.float32)\n"
+                    "    # Topologically Sorted Source Nodes: [var_mean], Original ATen: [aten.var_mean]\n"
+                    "    stream0 = get_raw_stream(0)\n"
+                    "    triton_red_fused__to_copy_var_mean_3.run(buf6, buf7, 48, stream=stream0)\n")
+    assert generated_code_context(str(code), 2) == \
+        "(2, 48, 128, 128, 128) torch.float32 -> triton_red_fused__to_copy_var_mean_3"
+    assert generated_code_context(str(code), 4) is None  # not an allocation
+    assert generated_code_context(str(tmp_path / "gone.py"), 2) is None
+    frames = [{"filename": "??", "line": 0, "name": "unwind"}, {"filename": str(code), "line": 2, "name": "partition_0"}]
+    [group] = group_by_frame([{"size": 8, "frames": frames}], top=5)
+    assert group["frame"] == f"{code}:2 (partition_0)"
+    assert group["generated_code"].endswith("-> triton_red_fused__to_copy_var_mean_3")
+
+
 def test_hippocampus_study_copies_the_latest_training_log_next_to_its_json(tmp_path):
     """The study copies the fold's newest nnU-Net training log beside its JSON, named after the JSON and trainer."""
     import os
