@@ -430,15 +430,15 @@ def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4), batched: b
 
     x: (B, C, D, H, W); returns (B, out, D, H, W). With three axes: 1 + 3 + 3 + 1 = 8 forward passes, or with
     `batched` one forward pass of the 8 flipped copies stacked along the batch (8 B tiles), the same sum in the same
-    order. Batched, the network's output is read before the next call, as a CUDA-graph network needs (its next
-    replay overwrites the output).
+    order. Batched, the result is a new tensor made before the next call, as a CUDA-graph network needs (its next
+    replay overwrites its output).
     """
     import torch
 
     combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
     if batched:
         outputs = network(torch.cat([x] + [torch.flip(x, c) for c in combos])).split(x.shape[0])
-        prediction = outputs[0].clone()
+        prediction = outputs[0]
         for c, out in zip(combos, outputs[1:]):
             prediction = prediction + torch.flip(out, c)
         return prediction / (len(combos) + 1)
@@ -771,17 +771,17 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                 # a CUDA-graph network's next replay overwrites the output that per-flip mirroring still adds to
                 entry["volume_inference"] = {"skipped": "a CUDA-graph network needs --batched-mirroring"}
                 log(f"[{name}] volume inference skipped: {entry['volume_inference']['skipped']}")
-                return entry
-            # a compiled network's first pass over the volume is not its inference time: one untimed pass first
-            volume_warmup = 1 if "_compiled" in name else 0
-            log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, {tiles} tiles x 8 mirrorings"
-                + (" (one forward pass of 8 per tile)" if batched_mirroring else "")
-                + (", after an untimed pass" if volume_warmup else ""))
-            entry["volume_inference"] = _guarded(
-                lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step,
-                                              warmup_passes=volume_warmup, batched_mirroring=batched_mirroring),
-                dev, log, f"[{name}] volume inference")
-            _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
+            else:
+                # a compiled network's first pass over the volume is not its inference time: an untimed pass first
+                volume_warmup = 1 if "_compiled" in name else 0
+                log(f"[{name}] volume inference: {'x'.join(map(str, volume))}, {tiles} tiles x 8 mirrorings"
+                    + (" (one forward pass of 8 per tile)" if batched_mirroring else "")
+                    + (", after an untimed pass" if volume_warmup else ""))
+                entry["volume_inference"] = _guarded(
+                    lambda: time_volume_inference(model, dev, volume, patch, in_channels, amp, step,
+                                                  warmup_passes=volume_warmup, batched_mirroring=batched_mirroring),
+                    dev, log, f"[{name}] volume inference")
+                _report_phase(log, name, "volume inference", entry["volume_inference"], "seconds", "s")
     del model
     _free(dev)
     return entry
