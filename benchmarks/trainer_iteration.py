@@ -166,12 +166,6 @@ def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, f
 HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 
 
-# the figures of the profiled iterations (`_profiled_iterations`), None where there are none (on the CPU)
-PROFILED_FIGURES = ("profiled_iteration_ms", "gpu_busy_ms_per_iteration", "gpu_idle_ms_per_iteration_by_part",
-                    "host_waiting_for_gpu_ms_per_iteration", "host_ms_per_iteration_by_part",
-                    "host_waiting_for_gpu_ms_per_iteration_by_part")
-
-
 def _profiled_iterations(trainer, profiled: int) -> dict:
     """Runs `profiled` labelled training iterations under torch.profiler; per iteration, in ms: wall time, GPU
     busy time, GPU idle time by part (see gpu_idle_by_part), the training thread's time waiting for the GPU, and
@@ -208,9 +202,18 @@ def _profiled_iterations(trainer, profiled: int) -> dict:
     def per_iteration(by_part: dict[str, float]) -> dict[str, float]:
         return {name: t / (1e3 * profiled) for name, t in sorted(by_part.items(), key=lambda kv: -kv[1])}
 
-    return dict(zip(PROFILED_FIGURES, (
-        (window[1] - window[0]) / (1e3 * profiled), busy_us / (1e3 * profiled), per_iteration(idle_us),
-        sum(waiting_us.values()) / (1e3 * profiled), per_iteration(host_us), per_iteration(waiting_us)), strict=True))
+    return {"profiled_iteration_ms": (window[1] - window[0]) / (1e3 * profiled),
+            "gpu_busy_ms_per_iteration": busy_us / (1e3 * profiled),
+            "gpu_idle_ms_per_iteration_by_part": per_iteration(idle_us),
+            "host_waiting_for_gpu_ms_per_iteration": sum(waiting_us.values()) / (1e3 * profiled),
+            "host_ms_per_iteration_by_part": per_iteration(host_us),
+            "host_waiting_for_gpu_ms_per_iteration_by_part": per_iteration(waiting_us)}
+
+
+# the figures of the profiled iterations, None where there are none (on the CPU)
+PROFILED_FIGURES = ("profiled_iteration_ms", "gpu_busy_ms_per_iteration", "gpu_idle_ms_per_iteration_by_part",
+                    "host_waiting_for_gpu_ms_per_iteration", "host_ms_per_iteration_by_part",
+                    "host_waiting_for_gpu_ms_per_iteration_by_part")
 
 
 def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, validation_iterations: int = 0) -> dict:
