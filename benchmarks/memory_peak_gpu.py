@@ -45,9 +45,8 @@ def own_frame(frames: list[dict]) -> dict | None:
     return None
 
 
-def allocating_frame(frames: list[dict]) -> str:
-    """`own_frame` as 'file:line (function)'."""
-    frame = own_frame(frames)
+def frame_label(frame: dict | None, frames: list[dict]) -> str:
+    """`own_frame(frames)` as 'file:line (function)'."""
     if frame is None:
         return "torch internals" if frames else "no stack recorded"
     return f"{frame['filename']}:{frame.get('line', 0)} ({frame.get('name', '?')})"
@@ -102,10 +101,11 @@ def live_at_peak(trace: list[dict], start: int = 0) -> tuple[int, int, list[dict
 def group_by_frame(allocations: list[dict], top: int) -> list[dict]:
     groups: dict[str, list] = defaultdict(lambda: [0, 0, None])
     for event in allocations:
-        entry = groups[allocating_frame(event.get("frames", []))]
+        frames = event.get("frames", [])
+        frame = own_frame(frames)
+        entry = groups[frame_label(frame, frames)]
         entry[0] += event["size"]
         entry[1] += 1
-        frame = own_frame(event.get("frames", []))
         if entry[2] is None and frame is not None:
             entry[2] = generated_code_context(frame["filename"], frame.get("line", 0))
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
