@@ -438,13 +438,12 @@ def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4), batched: b
     combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
     if batched:
         outputs = network(torch.cat([x] + [torch.flip(x, c) for c in combos])).split(x.shape[0])
-        prediction = outputs[0]
-        for c, out in zip(combos, outputs[1:]):
-            prediction = prediction + torch.flip(out, c)
-        return prediction / (len(combos) + 1)
-    prediction = network(x)
-    for c in combos:
-        prediction = prediction + torch.flip(network(torch.flip(x, c)), c)
+    else:  # one pass at a time, each made when the sum needs it
+        outputs = itertools.chain([network(x)], (network(torch.flip(x, c)) for c in combos))
+    outputs = iter(outputs)
+    prediction = next(outputs)
+    for c, out in zip(combos, outputs):
+        prediction = prediction + torch.flip(out, c)
     return prediction / (len(combos) + 1)
 
 
