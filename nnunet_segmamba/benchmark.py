@@ -11,7 +11,7 @@ Every network runs in one process at the same setting; the defaults are the pape
 - patch inference: one forward pass of a (1, C, *patch) tile under fp16 autocast.
 - volume inference: MONAI's `sliding_window_inference` over one (1, C, *volume) image (BraTS: 240 x 240 x 155)
   with patch-sized tiles, overlap 1 - step (nnU-Net's tile_step_size 0.5), Gaussian weighting (sigma = patch/8),
-  batch-1 tiles, and nnU-Net's mirror TTA applied per tile by `mirror_tta` (the mean over all 8 flips of the three
+  batch-1 tiles, and nnU-Net's mirror TTA applied per tile by `mirror_mean` (the mean over all 8 flips of the three
   spatial axes), timed once; for a compiled network after one untimed pass. See `tile_layout` for how the tile
   positions compare with nnU-Net's predictor.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
-import itertools
 import json
 import math
 import platform
@@ -113,7 +112,7 @@ KNOWN_NETWORKS = NETWORKS + EXTRA_NETWORKS
 SGD_KWARGS = {"lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
 GRAD_CLIP = 12.0
 GIB = 1024 ** 3
-# how the MONAI sliding window + `mirror_tta` here relates to nnU-Net's nnUNetPredictor (2.8), recorded in the JSON
+# how the MONAI sliding window + `mirror_mean` here relates to nnU-Net's nnUNetPredictor (2.8), recorded in the JSON
 NNUNET_DIFFERENCES = (
     "same: tiles of the patch size, padding of axes smaller than the patch, tile count per axis, batch-1 tiles, "
     "Gaussian weights with sigma = patch/8, mirror TTA over all 8 flips per tile, fp16 autocast, inference mode",
@@ -190,7 +189,9 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
                         recompute_mamba_branches="recompute" in variant,
                         scan_backend=_backend_of(name) or "auto")
         if "cl16" in variant:
-            return _ChannelsLast3d(_half_convs(net))
+            from .training.inference import half_precision_convs
+
+            return _ChannelsLast3d(half_precision_convs(net))
         return _ChannelsLast3d(net) if "cl" in variant else net
     if name in ("plainconv", "resenc_m"):
         from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
@@ -225,17 +226,6 @@ def _ChannelsLast3d(net):
             return self.net(x.contiguous(memory_format=torch.channels_last_3d))
 
     return ChannelsLast3d(net)
-
-
-def _half_convs(net):
-    """`net` with its 3D convolutions' weights and biases in float16: what fp16 autocast casts them to for every
-    call, so under autocast the arithmetic is unchanged (and fp32 inference is not possible); for inference only."""
-    import torch
-
-    for module in net.modules():
-        if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
-            module.half()
-    return net
 
 
 def _backend_of(name: str) -> str | None:
@@ -425,28 +415,6 @@ def time_patch_inference(model, device, patch: Sequence[int], in_channels: int, 
     return time_calls(tile_forward(model, device, patch, in_channels, amp), device, warmup, iters)
 
 
-def mirror_tta(network: Callable, x, axes: Sequence[int] = (2, 3, 4), batched: bool = False):
-    """nnU-Net's `_internal_maybe_mirror_and_predict`: mean of the network over all 2^k flips of `axes`.
-
-    x: (B, C, D, H, W); returns (B, out, D, H, W). With three axes: 1 + 3 + 3 + 1 = 8 forward passes, or with
-    `batched` one forward pass of the 8 flipped copies stacked along the batch (8 B tiles), the same sum in the same
-    order. Batched, the result is a new tensor made before the next call, as a CUDA-graph network needs (its next
-    replay overwrites its output).
-    """
-    import torch
-
-    combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
-    if batched:
-        outputs = network(torch.cat([x] + [torch.flip(x, c) for c in combos])).split(x.shape[0])
-    else:  # one pass at a time, each made when the sum needs it
-        outputs = itertools.chain([network(x)], (network(torch.flip(x, c)) for c in combos))
-    outputs = iter(outputs)
-    prediction = next(outputs)
-    for c, out in zip(combos, outputs):
-        prediction = prediction + torch.flip(out, c)
-    return prediction / (len(combos) + 1)
-
-
 def tile_layout(volume: Sequence[int], patch: Sequence[int], step: float = 0.5) -> dict[str, Any]:
     """Tile start positions per axis of MONAI's sliding window (overlap 1 - step) and of nnU-Net's predictor.
 
@@ -480,9 +448,11 @@ def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[
     """Sliding-window inference with mirror TTA over one random (1, C, *volume) image, timed once after
     `warmup_passes` untimed passes over it: a compiled network's first pass held work beyond its forwards, most
     likely compiles (PlainConvUNet compiled took 10.4 s for it against 1.95 s eager; docs/performance.md).
-    `batched_mirroring`: each tile's 8 flips in one forward pass (`mirror_tta(batched=True)`)."""
+    `batched_mirroring`: each tile's 8 flips in one forward pass (`mirror_mean(batched=True)`)."""
     import torch
     from monai.inferers import sliding_window_inference
+
+    from .training.inference import mirror_mean
 
     model.eval()
     image = torch.randn(1, in_channels, *volume, device=device)
@@ -492,7 +462,7 @@ def time_volume_inference(model, device, volume: Sequence[int], patch: Sequence[
         nonlocal tiles
         tiles += tile.shape[0]
         torch.compiler.cudagraph_mark_step_begin()  # a new inference step for a CUDA-graph network; else a no-op
-        return mirror_tta(model, tile, batched=batched_mirroring)
+        return mirror_mean(model, tile, (2, 3, 4), batched=batched_mirroring)
 
     def sliding_window():
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):

@@ -128,43 +128,6 @@ def test_compiled_networks_warm_up_the_volume_inference(monkeypatch):
     assert warmups == [0, 1]
 
 
-def test_mirror_tta_averages_eight_flips():
-    calls = []
-
-    def net(x):
-        calls.append(x)
-        return x * 2
-
-    x = torch.randn(1, 2, 3, 4, 5)
-    torch.testing.assert_close(benchmark.mirror_tta(net, x), 2 * x)
-    assert len(calls) == 8
-    assert len({tuple(c.flatten()[:8].tolist()) for c in calls}) == 8  # eight distinct flips
-
-    def first_axis_ramp(x):  # not flip-equivariant: TTA averages its weight over both directions of axis 2
-        ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
-        return x * ramp
-
-    ones = torch.ones(1, 1, 4, 2, 2)
-    expected = torch.full_like(ones, (4 - 1) / 2)
-    torch.testing.assert_close(benchmark.mirror_tta(first_axis_ramp, ones), expected)
-
-
-def test_batched_mirroring_is_one_forward_pass_with_the_same_mean():
-    calls = []
-    conv = torch.nn.Conv3d(2, 3, 3, padding=1)  # not flip-equivariant: the flips give eight different outputs
-
-    def net(x):
-        calls.append(tuple(x.shape))
-        return conv(x)
-
-    x = torch.randn(2, 2, 4, 6, 5)
-    with torch.no_grad():
-        per_flip = benchmark.mirror_tta(net, x)
-        batched = benchmark.mirror_tta(net, x, batched=True)
-    assert calls[-1] == (16, 2, 4, 6, 5) and len(calls) == 9  # 8 passes of 2 tiles, then one of 8 x 2
-    torch.testing.assert_close(batched, per_flip)
-
-
 def test_cuda_graph_networks_need_batched_mirroring_for_the_volume(monkeypatch):
     batched = []
 

@@ -1,8 +1,9 @@
 """Predict and score the held-out 20 % test cases of the 70/10/20 split after training.
 
 The test cases are labelled training cases of the raw dataset (`nnUNet_raw/<dataset>/imagesTr`) that the
-SegMamba trainers never loaded. They are predicted with nnU-Net's own `nnUNetPredictor` from the trained fold
-(sliding window, overlap 0.5, Gaussian weighting, mirroring on unless disabled) into
+SegMamba trainers never loaded. They are predicted with `SegMambaPredictor` (nnU-Net's `nnUNetPredictor`, run
+fast on CUDA: predictor.py) from the trained fold (sliding window, overlap 0.5, Gaussian weighting, mirroring on
+unless disabled) into
 `<results>/<trainer>__<plans>__<configuration>/fold_<f>/test_predictions/` and scored against `labelsTr` with
 `nnunet_segmamba.evaluation.metrics.evaluate_folder` (summary in `test_predictions/evaluation/`).
 """
@@ -34,13 +35,10 @@ def _require_env(name: str) -> str:
 def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str,
                       device: str | torch.device = "auto", use_mirroring: bool = True,
                       checkpoint_name: str = "checkpoint_final.pth"):
-    """nnU-Net's `nnUNetPredictor` for one trained fold, set up as `nnUNetv2_predict` does (sliding window, overlap
-    0.5, Gaussian weighting), compiled as nnU-Net decides (only with nnUNet_compile=t) except on the CPU, where
-    the trainers never compile either, and with our trainers found by name (a failed lookup says what to
-    export)."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from torch._dynamo import OptimizedModule
-
+    """`SegMambaPredictor` (nnU-Net's predictor, run fast on CUDA; predictor.py) for one trained fold, set up as
+    `nnUNetv2_predict` does (sliding window, overlap 0.5, Gaussian weighting), with our trainers found by name (a
+    failed lookup says what to export)."""
+    from nnunet_segmamba.training.predictor import SegMambaPredictor
     from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
 
     device = resolve_device(device)
@@ -48,9 +46,9 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str,
     folders = [f for f in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
     if ext_trainer_folder() not in folders:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join(folders + [ext_trainer_folder()])
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device.type == "cuda", device=device,
-                                verbose=False, allow_tqdm=False)
+    predictor = SegMambaPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
+                                  perform_everything_on_device=device.type == "cuda", device=device,
+                                  verbose=False, allow_tqdm=False)
     try:
         predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
                                                        checkpoint_name=checkpoint_name)
@@ -58,9 +56,6 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str,
         if is_trainer_lookup_error(exc):
             raise trainer_lookup_error(exc, trainer) from exc
         raise
-    if device.type == "cpu" and isinstance(predictor.network, OptimizedModule):
-        # compiling on the CPU costs minutes and gains nothing there; the module inside is the same network
-        predictor.network = predictor.network._orig_mod
     return predictor
 
 

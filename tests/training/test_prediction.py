@@ -11,10 +11,12 @@ def test_predict_test_rejects_bad_arguments(kwargs, match):
         predict_test_split(4, "3d_fullres", 0, "nnUNetTrainerSegMamba", **kwargs)
 
 
-@pytest.mark.parametrize("device, compiled", [("cpu", False), ("cuda", True)])
-def test_predictor_is_compiled_as_nnunet_decides_except_on_cpu(monkeypatch, device, compiled):
-    """nnU-Net's predictor compiles with nnUNet_compile=t; on the CPU the network is handed back uncompiled, with
-    nothing written to the environment."""
+@pytest.mark.parametrize("device, setting, compiled", [("cpu", None, False), ("cpu", "t", False),
+                                                      ("cuda", None, True), ("cuda", "t", True),
+                                                      ("cuda", "f", False)])
+def test_predictor_is_compiled_by_the_trainers_rule(monkeypatch, device, setting, compiled):
+    """As the trainers: compiled on CUDA unless nnUNet_compile=f, never on the CPU (where nnU-Net's own compile
+    with nnUNet_compile=t is undone), with nothing written to the environment."""
     import os
 
     import torch
@@ -23,16 +25,24 @@ def test_predictor_is_compiled_as_nnunet_decides_except_on_cpu(monkeypatch, devi
 
     from nnunet_segmamba.training import prediction
 
-    def initialize(self, *args, **kwargs):  # what nnU-Net's does with nnUNet_compile=t, without a model folder
-        self.network = torch.compile(torch.nn.Linear(1, 1))
+    def initialize(self, *args, **kwargs):  # what nnU-Net's does, without a model folder
+        self.network = torch.nn.Conv3d(1, 1, 1)
+        if os.environ.get("nnUNet_compile") == "t":
+            self.network = torch.compile(self.network)
 
-    monkeypatch.setenv("nnUNet_compile", "t")
+    def init(self, device, **kwargs):  # no CUDA needed for "cuda"
+        self.device = device
+
+    if setting is None:
+        monkeypatch.delenv("nnUNet_compile", raising=False)
+    else:
+        monkeypatch.setenv("nnUNet_compile", setting)
     monkeypatch.setenv("nnUNet_extTrainer", "")  # trained_predictor adds our folder; restored after the test
     monkeypatch.setattr(nnUNetPredictor, "initialize_from_trained_model_folder", initialize)
-    monkeypatch.setattr(nnUNetPredictor, "__init__", lambda self, **kwargs: None)  # no CUDA needed for "cuda"
+    monkeypatch.setattr(nnUNetPredictor, "__init__", init)
     if device == "cuda":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve_device accepts "cuda"
     predictor = prediction.trained_predictor("unused", 0, "nnUNetTrainerSegMamba", device=device)
     assert isinstance(predictor.network, OptimizedModule) is compiled
-    assert isinstance(predictor.network, torch.nn.Module)
-    assert os.environ["nnUNet_compile"] == "t"
+    assert predictor.tile_forward.cuda_graphs is compiled and predictor.tile_forward.batched is (device == "cuda")
+    assert os.environ.get("nnUNet_compile") == setting
