@@ -106,6 +106,13 @@ def test_chunk_sizes_and_long_decay(block_l):
 
 
 @needs_kernels
+def test_carry_over_more_chunks_than_one_tile():
+    # 257 chunks of 16: the carry kernel scans them in tiles of 256 chunks, the second tile starting from the first's
+    # last state (forward) and adjoint (reverse)
+    check_order(make_inputs(15, batch=1, dim=1, n=4, length=16 * 257, device=DEVICE), "reverse", block_l=16)
+
+
+@needs_kernels
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (10 ** 6, 8)], ids=["one-split", "split-per-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
                          ids=["fp32", "bf16"])
