@@ -127,6 +127,21 @@ def test_predict_test_device_defaults_to_auto_which_is_cpu_without_cuda(monkeypa
     assert "\n" not in err
 
 
+def test_predict_names_a_missing_input_folder_or_model_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_results", str(tmp_path))
+    (tmp_path / "Dataset004_X").mkdir()
+    args = ["predict", "-o", str(tmp_path / "out"), "-d", "Dataset004_X", "-c", "3d_fullres", "-tr", "T",
+            "--device", "cpu"]
+    assert cli.main(args + ["-i", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nnunet-segmamba predict: error: input folder ") and "(-i) does not exist" in err
+    (tmp_path / "in").mkdir()
+    assert cli.main(args + ["-i", str(tmp_path / "in")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nnunet-segmamba predict: error: no trained model at ") and "check -d, -tr" in err
+    assert "\n" not in err and not (tmp_path / "out").exists()
+
+
 def test_classify_train_help_has_no_doubled_percent(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["classify", "train", "--help"])

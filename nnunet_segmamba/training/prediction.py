@@ -1,4 +1,5 @@
-"""Predict and score the held-out 20 % test cases of the 70/10/20 split after training.
+"""Predict with a trained SegMamba fold: any folder of images (`predict_folder`, `nnunet-segmamba predict`), or the
+held-out 20 % test cases of the 70/10/20 split, scored (`predict_test_split`, `nnunet-segmamba predict-test`).
 
 The test cases are labelled training cases of the raw dataset (`nnUNet_raw/<dataset>/imagesTr`) that the
 SegMamba trainers never loaded. They are predicted with `SegMambaPredictor` (nnU-Net's `nnUNetPredictor`, run
@@ -13,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from nnunet_segmamba.devices import resolve_device
 from nnunet_segmamba.errors import SetupError, UserError
@@ -32,12 +33,25 @@ def _require_env(name: str) -> str:
     return value
 
 
-def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str,
+def _model_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> tuple[str, Path]:
+    """The dataset's name and the trained model's folder under $nnUNet_results, or a UserError naming the input."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    results_root = _require_env("nnUNet_results")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:  # nnU-Net's "Could not find a dataset with the ID ..."
+        raise UserError(f"dataset {dataset!r} (-d) is not found under $nnUNet_results ({results_root}), "
+                        "$nnUNet_raw or $nnUNet_preprocessed; pass an existing dataset id or name") from None
+    return dataset_name, Path(results_root) / dataset_name / f"{trainer}__{plans}__{configuration}"
+
+
+def trained_predictor(model_folder: str | os.PathLike, folds: int | Sequence[int] | None, trainer: str,
                       device: str | torch.device = "auto", use_mirroring: bool = True,
                       checkpoint_name: str = "checkpoint_final.pth"):
-    """`SegMambaPredictor` (nnU-Net's predictor, run fast on CUDA; predictor.py) for one trained fold, set up as
-    `nnUNetv2_predict` does (sliding window, overlap 0.5, Gaussian weighting), with our trainers found by name (a
-    failed lookup says what to export)."""
+    """`SegMambaPredictor` (nnU-Net's predictor, run fast on CUDA; predictor.py) for the trained `folds` (one, several
+    averaged, or None: every fold folder with the checkpoint), set up as `nnUNetv2_predict` does (sliding window,
+    overlap 0.5, Gaussian weighting), with our trainers found by name (a failed lookup says what to export)."""
     from nnunet_segmamba.training.predictor import SegMambaPredictor
     from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
 
@@ -50,8 +64,9 @@ def trained_predictor(model_folder: str | os.PathLike, fold: int, trainer: str,
                                   perform_everything_on_device=device.type == "cuda", device=device,
                                   verbose=False, allow_tqdm=False)
     try:
-        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
-                                                       checkpoint_name=checkpoint_name)
+        predictor.initialize_from_trained_model_folder(
+            str(model_folder), use_folds=(folds,) if isinstance(folds, int) else folds,
+            checkpoint_name=checkpoint_name)
     except RuntimeError as exc:
         if is_trainer_lookup_error(exc):
             raise trainer_lookup_error(exc, trainer) from exc
@@ -81,7 +96,6 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         The evaluation summary (see `evaluate_folder`), with "prediction_folder" added.
     """
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     from nnunet_segmamba.evaluation.metrics import evaluate_folder
@@ -92,15 +106,9 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     if convention not in CONVENTIONS:
         raise UserError(f"convention must be one of {CONVENTIONS} (--convention), got {convention!r}")
 
-    raw_root, results_root = _require_env("nnUNet_raw"), _require_env("nnUNet_results")
     _require_env("nnUNet_preprocessed")
-    try:
-        dataset_name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:  # nnU-Net's "Could not find a dataset with the ID ..."
-        raise UserError(f"dataset {dataset!r} (-d) is not found under $nnUNet_raw ({raw_root}), "
-                        "$nnUNet_preprocessed or $nnUNet_results; pass an existing dataset id or name") from None
-    raw_folder = Path(raw_root) / dataset_name
-    model_folder = Path(results_root) / dataset_name / f"{trainer}__{plans}__{configuration}"
+    dataset_name, model_folder = _model_folder(dataset, trainer, plans, configuration)
+    raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
     if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
         raise FileNotFoundError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} with "
                                 f"-tr {trainer} first (or pass the checkpoint name)")
@@ -141,3 +149,49 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
                                   file_ending=file_ending)
     summary["prediction_folder"] = str(output_folder)
     return summary
+
+
+def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
+                   configuration: str, trainer: str, folds: Sequence[int] | None = None,
+                   plans: str = "nnUNetPlans", device: str = "auto", use_mirroring: bool = True,
+                   checkpoint_name: str = "checkpoint_final.pth", save_probabilities: bool = False,
+                   num_processes: int = 2) -> Path:
+    """What `nnUNetv2_predict` does, with `SegMambaPredictor`: predict every case of `input_folder` (nnU-Net's file
+    names, CASE_XXXX.<ending> per channel) into `output_folder`, averaging the folds.
+
+    Args:
+        input_folder: images to predict.
+        output_folder: where the segmentations go (created).
+        dataset: dataset id (e.g. 4) or name (Dataset004_Hippocampus).
+        configuration: nnU-Net configuration, e.g. 3d_fullres.
+        trainer: trainer class name used for training, e.g. nnUNetTrainerSegMamba.
+        folds: trained folds to average; None: every fold folder that holds the checkpoint.
+        plans: plans identifier.
+        device: "auto" (cuda when available, else cpu), "cuda", "cuda:N" or "cpu".
+        use_mirroring: mirror test-time augmentation over the axes the trainer allowed.
+        checkpoint_name: checkpoint file in the fold folders.
+        save_probabilities: also write the class probabilities (.npz) next to each segmentation.
+        num_processes: preprocessing and export worker processes.
+
+    Returns:
+        The output folder.
+    """
+    device = resolve_device(device)
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    if not input_folder.is_dir():
+        raise UserError(f"input folder {input_folder} (-i) does not exist; pass a folder of images named "
+                        "CASE_0000.<ending> as nnU-Net expects")
+    _, model_folder = _model_folder(dataset, trainer, plans, configuration)
+    if not model_folder.is_dir():
+        raise UserError(f"no trained model at {model_folder}; check -d, -tr, -p and -c (train with nnUNetv2_train "
+                        f"... -tr {trainer} first)")
+    for fold in folds or ():
+        if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
+            raise UserError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} (-f) first, "
+                            "or pass the folds that were trained")
+    predictor = trained_predictor(model_folder, folds, trainer, device, use_mirroring, checkpoint_name)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    predictor.predict_from_files(str(input_folder), str(output_folder), save_probabilities=save_probabilities,
+                                 overwrite=True, num_processes_preprocessing=num_processes,
+                                 num_processes_segmentation_export=num_processes)
+    return output_folder

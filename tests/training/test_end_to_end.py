@@ -1,5 +1,6 @@
 """End to end through nnU-Net's own command line on CPU: plan and preprocess 20 real hippocampus cases, train
-nnUNetTrainerSegMamba_tiny on fold 0 of the 70/10/20 split, predict the held-out test cases with mirroring.
+nnUNetTrainerSegMamba_tiny on fold 0 of the 70/10/20 split, predict the held-out test cases with mirroring
+through nnUNetv2_predict and through `nnunet-segmamba predict`, which on the CPU must give the same labels.
 
 About 2-3 minutes on a 2-core CPU. Needs ../shared/data/hippocampus next to the repository (skipped without).
 """
@@ -9,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,12 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
         np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin(), atol=1e-4)
         labels = np.unique(sitk.GetArrayFromImage(prediction))
         assert set(labels.tolist()) <= {0, 1, 2}
+
+    # the same through our predictor (on the CPU: nnU-Net's predictor, batched flips off): the same labels
+    ours = tmp_path / "test_out_ours"
+    _run([sys.executable, "-m", "nnunet_segmamba.cli", "predict", "-i", str(test_in), "-o", str(ours), "-d",
+          str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "--device", "cpu", "-np", "1"],
+         env, timeout=300)
+    for case in split["test"]:
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f"{case}.nii.gz"))),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(str(test_out / f"{case}.nii.gz"))))
