@@ -34,7 +34,9 @@ class _KeepsChannelsLast:
     would copy it back, since cuDNN runs its half-precision convolutions channels-last (docs/performance.md,
     "Where the compiled step's time goes"). A channels-last input is normalised here in place of that: the same
     statistics (biased variance over the spatial dims, in float32), as one reduction and one pointwise pass that
-    torch.compile fuses. Other inputs, and norms with running statistics, take torch's path unchanged.
+    torch.compile fuses, with a backward written out (`_InstanceNormChannelsLast`) that keeps float32 copies of
+    full-size gradients out of memory. Other inputs, and norms with running statistics, take torch's path
+    unchanged.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,14 +44,52 @@ class _KeepsChannelsLast:
         if (self.track_running_stats or channels_last is None or x.is_contiguous()
                 or not x.is_contiguous(memory_format=channels_last)):
             return super().forward(x)
+        return _InstanceNormChannelsLast.apply(x, self.weight if self.affine else None,
+                                               self.bias if self.affine else None, self.eps)
+
+
+class _InstanceNormChannelsLast(torch.autograd.Function):
+    """Instance normalisation of a channels-last input (biased variance over the spatial dims, in float32; the
+    output in the input's dtype), with its backward written out.
+
+    Autograd's backward of the float32 formula converts the incoming gradient to float32 and scales it by 1/std
+    first; that full-size float32 product feeds both the backward's reductions and its pointwise, and
+    torch.compile stores it in memory, in float32, where the gradient comes from a large fused expression (the
+    residual blocks, whose gradient is shared by the main and the shortcut norm). Here every full-size term is
+    read straight from the 16-bit gradient and input, converted inside the one expression that uses it:
+    two reductions (sum(g) and sum(g * (x - mean))) and one pointwise pass with per-channel coefficients. The
+    arithmetic is the same (float32); saved for the backward are the input and two float32 values per channel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
         dims = tuple(range(2, x.dim()))
         x32 = x.float()
         var, mean = torch.var_mean(x32, dim=dims, keepdim=True, correction=0)
-        y = (x32 - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
+        rstd = torch.rsqrt(var + eps)
+        y = (x32 - mean) * rstd
+        if weight is not None:
             shape = (1, -1) + (1,) * len(dims)
-            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+            y = y * weight.float().view(shape) + bias.float().view(shape)
+        ctx.save_for_backward(x, mean, rstd, weight)
         return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, weight = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        n = math.prod(x.shape[2:])
+        centred = x - mean  # float32 by type promotion, computed where it is read
+        sum_g = grad.sum(dims, keepdim=True, dtype=torch.float32)
+        sum_gc = (grad * centred).sum(dims, keepdim=True)  # = sum(g * xhat) / rstd
+        scale = rstd if weight is None else rstd * weight.float().view((1, -1) + (1,) * len(dims))
+        # dx = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = centred * rstd
+        grad_x = grad * scale - centred * (scale * rstd * rstd * sum_gc / n) - scale * sum_g / n
+        grad_weight = grad_bias = None
+        if weight is not None:
+            grad_weight = (sum_gc * rstd).sum(0).flatten().to(weight.dtype)
+            grad_bias = sum_g.sum(0).flatten().to(weight.dtype)
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None
 
 
 class InstanceNorm2dKeepingLayout(_KeepsChannelsLast, nn.InstanceNorm2d):

@@ -202,12 +202,17 @@ def test_ss2d_compiles_without_graph_breaks():
     _compare_compiled(SS2D(8, d_state=4, scan_backend="torch"), (torch.randn(2, 4, 6, 8),), "aot_eager")
 
 
-def test_segmamba_compiles_without_graph_breaks():
-    """The whole network, deep-supervision heads included, in one graph (what nnU-Net's compile gets)."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["channels-first", "channels-last"])
+def test_segmamba_compiles_without_graph_breaks(channels_last):
+    """The whole network, deep-supervision heads included, in one graph (what nnU-Net's compile gets); in
+    channels_last_3d (the trainers' layout on one GPU) its norms are the written-out autograd.Function."""
     torch.manual_seed(0)
     net = SegMamba(1, 3, depths=(1, 1, 1, 1), feat_size=(8, 16, 32, 64), hidden_size=128, deep_supervision=True,
                    scan_backend="torch")
-    _compare_compiled(net, (torch.randn(1, 1, 32, 16, 16),), "aot_eager")
+    x = torch.randn(1, 1, 32, 16, 16)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last_3d), x.to(memory_format=torch.channels_last_3d)
+    _compare_compiled(net, (x,), "aot_eager")
 
 
 def test_inductor_matches_eager():
