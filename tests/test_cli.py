@@ -139,7 +139,13 @@ def test_predict_names_a_missing_input_folder_or_model_in_one_line(tmp_path, mon
     assert cli.main(args + ["-i", str(tmp_path / "in")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nnunet-segmamba predict: error: no trained model at ") and "check -d, -tr" in err
-    assert "\n" not in err and not (tmp_path / "out").exists()
+    (tmp_path / "Dataset004_X" / "T__nnUNetPlans__3d_fullres" / "fold_0").mkdir(parents=True)
+    errors = []
+    for folds in ([], ["-f", "0"]):
+        assert cli.main(args + ["-i", str(tmp_path / "in")] + folds) == 2
+        errors.append(capsys.readouterr().err.strip())
+    assert "no fold folder of " in errors[0] and "no checkpoint_final.pth in " in errors[1]
+    assert all(e.count("\n") == 0 for e in errors) and not (tmp_path / "out").exists()
 
 
 def test_classify_train_help_has_no_doubled_percent(capsys):

@@ -189,6 +189,9 @@ def predict_folder(input_folder: str | os.PathLike, output_folder: str | os.Path
         if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
             raise UserError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} (-f) first, "
                             "or pass the folds that were trained")
+    if folds is None and not any(model_folder.glob(f"fold_*/{checkpoint_name}")):
+        raise UserError(f"no fold folder of {model_folder} holds {checkpoint_name}; finish training a fold first "
+                        "(or pass --checkpoint)")
     predictor = trained_predictor(model_folder, folds, trainer, device, use_mirroring, checkpoint_name)
     output_folder.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files(str(input_folder), str(output_folder), save_probabilities=save_probabilities,
