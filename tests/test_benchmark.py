@@ -451,3 +451,21 @@ def test_half_conv_network_stores_only_its_3d_convolutions_in_float16():
     conv_params = {id(p) for m in convs for p in m.parameters()}
     others = [p for p in net.parameters() if id(p) not in conv_params]
     assert others and all(p.dtype == torch.float32 for p in others)  # the Mamba layers' (and Conv1d's) stay
+
+
+def test_predictor_volume_runs_both_predictors_and_writes_json(tmp_path, capsys):
+    """benchmarks.predictor_volume_gpu on the CPU at toy sizes: each run through its predictor, a table, the JSON
+    (on the CPU both predictors are nnU-Net's path: nothing compiled, no batched flips)."""
+    from benchmarks import predictor_volume_gpu
+
+    out = tmp_path / "volume.json"
+    assert predictor_volume_gpu.main(["--device", "cpu", "--volume", "36,32,32", "--patch", "32",
+                                      "--segmamba-width", "4", "--warmup", "0", "--repeats", "1", "--out", str(out),
+                                      "--runs", "segmamba:segmamba,plainconv:nnunet"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["runs"]) == ["segmamba:segmamba", "plainconv:nnunet"]
+    for run in report["runs"].values():
+        assert run["output_finite"] and run["seconds_median"] > 0 and not run["cuda_graphs"]
+    assert "plainconv:nnunet" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        predictor_volume_gpu.main(["--device", "cpu", "--runs", "resnet:nnunet"])
