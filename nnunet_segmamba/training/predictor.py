@@ -21,9 +21,11 @@ from nnunet_segmamba.training.inference import MirroredTileForward, prepare_for_
 
 
 def compiles_by_nnunets_rule(device: torch.device) -> bool:
-    """nnU-Net's trainers' rule (`nnUNetTrainer._do_i_compile`): on CUDA, unless nnUNet_compile is false."""
+    """nnU-Net's trainers' rule (`nnUNetTrainer._do_i_compile`): on CUDA, not on Windows (no Triton there), unless
+    nnUNet_compile is false."""
     setting = os.environ.get("nnUNet_compile")
-    return device.type == "cuda" and (setting is None or setting.lower() in ("true", "1", "t"))
+    return (device.type == "cuda" and os.name != "nt"
+            and (setting is None or setting.lower() in ("true", "1", "t")))
 
 
 class SegMambaPredictor(nnUNetPredictor):
