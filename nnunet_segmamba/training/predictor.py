@@ -1,13 +1,13 @@
 """`SegMambaPredictor`: nnU-Net's `nnUNetPredictor` with the network run fast on CUDA (`inference.py`).
 
 Everything nnU-Net's predictor does is kept: preprocessing, the sliding window (overlap, Gaussian weighting),
-the mirror axes the trainer allowed, fp16 autocast on CUDA, one `load_state_dict` per fold, export. What changes,
-on CUDA only and with nnU-Net's trainers' compile rule (compiled unless `nnUNet_compile=f`): the network's layout,
-its convolution weights' storage type, CUDA graphs, and the flips of each tile in one forward pass (out of memory:
-one pass per flip, as nnU-Net does). On the CPU it predicts exactly as `nnUNetPredictor` does, uncompiled.
+the mirror axes the trainer allowed, fp16 autocast on CUDA, one `load_state_dict` per fold, export. What changes
+on CUDA: the flips of each tile in one forward pass (out of memory: one pass per flip, as nnU-Net does), and with
+nnU-Net's trainers' compile rule (compiled unless `nnUNet_compile=f`) the network's layout, its convolution
+weights' storage type and CUDA graphs. On the CPU it predicts exactly as `nnUNetPredictor` does, uncompiled.
 
-`nnunet-segmamba predict-test` predicts with it; `nnUNetv2_predict` builds nnU-Net's own predictor, which runs
-the same network the plain way (eager unless `nnUNet_compile=t`, one pass per flip).
+`nnunet-segmamba predict` and `predict-test` predict with it; `nnUNetv2_predict` builds nnU-Net's own predictor,
+which runs the same network the plain way (eager unless `nnUNet_compile=t`, one pass per flip).
 """
 from __future__ import annotations
 
