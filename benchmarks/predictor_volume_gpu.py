@@ -10,10 +10,10 @@ Each run predicts one random (C, *volume) image with `predict_sliding_window_ret
     <network>:nnunet_compiled   the same with nnUNet_compile=t (torch.compile, default mode)
     <network>:segmamba          `SegMambaPredictor` (CUDA graphs, channels-last, float16 conv weights, batched flips)
 
-for networks `segmamba` (the reference width; scan backend "auto", named in the JSON) and `plainconv` (nnU-Net's PlainConvUNet for the
-patch, `nnunet_segmamba.benchmark.build_network`). Each run: --warmup untimed passes (compiles, CUDA graph
-recording, cuDNN's search; the first one's time is reported), then --repeats timed passes. Prints a table and
-writes JSON; not a test.
+for networks `segmamba` (the reference width; scan backend "auto", named in the JSON) and `plainconv` (nnU-Net's
+PlainConvUNet for the patch), both from `nnunet_segmamba.benchmark.build_network`. Each run: --warmup untimed passes
+(compiles, CUDA graph recording, cuDNN's search; the first one's time is reported), then --repeats timed passes.
+Prints a table and writes JSON; not a test.
 """
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ from nnunet_segmamba.ssm import dispatch
 
 DEFAULT_RUNS = ("segmamba:segmamba", "segmamba:nnunet", "plainconv:segmamba", "plainconv:nnunet",
                 "plainconv:nnunet_compiled")
-NETWORKS = {"segmamba": "segmamba", "plainconv": "plainconv"}  # SegMamba with the scan backend "auto"
+NETWORKS = ("segmamba", "plainconv")  # the benchmark's names; SegMamba with the scan backend "auto"
+# each predictor and the nnUNet_compile setting it is set up under (both predictors read it then)
+PREDICTORS = {"nnunet": "f", "nnunet_compiled": "t", "segmamba": "t"}
 # BraTS as nnU-Net trains it: three overlapping regions, one sigmoid head each
 DATASET_JSON = {"labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]},
                 "regions_class_order": [1, 2, 3]}
@@ -53,11 +55,10 @@ def make_predictor(run: str, device: torch.device, in_channels: int, patch, segm
     from nnunet_segmamba.training.predictor import SegMambaPredictor
 
     network_name, kind = run.split(":")
-    network = build_network(NETWORKS[network_name], in_channels, 3, segmamba_width, patch=patch)
+    network = build_network(network_name, in_channels, 3, segmamba_width, patch=patch)
     plans = PlansManager(_plans(patch))
     saved = os.environ.get("nnUNet_compile")
-    # both predictors read nnUNet_compile while they are set up
-    os.environ["nnUNet_compile"] = {"nnunet": "f", "nnunet_compiled": "t", "segmamba": "t"}[kind]
+    os.environ["nnUNet_compile"] = PREDICTORS[kind]
     try:
         predictor = (SegMambaPredictor if kind == "segmamba" else nnUNetPredictor)(
             tile_step_size=0.5, use_gaussian=True, use_mirroring=True, perform_everything_on_device=True,
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     for run in runs:
         network, _, kind = run.partition(":")
-        if network not in NETWORKS or kind not in ("nnunet", "nnunet_compiled", "segmamba"):
-            parser.error(f"--runs: {run!r} is not <segmamba|plainconv>:<nnunet|nnunet_compiled|segmamba>")
+        if network not in NETWORKS or kind not in PREDICTORS:
+            parser.error(f"--runs: {run!r} is not <{'|'.join(NETWORKS)}>:<{'|'.join(PREDICTORS)}>")
     device = torch.device(args.device)
     report = {"settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                            if k not in ("out", "runs")},

@@ -1,6 +1,7 @@
 """`SegMambaPredictor` against nnU-Net's own predictor on the same weights: equal on the CPU (with batched
-mirroring forced on), equal within fp16 rounding on a GPU (compiled with CUDA graphs, channels-last, float16
-convolution weights, batched mirroring). Uses a tiny dataset planned by nnU-Net (conftest.py)."""
+mirroring forced on); on a GPU (compiled with CUDA graphs, channels-last, float16 convolution weights, batched
+mirroring) as close to the float32 logits as nnU-Net's GPU predictor. Uses a tiny dataset planned by nnU-Net
+(conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
