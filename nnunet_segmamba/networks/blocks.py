@@ -6,12 +6,14 @@ a conv wrapped as `<name>.conv`, InstanceNorm without affine parameters, no Batc
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..nn import TriOrientedMamba
 
@@ -115,19 +117,47 @@ class _Wrapped(nn.Sequential):
 class ResidualConvBlock(nn.Module):
     """conv3 -> IN -> LeakyReLU -> conv3 -> IN, plus (1-conv -> IN) shortcut when channels change; add, LeakyReLU.
 
-    The reference's `UnetrBasicBlock(res_block=True)`; its state_dict prefix is `layer`.
+    The reference's `UnetrBasicBlock(res_block=True)`; its state_dict prefix is `layer`. `recompute_activations`:
+    see `_ResBlockLayer`.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 recompute_activations: bool | None = False) -> None:
         super().__init__()
-        self.layer = _ResBlockLayer(spatial_dims, in_channels, out_channels)
+        self.layer = _ResBlockLayer(spatial_dims, in_channels, out_channels, recompute_activations)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
 
 
+_ATEN = torch.ops.aten
+# what a recomputed residual block keeps: the outputs of its 3x3 convolutions and the norms' statistics
+_KEPT_BY_RECOMPUTED_BLOCKS = (_ATEN.var_mean.correction, _ATEN.rsqrt.default)
+
+
+def _keep_3x3_convolutions(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    # A 3x3 convolution is the costly part of a residual block, and its output is needed for its norm's backward
+    # anyway. Recomputed: the norm + LeakyReLU outputs (the next convolution's input, kept otherwise next to the
+    # convolution output it is made from, pointwise) and the 1x1 shortcut convolution with its norm (cheap).
+    if func is _ATEN.convolution.default and any(k > 1 for k in args[1].shape[2:]):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_SAVE if func in _KEPT_BY_RECOMPUTED_BLOCKS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_RECOMPUTE_ALL_BUT_3X3_CONVOLUTIONS = functools.partial(create_selective_checkpoint_contexts, _keep_3x3_convolutions)
+
+
 class _ResBlockLayer(nn.Module):
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+    """The residual block's layers.
+
+    recompute_activations: when gradients are recorded, keep only the 3x3 convolutions' outputs (and the norms'
+        statistics) for the backward pass and recompute the rest there, by selective activation checkpointing:
+        at full resolution, half of the block's activations for pointwise work and a 1x1 convolution.
+        None: on for CUDA inputs. The same values and gradients either way.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 recompute_activations: bool | None = False) -> None:
         super().__init__()
         Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
         self.conv1 = _Wrapped(Conv(in_channels, out_channels, 3, padding=1, bias=False))
@@ -137,12 +167,24 @@ class _ResBlockLayer(nn.Module):
         if in_channels != out_channels:
             self.conv3 = _Wrapped(Conv(in_channels, out_channels, 1, bias=False))
             self.norm3 = Norm(out_channels)
+        self.recompute_activations = recompute_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.lrelu(self.norm1(self.conv1(x)))
+        recompute = torch.is_grad_enabled() and (x.is_cuda if self.recompute_activations is None
+                                                 else self.recompute_activations)
+        if recompute:  # no randomness in the block: no RNG state to keep; no in-place ops in a checkpointed region
+            return checkpoint(self._layers, x, False, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=_RECOMPUTE_ALL_BUT_3X3_CONVOLUTIONS)
+        return self._layers(x, self.lrelu.inplace)
+
+    def _layers(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        def lrelu(t: torch.Tensor) -> torch.Tensor:
+            return F.leaky_relu(t, self.lrelu.negative_slope, inplace=inplace)
+
+        out = lrelu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         residual = self.norm3(self.conv3(x)) if hasattr(self, "conv3") else x
-        return self.lrelu(out + residual)
+        return lrelu(out + residual)
 
 
 class UpBlock(nn.Module):
@@ -151,11 +193,12 @@ class UpBlock(nn.Module):
     The reference's `UnetrUpBlock`; keys `transp_conv.conv.weight` and `conv_block.*`.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 recompute_activations: bool | None = False) -> None:
         super().__init__()
         ConvT = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
         self.transp_conv = _Wrapped(ConvT(in_channels, out_channels, 2, stride=2, bias=False))
-        self.conv_block = _ResBlockLayer(spatial_dims, 2 * out_channels, out_channels)
+        self.conv_block = _ResBlockLayer(spatial_dims, 2 * out_channels, out_channels, recompute_activations)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv_block(torch.cat([self.transp_conv(x), skip], dim=1))

@@ -23,8 +23,9 @@ the class attributes of the "tunables" block below or override one hook. Compare
   nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
 * layout: on one GPU a 3D network's weights are in channels_last_3d (`channels_last`), the layout in which cuDNN
   runs half-precision convolutions; checkpoints load into either layout.
-* memory: on a GPU the Mamba branches are recomputed in the backward pass for large batches only
-  (`recompute_mamba_branches`), where their activations are gigabytes; at small ones it would only cost time.
+* memory: on a GPU the Mamba branches, and the conv blocks' norms and shortcuts, are recomputed in the backward
+  pass for large batches only (`recompute_mamba_branches`, `recompute_conv_blocks`), where their activations are
+  gigabytes; at small ones it would only cost time.
 * the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
   device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
   GradScaler needs no sync either.
@@ -137,6 +138,11 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     #: and recomputing them costs a few percent of the step (docs/performance.md). A `recompute_mamba_branches`
     #: or `gradient_checkpointing` in `network_kwargs` wins.
     recompute_mamba_branches: ClassVar[bool | None] = None
+    #: recompute the norm + LeakyReLU outputs and the 1x1 shortcut convolutions of the residual conv blocks in the
+    #: backward pass, keeping the 3x3 convolutions' outputs (`SegMamba(recompute_conv_blocks=...)`). None: the
+    #: same rule as `recompute_mamba_branches` (docs/performance.md). A `recompute_conv_blocks` in
+    #: `network_kwargs` wins.
+    recompute_conv_blocks: ClassVar[bool | None] = None
 
     # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
@@ -220,6 +226,12 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             for mixer in mixers:
                 mixer.recompute_branches = recompute
             self.print_to_log_file(f"Mamba branches recomputed in the backward pass: {recompute}")
+        recompute = self.recomputes_conv_blocks()
+        blocks = [m for m in self._segmamba().modules() if hasattr(m, "recompute_activations")]
+        if recompute is not None and blocks:
+            for block in blocks:
+                block.recompute_activations = recompute
+            self.print_to_log_file(f"conv blocks' norms and shortcuts recomputed in the backward pass: {recompute}")
         if self.uses_channels_last():
             # the parameters' data is replaced in place (same Parameter objects), so the optimizer keeps them; the
             # network is not traced yet, nnU-Net's compile is lazy
@@ -245,8 +257,19 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         `network_kwargs` decides."""
         if {"recompute_mamba_branches", "gradient_checkpointing"} & set(self.network_kwargs):
             return None
-        if self.recompute_mamba_branches is not None:
-            return bool(self.recompute_mamba_branches)
+        return self._recomputes(self.recompute_mamba_branches)
+
+    def recomputes_conv_blocks(self) -> bool | None:
+        """Whether the residual conv blocks recompute their norms and shortcuts in the backward pass
+        (`recompute_conv_blocks`); None where `network_kwargs` decides."""
+        if "recompute_conv_blocks" in self.network_kwargs:
+            return None
+        return self._recomputes(self.recompute_conv_blocks)
+
+    def _recomputes(self, setting: bool | None) -> bool:
+        # a trainer's True / False, else on a GPU from RECOMPUTE_FROM_VOXELS voxels per batch
+        if setting is not None:
+            return bool(setting)
         voxels = int(self.batch_size) * math.prod(int(p) for p in self.configuration_manager.patch_size)
         return self.device.type == "cuda" and voxels >= RECOMPUTE_FROM_VOXELS
 

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
+from nnunet_segmamba.benchmark import memory_held_by
 from nnunet_segmamba.networks import SegMamba
+from nnunet_segmamba.networks.blocks import _ResBlockLayer
 from nnunet_segmamba.networks.segmamba import MIXERS
 
 TINY = dict(feat_size=(4, 8, 16, 32), hidden_size=32, depths=(1, 1, 1, 1))
@@ -167,10 +169,10 @@ def test_forward_mixer_layers_have_exactly_mamba_ssm_keys():
                     "dt_proj.bias", "A_log", "D", "out_proj.weight"}
 
 
-@pytest.mark.parametrize("option", ["gradient_checkpointing", "recompute_mamba_branches"])
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "recompute_mamba_branches", "recompute_conv_blocks"])
 def test_recomputing_options_give_the_same_gradients(option):
     torch.manual_seed(0)
-    plain = SegMamba(1, 2, recompute_mamba_branches=False, **TINY)
+    plain = SegMamba(1, 2, recompute_mamba_branches=False, recompute_conv_blocks=False, **TINY)
     ckpt = SegMamba(1, 2, **{option: True}, **TINY)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(1, 1, 32, 16, 16)
@@ -201,6 +203,73 @@ def test_mamba_branches_are_recomputed_by_default_on_cuda_only(monkeypatch):
     assert not checkpointed  # None on the CPU: not recomputed
     SegMamba(1, 2, recompute_mamba_branches=True, **TINY)(x).sum().backward()
     assert checkpointed
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["channels-first", "channels-last"])
+@pytest.mark.parametrize("in_channels", [4, 8], ids=["1x1-shortcut", "identity-shortcut"])
+def test_recomputed_conv_blocks_give_the_same_values_from_less_memory(in_channels, channels_last, compiled):
+    """recompute_activations=True: the block's output and gradients unchanged, while its forward holds 3 of the 5
+    activation-sized tensors of the plain block with a 1x1 shortcut (its output, the two 3x3 convolutions'
+    outputs; not the first norm's output nor the shortcut's), 3 of 4 without one. Compiled (AOTAutograd's partition,
+    what the trainers run on a GPU) the same."""
+    held, results = {}, {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        block = _ResBlockLayer(3, in_channels, 8, recompute_activations=recompute)
+        x = torch.randn(2, in_channels, 16, 16, 16)
+        if channels_last:
+            block, x = block.to(memory_format=torch.channels_last_3d), x.to(memory_format=torch.channels_last_3d)
+        x.requires_grad_(True)
+        run = torch.compile(block, backend="aot_eager", fullgraph=True) if compiled else block
+        out, held[recompute] = memory_held_by(lambda: run(x), "cpu")
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results[recompute] = [out.detach(), x.grad] + [p.grad for p in block.parameters()]
+    for got, want in zip(results[True], results[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    activation = 2 * 8 * 16 ** 3 * 4
+    assert held[False] >= (5 if in_channels != 8 else 4) * activation, held
+    assert held[True] < 3.1 * activation, held
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_recomputed_conv_blocks_compiled_on_cuda_match_eager():
+    """The trainers' path on a GPU: channels_last_3d, fp16 autocast, inductor; the recomputed blocks' outputs and
+    gradients against the eager network that keeps every activation, within fp16 rounding."""
+    results = []
+    for recompute, compiled in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        net = SegMamba(2, 3, recompute_conv_blocks=recompute, scan_backend="torch", **TINY).cuda()
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = torch.randn(2, 2, 32, 32, 32, device="cuda").to(memory_format=torch.channels_last_3d)
+        run = torch.compile(net) if compiled else net
+        with torch.autocast("cuda", dtype=torch.float16):
+            out = run(x)
+        out.float().square().mean().backward()
+        results.append([out.detach().float()] + [p.grad for p in net.parameters()])
+    for got, want in zip(*results[::-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
+
+
+def test_conv_blocks_are_recomputed_by_default_on_cuda_only(monkeypatch):
+    """recompute_conv_blocks=None (default): every residual block recomputes for CUDA inputs, not on the CPU."""
+    from nnunet_segmamba.networks import blocks
+
+    net = SegMamba(1, 2, **TINY)
+    settings = {m.recompute_activations for m in net.modules() if isinstance(m, _ResBlockLayer)}
+    assert settings == {None}
+    assert {m.recompute_activations for m in SegMamba(1, 2, recompute_conv_blocks=False, **TINY).modules()
+            if isinstance(m, _ResBlockLayer)} == {False}
+    checkpointed = []
+    real_checkpoint = blocks.checkpoint
+    monkeypatch.setattr(blocks, "checkpoint",
+                        lambda *args, **kwargs: checkpointed.append(1) or real_checkpoint(*args, **kwargs))
+    x = torch.randn(1, 1, 32, 16, 16)
+    net(x).sum().backward()
+    assert not checkpointed  # None on the CPU: not recomputed
+    SegMamba(1, 2, recompute_conv_blocks=True, **TINY)(x).sum().backward()
+    assert len(checkpointed) == 10  # encoder1-5, decoder5-2's blocks, decoder1
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

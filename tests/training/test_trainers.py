@@ -268,10 +268,10 @@ def test_channels_last_trainer_resumes_a_channels_first_checkpoint(nnunet_dirs, 
     assert any(not p.is_contiguous() for p, _ in buffers)
 
 
-def test_mamba_branches_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatch):
-    """On a GPU the trainers recompute the Mamba branches from RECOMPUTE_FROM_VOXELS voxels per batch (batch size x
-    patch), not below; never on the CPU; the tunable and network_kwargs override the rule, and every mixer of the
-    network follows it after initialize()."""
+def test_activations_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatch):
+    """On a GPU the trainers recompute the Mamba branches and the conv blocks' norms and shortcuts from
+    RECOMPUTE_FROM_VOXELS voxels per batch (batch size x patch), not below; never on the CPU; the tunables and
+    network_kwargs override the rule, and every mixer and block of the network follows it after initialize()."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunet_segmamba.nn import TriOrientedMamba
@@ -296,6 +296,17 @@ def test_mamba_branches_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatc
     assert t.recomputes_mamba_branches() is False
     monkeypatch.setattr(TINY, "network_kwargs", {**TINY.network_kwargs, "recompute_mamba_branches": True})
     assert t.recomputes_mamba_branches() is None
+
+    # the conv blocks follow the same rule, with their own switch
+    from nnunet_segmamba.networks.blocks import _ResBlockLayer
+
+    blocks = [m for m in t.network.modules() if isinstance(m, _ResBlockLayer)]
+    assert blocks and all(b.recompute_activations is False for b in blocks)  # initialized on the CPU
+    assert t.recomputes_conv_blocks() is True  # the voxel rule on "cuda", as above
+    monkeypatch.setattr(TINY, "recompute_conv_blocks", False)
+    assert t.recomputes_conv_blocks() is False
+    monkeypatch.setattr(TINY, "network_kwargs", {**TINY.network_kwargs, "recompute_conv_blocks": True})
+    assert t.recomputes_conv_blocks() is None
 
 
 def test_training_forward_and_loss_trace_as_one_graph(nnunet_dirs):
