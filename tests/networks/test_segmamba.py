@@ -234,22 +234,22 @@ def test_recomputed_conv_blocks_give_the_same_values_from_less_memory(in_channel
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_recomputed_conv_blocks_compiled_on_cuda_match_eager():
-    """The trainers' path on a GPU: channels_last_3d, fp16 autocast, inductor; the recomputed blocks' outputs and
-    gradients against the eager network that keeps every activation, within fp16 rounding."""
+def test_recomputed_conv_blocks_match_on_cuda():
+    """On a GPU (channels_last_3d, fp16 autocast, cuDNN), the default recomputation gives the outputs and gradients
+    of the network that keeps every activation: the recomputed forward repeats the same kernels."""
     results = []
-    for recompute, compiled in ((False, False), (True, True)):
+    for recompute in (False, None):
         torch.manual_seed(0)
         net = SegMamba(2, 3, recompute_conv_blocks=recompute, scan_backend="torch", **TINY).cuda()
         net = net.to(memory_format=torch.channels_last_3d)
         x = torch.randn(2, 2, 32, 32, 32, device="cuda").to(memory_format=torch.channels_last_3d)
-        run = torch.compile(net) if compiled else net
         with torch.autocast("cuda", dtype=torch.float16):
-            out = run(x)
-        out.float().square().mean().backward()
+            out = net(x)
+        # a sum, not a mean: gradients of order one, as GradScaler keeps them, not fp16's subnormals
+        out.float().square().sum().backward()
         results.append([out.detach().float()] + [p.grad for p in net.parameters()])
     for got, want in zip(*results[::-1]):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
+        torch.testing.assert_close(got, want)
 
 
 def test_conv_blocks_are_recomputed_by_default_on_cuda_only(monkeypatch):
