@@ -107,8 +107,9 @@ class SegMamba(nn.Module):
             gradients either way.
         recompute_conv_blocks: keep only the 3x3 convolutions' outputs (and the norms' statistics) of every residual
             conv block for the backward pass and recompute the rest there (the norm + LeakyReLU outputs, the 1x1
-            shortcut convolutions): 2.6 GiB less at the peak of a training step on a GPU (batch 2, 128^3),
-            for about 1 ms (docs/performance.md). None (default): on for CUDA inputs. The same values and gradients either way.
+            shortcut convolutions): 2.6 GiB less at the peak of a training step on a GPU (batch 2, 128^3), for
+            about 1 ms (docs/performance.md). None (default): on for CUDA inputs. The same values and gradients
+            either way.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
         scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on
