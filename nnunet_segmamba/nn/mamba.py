@@ -50,14 +50,68 @@ def _scan_precision(p: torch.Tensor) -> torch.Tensor:
     return p if p.dtype == torch.float64 else p.float()
 
 
-def _project(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """weight (out, in) applied to every position of x (batch, in, L) -> (batch, out, L), contiguous.
+# Positions of L summed per partial product in a projection's weight gradient (see `_Projection`)
+WEIGHT_GRAD_CHUNK = 2048
 
-    One batched GEMM against the broadcast weight: torch.matmul folds batch and L into one GEMM instead, which
-    costs a transposed copy of x and of the gradients (measured on CPU, forward + backward at the mixer's
-    sizes: 1.3x to 5x slower). x may be a transposed view; BLAS reads it in place.
+
+def _project(weight: torch.Tensor, x: torch.Tensor, positions_first: bool = False) -> torch.Tensor:
+    """weight (out, in) applied to every position of x (batch, in, L) -> (batch, out, L), contiguous; with
+    `positions_first` -> (batch, L, out), contiguous. x may be a transposed view; BLAS reads it in place.
+
+    Under autocast both operands are cast as autocast casts a GEMM's, before `_Projection` sees them, so that the
+    casts' backwards return the gradients in the callers' dtypes as they would for a plain `torch.bmm`.
     """
-    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, x = (t.to(dtype) if t.dtype != torch.float64 else t for t in (weight, x))
+    return _Projection.apply(weight, x, positions_first)
+
+
+class _Projection(torch.autograd.Function):
+    """One batched GEMM against the broadcast weight, forward and backward.
+
+    torch.matmul would fold batch and L into one GEMM instead, which costs a transposed copy of x and of the
+    gradients (measured on CPU, forward + backward at the mixer's sizes: 1.3x to 5x slower). Autograd's own
+    backward of that batched GEMM gives the weight's gradient as one GEMM per batch element with a tiny output
+    and the whole sequence as its inner dimension (96 x 8 from 262144 positions at SegMamba's first stage), which
+    cuBLAS runs on a handful of thread blocks, about 10x slower than reading its operands takes. Here the
+    positions are cut into chunks of `WEIGHT_GRAD_CHUNK`, the chunks' products come out of one batched GEMM on
+    strided views (no copies) and are summed: split-K by hand. The input's gradient is the same GEMM as
+    autograd's, written (batch, in, L) contiguous, which the scan kernels read without a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, x: torch.Tensor, positions_first: bool) -> torch.Tensor:
+        ctx.save_for_backward(weight, x)
+        ctx.positions_first = positions_first
+        if positions_first:
+            return torch.bmm(x.transpose(1, 2), weight.t().expand(x.shape[0], -1, -1))
+        return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, x = ctx.saved_tensors
+        grad = grad.transpose(1, 2) if ctx.positions_first else grad  # (batch, out, L), a view
+        grad_weight = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = _weight_gradient(grad, x).to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(weight.t().expand(x.shape[0], -1, -1), grad)
+        return grad_weight, grad_x, None
+
+
+def _weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum over batch and positions of grad (batch, out, L) x (batch, in, L)^T -> (out, in) in float32, from
+    partial products over chunks of L (each one a GEMM with a short inner dimension)."""
+    length = x.shape[-1]
+    chunk = WEIGHT_GRAD_CHUNK if length % WEIGHT_GRAD_CHUNK == 0 else length
+    parts = []
+    for g, xb in zip(grad, x):  # (out, L), (in, L): views with unit stride along L or along channels
+        # (chunks, out, chunk) @ (chunks, chunk, in): batch stride = one chunk of positions
+        parts.append(torch.bmm(g.unflatten(-1, (-1, chunk)).movedim(-2, 0),
+                               xb.unflatten(-1, (-1, chunk)).movedim(-2, 0).transpose(1, 2)))
+    return torch.cat(parts).sum(0, dtype=torch.float32)
 
 
 def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
@@ -239,7 +293,7 @@ class TriOrientedMamba(nn.Module):
             else:
                 out = out + self._direction_output(xz, direction, n, in_kernels)
         # (B, L, d_model), contiguous: the same batched GEMM with the roles of the operands swapped
-        return torch.bmm(out.transpose(1, 2), self.out_proj.weight.t().expand(out.shape[0], -1, -1))
+        return _project(self.out_proj.weight, out, positions_first=True)
 
     def _direction_output(self, xz: torch.Tensor, direction: str, num_slices: int | None,
                           in_kernels: tuple[str, ...], scan_as_op: bool = False) -> torch.Tensor:

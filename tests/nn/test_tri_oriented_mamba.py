@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from nnunet_segmamba.benchmark import memory_held_by
 from nnunet_segmamba.nn import DIRECTIONS, TriOrientedMamba, slice_order
+from nnunet_segmamba.nn import mamba as mamba_module
 
 MAMBA_KEYS = ["in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight", "dt_proj.bias",
               "A_log", "D", "out_proj.weight"]
@@ -274,6 +275,57 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def _bmm_projection(weight, x, positions_first):
+    if positions_first:
+        return torch.bmm(x.transpose(1, 2), weight.t().expand(x.shape[0], -1, -1))
+    return torch.bmm(weight.expand(x.shape[0], *weight.shape), x)
+
+
+def _assert_projection_matches_bmm(project, positions_first, transposed_input, length, device, amp_dtype, rtol):
+    """project's output, weight gradient and input gradient against autograd through torch.bmm: same dtypes, and
+    values within rtol (atol = rtol times the largest magnitude), in float32 and under autocast to amp_dtype."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 5, generator=g).to(device)
+    x = (torch.randn(2, length, 5, generator=g) if transposed_input else torch.randn(2, 5, length, generator=g))
+    grad_out = torch.randn(2, length, 7, generator=g) if positions_first else torch.randn(2, 7, length, generator=g)
+    x, grad_out = x.to(device), grad_out.to(device)
+    for amp, tol in ((False, 1e-5), (True, rtol)):
+        results = []
+        for fn in (_bmm_projection, project):
+            w, x0 = weight.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp):
+                out = fn(w, x0.transpose(1, 2) if transposed_input else x0, positions_first=positions_first)
+            out.backward(grad_out.to(out.dtype))
+            results.append((out, w.grad, x0.grad))
+        for got, want in zip(results[1], results[0]):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("positions_first", [False, True])
+@pytest.mark.parametrize("transposed_input", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_projection_gradients_are_those_of_a_batched_gemm(monkeypatch, positions_first, transposed_input, compiled):
+    """The projections' backward sums the weight's gradient over chunks of positions (split-K by hand): the
+    values, gradients and dtypes of autograd through torch.bmm, in float32 and under bf16 autocast (8 bits of
+    mantissa in the partial products), eager and traced whole by torch.compile; with more than one chunk (64
+    positions, 16 per chunk) and the input as a transposed view, as in_proj reads it."""
+    monkeypatch.setattr(mamba_module, "WEIGHT_GRAD_CHUNK", 16)
+    project = torch.compile(mamba_module._project, backend="aot_eager", fullgraph=True) if compiled \
+        else mamba_module._project
+    _assert_projection_matches_bmm(project, positions_first, transposed_input, 64, "cpu", torch.bfloat16, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("positions_first", [False, True])
+def test_projection_gradients_on_cuda(positions_first):
+    """The same on a GPU, compiled by inductor, under fp16 autocast, at the default chunk (4 chunks)."""
+    project = torch.compile(mamba_module._project, fullgraph=True)
+    _assert_projection_matches_bmm(project, positions_first, True, 4 * mamba_module.WEIGHT_GRAD_CHUNK, "cuda",
+                                   torch.float16, 2e-3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
