@@ -6,16 +6,15 @@ a conv wrapped as `<name>.conv`, InstanceNorm without affine parameters, no Batc
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..nn import TriOrientedMamba
+from ..nn.recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
 
 # Both U-Nets (SegMamba, MedMambaUNet) halve the size in each of four encoder stages: inputs are padded to, and
 # nnU-Net's patch sizes rounded to, multiples of this.
@@ -144,7 +143,7 @@ def _keep_3x3_convolutions(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if func in _KEPT_BY_RECOMPUTED_BLOCKS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_RECOMPUTE_ALL_BUT_3X3_CONVOLUTIONS = functools.partial(create_selective_checkpoint_contexts, _keep_3x3_convolutions)
+_RECOMPUTE_ALL_BUT_3X3_CONVOLUTIONS = selective_checkpoint_contexts(_keep_3x3_convolutions)
 
 
 class _ResBlockLayer(nn.Module):
@@ -170,11 +169,8 @@ class _ResBlockLayer(nn.Module):
         self.recompute_activations = recompute_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        recompute = torch.is_grad_enabled() and (x.is_cuda if self.recompute_activations is None
-                                                 else self.recompute_activations)
-        if recompute:  # no randomness in the block: no RNG state to keep; no in-place ops in a checkpointed region
-            return checkpoint(self._layers, x, False, use_reentrant=False, preserve_rng_state=False,
-                              context_fn=_RECOMPUTE_ALL_BUT_3X3_CONVOLUTIONS)
+        if recomputes(self.recompute_activations, x):  # no in-place ops in a checkpointed region
+            return selective_checkpoint(self._layers, x, False, context_fn=_RECOMPUTE_ALL_BUT_3X3_CONVOLUTIONS)
         return self._layers(x, self.lrelu.inplace)
 
     def _layers(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Mamba mixers on flattened image sequences, shared by the networks: SegMamba's tri-orientated Mamba (3D and
-2D), VMamba's SS2D (MedMamba), and stochastic depth."""
+2D), VMamba's SS2D (MedMamba), stochastic depth, and the activation recomputation (`recompute`)."""
 from .drop_path import DropPath
 from .mamba import DIRECTIONS, TriOrientedMamba, slice_order
 from .ss2d import SS2D, merge_scan_orders, scan_orders

@@ -15,18 +15,17 @@ that of `mamba_ssm.Mamba`.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..ssm import dispatch
 from ..ssm.api import causal_conv1d, selective_scan
 from ..ssm.ops import SELECTIVE_SCAN_OP
 from ..ssm.orders import check_num_slices, visit
+from .recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
 
 __all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]
 
@@ -121,7 +120,7 @@ def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if func is SELECTIVE_SCAN_OP else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-_RECOMPUTE_ALL_BUT_THE_SCAN = functools.partial(create_selective_checkpoint_contexts, _keep_scan_outputs)
+_RECOMPUTE_ALL_BUT_THE_SCAN = selective_checkpoint_contexts(_keep_scan_outputs)
 
 
 def dt_projection_init(dt_rank: int, d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float,
@@ -282,14 +281,12 @@ class TriOrientedMamba(nn.Module):
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))
         in_kernels = self._orders_read_in_kernels(xz.device)
-        recompute = torch.is_grad_enabled() and (xz.is_cuda if self.recompute_branches is None
-                                                 else self.recompute_branches)
+        recompute = recomputes(self.recompute_branches, xz)
         out = 0
         for direction in self.directions:
-            if recompute:  # no randomness in a branch: no RNG state to keep
-                out = out + checkpoint(self._direction_output, xz, direction, n, in_kernels, True,
-                                       use_reentrant=False, preserve_rng_state=False,
-                                       context_fn=_RECOMPUTE_ALL_BUT_THE_SCAN)
+            if recompute:
+                out = out + selective_checkpoint(self._direction_output, xz, direction, n, in_kernels, True,
+                                                 context_fn=_RECOMPUTE_ALL_BUT_THE_SCAN)
             else:
                 out = out + self._direction_output(xz, direction, n, in_kernels)
         # (B, L, d_model), contiguous: the same batched GEMM with the roles of the operands swapped

@@ -218,20 +218,16 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
     def initialize(self):
         super().initialize()
-        recompute = self.recomputes_mamba_branches()
-        # the tri-orientated mixers (MedMamba's SS2D has no such option); each reads the flag when it runs, and the
-        # network is not traced yet (nnU-Net's compile is lazy)
-        mixers = [m for m in mamba_mixers(self._segmamba()) if hasattr(m, "recompute_branches")]
-        if recompute is not None and mixers:
-            for mixer in mixers:
-                mixer.recompute_branches = recompute
-            self.print_to_log_file(f"Mamba branches recomputed in the backward pass: {recompute}")
-        recompute = self.recomputes_conv_blocks()
-        blocks = [m for m in self._segmamba().modules() if hasattr(m, "recompute_activations")]
-        if recompute is not None and blocks:
-            for block in blocks:
-                block.recompute_activations = recompute
-            self.print_to_log_file(f"conv blocks' norms and shortcuts recomputed in the backward pass: {recompute}")
+        # the tri-orientated mixers (MedMamba's SS2D has no such option) and the residual conv blocks; each reads its
+        # flag when it runs, and the network is not traced yet (nnU-Net's compile is lazy)
+        for recompute, flag, what in ((self.recomputes_mamba_branches(), "recompute_branches", "Mamba branches"),
+                                      (self.recomputes_conv_blocks(), "recompute_activations",
+                                       "conv blocks' norms and shortcuts")):
+            modules = [m for m in self._segmamba().modules() if hasattr(m, flag)]
+            if recompute is not None and modules:
+                for module in modules:
+                    setattr(module, flag, recompute)
+                self.print_to_log_file(f"{what} recomputed in the backward pass: {recompute}")
         if self.uses_channels_last():
             # the parameters' data is replaced in place (same Parameter objects), so the optimizer keeps them; the
             # network is not traced yet, nnU-Net's compile is lazy

@@ -195,8 +195,8 @@ def test_mamba_branches_are_recomputed_by_default_on_cuda_only(monkeypatch):
     assert setting(gradient_checkpointing=True) == setting(recompute_mamba_branches=False) == {False}
 
     checkpointed = []
-    real_checkpoint = mamba_module.checkpoint
-    monkeypatch.setattr(mamba_module, "checkpoint",
+    real_checkpoint = mamba_module.selective_checkpoint
+    monkeypatch.setattr(mamba_module, "selective_checkpoint",
                         lambda *args, **kwargs: checkpointed.append(1) or real_checkpoint(*args, **kwargs))
     x = torch.randn(1, 1, 32, 16, 16)
     SegMamba(1, 2, **TINY)(x).sum().backward()
@@ -262,8 +262,8 @@ def test_conv_blocks_are_recomputed_by_default_on_cuda_only(monkeypatch):
     assert {m.recompute_activations for m in SegMamba(1, 2, recompute_conv_blocks=False, **TINY).modules()
             if isinstance(m, _ResBlockLayer)} == {False}
     checkpointed = []
-    real_checkpoint = blocks.checkpoint
-    monkeypatch.setattr(blocks, "checkpoint",
+    real_checkpoint = blocks.selective_checkpoint
+    monkeypatch.setattr(blocks, "selective_checkpoint",
                         lambda *args, **kwargs: checkpointed.append(1) or real_checkpoint(*args, **kwargs))
     x = torch.randn(1, 1, 32, 16, 16)
     net(x).sum().backward()
