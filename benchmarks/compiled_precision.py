@@ -43,8 +43,72 @@ def step_gradients(model, x, target, dtype, amp_dtype):
             out.detach().double())
 
 
+KEYS = ("eager_vs_float64", "compiled_vs_float64", "compiled_vs_eager")
+
+
 def relative(a, b, scale: float) -> float:
     return (a - b).abs().max().item() / scale
+
+
+def precision_report(device: str = "cpu", precision: str = "bf16", scan_backend: str = "auto",
+                     compile_backend: str = "inductor", channels_last: bool = False, patch: int = 32, width: int = 8,
+                     seed: int = 0) -> dict:
+    """The comparison described above, as a dict: "output", "gradients_median" and "gradients_max" (each with
+    "eager_vs_float64", "compiled_vs_float64", "compiled_vs_eager"), "per_tensor" rows and the
+    "zero_gradient_tensors" left out."""
+    import torch
+
+    from nnunet_segmamba.networks import SegMamba
+    from nnunet_segmamba.nn import set_scan_backend
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    torch.manual_seed(seed)
+    w = width
+    net = SegMamba(2, 3, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=8 * w, depths=(1, 1, 1, 1),
+                   scan_backend=scan_backend, recompute_mamba_branches=False,
+                   recompute_conv_blocks=False).to(device)
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, 2, *(3 * (patch,)), generator=generator).to(device)
+    target = torch.randn(2, 3, *(3 * (patch,)), generator=generator).to(device)
+
+    reference = set_scan_backend(copy.deepcopy(net).double(), "torch")
+    grads64, out64 = step_gradients(reference, x, target, torch.float64, None)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.to(memory_format=torch.channels_last_3d)
+    print(f"eager step under {precision} autocast ...", file=sys.stderr)
+    eager, out_eager = step_gradients(net, x, target, torch.float32, amp_dtype)
+    print(f"compiled step ({compile_backend}; compiling takes a minute or two) ...", file=sys.stderr)
+    compiled, out_compiled = step_gradients(torch.compile(net, backend=compile_backend), x, target,
+                                            torch.float32, amp_dtype)
+
+    largest = max(g.abs().max().item() for g in grads64.values())
+    rows, zero = [], []
+    for name, g64 in grads64.items():
+        scale = g64.abs().max().item()
+        if scale <= ZERO_GRADIENT * largest:
+            zero.append(name)
+            continue
+        rows.append({"parameter": name, "max_abs_gradient": scale,
+                     "eager_vs_float64": relative(eager[name], g64, scale),
+                     "compiled_vs_float64": relative(compiled[name], g64, scale),
+                     "compiled_vs_eager": relative(compiled[name], eager[name], scale)})
+    out_scale = out64.abs().max().item()
+    return {
+        "settings": {"device": device, "precision": precision, "scan_backend": scan_backend,
+                     "compile_backend": compile_backend, "channels_last": channels_last, "patch": patch,
+                     "width": width, "seed": seed, "torch": torch.__version__,
+                     "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None},
+        "output": {"eager_vs_float64": relative(out_eager, out64, out_scale),
+                   "compiled_vs_float64": relative(out_compiled, out64, out_scale),
+                   "compiled_vs_eager": relative(out_compiled, out_eager, out_scale)},
+        "gradients_median": {k: statistics.median(r[k] for r in rows) for k in KEYS},
+        "gradients_max": {k: max(r[k] for r in rows) for k in KEYS},
+        "compiled_closer_than_eager": sum(r["compiled_vs_float64"] <= r["eager_vs_float64"] for r in rows),
+        "tensors": len(rows),
+        "zero_gradient_tensors": zero,
+        "per_tensor": sorted(rows, key=lambda r: -r["compiled_vs_float64"]),
+    }
 
 
 def main() -> int:
@@ -61,61 +125,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    import torch
-
-    from nnunet_segmamba.networks import SegMamba
-    from nnunet_segmamba.nn import set_scan_backend
-
-    device = torch.device(args.device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    torch.manual_seed(args.seed)
-    w = args.width
-    net = SegMamba(2, 3, feat_size=(w, 2 * w, 4 * w, 8 * w), hidden_size=8 * w, depths=(1, 1, 1, 1),
-                   scan_backend=args.scan_backend, recompute_mamba_branches=False,
-                   recompute_conv_blocks=False).to(device)
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    x = torch.randn(2, 2, *(3 * (args.patch,)), generator=generator).to(device)
-    target = torch.randn(2, 3, *(3 * (args.patch,)), generator=generator).to(device)
-
-    reference = set_scan_backend(copy.deepcopy(net).double(), "torch")
-    grads64, out64 = step_gradients(reference, x, target, torch.float64, None)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last_3d)
-        x = x.to(memory_format=torch.channels_last_3d)
-    print(f"eager step under {args.precision} autocast ...", file=sys.stderr)
-    eager, out_eager = step_gradients(net, x, target, torch.float32, amp_dtype)
-    print(f"compiled step ({args.compile_backend}; compiling takes a minute or two) ...", file=sys.stderr)
-    compiled, out_compiled = step_gradients(torch.compile(net, backend=args.compile_backend), x, target,
-                                            torch.float32, amp_dtype)
-
-    largest = max(g.abs().max().item() for g in grads64.values())
-    rows, zero = [], []
-    for name, g64 in grads64.items():
-        scale = g64.abs().max().item()
-        if scale <= ZERO_GRADIENT * largest:
-            zero.append(name)
-            continue
-        rows.append({"parameter": name, "max_abs_gradient": scale,
-                     "eager_vs_float64": relative(eager[name], g64, scale),
-                     "compiled_vs_float64": relative(compiled[name], g64, scale),
-                     "compiled_vs_eager": relative(compiled[name], eager[name], scale)})
-    keys = ("eager_vs_float64", "compiled_vs_float64", "compiled_vs_eager")
-    out_scale = out64.abs().max().item()
-    report = {
-        "settings": {**vars(args), "out": None, "torch": torch.__version__,
-                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "output": {"eager_vs_float64": relative(out_eager, out64, out_scale),
-                   "compiled_vs_float64": relative(out_compiled, out64, out_scale),
-                   "compiled_vs_eager": relative(out_compiled, out_eager, out_scale)},
-        "gradients_median": {k: statistics.median(r[k] for r in rows) for k in keys},
-        "gradients_max": {k: max(r[k] for r in rows) for k in keys},
-        "compiled_closer_than_eager": sum(r["compiled_vs_float64"] <= r["eager_vs_float64"] for r in rows),
-        "tensors": len(rows),
-        "zero_gradient_tensors": zero,
-        "per_tensor": sorted(rows, key=lambda r: -r["compiled_vs_float64"]),
-    }
-
-    print(f"SegMamba (width {w}, patch {args.patch}^3, batch 2) on {device}, {args.precision} autocast, "
+    report = precision_report(args.device, args.precision, args.scan_backend, args.compile_backend,
+                              args.channels_last, args.patch, args.width, args.seed)
+    rows, zero, keys = report["per_tensor"], report["zero_gradient_tensors"], KEYS
+    print(f"SegMamba (width {args.width}, patch {args.patch}^3, batch 2) on {args.device}, {args.precision} autocast, "
           f"{args.compile_backend}; relative to the float64 step (max |difference| / max |float64|)\n")
     print("| | eager vs float64 | compiled vs float64 | compiled vs eager |\n|---|---|---|---|")
     print("| output | " + " | ".join(f"{report['output'][k]:.2e}" for k in keys) + " |")

@@ -252,6 +252,22 @@ def test_recomputed_conv_blocks_match_on_cuda():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_network_is_as_close_to_float64_as_eager_on_cuda():
+    """Compiled by inductor as the trainers run it (fp16 autocast, channels_last_3d, the default scan backend), a
+    small SegMamba's output and gradients are no further from the float64 step than eager mode's: under fp16 both
+    round, differently, so this, not compiled == eager, is "equal within fp16 rounding"
+    (benchmarks/compiled_precision.py, which also leaves out the gradients that are exactly zero)."""
+    from benchmarks.compiled_precision import precision_report
+
+    report = precision_report(device="cuda", precision="fp16", channels_last=True)
+    for what in ("output", "gradients_median"):
+        errors = report[what]
+        assert errors["compiled_vs_float64"] <= 1.5 * errors["eager_vs_float64"] + 1e-3, (what, errors)
+    assert report["zero_gradient_tensors"]  # the conv biases before norms, left out
+
+
 def test_conv_blocks_are_recomputed_by_default_on_cuda_only(monkeypatch):
     """recompute_conv_blocks=None (default): every residual block recomputes for CUDA inputs, not on the CPU."""
     from nnunet_segmamba.networks import blocks
