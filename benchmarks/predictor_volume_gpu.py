@@ -10,8 +10,9 @@ Each run predicts one random (C, *volume) image with `predict_sliding_window_ret
     <network>:nnunet_compiled   the same with nnUNet_compile=t (torch.compile, default mode)
     <network>:segmamba          `SegMambaPredictor` (CUDA graphs, channels-last, float16 conv weights, batched flips)
 
-for networks `segmamba` (the reference width; scan backend "auto", named in the JSON) and `plainconv` (nnU-Net's
-PlainConvUNet for the patch), both from `nnunet_segmamba.benchmark.build_network`. Each run: --warmup untimed passes
+for networks `segmamba` (the reference width; scan backend "auto", named in the JSON), `segmamba_nomamba` (the same
+without its Mamba layers: what SegMamba's convolutions alone cost) and `plainconv` (nnU-Net's PlainConvUNet for the
+patch), all from `nnunet_segmamba.benchmark.build_network`. Each run: --warmup untimed passes
 (compiles, CUDA graph recording, cuDNN's search; the first one's time is reported), then --repeats timed passes.
 Prints a table and writes JSON; not a test.
 """
@@ -32,7 +33,8 @@ from nnunet_segmamba.ssm import dispatch
 
 DEFAULT_RUNS = ("segmamba:segmamba", "segmamba:nnunet", "plainconv:segmamba", "plainconv:nnunet",
                 "plainconv:nnunet_compiled")
-NETWORKS = ("segmamba", "plainconv")  # the benchmark's names; SegMamba with the scan backend "auto"
+# the benchmark's names: SegMamba with the scan backend "auto", its conv skeleton (mixer="none"), PlainConvUNet
+NETWORKS = ("segmamba", "segmamba_nomamba", "plainconv")
 # each predictor and the nnUNet_compile setting it is set up under (both predictors read it then)
 PREDICTORS = {"nnunet": "f", "nnunet_compiled": "t", "segmamba": "t"}
 # BraTS as nnU-Net trains it: three overlapping regions, one sigmoid head each
@@ -125,8 +127,8 @@ def format_table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                        help="comma-separated <network>:<predictor>, network segmamba or plainconv, predictor "
-                             "nnunet, nnunet_compiled or segmamba")
+                        help="comma-separated <network>:<predictor>, network segmamba, segmamba_nomamba or "
+                             "plainconv, predictor nnunet, nnunet_compiled or segmamba")
     parser.add_argument("--volume", type=parse_sizes, default=(240, 240, 155), help="D,H,W of the image")
     parser.add_argument("--patch", type=parse_sizes, default=(128, 128, 128), help="N (a cube) or D,H,W")
     parser.add_argument("--in-channels", type=int, default=4)

@@ -461,9 +461,9 @@ def test_predictor_volume_runs_both_predictors_and_writes_json(tmp_path, capsys)
     out = tmp_path / "volume.json"
     assert predictor_volume_gpu.main(["--device", "cpu", "--volume", "36,32,32", "--patch", "32",
                                       "--segmamba-width", "4", "--warmup", "0", "--repeats", "1", "--out", str(out),
-                                      "--runs", "segmamba:segmamba,plainconv:nnunet"]) == 0
+                                      "--runs", "segmamba:segmamba,segmamba_nomamba:segmamba,plainconv:nnunet"]) == 0
     report = json.loads(out.read_text())
-    assert list(report["runs"]) == ["segmamba:segmamba", "plainconv:nnunet"]
+    assert list(report["runs"]) == ["segmamba:segmamba", "segmamba_nomamba:segmamba", "plainconv:nnunet"]
     for run in report["runs"].values():
         assert run["output_finite"] and run["seconds_median"] > 0 and not run["cuda_graphs"]
     assert "plainconv:nnunet" in capsys.readouterr().out
