@@ -50,6 +50,12 @@ def relative(a, b, scale: float) -> float:
     return (a - b).abs().max().item() / scale
 
 
+def errors(eager, compiled, exact, scale: float) -> dict:
+    """max |difference| / scale of eager and compiled against exact, and of compiled against eager (KEYS)."""
+    return dict(zip(KEYS, (relative(eager, exact, scale), relative(compiled, exact, scale),
+                           relative(compiled, eager, scale))))
+
+
 def precision_report(device: str = "cpu", precision: str = "bf16", scan_backend: str = "auto",
                      compile_backend: str = "inductor", channels_last: bool = False, patch: int = 32, width: int = 8,
                      seed: int = 0) -> dict:
@@ -90,18 +96,13 @@ def precision_report(device: str = "cpu", precision: str = "bf16", scan_backend:
             zero.append(name)
             continue
         rows.append({"parameter": name, "max_abs_gradient": scale,
-                     "eager_vs_float64": relative(eager[name], g64, scale),
-                     "compiled_vs_float64": relative(compiled[name], g64, scale),
-                     "compiled_vs_eager": relative(compiled[name], eager[name], scale)})
-    out_scale = out64.abs().max().item()
+                     **errors(eager[name], compiled[name], g64, scale)})
     return {
         "settings": {"device": device, "precision": precision, "scan_backend": scan_backend,
                      "compile_backend": compile_backend, "channels_last": channels_last, "patch": patch,
                      "width": width, "seed": seed, "torch": torch.__version__,
                      "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else None},
-        "output": {"eager_vs_float64": relative(out_eager, out64, out_scale),
-                   "compiled_vs_float64": relative(out_compiled, out64, out_scale),
-                   "compiled_vs_eager": relative(out_compiled, out_eager, out_scale)},
+        "output": errors(out_eager, out_compiled, out64, out64.abs().max().item()),
         "gradients_median": {k: statistics.median(r[k] for r in rows) for k in KEYS},
         "gradients_max": {k: max(r[k] for r in rows) for k in KEYS},
         "compiled_closer_than_eager": sum(r["compiled_vs_float64"] <= r["eager_vs_float64"] for r in rows),
@@ -127,20 +128,20 @@ def main() -> int:
 
     report = precision_report(args.device, args.precision, args.scan_backend, args.compile_backend,
                               args.channels_last, args.patch, args.width, args.seed)
-    rows, zero, keys = report["per_tensor"], report["zero_gradient_tensors"], KEYS
+    rows, zero = report["per_tensor"], report["zero_gradient_tensors"]
     print(f"SegMamba (width {args.width}, patch {args.patch}^3, batch 2) on {args.device}, {args.precision} autocast, "
           f"{args.compile_backend}; relative to the float64 step (max |difference| / max |float64|)\n")
     print("| | eager vs float64 | compiled vs float64 | compiled vs eager |\n|---|---|---|---|")
-    print("| output | " + " | ".join(f"{report['output'][k]:.2e}" for k in keys) + " |")
+    print("| output | " + " | ".join(f"{report['output'][k]:.2e}" for k in KEYS) + " |")
     for what in ("median", "max"):
         values = report[f"gradients_{what}"]
-        print(f"| gradients, {what} over {len(rows)} tensors | " + " | ".join(f"{values[k]:.2e}" for k in keys)
+        print(f"| gradients, {what} over {len(rows)} tensors | " + " | ".join(f"{values[k]:.2e}" for k in KEYS)
               + " |")
     print(f"\ncompiled at least as close to float64 as eager: {report['compiled_closer_than_eager']} of "
           f"{len(rows)} tensors; {len(zero)} tensors with a zero exact gradient left out (e.g. {zero[:2]})")
-    print(f"\nfurthest from float64, compiled:\n\n| parameter | " + " | ".join(keys) + " |\n|---|---|---|---|")
+    print(f"\nfurthest from float64, compiled:\n\n| parameter | " + " | ".join(KEYS) + " |\n|---|---|---|---|")
     for r in report["per_tensor"][:args.top]:
-        print(f"| {r['parameter']} | " + " | ".join(f"{r[k]:.2e}" for k in keys) + " |")
+        print(f"| {r['parameter']} | " + " | ".join(f"{r[k]:.2e}" for k in KEYS) + " |")
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwrote {args.out}")
