@@ -49,8 +49,10 @@ def _scan_precision(p: torch.Tensor) -> torch.Tensor:
     return p if p.dtype == torch.float64 else p.float()
 
 
-# Positions of L summed per partial product in a projection's weight gradient (see `_Projection`)
+# Positions of L summed per partial product in a projection's weight gradient, and the fewest chunks of them per
+# batch element for which the projection splits the sum at all (see `_Projection`)
 WEIGHT_GRAD_CHUNK = 2048
+WEIGHT_GRAD_MIN_CHUNKS = 16
 
 
 def _project(weight: torch.Tensor, x: torch.Tensor, positions_first: bool = False) -> torch.Tensor:
@@ -76,8 +78,12 @@ class _Projection(torch.autograd.Function):
     and the whole sequence as its inner dimension (96 x 8 from 262144 positions at SegMamba's first stage), which
     cuBLAS runs on a handful of thread blocks, about 10x slower than reading its operands takes. Here the
     positions are cut into chunks of `WEIGHT_GRAD_CHUNK`, the chunks' products come out of one batched GEMM on
-    strided views (no copies) and are summed: split-K by hand. The input's gradient is the same GEMM as
-    autograd's, written (batch, in, L) contiguous, which the scan kernels read without a copy.
+    strided views (no copies) and are summed: split-K by hand. The split takes one launch per batch element, which
+    costs more than it saves on short sequences (on one H200: faster at the 128^3 patch, whose first two stages
+    have 262144 and 32768 positions per case; slower at the hippocampus patch, 18432 positions and batch 7), so
+    below `WEIGHT_GRAD_MIN_CHUNKS` chunks per batch element the weight's gradient is autograd's one batched GEMM.
+    The input's gradient is the same GEMM as autograd's, written (batch, in, L) contiguous, which the scan kernels
+    read without a copy.
     """
 
     @staticmethod
@@ -100,11 +106,18 @@ class _Projection(torch.autograd.Function):
         return grad_weight, grad_x, None
 
 
+def _splits_weight_gradient(length: int) -> bool:
+    """Whether a projection over `length` positions per batch element sums its weight's gradient over chunks."""
+    return length % WEIGHT_GRAD_CHUNK == 0 and length >= WEIGHT_GRAD_MIN_CHUNKS * WEIGHT_GRAD_CHUNK
+
+
 def _weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """sum over batch and positions of grad (batch, out, L) x (batch, in, L)^T -> (out, in) in float32, from
-    partial products over chunks of L (each one a GEMM with a short inner dimension)."""
+    partial products over chunks of L (each one a GEMM with a short inner dimension) on long sequences."""
     length = x.shape[-1]
-    chunk = WEIGHT_GRAD_CHUNK if length % WEIGHT_GRAD_CHUNK == 0 else length
+    if not _splits_weight_gradient(length):
+        return torch.bmm(grad, x.transpose(1, 2)).sum(0, dtype=torch.float32)
+    chunk = WEIGHT_GRAD_CHUNK
     parts = []
     for g, xb in zip(grad, x):  # (out, L), (in, L): views with unit stride along L or along channels
         # (chunks, out, chunk) @ (chunks, chunk, in): batch stride = one chunk of positions

@@ -307,24 +307,40 @@ def _assert_projection_matches_bmm(project, positions_first, transposed_input, l
 @pytest.mark.parametrize("positions_first", [False, True])
 @pytest.mark.parametrize("transposed_input", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_projection_gradients_are_those_of_a_batched_gemm(monkeypatch, positions_first, transposed_input, compiled):
-    """The projections' backward sums the weight's gradient over chunks of positions (split-K by hand): the
-    values, gradients and dtypes of autograd through torch.bmm, in float32 and under bf16 autocast (8 bits of
-    mantissa in the partial products), eager and traced whole by torch.compile; with more than one chunk (64
-    positions, 16 per chunk) and the input as a transposed view, as in_proj reads it."""
+@pytest.mark.parametrize("split", [True, False])
+def test_projection_gradients_are_those_of_a_batched_gemm(monkeypatch, positions_first, transposed_input, compiled,
+                                                          split):
+    """The projections' backward sums the weight's gradient over chunks of positions on long sequences (split-K
+    by hand) and in one batched GEMM on short ones: either way the values, gradients and dtypes of autograd through
+    torch.bmm, in float32 and under bf16 autocast (8 bits of mantissa in the partial products), eager and traced
+    whole by torch.compile; 64 positions (4 chunks of 16 when split) and the input as a transposed view, as
+    in_proj reads it."""
     monkeypatch.setattr(mamba_module, "WEIGHT_GRAD_CHUNK", 16)
+    monkeypatch.setattr(mamba_module, "WEIGHT_GRAD_MIN_CHUNKS", 2 if split else 5)
+    assert mamba_module._splits_weight_gradient(64) == split
+    torch._dynamo.reset()  # the chunk settings are traced into the graphs: a fresh cache per setting
     project = torch.compile(mamba_module._project, backend="aot_eager", fullgraph=True) if compiled \
         else mamba_module._project
     _assert_projection_matches_bmm(project, positions_first, transposed_input, 64, "cpu", torch.bfloat16, 1e-2)
 
 
+def test_weight_gradient_is_split_on_the_sequences_where_that_was_measured_faster():
+    """At the defaults: split at the 128^3 patch's first two stages (262144 and 32768 positions per case), one GEMM
+    at the hippocampus patch's stages (18432 down to 36) and wherever the chunk does not divide L."""
+    splits = mamba_module._splits_weight_gradient
+    assert splits(64 ** 3) and splits(32 ** 3)
+    assert not any(splits(n) for n in (18432, 2304, 288, 36, 16 ** 3, 32 ** 3 + 2048 // 2))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("positions_first", [False, True])
-def test_projection_gradients_on_cuda(positions_first):
-    """The same on a GPU, compiled by inductor, under fp16 autocast, at the default chunk (4 chunks)."""
+@pytest.mark.parametrize("chunks", [4, mamba_module.WEIGHT_GRAD_MIN_CHUNKS])
+def test_projection_gradients_on_cuda(positions_first, chunks):
+    """The same on a GPU, compiled by inductor, under fp16 autocast, at the default chunk: one GEMM (4 chunks'
+    worth of positions) and split (the fewest chunks that split)."""
     project = torch.compile(mamba_module._project, fullgraph=True)
-    _assert_projection_matches_bmm(project, positions_first, True, 4 * mamba_module.WEIGHT_GRAD_CHUNK, "cuda",
+    _assert_projection_matches_bmm(project, positions_first, True, chunks * mamba_module.WEIGHT_GRAD_CHUNK, "cuda",
                                    torch.float16, 2e-3)
 
 
