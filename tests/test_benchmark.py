@@ -469,3 +469,19 @@ def test_predictor_volume_runs_both_predictors_and_writes_json(tmp_path, capsys)
     assert "plainconv:nnunet" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         predictor_volume_gpu.main(["--device", "cpu", "--runs", "resnet:nnunet"])
+
+
+def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():
+    """benchmarks/tile_flops.py counts on the meta device (shapes only): the same count as a real CPU forward of
+    the same network, and the skeleton of SegMamba (no Mamba layers) counted too."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.tile_flops import tile_flops
+
+    patch = (16, 16, 32)
+    torch.manual_seed(0)
+    net = benchmark.build_network("plainconv", 1, 2, patch=patch)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(1, 1, *patch))
+    assert tile_flops("plainconv", patch, 1, 2) == counter.get_total_flops() > 0
+    assert tile_flops("segmamba_nomamba", patch, 1, 2) > 0
