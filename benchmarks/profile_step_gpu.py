@@ -44,8 +44,11 @@ CATEGORIES = (
                      "_conv_bwd")),
     ("layout copy (cuDNN)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),
     ("norm (eager)", ("batch_norm", "instance_norm", "bn_", "layer_norm", "welford")),
-    ("convolution", ("conv", "xmma", "cutlass", "implicit", "dgrad", "wgrad", "fprop", "cudnn", "sm90", "sm80")),
-    ("GEMM", ("gemm", "cublas")),
+    # cuDNN's convolutions are implicit GEMMs named by pass (fprop / dgrad / wgrad); cuBLAS's plain GEMMs (nvjet,
+    # cutlass and xmma GEMM kernels: the Mamba projections, the linear layers) are told apart from them first
+    ("convolution", ("conv", "implicit", "dgrad", "wgrad", "fprop", "cudnn")),
+    ("GEMM", ("gemm", "cublas", "nvjet")),
+    ("convolution", ("xmma", "cutlass", "sm90", "sm80")),
     ("copy / elementwise (aten)", ("copy", "elementwise", "cat", "fill", "reduce")),
 )
 

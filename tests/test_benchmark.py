@@ -485,3 +485,22 @@ def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():
         net(torch.randn(1, 1, *patch))
     assert tile_flops("plainconv", patch, 1, 2) == counter.get_total_flops() > 0
     assert tile_flops("segmamba_nomamba", patch, 1, 2) > 0
+
+
+@pytest.mark.parametrize("kernel, category", [
+    ("sm90_xmma_wgrad_indexed_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize64x64x64", "convolution"),
+    ("sm80_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize256x64x32_stage3", "convolution"),
+    ("cutlass_tensorop_f16_s16816fprop_optimized_f16_128x128_32x3_nhwc_align8", "convolution"),
+    ("nvjet_sm90_hsh_512x40_64x3_2x1_v_bz_NNT", "GEMM"),
+    ("void cutlass::Kernel2<cutlass_75_wmma_tensorop_f16_s161616gemm_f16_32x32_128x1_tn_align1>", "GEMM"),
+    ("sm80_xmma_gemm_f16f16_f32f32_f32_nn_n_tilesize32x128x8_stage3_warpsize1x2x1_ffma", "GEMM"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout copy (cuDNN)"),
+    ("_bwd_chunk", "scan (ours)"),
+    ("triton_red_fused__to_copy_var_mean_93", "norm (inductor, fused)"),
+])
+def test_profile_categories_tell_cudnn_convolutions_from_cublas_gemms(kernel, category):
+    """Kernel names from the H200 profiles: cuDNN's implicit-GEMM convolutions and cuBLAS's GEMMs (the Mamba
+    projections) land in their own categories."""
+    from benchmarks.profile_step_gpu import categorize
+
+    assert categorize(kernel) == category
