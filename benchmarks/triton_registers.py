@@ -48,9 +48,10 @@ def ptxas_path() -> str:
     return str(path)
 
 
-def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int) -> dict:
+def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
+                  flags_off: tuple[str, ...] = ()) -> dict:
     consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
-    consts.update({k: v for k, v in FLAGS.items() if k in kernel.arg_names})
+    consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
@@ -107,17 +108,20 @@ def main() -> int:
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16"])
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
+    parser.add_argument("--flags-off", nargs="+", default=[], choices=[k for k, v in FLAGS.items() if v is True],
+                        help="compile without these options of Mamba's configuration (e.g. HAS_Z: no z gate)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
     args = parser.parse_args()
 
     rows = []
-    print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}\n")
+    off = f", without {' '.join(args.flags_off)}" if args.flags_off else ""
+    print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}{off}\n")
     print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) | instructions "
           "| loop instructions (shuffles) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
         row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
-               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch)}
+               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off))}
         rows.append(row)
         print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
               f"{row['spill_stores']} / {row['spill_loads']} | {row['instructions']} | {row['loop_instructions']} "
@@ -126,7 +130,7 @@ def main() -> int:
     if args.out:
         command = " ".join(["python -m benchmarks.triton_registers", *sys.argv[1:]])
         args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,
-                                        "command": command, "rows": rows}, indent=2))
+                                        "flags_off": args.flags_off, "command": command, "rows": rows}, indent=2))
     return 0
 
 
