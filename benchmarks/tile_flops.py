@@ -4,7 +4,7 @@ FlopCounterMode on the meta device (shapes only: no weights, no data, no GPU, se
 Convolutions, transposed convolutions and matrix products are what it counts (torch's FLOP formulas); norms,
 activations and the selective scan are not counted. For the convolution skeletons that the predictor compares
 (SegMamba without its Mamba layers against nnU-Net's PlainConvUNet) that is the arithmetic the GPU spends its
-time on, so the ratio of the counts is a floor for the ratio of their inference times at equal efficiency.
+time on, so the ratio of the counts is what the ratio of their inference times comes to at equal efficiency.
 
     python -m benchmarks.tile_flops --out tile_flops.json
 """

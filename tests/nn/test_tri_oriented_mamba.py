@@ -329,7 +329,7 @@ def test_weight_gradient_is_split_on_the_sequences_where_that_was_measured_faste
     at the hippocampus patch's stages (18432 down to 36) and wherever the chunk does not divide L."""
     splits = mamba_module._splits_weight_gradient
     assert splits(64 ** 3) and splits(32 ** 3)
-    assert not any(splits(n) for n in (18432, 2304, 288, 36, 16 ** 3, 32 ** 3 + 2048 // 2))
+    assert not any(splits(n) for n in (18432, 2304, 288, 36, 16 ** 3, 32 ** 3 + 1024))
 
 
 @pytest.mark.gpu
