@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_segmamba.benchmark import build_network, parse_sizes
+from nnunet_segmamba.benchmark import _network_list, build_network, parse_sizes
 
 DEFAULT_NETWORKS = ("segmamba_nomamba", "plainconv", "resenc_m")
 
@@ -35,16 +35,15 @@ def tile_flops(name: str, patch: tuple[int, int, int], in_channels: int, out_cha
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", default=",".join(DEFAULT_NETWORKS),
+    parser.add_argument("--networks", type=_network_list, default=",".join(DEFAULT_NETWORKS),
                         help="comma-separated benchmark network names that run on the meta device")
     parser.add_argument("--patch", type=parse_sizes, default=(128, 128, 128), help="N (a cube) or D,H,W")
     parser.add_argument("--in-channels", type=int, default=4)
     parser.add_argument("--out-channels", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the counts as JSON to this file")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.networks.split(",") if n.strip()]
     counts = {}
-    for name in names:
+    for name in args.networks:
         try:
             counts[name] = tile_flops(name, args.patch, args.in_channels, args.out_channels)
         except Exception as error:  # noqa: BLE001 - report the network that cannot be counted, count the others
