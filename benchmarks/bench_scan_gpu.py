@@ -170,10 +170,9 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 # GPU with one channel split at any of those targets. This grid re-checks the chunk and the backward's warps around
 # that choice, and the split target, which matters where (batch x chunks) is small: at the hippocampus patch's
 # first stage (batch 7, L = 18432: 2016 programs, 15 one-warp programs per multiprocessor) 32 per multiprocessor
-# splits the channels in three. Two backward warps lost at both of those shapes (docs/performance.md); the grid
-# sweeps the backward's state splits instead (smaller tiles per program, more programs per multiprocessor)
-TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=1, bwd_programs_per_sm=ps, bwd_state_splits=ss)
-             for bl in (64, 128) for ss in (1, 2, 4) for ps in (8, 32)]
+# splits the channels in three
+TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=ps)
+             for bl in (64, 128) for wb in (1, 2) for ps in (8, 32)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 
 

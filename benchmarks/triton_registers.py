@@ -49,11 +49,8 @@ def ptxas_path() -> str:
 
 
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
-                  flags_off: tuple[str, ...] = (), state_splits: int = 1) -> dict:
-    padded = max(triton.next_power_of_2(d_state), 2)
-    # the backward's main kernel holds its state split's share of the states (NPP), the others all of them (NP)
-    consts = {"NPP": padded // state_splits} if "NPP" in kernel.arg_names else {"NP": padded}
-    consts["BL"] = block_l
+                  flags_off: tuple[str, ...] = ()) -> dict:
+    consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
     consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -110,8 +107,6 @@ def main() -> int:
     parser.add_argument("--warps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16"])
     parser.add_argument("--d-state", type=int, default=16)
-    parser.add_argument("--state-splits", type=int, nargs="+", default=[1],
-                        help="the backward's state splits (TUNING's bwd_state_splits; other kernels ignore it)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
     parser.add_argument("--flags-off", nargs="+", default=[], choices=[k for k, v in FLAGS.items() if v is True],
                         help="compile without these options of Mamba's configuration (e.g. HAS_Z: no z gate)")
@@ -121,18 +116,14 @@ def main() -> int:
     rows = []
     off = f", without {' '.join(args.flags_off)}" if args.flags_off else ""
     print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}{off}\n")
-    print("| kernel | dtype | block_l | warps | state splits | registers | spill stores / loads (bytes) "
-          "| instructions | loop instructions (shuffles) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, dtype, block_l, warps, splits in itertools.product(args.kernels, args.dtypes, args.block_l,
-                                                                 args.warps, args.state_splits):
-        if splits > 1 and "NPP" not in KERNELS[name].arg_names:
-            continue
-        row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps, "state_splits": splits,
-               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off),
-                               splits)}
+    print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) | instructions "
+          "| loop instructions (shuffles) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
+        row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
+               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off))}
         rows.append(row)
-        print(f"| {name} | {dtype} | {block_l} | {warps} | {splits} | {row['registers']} | "
+        print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
               f"{row['spill_stores']} / {row['spill_loads']} | {row['instructions']} | {row['loop_instructions']} "
               f"({row['loop_shuffles']}) |",
               flush=True)

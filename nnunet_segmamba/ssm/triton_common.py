@@ -62,7 +62,7 @@ def interpreting() -> bool:
 @jit
 def _log2_approx(x):
     # lg2.approx.f32, one special-function op; tl.log / tl.log2 compile to a libdevice routine of about 20
-    # instructions (the backward's loop: 1737 -> 1486 instructions with it in the softplus, docs/performance.md)
+    # instructions (the backward's loop: 1729 -> 1476 instructions with it in the softplus; docs/performance.md)
     return libdevice.fast_log2f(x)
 
 

@@ -27,9 +27,7 @@ through p, so the tri-orientated layer needs no flipped or permuted copies of it
 
 Gradients of B and C sum over the channels of a group. One program walks all channels of its group (or a
 slice of them, `d_split`, when there are too few chunks to fill the GPU) and owns its block of dB / dC, so no
-atomics are needed and the result is deterministic. The backward's states can also be split over programs
-(`bwd_state_splits`): each holds a smaller (states, steps) tile, so more programs fit a multiprocessor; the
-gradients that sum over states (du, ddelta, dz) then come out as float32 partial sums for torch to add up.
+atomics are needed and the result is deterministic.
 """
 from __future__ import annotations
 
@@ -47,10 +45,9 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
            "TUNING"]
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
-# how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels, and over
-# how many programs the backward's main kernel splits the states (1, 2, 4...; at most half the padded state count).
+# and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
-TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8, "bwd_state_splits": 1}
+TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8}
 
 
 @jit
@@ -206,35 +203,28 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
 @jit
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
                du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
-               BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, S_SPLIT, su, sdelta, sz, sB, sC,
-               NPP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
+               BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
+               NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     pid = tl.program_id(0)
     c = tl.program_id(1)
-    # the state split varies fastest, so that the programs sharing a chunk's per-channel inputs run side by side
-    state_split = pid % S_SPLIT
-    split = (pid // S_SPLIT) % D_SPLIT
-    bg = pid // S_SPLIT // D_SPLIT
+    split = pid % D_SPLIT
+    bg = pid // D_SPLIT
     g = bg % G_
     b = bg // G_
-    # du, ddelta and dz sum over the states: each state split writes its own partial sums (one copy when S_SPLIT
-    # is 1), and only the first adds the D terms
-    partial = (state_split.to(tl.int64) * BATCH * D_) * L
-    first_split = state_split == 0
     s = tl.arange(0, BL)
     t = c * BL + s
     mask = t < L
     p = memory_position(t, L, NS, M, MODE)
-    n_local = tl.arange(0, NPP)
-    n = state_split * NPP + n_local
+    n = tl.arange(0, NP)
     nmask = n < N
     m2 = nmask[:, None] & mask[None, :]
     b64 = b.to(tl.int64)
     nl = g * N * L + n[:, None] * L + p[None, :]
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
-    dB_acc = tl.zeros([NPP, BL], dtype=tl.float32)
-    dC_acc = tl.zeros([NPP, BL], dtype=tl.float32)
+    dB_acc = tl.zeros([NP, BL], dtype=tl.float32)
+    dC_acc = tl.zeros([NP, BL], dtype=tl.float32)
     d0 = g * (D_ // G_) + split * D_PER_PROGRAM
     for i in range(0, D_PER_PROGRAM):
         d = d0 + i
@@ -253,7 +243,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         dy = tl.load(dout_ptr + row + p, mask=mask, other=0.0).to(tl.float32)
         Dd = 0.0
         if HAS_D:
-            Dd = tl.where(first_split, tl.load(D_ptr + d).to(tl.float32), 0.0)
+            Dd = tl.load(D_ptr + d).to(tl.float32)
         # the forward states of this chunk, recomputed from the stored entering state (folded into the first
         # step's input); what the backward needs of them is taken at once, so that neither the states nor the
         # scan's input stay live through the adjoint's scan (fewer registers spilled)
@@ -267,13 +257,13 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
             y = tl.sum(h * Ct, 0) + Dd * u
             z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
             gate = tl.sigmoid(z)
-            tl.store(dz_ptr + partial + row + p,
-                     (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + row + p, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
+                     mask=mask)
             dy = dy * z * gate
         dC_acc += h * dy[None, :]
         # a_{t+1} carries the adjoint from step t+1 back to t (0 past the end); the chunk's last step gets it from
         # the carry instead. Flipped: dt_{t+1} at j = BL - 1 - t is dt[BL - j], gathered from the step sizes
-        # already loaded (a second load and softplus of the shifted positions cost 74 more loop instructions)
+        # already loaded (a second load and softplus of the shifted positions took 73 more loop instructions)
         dt_next_flipped = tl.where(s == 0, 0.0, tl.gather(dt, tl.where(s == 0, 0, BL - s), 0))
         # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right folded into
         # the chunk's last step. tl.associative_scan(reverse=True) flips both operands and both results across the
@@ -291,14 +281,14 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(x)
         ddt = tl.where(mask, ddt, 0.0)
-        tl.store(du_ptr + partial + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddelta_ptr + partial + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
-        # per-(state split, batch, chunk) partial sums of dA (this split's states) | dD | dbias, side by side in
-        # rows of W so that torch reduces them with one launch
-        part = (((state_split * BATCH + b) * NCH + c).to(tl.int64) * D_ + d) * W
-        tl.store(dparam_ptr + part + n_local, tl.sum(dh_prev * dt[None, :], 1), mask=nmask)
+        tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W so that torch reduces them
+        # with one launch
+        part = ((b * NCH + c).to(tl.int64) * D_ + d) * W
+        tl.store(dparam_ptr + part + n, tl.sum(dh_prev * dt[None, :], 1), mask=nmask)
         if HAS_D:
-            tl.store(dparam_ptr + part + NPP, tl.sum(dy * u, 0))
+            tl.store(dparam_ptr + part + N, tl.sum(dy * u, 0))
         if HAS_BIAS:
             tl.store(dparam_ptr + part + W - 1, tl.sum(ddt, 0))
         dB_acc += dh * dtu[None, :]
@@ -324,25 +314,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device,
-             state_splits: int = 1) -> int:
+def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device) -> int:
     """Channels of a group are split over this many programs when there are too few (batch, chunk) pairs."""
     target = TUNING["bwd_programs_per_sm"] * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     split = 1
     for s in range(1, d_per_group + 1):
         if d_per_group % s == 0:
             split = s
-            if batch * groups * chunks * s * state_splits >= target:
+            if batch * groups * chunks * s >= target:
                 break
     return split
-
-
-def _state_splits(padded_states: int) -> int:
-    """TUNING's state split, checked, and at most half the padded state count (a program keeps two states)."""
-    splits = TUNING["bwd_state_splits"]
-    if splits < 1 or splits & (splits - 1):
-        raise ValueError(f"TUNING['bwd_state_splits'] must be a power of two >= 1, got {splits}")
-    return max(1, min(splits, padded_states // 2))
 
 
 def _rows_along_L(t: torch.Tensor) -> torch.Tensor:
@@ -455,35 +436,24 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
                                  CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=True)
-    s_split = _state_splits(NP)
-    d_split = _d_split(batch, groups, chunks, dim // groups, u.device, s_split)
-    # with one state split the kernel writes du / ddelta / dz in the inputs' dtypes, else float32 partial sums
-    partials = dict(device=u.device, dtype=torch.float32)
-
-    def grad_buffer(t):
-        return torch.empty(t.shape, device=u.device, dtype=t.dtype) if s_split == 1 else torch.empty(
-            s_split, *t.shape, **partials)
-
-    du, ddelta = grad_buffer(u), grad_buffer(delta)
-    dz = grad_buffer(z) if z is not None else None
+    d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
+    du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
     # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one
     # channel split, B and C of one dtype and grouping), else float32 partial sums, added up below
     same_kind = B.dtype == C.dtype and p.groups_B == p.groups_C == groups
     dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
                       dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
-    NPP = NP // s_split  # states per program
-    width = NPP + (D is not None) + (delta_bias is not None)  # dA (the split's states) | dD | dbias
-    dparams = torch.empty(s_split, batch, chunks, dim, width, **f32)
-    _bwd_chunk[(batch * groups * d_split * s_split, chunks)](
+    width = n + (D is not None) + (delta_bias is not None)  # dA | dD | dbias
+    dparams = torch.empty(batch, chunks, dim, width, **f32)
+    _bwd_chunk[(batch * groups * d_split, chunks)](
         u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
         du, ddelta, dz if dz is not None else du, dBC, dparams,
-        batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split, s_split,
+        batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
         *_batch_strides(u, delta, z, B, C),
-        NPP=NPP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
+        NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
         **flags)
-    if s_split > 1:  # add up the state splits' partial sums
-        du, ddelta = du.sum(0).to(u.dtype), ddelta.sum(0).to(delta.dtype)
-        dz = dz.sum(0).to(z.dtype) if dz is not None else None
     dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
     if same_kind:
         dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
@@ -497,10 +467,10 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         dB = dB.squeeze(1)
     if p.squeeze_C:
         dC = dC.squeeze(1)
-    dparams = dparams.sum((1, 2))  # (state split, dim, width)
-    dA = dparams[:, :, :NPP].transpose(0, 1).reshape(dim, NP)[:, :n].to(A.dtype)
-    dD = dparams[0, :, NPP].to(D.dtype) if D is not None else None
-    dbias = dparams[:, :, -1].sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dparams = dparams.sum((0, 1))
+    dA = dparams[:, :n].to(A.dtype)
+    dD = dparams[:, n].to(D.dtype) if D is not None else None
+    dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 

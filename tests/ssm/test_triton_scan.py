@@ -126,26 +126,6 @@ def test_channel_splits_of_the_backward(monkeypatch, programs_per_sm, splits, dt
 
 
 @needs_kernels
-@pytest.mark.parametrize("state_splits, n, used", [(2, 16, 2), (4, 16, 4), (2, 3, 2), (8, 4, 2)],
-                         ids=["2-of-16", "4-of-16", "2-of-3-padded", "capped-at-2-states-each"])
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
-                         ids=["fp32", "bf16"])
-def test_state_splits_of_the_backward(monkeypatch, state_splits, n, used, dtype):
-    """The backward's states split over programs: du / ddelta / dz (and dbias) come from partial sums over the
-    splits, dA from each split's own states, dD from the first split; all equal to the definition's gradients."""
-    monkeypatch.setitem(triton_scan.TUNING, "bwd_state_splits", state_splits)
-    assert triton_scan._state_splits(triton_scan.next_power_of_2(n)) == used
-    inputs = make_inputs(18, batch=2, dim=4, n=n, length=80, groups_B=2, dtype=dtype, device=DEVICE)
-    check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=32)
-
-
-def test_state_splits_setting_is_checked(monkeypatch):
-    monkeypatch.setitem(triton_scan.TUNING, "bwd_state_splits", 3)
-    with pytest.raises(ValueError, match="bwd_state_splits"):
-        triton_scan._state_splits(16)
-
-
-@needs_kernels
 def test_slices_of_larger_tensors_are_read_in_place():
     """x and z as halves of one in_proj output, B and C as rows of one x_proj output: same as contiguous."""
     g = torch.Generator().manual_seed(15)
