@@ -125,6 +125,24 @@ def test_channel_splits_of_the_backward(monkeypatch, programs_per_sm, splits, dt
     check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=64)
 
 
+def test_triton_without_gather_is_reported_unavailable(monkeypatch):
+    """Triton before 3.2 (torch < 2.6) lacks tl.gather, which the backward uses: the backend is then unavailable,
+    with the version and the fix, and the dispatcher falls back instead of failing at the first compile."""
+    import importlib
+
+    monkeypatch.delattr(triton_common.tl, "gather")
+    try:
+        importlib.reload(triton_common)
+        assert not triton_common.TRITON_AVAILABLE
+        assert "lacks tl.gather" in triton_common.TRITON_IMPORT_ERROR
+        available, reason = dispatch.triton_scan_status()
+        assert not available and "torch>=2.6" in reason
+    finally:
+        monkeypatch.undo()
+        importlib.reload(triton_common)
+    assert triton_common.TRITON_AVAILABLE
+
+
 @needs_kernels
 def test_slices_of_larger_tensors_are_read_in_place():
     """x and z as halves of one in_proj output, B and C as rows of one x_proj output: same as contiguous."""
