@@ -8,7 +8,8 @@ limited by exactly this, so this script lets launch settings and kernel changes 
 Pointers and the length / batch strides are specialised as divisible by 16, as Triton does at run time for
 SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).
 The SASS instructions of a kernel's channel loop (`cuobjdump` from the same package) are what its time scaled
-with in the backward's changes recorded there. The GPU machine's Triton may differ from this machine's, and its
+with in the backward's changes recorded there; `--by-line` also lists the source lines those instructions come
+from (`nvdisasm` with ptxas' line info), which is how a costly library routine shows up. The GPU machine's Triton may differ from this machine's, and its
 code can differ a lot: put an install of the GPU's version first on PYTHONPATH to compile as it does.
 Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
 
@@ -17,6 +18,7 @@ Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -49,7 +51,7 @@ def ptxas_path() -> str:
 
 
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
-                  flags_off: tuple[str, ...] = ()) -> dict:
+                  flags_off: tuple[str, ...] = (), by_line: bool = False) -> dict:
     consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
     consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
     signature, attrs = {}, {}
@@ -68,16 +70,22 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
-        report = subprocess.run([ptxas_path(), "-v", "--gpu-name", f"sm_{arch}a", str(ptx), "-o",
-                                 os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
-        cuobjdump = str(Path(ptxas_path()).parent / "cuobjdump")
-        sass = subprocess.run([cuobjdump, "-sass", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True,
+        cubin = os.path.join(tmp, "kernel.cubin")
+        report = subprocess.run([ptxas_path(), "-v", *(["-lineinfo"] if by_line else []), "--gpu-name",
+                                 f"sm_{arch}a", str(ptx), "-o", cubin], capture_output=True, text=True, check=True)
+        tools = Path(ptxas_path()).parent
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
+        lines = {}
+        if by_line:
+            listing = subprocess.run([str(tools / "nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True,
+                                     check=True).stdout
+            lines = {"loop_by_line": loop_lines(listing)}
     text = report.stdout + report.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     return {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2)), **loop_body(sass)}
+            "spill_loads": int(spills.group(2)), **loop_body(sass), **lines}
 
 
 # one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
@@ -100,6 +108,41 @@ def loop_body(sass: str) -> dict:
     return {**whole, "loop_instructions": len(body), "loop_shuffles": sum(op.startswith("SHFL") for op in body)}
 
 
+# nvdisasm -g: "//## File "PATH", line N" before the instructions of that line, ".L_x_N:" labels, branches to them
+NVDISASM_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+NVDISASM_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def loop_lines(listing: str, top: int = 12) -> list[dict]:
+    """The innermost loop's instructions by the source line they come from (file name and line; a library routine
+    inlined into the kernel counts under its own file), the `top` lines with the most, and each line's three
+    commonest opcodes. Empty without a loop."""
+    labels, pending, where, code = {}, [], None, []
+    for text in listing.splitlines():
+        if (label := NVDISASM_LABEL.match(text)):
+            pending.append(label.group(1))
+        elif (source := NVDISASM_LINE.search(text)):
+            where = f"{os.path.basename(source.group(1))}:{source.group(2)}"
+        elif (instruction := SASS_LINE.search(text)):
+            address = int(instruction.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            code.append((address, instruction.group(2), instruction.group(3), where))
+    loops = [(labels[target.group(1)], address) for address, op, operands, _ in code
+             if op.startswith("BRA") and (target := re.search(r"\((\.L_x_\d+)\)", operands))
+             and labels.get(target.group(1), address) < address]
+    if not loops:
+        return []
+    lo, hi = min(loops, key=lambda span: span[1] - span[0])
+    by_line: dict[str, list[str]] = {}
+    for address, op, _, where in code:
+        if lo <= address <= hi:
+            by_line.setdefault(where or "?", []).append(op.split(".")[0])
+    ranked = sorted(by_line.items(), key=lambda item: -len(item[1]))[:top]
+    return [{"source": where, "instructions": len(ops),
+             "top_opcodes": dict(collections.Counter(ops).most_common(3))} for where, ops in ranked]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["bwd_chunk", "fwd_chunk_output"])
@@ -110,6 +153,8 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
     parser.add_argument("--flags-off", nargs="+", default=[], choices=[k for k, v in FLAGS.items() if v is True],
                         help="compile without these options of Mamba's configuration (e.g. HAS_Z: no z gate)")
+    parser.add_argument("--by-line", action="store_true",
+                        help="also list the channel loop's instructions by source line (ptxas -lineinfo, nvdisasm)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
     args = parser.parse_args()
 
@@ -121,12 +166,20 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
         row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
-               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off))}
+               **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off),
+                               args.by_line)}
         rows.append(row)
         print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
               f"{row['spill_stores']} / {row['spill_loads']} | {row['instructions']} | {row['loop_instructions']} "
               f"({row['loop_shuffles']}) |",
               flush=True)
+    for row in rows if args.by_line else []:
+        if row["loop_by_line"]:
+            print(f"\n{row['kernel']} {row['dtype']} block_l {row['block_l']} warps {row['warps']}: the channel loop "
+                  f"by source line\n\n| source | instructions | commonest opcodes |\n|---|---|---|")
+            for line in row["loop_by_line"]:
+                opcodes = ", ".join(f"{op} {n}" for op, n in line["top_opcodes"].items())
+                print(f"| {line['source']} | {line['instructions']} | {opcodes} |")
     if args.out:
         command = " ".join(["python -m benchmarks.triton_registers", *sys.argv[1:]])
         args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,

@@ -504,3 +504,33 @@ def test_profile_categories_tell_cudnn_convolutions_from_cublas_gemms(kernel, ca
     from benchmarks.profile_step_gpu import categorize
 
     assert categorize(kernel) == category
+
+
+NVDISASM_LISTING = """
+\t//## File "/src/kernel.py", line 10
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   IADD3 R0, R0, 0x1, RZ ;
+.L_x_0:
+\t//## File "/src/kernel.py", line 20
+        /*0020*/                   FFMA R2, R3, R4, R5 ;
+        /*0030*/                   FFMA R2, R3, R4, R2 ;
+\t//## File "/lib/triton/language/standard.py", line 309
+        /*0040*/                   SHFL.BFLY PT, R6, R2, 0x1, 0x1f ;
+        /*0050*/               @P0 BRA `(.L_x_0) ;
+\t//## File "/src/kernel.py", line 30
+        /*0060*/               @P1 BRA `(.L_x_1) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_triton_registers_attributes_the_innermost_loop_to_source_lines():
+    """The nested loop's inner body (0x20-0x50) only, by file name and line, most instructions first."""
+    pytest.importorskip("triton")
+    from benchmarks.triton_registers import loop_lines
+
+    assert loop_lines(NVDISASM_LISTING) == [
+        {"source": "kernel.py:20", "instructions": 2, "top_opcodes": {"FFMA": 2}},
+        {"source": "standard.py:309", "instructions": 2, "top_opcodes": {"SHFL": 1, "BRA": 1}},
+    ]
+    assert loop_lines(NVDISASM_LISTING.replace("BRA `(.L_x_0)", "NOP").replace("BRA `(.L_x_1)", "NOP")) == []
