@@ -7,10 +7,11 @@ many programs share a multiprocessor: the H200 sweeps in docs/performance.md fou
 limited by exactly this, so this script lets launch settings and kernel changes be compared without a GPU.
 Pointers and the length / batch strides are specialised as divisible by 16, as Triton does at run time for
 SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).
-The SASS instructions of a kernel's channel loop (`cuobjdump` from the same package) are what its time scaled
+The SASS instructions of a kernel's channel loop (`nvdisasm` from the same package) are what its time scaled
 with in the backward's changes recorded there; `--by-line` also lists the source lines those instructions come
-from (`nvdisasm` with ptxas' line info), which is how a costly library routine shows up. The GPU machine's Triton may differ from this machine's, and its
-code can differ a lot: put an install of the GPU's version first on PYTHONPATH to compile as it does.
+from (ptxas' line info), which is how a costly library routine shows up. The GPU machine's Triton may differ
+from this machine's, and its code can differ a lot: put an install of the GPU's version first on PYTHONPATH to
+compile as it does.
 Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
 
     python -m benchmarks.triton_registers --out triton_registers.json
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -73,71 +75,72 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
         cubin = os.path.join(tmp, "kernel.cubin")
         report = subprocess.run([ptxas_path(), "-v", *(["-lineinfo"] if by_line else []), "--gpu-name",
                                  f"sm_{arch}a", str(ptx), "-o", cubin], capture_output=True, text=True, check=True)
-        tools = Path(ptxas_path()).parent
-        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                              check=True).stdout
-        lines = {}
-        if by_line:
-            listing = subprocess.run([str(tools / "nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True,
-                                     check=True).stdout
-            lines = {"loop_by_line": loop_lines(listing)}
+        nvdisasm = str(Path(ptxas_path()).parent / "nvdisasm")
+        listing = subprocess.run([nvdisasm, "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
     text = report.stdout + report.stderr
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    code = parse_listing(listing)
     return {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2)), **loop_body(sass), **lines}
+            "spill_loads": int(spills.group(2)), **loop_body(code),
+            **({"loop_by_line": loop_lines(code)} if by_line else {})}
 
 
-# one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
+# nvdisasm's listing: one SASS instruction "/*address*/ [@predicate] OPCODE operands ;", ".L_x_N:" labels that
+# branches name, and with line info (-g) "//## File "PATH", line N" before the instructions of that line
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
-
-
-def loop_body(sass: str) -> dict:
-    """The kernel's SASS instruction count, and those in its innermost loop (between a backward branch and its
-    target): the backward's channel loop runs once per channel, so its length is what the kernel's time scales
-    with. 0 without a loop."""
-    code = [(int(addr, 16), op, operands) for addr, op, operands in SASS_LINE.findall(sass)]
-    whole = {"instructions": len(code)}
-    loops = [(int(operands.split()[0], 16), addr) for addr, op, operands in code
-             if op.startswith("BRA") and operands.split() and operands.split()[0].startswith("0x")
-             and int(operands.split()[0], 16) < addr]
-    if not loops:
-        return {**whole, "loop_instructions": 0, "loop_shuffles": 0}
-    lo, hi = min(loops, key=lambda span: span[1] - span[0])
-    body = [op for addr, op, _ in code if lo <= addr <= hi]
-    return {**whole, "loop_instructions": len(body), "loop_shuffles": sum(op.startswith("SHFL") for op in body)}
-
-
-# nvdisasm -g: "//## File "PATH", line N" before the instructions of that line, ".L_x_N:" labels, branches to them
 NVDISASM_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 NVDISASM_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH_TARGET = re.compile(r"\((\.L_x_\d+)\)")
 
 
-def loop_lines(listing: str, top: int = 12) -> list[dict]:
-    """The innermost loop's instructions by the source line they come from (file name and line; a library routine
-    inlined into the kernel counts under its own file), the `top` lines with the most, and each line's three
-    commonest opcodes. Empty without a loop."""
-    labels, pending, where, code = {}, [], None, []
+class Instruction(NamedTuple):
+    address: int
+    opcode: str
+    source: str | None  # "file:line", where the listing has line info
+    target: int | None  # a branch's target address
+
+
+def parse_listing(listing: str) -> list[Instruction]:
+    labels, pending, source, raw = {}, [], None, []
     for text in listing.splitlines():
         if (label := NVDISASM_LABEL.match(text)):
             pending.append(label.group(1))
-        elif (source := NVDISASM_LINE.search(text)):
-            where = f"{os.path.basename(source.group(1))}:{source.group(2)}"
+        elif (line := NVDISASM_LINE.search(text)):
+            source = f"{os.path.basename(line.group(1))}:{line.group(2)}"
         elif (instruction := SASS_LINE.search(text)):
             address = int(instruction.group(1), 16)
             labels.update((name, address) for name in pending)
             pending = []
-            code.append((address, instruction.group(2), instruction.group(3), where))
-    loops = [(labels[target.group(1)], address) for address, op, operands, _ in code
-             if op.startswith("BRA") and (target := re.search(r"\((\.L_x_\d+)\)", operands))
-             and labels.get(target.group(1), address) < address]
+            target = BRANCH_TARGET.search(instruction.group(3)) if instruction.group(2).startswith("BRA") else None
+            raw.append((address, instruction.group(2), source, target.group(1) if target else None))
+    return [Instruction(address, opcode, source, labels.get(target)) for address, opcode, source, target in raw]
+
+
+def innermost_loop(code: list[Instruction]) -> list[Instruction]:
+    """The instructions between the shortest backward branch and its target; empty without a loop."""
+    loops = [(i.target, i.address) for i in code if i.target is not None and i.target < i.address]
     if not loops:
         return []
     lo, hi = min(loops, key=lambda span: span[1] - span[0])
+    return [i for i in code if lo <= i.address <= hi]
+
+
+def loop_body(code: list[Instruction]) -> dict:
+    """The kernel's SASS instruction count, and those in its innermost loop: the backward's channel loop runs once
+    per channel, so its length is what the kernel's time scales with. 0 without a loop."""
+    body = innermost_loop(code)
+    return {"instructions": len(code), "loop_instructions": len(body),
+            "loop_shuffles": sum(i.opcode.startswith("SHFL") for i in body)}
+
+
+def loop_lines(code: list[Instruction], top: int = 12) -> list[dict]:
+    """The innermost loop's instructions by the source line they come from (file name and line; a library routine
+    inlined into the kernel counts under its own file), the `top` lines with the most, and each line's three
+    commonest opcodes. Empty without a loop."""
     by_line: dict[str, list[str]] = {}
-    for address, op, _, where in code:
-        if lo <= address <= hi:
-            by_line.setdefault(where or "?", []).append(op.split(".")[0])
+    for i in innermost_loop(code):
+        by_line.setdefault(i.source or "?", []).append(i.opcode.split(".")[0])
     ranked = sorted(by_line.items(), key=lambda item: -len(item[1]))[:top]
     return [{"source": where, "instructions": len(ops),
              "top_opcodes": dict(collections.Counter(ops).most_common(3))} for where, ops in ranked]

@@ -525,12 +525,16 @@ NVDISASM_LISTING = """
 
 
 def test_triton_registers_attributes_the_innermost_loop_to_source_lines():
-    """The nested loop's inner body (0x20-0x50) only, by file name and line, most instructions first."""
+    """The nested loop's inner body (0x20-0x50) only, counted and by file name and line, most instructions
+    first."""
     pytest.importorskip("triton")
-    from benchmarks.triton_registers import loop_lines
+    from benchmarks.triton_registers import loop_body, loop_lines, parse_listing
 
-    assert loop_lines(NVDISASM_LISTING) == [
+    code = parse_listing(NVDISASM_LISTING)
+    assert loop_lines(code) == [
         {"source": "kernel.py:20", "instructions": 2, "top_opcodes": {"FFMA": 2}},
         {"source": "standard.py:309", "instructions": 2, "top_opcodes": {"SHFL": 1, "BRA": 1}},
     ]
-    assert loop_lines(NVDISASM_LISTING.replace("BRA `(.L_x_0)", "NOP").replace("BRA `(.L_x_1)", "NOP")) == []
+    assert loop_body(code) == {"instructions": 8, "loop_instructions": 4, "loop_shuffles": 1}
+    no_loop = parse_listing(NVDISASM_LISTING.replace("BRA `(.L_x_0)", "NOP").replace("BRA `(.L_x_1)", "NOP"))
+    assert loop_lines(no_loop) == [] and loop_body(no_loop)["loop_instructions"] == 0

@@ -65,8 +65,9 @@ def interpreting() -> bool:
 
 @jit
 def _log2_approx(x):
-    # lg2.approx.f32, one special-function op; tl.log / tl.log2 compile to a libdevice routine of about 20
-    # instructions (the backward's loop: 1729 -> 1476 instructions with it in the softplus; docs/performance.md)
+    # lg2.approx.f32, one special-function op; tl.log / tl.log2 compile to a libdevice routine of about 25
+    # instructions per value (the backward's loop: 1729 -> 1476 instructions with it in the softplus;
+    # docs/performance.md)
     return libdevice.fast_log2f(x)
 
 
