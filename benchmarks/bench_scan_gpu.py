@@ -166,13 +166,13 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 
 # the forward's warps were settled at 1 by the sweep over (128, 256, 512) x (1, 2) x (1, 2, 4), and the backward at
 # chunk 64, 1 warp, 8 programs per multiprocessor by the sweep over (32, 64, 128) x (1, 2) x (4, 8, 16, 32), both
-# recorded in docs/performance.md at batch 2 and 64^3 / 32^3, where the first stage has enough chunks to fill the
-# GPU with one channel split at any of those targets. This grid re-checks the chunk and the backward's warps around
-# that choice, and the split target, which matters where (batch x chunks) is small: at the hippocampus patch's
-# first stage (batch 7, L = 18432: 2016 programs, 15 one-warp programs per multiprocessor) 32 per multiprocessor
-# splits the channels in three
-TUNE_GRID = [dict(block_l=bl, warps_fwd=1, warps_bwd=wb, bwd_programs_per_sm=ps)
-             for bl in (64, 128) for wb in (1, 2) for ps in (8, 32)]
+# recorded in docs/performance.md at batch 2 and 64^3 / 32^3; later sweeps of the chunk, the backward's warps and
+# its split target around that choice kept it. This grid sweeps the split target of the other chunk kernels (the
+# two summaries and the forward's output), which walk a group's channels in one program since they load B / C
+# once per program: fewer, longer programs against enough of them to fill the GPU (at the hippocampus patch's
+# first stage, batch 7 x 288 chunks = 2016 programs before any split)
+TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=ps, bwd_programs_per_sm=8)
+             for ps in (4, 8, 16, 32, 64)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 
 

@@ -4,8 +4,10 @@ Triton ships with PyTorch on Linux and compiles at run time, so this backend wor
 does, whatever mamba-ssm's wheels support. It computes what `selective_scan_ref` defines (float32 state and
 arithmetic for fp16 / bf16 / fp32 inputs, D, z gating, delta_bias, softplus, grouped B/C).
 
-How the work is cut. The sequence is split into chunks of `BLOCK_L` steps and every (batch, channel, chunk)
-gets its own program, so even one long sequence fills the GPU:
+How the work is cut. The sequence is split into chunks of `BLOCK_L` steps, and every (batch, group of channels
+sharing B / C, chunk) gets its own program (or several, each with a slice of the channels, where there are too
+few chunks to fill the GPU: `_d_split`), so even one long sequence fills the GPU. A program loads its chunk of B
+and C once and walks its channels, loading each channel's inputs while it computes the one before:
 
   forward   1. per chunk, from a zero state: the chunk's end state S_c and its summed step sizes T_c. Both are
                closed forms (S_c = sum_t exp(A (T_c - cumsum(dt)_t)) dt_t B_t u_t), no scan needed;
@@ -25,9 +27,8 @@ Index maps. `mode` says in which order the scan visits the (raster-ordered) sequ
 M = L / n: the transpose of the (n, M) view, SegMamba's inter-slice order). Inputs are read and outputs written
 through p, so the tri-orientated layer needs no flipped or permuted copies of its activations.
 
-Gradients of B and C sum over the channels of a group. One program walks all channels of its group (or a
-slice of them, `d_split`, when there are too few chunks to fill the GPU) and owns its block of dB / dC, so no
-atomics are needed and the result is deterministic.
+Gradients of B and C sum over the channels of a group. The backward's program for a chunk owns its block of
+dB / dC for the channels it walks, so no atomics are needed and the result is deterministic.
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
            "TUNING"]
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
-# and how many of the backward's main programs per multiprocessor `_d_split` aims for by splitting channels.
+# and how many programs per multiprocessor `_d_split` aims for by splitting a group's channels, for the chunk
+# kernels before the backward's main one and for that one.
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
-TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "bwd_programs_per_sm": 8}
+TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 16, "bwd_programs_per_sm": 8}
 
 
 @jit
@@ -73,8 +75,9 @@ def _linear_combine(a1, b1, a2, b2):
 
 
 @jit
-def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
-    x = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32) + bias
+def _step_sizes(delta, bias, mask, SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + bias) (or delta + bias), 0 past the sequence's end, and delta + bias."""
+    x = delta.to(tl.float32) + bias
     dt = x
     if SOFTPLUS:
         dt = _softplus(x)
@@ -82,47 +85,77 @@ def _load_dt(delta_ptr, offs, mask, bias, SOFTPLUS: tl.constexpr):
 
 
 @jit
-def _channel_chunk(delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta,
-                   NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   SOFTPLUS: tl.constexpr):
-    """What every (batch * d + channel, chunk) program of the chunk kernels starts with: its coordinates, the
-    positions p(t) of its steps and their masks, offsets into its group's rows of B / C (before the batch
-    stride), the channel's A row in base 2 (A log2(e), see _base_2) and the step sizes dt."""
-    bd = tl.program_id(0)
+def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM,
+                 NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr):
+    """What every (batch, group, channel split; chunk) program of the chunk kernels starts with: its coordinates,
+    the first of its channels, the positions p(t) of its steps and their masks, and the offsets of its group's rows
+    of B / C (before the batch stride), which it loads once for all its channels."""
+    pid = tl.program_id(0)
     c = tl.program_id(1)
-    b64 = (bd // D_).to(tl.int64)
-    d = bd % D_
-    g = d // (D_ // G_)
-    t = c * BL + tl.arange(0, BL)
+    split = pid % D_SPLIT
+    bg = pid // D_SPLIT
+    g = bg % G_
+    b = bg // G_
+    s = tl.arange(0, BL)
+    t = c * BL + s
     mask = t < L
     p = memory_position(t, L, NS, M, MODE)
-    chan = d.to(tl.int64) * L
     n = tl.arange(0, NP)
     nmask = n < N
     m2 = nmask[:, None] & mask[None, :]
-    bc = g * N * L + n[:, None] * L + p[None, :]
+    nl = g * N * L + n[:, None] * L + p[None, :]
+    d0 = g * (D_ // G_) + split * D_PER_PROGRAM
+    return b, b.to(tl.int64), g, split, c, d0, s, p, mask, n, nmask, m2, nl
+
+
+@jit
+def _channel_loads(delta_ptr, A_ptr, bias_ptr, row_ptr, z_ptr, b64, d, live, N, L, p, mask, n, nmask, sdelta, srow,
+                   sz, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Channel d's inputs as stored: delta, its row of `row_ptr` (u, or dy), z, its A row and bias; nothing where
+    `live` is False (past the program's last channel).
+
+    The chunk kernels walk their channels loading each channel's inputs one iteration ahead: a warp waits for a
+    load at the first instruction that uses it, not at the load, so the loads' latency overlaps the previous
+    channel's arithmetic (the scan 17-21 % faster at SegMamba's first stage; docs/performance.md). Hence no
+    arithmetic on them here."""
+    chan = d.to(tl.int64) * L
+    m = mask & live
+    delta = tl.load(delta_ptr + b64 * sdelta + chan + p, mask=m, other=0.0)
+    row = tl.load(row_ptr + b64 * srow + chan + p, mask=m, other=0.0)
+    z = 0.0
+    if HAS_Z:
+        z = tl.load(z_ptr + b64 * sz + chan + p, mask=m, other=0.0)
+    A = tl.load(A_ptr + d * N + n, mask=nmask & live, other=0.0)
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d).to(tl.float32)
-    dt, _ = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
-    A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
-    return bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2
+        bias = tl.load(bias_ptr + d, mask=live, other=0.0)
+    return delta, row, z, A, bias
 
 
 @jit
 def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
-                       D_, G_, N, L, M, NS, NCH, su, sdelta, sB,
+                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sB,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2 = _channel_chunk(
-        delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
-    u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptr + b64 * sB + bc, mask=m2, other=0.0).to(tl.float32)
-    total = tl.sum(dt, 0)
-    after = total - tl.cumsum(dt, 0)  # step sizes still to come in this chunk
-    S = tl.sum(tl.exp2(A2[:, None] * after[None, :]) * Bt * (dt * u)[None, :], 1)
-    tl.store(S_ptr + (bd.to(tl.int64) * NCH + c) * N + n, S, mask=nmask)
-    tl.store(T_ptr + bd.to(tl.int64) * NCH + c, total)
+    """Per channel: the chunk's end state from a zero start, S_c, and its summed step sizes, T_c."""
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
+    delta, u, no_z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, b64, d0, True, N, L, p, mask,
+                                          n, nmask, sdelta, su, 0, False, HAS_BIAS)
+    for i in range(0, D_PER_PROGRAM):
+        d = d0 + i
+        bd = (b * D_ + d).to(tl.int64)
+        delta_n, u_n, no_z, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, b64, d + 1,
+                                                      i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
+                                                      su, 0, False, HAS_BIAS)
+        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
+        total = tl.sum(dt, 0)
+        after = total - tl.cumsum(dt, 0)  # step sizes still to come in this chunk
+        S = tl.sum(tl.exp2(_base_2(A)[:, None] * after[None, :]) * Bt * (dt * u.to(tl.float32))[None, :], 1)
+        tl.store(S_ptr + (bd * NCH + c) * N + n, S, mask=nmask)
+        tl.store(T_ptr + bd * NCH + c, total)
+        delta, u, A, bias = delta_n, u_n, A_n, bias_n
 
 
 @jit
@@ -161,43 +194,68 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
 
 @jit
 def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, out_ptr,
-                      D_, G_, N, L, M, NS, NCH, su, sdelta, sz, sB, sC,
+                      D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2 = _channel_chunk(
-        delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
-    u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
-    Bt = tl.load(B_ptr + b64 * sB + bc, mask=m2, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
-    h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
-    decay = tl.exp2(A2[:, None] * dt[None, :])
-    first = (tl.arange(0, BL) == 0)[None, :]  # the entering state, folded into the first step's input
-    _, h = tl.associative_scan((decay, Bt * (dt * u)[None, :] + tl.where(first, decay * h0[:, None], 0.0)), axis=1,
-                               combine_fn=_linear_combine)
-    y = tl.sum(h * Ct, 0)
-    if HAS_D:
-        y = y + tl.load(D_ptr + d).to(tl.float32) * u
-    if HAS_Z:
-        z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
-        y = y * z * tl.sigmoid(z)
-    tl.store(out_ptr + bd.to(tl.int64) * L + p, y.to(out_ptr.dtype.element_ty), mask=mask)
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
+    Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
+    first = (s == 0)[None, :]  # the entering state, folded into the first step's input
+    # each iteration loads the next channel's inputs before its own arithmetic, so that their latency overlaps it
+    delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
+                                          n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
+    for i in range(0, D_PER_PROGRAM):
+        d = d0 + i
+        bd = (b * D_ + d).to(tl.int64)
+        h0 = tl.load(states_ptr + (bd * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
+        Dd = 0.0
+        if HAS_D:
+            Dd = tl.load(D_ptr + d).to(tl.float32)
+        delta_n, u_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d + 1,
+                                                        i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
+                                                        su, sz, HAS_Z, HAS_BIAS)
+        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
+        A2 = _base_2(A)
+        u = u.to(tl.float32)
+        decay = tl.exp2(A2[:, None] * dt[None, :])
+        _, h = tl.associative_scan((decay, Bt * (dt * u)[None, :] + tl.where(first, decay * h0[:, None], 0.0)),
+                                   axis=1, combine_fn=_linear_combine)
+        y = tl.sum(h * Ct, 0) + Dd * u
+        if HAS_Z:
+            z = z.to(tl.float32)
+            y = y * z * tl.sigmoid(z)
+        tl.store(out_ptr + bd * L + p, y.to(out_ptr.dtype.element_ty), mask=mask)
+        delta, u, z, A, bias = delta_n, u_n, z_n, A_n, bias_n
 
 
 @jit
 def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr,
-                       D_, G_, N, L, M, NS, NCH, sdelta, sz, sC,
+                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, sdelta, sz, sC,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t: the adjoint a chunk hands to its left neighbour from a zero start."""
-    bd, c, b64, d, chan, p, mask, n, nmask, m2, bc, dt, A2 = _channel_chunk(
-        delta_ptr, A_ptr, bias_ptr, D_, G_, N, L, M, NS, sdelta, NP, BL, MODE, HAS_BIAS, SOFTPLUS)
-    dy = tl.load(dout_ptr + bd.to(tl.int64) * L + p, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
-        dy = dy * z * tl.sigmoid(z)
-    Ct = tl.load(C_ptr + b64 * sC + bc, mask=m2, other=0.0).to(tl.float32)
-    R = tl.sum(tl.exp2(A2[:, None] * tl.cumsum(dt, 0)[None, :]) * Ct * dy[None, :], 1)
-    tl.store(R_ptr + (bd.to(tl.int64) * NCH + c) * N + n, R, mask=nmask)
+    """Per channel: R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t, the adjoint a chunk hands to its left neighbour from
+    a zero start."""
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
+    # dy is contiguous: its batch stride is D * L
+    delta, dy, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, dout_ptr, z_ptr, b64, d0, True, N, L, p,
+                                           mask, n, nmask, sdelta, D_ * L, sz, HAS_Z, HAS_BIAS)
+    for i in range(0, D_PER_PROGRAM):
+        d = d0 + i
+        bd = (b * D_ + d).to(tl.int64)
+        delta_n, dy_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, dout_ptr, z_ptr, b64, d + 1,
+                                                         i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
+                                                         D_ * L, sz, HAS_Z, HAS_BIAS)
+        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
+        dy = dy.to(tl.float32)
+        if HAS_Z:
+            z = z.to(tl.float32)
+            dy = dy * z * tl.sigmoid(z)
+        R = tl.sum(tl.exp2(_base_2(A)[:, None] * tl.cumsum(dt, 0)[None, :]) * Ct * dy[None, :], 1)
+        tl.store(R_ptr + (bd * NCH + c) * N + n, R, mask=nmask)
+        delta, dy, z, A, bias = delta_n, dy_n, z_n, A_n, bias_n
 
 
 @jit
@@ -206,44 +264,33 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    pid = tl.program_id(0)
-    c = tl.program_id(1)
-    split = pid % D_SPLIT
-    bg = pid // D_SPLIT
-    g = bg % G_
-    b = bg // G_
-    s = tl.arange(0, BL)
-    t = c * BL + s
-    mask = t < L
-    p = memory_position(t, L, NS, M, MODE)
-    n = tl.arange(0, NP)
-    nmask = n < N
-    m2 = nmask[:, None] & mask[None, :]
-    b64 = b.to(tl.int64)
-    nl = g * N * L + n[:, None] * L + p[None, :]
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
     dB_acc = tl.zeros([NP, BL], dtype=tl.float32)
     dC_acc = tl.zeros([NP, BL], dtype=tl.float32)
-    d0 = g * (D_ // G_) + split * D_PER_PROGRAM
+    # each iteration loads the next channel's inputs before its own arithmetic, so that their latency overlaps it
+    delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
+                                          n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
+    dy = tl.load(dout_ptr + (b * D_ + d0).to(tl.int64) * L + p, mask=mask, other=0.0)
     for i in range(0, D_PER_PROGRAM):
         d = d0 + i
         bd = b * D_ + d
         row = bd.to(tl.int64) * L  # the gradients, allocated contiguous
-        chan = d.to(tl.int64) * L
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + d).to(tl.float32)
-        # every load of the iteration first, so that their latencies overlap
-        dt, x = _load_dt(delta_ptr, b64 * sdelta + chan + p, mask, bias, SOFTPLUS)
-        u = tl.load(u_ptr + b64 * su + chan + p, mask=mask, other=0.0).to(tl.float32)
-        A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
         h0 = tl.load(states_ptr + (bd.to(tl.int64) * (NCH + 1) + c) * N + n, mask=nmask, other=0.0)
         adj = tl.load(adj_ptr + (bd.to(tl.int64) * (NCH + 1) + c + 1) * N + n, mask=nmask, other=0.0)
-        dy = tl.load(dout_ptr + row + p, mask=mask, other=0.0).to(tl.float32)
         Dd = 0.0
         if HAS_D:
             Dd = tl.load(D_ptr + d).to(tl.float32)
+        live = i + 1 < D_PER_PROGRAM
+        delta_n, u_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d + 1, live,
+                                                        N, L, p, mask, n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
+        dy_n = tl.load(dout_ptr + row + L + p, mask=mask & live, other=0.0)
+        dt, x = _step_sizes(delta, bias, mask, SOFTPLUS)
+        u = u.to(tl.float32)
+        A2 = _base_2(A)
+        dy = dy.to(tl.float32)
         # the forward states of this chunk, recomputed from the stored entering state (folded into the first
         # step's input); what the backward needs of them is taken at once, so that neither the states nor the
         # scan's input stay live through the adjoint's scan (fewer registers spilled)
@@ -255,7 +302,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
         if HAS_Z:
             y = tl.sum(h * Ct, 0) + Dd * u
-            z = tl.load(z_ptr + b64 * sz + chan + p, mask=mask, other=0.0).to(tl.float32)
+            z = z.to(tl.float32)
             gate = tl.sigmoid(z)
             tl.store(dz_ptr + row + p, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
                      mask=mask)
@@ -292,6 +339,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         if HAS_BIAS:
             tl.store(dparam_ptr + part + W - 1, tl.sum(ddt, 0))
         dB_acc += dh * dtu[None, :]
+        delta, u, z, A, bias, dy = delta_n, u_n, z_n, A_n, bias_n, dy_n
     # dB and dC of each channel split, one buffer (split, 2, batch, group, n, L): in the inputs' dtype when there
     # is one split, else float32 partial sums for torch to add up
     dB_row = (((split * 2) * BATCH + b) * G_ + g).to(tl.int64) * N * L
@@ -314,9 +362,12 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device) -> int:
-    """Channels of a group are split over this many programs when there are too few (batch, chunk) pairs."""
-    target = TUNING["bwd_programs_per_sm"] * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
+def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device,
+             programs_per_sm: int) -> int:
+    """Each (batch, group, chunk) program of a chunk kernel walks the group's channels; they are split over this
+    many programs (the fewest that give `programs_per_sm` programs per multiprocessor) when there are too few
+    (batch, chunk) pairs to fill the GPU."""
+    target = programs_per_sm * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     split = 1
     for s in range(1, d_per_group + 1):
         if d_per_group % s == 0:
@@ -403,15 +454,19 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dummy = A32
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
-    grid = (batch * dim, chunks)
+    d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
+    grid = (batch * groups * d_split, chunks)
+    per_program = dim // groups // d_split
     _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
-                             chunk_end, dim, groups, n, length, p.M, p.NS, chunks, u.stride(0), delta.stride(0),
-                             B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], **flags)
+                             chunk_end, dim, groups, n, length, p.M, p.NS, chunks, per_program, d_split,
+                             u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
+                             num_warps=TUNING["warps_fwd"], **flags)
     _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
                                  CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=False)
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
-                            p.M, p.NS, chunks, *_batch_strides(u, delta, z, B, C), NP=NP, BL=p.BL, MODE=p.mode_id,
+                            p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
+                            BL=p.BL, MODE=p.mode_id,
                             num_warps=TUNING["warps_fwd"], HAS_D=D is not None, HAS_Z=z is not None, **flags)
     return out, states, chunk_sum
 
@@ -429,14 +484,15 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     z_arg = z if z is not None else u
     bias_arg = delta_bias if delta_bias is not None else dummy
     adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
-    _bwd_chunk_summary[(batch * dim, chunks)](delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n,
-                                              length, p.M, p.NS, chunks, delta.stride(0), z_arg.stride(0),
-                                              C.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
-                                              num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
+    d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
+    _bwd_chunk_summary[(batch * groups * d_split, chunks)](
+        delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n, length, p.M, p.NS, chunks,
+        dim // groups // d_split, d_split, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
+        MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
                                  CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=True)
-    d_split = _d_split(batch, groups, chunks, dim // groups, u.device)
+    d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
