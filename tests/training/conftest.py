@@ -1,6 +1,7 @@
 """A tiny synthetic nnU-Net dataset, planned and preprocessed in-process, shared by the trainer tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,24 @@ def write_case(folder: Path, case: str, channels: list[np.ndarray], label: np.nd
         sitk.WriteImage(sitk.GetImageFromArray(image), str(folder / "imagesTr" / f"{case}_{c:04d}{ending}"))
     if label is not None:
         sitk.WriteImage(sitk.GetImageFromArray(label), str(folder / "labelsTr" / f"{case}{ending}"))
+
+
+@contextlib.contextmanager
+def fewer_fingerprint_samples(total: int = 100_000):
+    """nnU-Net's fingerprint draws 10^8 foreground voxels per dataset for its intensity statistics, whatever the
+    dataset's size (17 million draws from each of these cases' few thousand voxels, about 17 of a fixture's 24 s);
+    the statistics only set CT normalisation, and these datasets are "MRI", so fewer draws change nothing here."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    init = DatasetFingerprintExtractor.__init__
+
+    def init_with_fewer_samples(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.num_foreground_voxels_for_intensitystats = total
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DatasetFingerprintExtractor, "__init__", init_with_fewer_samples)
+        yield
 
 
 def plan_tiny_dataset(root: Path, dataset_id: int, dataset_name: str, configurations: tuple[str, ...]) -> None:
@@ -39,7 +58,8 @@ def plan_tiny_dataset(root: Path, dataset_id: int, dataset_name: str, configurat
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"},
                                                   "labels": {"background": 0, "a": 1, "b": 2},
                                                   "numTraining": 6, "file_ending": ".nii.gz"}))
-    extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True)
+    with fewer_fingerprint_samples():
+        extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True)
     plan_experiments([dataset_id])
     preprocess([dataset_id], configurations=configurations, num_processes=(1,) * len(configurations))
 
