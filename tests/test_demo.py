@@ -98,3 +98,24 @@ def test_training_progress_prints_one_line_per_epoch(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "  epoch 3/11  train_loss -0.526  val_loss -0.300  pseudo Dice 0.89 0.00 0.50  (20 s)"
     assert "validation" in lines[1] and len(lines) == 2
+
+
+def test_fewer_fingerprint_samples_sets_the_draws_and_restores_nnunets(tmp_path, monkeypatch):
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    from nnunet_segmamba.demo import fewer_fingerprint_samples
+
+    raw = tmp_path / "raw" / "Dataset998_Fingerprint"
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 4, 4), np.float32)), str(raw / "imagesTr" / "c_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((4, 4, 4), np.uint8)), str(raw / "labelsTr" / "c.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1},
+                                                  "numTraining": 1, "file_ending": ".nii.gz"}))
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    nnunets = DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats
+    with fewer_fingerprint_samples(1234):
+        assert DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats == 1234
+    assert DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats == nnunets > 1234

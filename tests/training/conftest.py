@@ -1,7 +1,6 @@
 """A tiny synthetic nnU-Net dataset, planned and preprocessed in-process, shared by the trainer tests."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -20,29 +19,13 @@ def write_case(folder: Path, case: str, channels: list[np.ndarray], label: np.nd
         sitk.WriteImage(sitk.GetImageFromArray(label), str(folder / "labelsTr" / f"{case}{ending}"))
 
 
-@contextlib.contextmanager
-def fewer_fingerprint_samples(total: int = 100_000):
-    """nnU-Net's fingerprint draws 10^8 foreground voxels per dataset for its intensity statistics, whatever the
-    dataset's size (17 million draws from each of these cases' few thousand voxels, about 17 of a fixture's 24 s);
-    the statistics only set CT normalisation, and these datasets are "MRI", so fewer draws change nothing here."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-
-    init = DatasetFingerprintExtractor.__init__
-
-    def init_with_fewer_samples(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.num_foreground_voxels_for_intensitystats = total
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DatasetFingerprintExtractor, "__init__", init_with_fewer_samples)
-        yield
-
-
 def plan_tiny_dataset(root: Path, dataset_id: int, dataset_name: str, configurations: tuple[str, ...]) -> None:
     """Six one-channel cases of about 20 x 28 x 24 voxels with two spherical labels, planned and preprocessed
     for `configurations` under root/{raw, preprocessed, results} (the nnUNet_* variables must point there)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                       preprocess)
+
+    from nnunet_segmamba.demo import fewer_fingerprint_samples
 
     raw = root / "raw" / dataset_name
     (raw / "imagesTr").mkdir(parents=True)
@@ -58,7 +41,7 @@ def plan_tiny_dataset(root: Path, dataset_id: int, dataset_name: str, configurat
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"},
                                                   "labels": {"background": 0, "a": 1, "b": 2},
                                                   "numTraining": 6, "file_ending": ".nii.gz"}))
-    with fewer_fingerprint_samples():
+    with fewer_fingerprint_samples():  # the channel is MRI: nnU-Net's 10^8 draws would change nothing but the time
         extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True)
     plan_experiments([dataset_id])
     preprocess([dataset_id], configurations=configurations, num_processes=(1,) * len(configurations))
