@@ -466,8 +466,8 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                             p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
-                            BL=p.BL, MODE=p.mode_id,
-                            num_warps=TUNING["warps_fwd"], HAS_D=D is not None, HAS_Z=z is not None, **flags)
+                            BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
+                            HAS_Z=z is not None, **flags)
     return out, states, chunk_sum
 
 
