@@ -5,7 +5,7 @@ Steps, each through the same entry points a user runs:
        -- or `--dataset PATH` to use a real nnU-Net raw dataset instead;
     2. `convert-brats` into an nnU-Net raw dataset with WT/TC/ET regions;
     3. `nnUNetv2_plan_and_preprocess` (3d_fullres; for the phantom, the fingerprint is extracted first with
-       fewer intensity draws, `fewer_fingerprint_samples`);
+       fewer intensity draws, `extract_fingerprint`);
     4. `nnUNetv2_train ... -tr nnUNetTrainerSegMamba_demo` (a small budget, see trainers.py);
     5. prediction of the held-out 20 % test split with mirror test-time augmentation, and evaluation;
     6. a report: the metrics table and `report.png` with image / ground truth / prediction overlays.
@@ -133,26 +133,23 @@ def _output_to(log_path: Path):
         os.close(saved[1])
 
 
-@contextlib.contextmanager
-def fewer_fingerprint_samples(total: int = 1_000_000):
-    """nnU-Net's fingerprint extractor, drawing `total` foreground voxels per channel for its intensity statistics
-    instead of 10^8 (its fixed number, whatever the dataset's size: for the demo's 30 small phantoms, 3.3 million
-    draws from each case's few thousand voxels, about a minute and 1.6 GB). The statistics only set CT
-    normalisation; MRI channels, such as the phantom's, are z-scored per image, so the plans' settings and the
-    preprocessed data are the same with fewer draws."""
+def extract_fingerprint(dataset_id: int, num_processes: int, check_dataset_integrity: bool = False,
+                        intensity_samples: int = 1_000_000) -> dict:
+    """nnU-Net's dataset fingerprint (`extract_fingerprint_dataset`, written to nnUNet_preprocessed), with its
+    extractor drawing `intensity_samples` foreground voxels per channel for the intensity statistics instead of
+    10^8 (its fixed number, whatever the dataset's size: for the demo's 30 small phantoms, 3.3 million draws from
+    each case's few thousand voxels, about a minute and 1.6 GB). The statistics only set CT normalisation; MRI
+    channels, such as the phantom's, are z-scored per image, so the plans' settings and the preprocessed data are
+    the same with fewer draws."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
 
-    init = DatasetFingerprintExtractor.__init__
+    class FewerIntensitySamples(DatasetFingerprintExtractor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = intensity_samples
 
-    def init_with_fewer_samples(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.num_foreground_voxels_for_intensitystats = total
-
-    DatasetFingerprintExtractor.__init__ = init_with_fewer_samples
-    try:
-        yield
-    finally:
-        DatasetFingerprintExtractor.__init__ = init
+    return extract_fingerprint_dataset(dataset_id, FewerIntensitySamples, num_processes, check_dataset_integrity)
 
 
 def nnunet_environment(work_dir: Path, threads: int) -> dict:
@@ -230,12 +227,10 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
 
     _step("3/6 nnU-Net planning and preprocessing (3d_fullres)")
     if dataset is None:
-        # the phantom's fingerprint first, with fewer intensity draws (`fewer_fingerprint_samples`); the command
-        # below verifies the dataset and reuses it. A user's dataset gets nnU-Net's own.
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints
-
-        with _output_to(log_path), fewer_fingerprint_samples():
-            extract_fingerprints([dataset_id], num_processes=threads)
+        # the phantom's fingerprint first, with fewer intensity draws (`extract_fingerprint`); the command below
+        # verifies the dataset and reuses it. A user's dataset gets nnU-Net's own.
+        with _output_to(log_path):
+            extract_fingerprint(dataset_id, num_processes=threads)
         print("  fingerprint: nnU-Net's extractor with 10^6 intensity draws per channel (phantom: MRI-like "
               "channels, z-scored per image)", flush=True)
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0

@@ -100,12 +100,12 @@ def test_training_progress_prints_one_line_per_epoch(capsys):
     assert "validation" in lines[1] and len(lines) == 2
 
 
-def test_fewer_fingerprint_samples_sets_the_draws_and_restores_nnunets(tmp_path, monkeypatch):
+def test_fingerprint_extractor_draws_fewer_samples_and_leaves_nnunets_alone(tmp_path, monkeypatch):
     import numpy as np
     import SimpleITK as sitk
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
-    from nnunet_segmamba.demo import fewer_fingerprint_samples
+    from nnunet_segmamba.demo import extract_fingerprint
 
     raw = tmp_path / "raw" / "Dataset998_Fingerprint"
     for sub in ("imagesTr", "labelsTr"):
@@ -115,7 +115,13 @@ def test_fewer_fingerprint_samples_sets_the_draws_and_restores_nnunets(tmp_path,
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1},
                                                   "numTraining": 1, "file_ending": ".nii.gz"}))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
-    nnunets = DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats
-    with fewer_fingerprint_samples(1234):
-        assert DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats == 1234
-    assert DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats == nnunets > 1234
+    draws = []
+
+    def run(self, overwrite_existing=False):  # records what the extractor would draw, without the worker pool
+        draws.append(self.num_foreground_voxels_for_intensitystats)
+        return {}
+
+    monkeypatch.setattr(DatasetFingerprintExtractor, "run", run)
+    extract_fingerprint(998, num_processes=1, intensity_samples=1234)
+    assert draws == [1234]
+    assert DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats > 1234

@@ -22,10 +22,9 @@ def write_case(folder: Path, case: str, channels: list[np.ndarray], label: np.nd
 def plan_tiny_dataset(root: Path, dataset_id: int, dataset_name: str, configurations: tuple[str, ...]) -> None:
     """Six one-channel cases of about 20 x 28 x 24 voxels with two spherical labels, planned and preprocessed
     for `configurations` under root/{raw, preprocessed, results} (the nnUNet_* variables must point there)."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                      preprocess)
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiments, preprocess
 
-    from nnunet_segmamba.demo import fewer_fingerprint_samples
+    from nnunet_segmamba.demo import extract_fingerprint
 
     raw = root / "raw" / dataset_name
     (raw / "imagesTr").mkdir(parents=True)
@@ -41,8 +40,8 @@ def plan_tiny_dataset(root: Path, dataset_id: int, dataset_name: str, configurat
     (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"},
                                                   "labels": {"background": 0, "a": 1, "b": 2},
                                                   "numTraining": 6, "file_ending": ".nii.gz"}))
-    with fewer_fingerprint_samples():  # the channel is MRI: nnU-Net's 10^8 draws would change nothing but the time
-        extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True)
+    # the channel is MRI: nnU-Net's 10^8 intensity draws would change nothing but the time
+    extract_fingerprint(dataset_id, num_processes=1, check_dataset_integrity=True)
     plan_experiments([dataset_id])
     preprocess([dataset_id], configurations=configurations, num_processes=(1,) * len(configurations))
 
