@@ -29,8 +29,8 @@ and takes each iteration apart:
   host      the training thread's time in each labelled part (innermost, as for the GPU's idle time), and of
             it the time waiting for the GPU: where the host's own work goes.
 
-and the validation iterations of an epoch (nnU-Net's `validation_step`, --validation-iterations of them), which an
-epoch's time includes too.
+and the validation iterations of an epoch (nnU-Net's `validation_step`, --validation-iterations of them, and the
+epoch's end that gathers their results, timed together), which an epoch's time includes too.
 
 cuDNN runs in benchmark mode, as nnUNetv2_train sets it (the fastest algorithm for each convolution, timed on
 first use). After `on_train_start` (network, compile, data loaders) --warmup iterations run untimed: they hold the
@@ -166,6 +166,13 @@ def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, f
 HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 
 
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _profiled_iterations(trainer, profiled: int) -> dict:
     """Runs `profiled` labelled training iterations under torch.profiler; per iteration, in ms: wall time, GPU
     busy time, GPU idle time by part (see gpu_idle_by_part), the training thread's time waiting for the GPU, and
@@ -220,7 +227,8 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
     """Times `iterations` training iterations of an nnU-Net trainer after `on_train_start` and `warmup` untimed
     ones; medians in ms of the wait for a batch, the step and their sum; on CUDA, over `profiled` more iterations,
     the GPU's busy time per iteration and its idle time split by what the host was doing (None on the CPU); then
-    the median of `validation_iterations` validation iterations. The data loaders are shut down at the end."""
+    the mean of `validation_iterations` validation iterations with the epoch's end (`on_validation_epoch_end`).
+    The data loaders are shut down at the end."""
     import torch
 
     trainer.on_train_start()
@@ -241,15 +249,19 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
         profiled_figures = dict.fromkeys(PROFILED_FIGURES)
         if trainer.device.type == "cuda" and profiled > 0:
             profiled_figures = _profiled_iterations(trainer, profiled)
-        validations = []
+        validation_ms = None
         if validation_iterations > 0:
             with torch.no_grad():
                 trainer.on_validation_epoch_start()
-                for _ in range(validation_iterations + 1):  # the first records the validation graphs: untimed
-                    t0 = time.perf_counter()
-                    trainer.validation_step(next(trainer.dataloader_val))
-                    validations.append((time.perf_counter() - t0) * 1e3)
-                validations = validations[1:]
+                trainer.validation_step(next(trainer.dataloader_val))  # records the validation graphs: untimed
+                # timed as a whole with the epoch's end, from an idle GPU until it is done: a step need not wait
+                # for the GPU (ours do not), so a step's own wall time would be the host's share only
+                _synchronize(trainer.device)
+                t0 = time.perf_counter()
+                outputs = [trainer.validation_step(next(trainer.dataloader_val)) for _ in range(validation_iterations)]
+                trainer.on_validation_epoch_end(outputs)
+                _synchronize(trainer.device)
+                validation_ms = (time.perf_counter() - t0) * 1e3 / validation_iterations
     finally:
         for loader in (trainer.dataloader_train, trainer.dataloader_val):
             if hasattr(loader, "_finish"):
@@ -259,12 +271,12 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
               "wait_ms_median": statistics.median(waits), "step_ms_median": statistics.median(steps),
               "iteration_ms_median": statistics.median(totals), "iteration_ms_mean": statistics.mean(totals),
               "profiled_iterations": profiled if profiled_figures["gpu_busy_ms_per_iteration"] is not None else 0,
-              **profiled_figures, "validation_iterations": len(validations),
-              "validation_iteration_ms_median": statistics.median(validations) if validations else None}
+              **profiled_figures, "validation_iterations": validation_iterations if validation_ms else 0,
+              "validation_iteration_ms_mean": validation_ms}
     # what one epoch's iterations (250 + 50 for nnU-Net's trainers) take at this pace: the epoch without its end
     result["train_iterations_seconds_per_epoch"] = result["iteration_ms_mean"] * trainer.num_iterations_per_epoch / 1e3
-    if validations:
-        result["validation_iterations_seconds_per_epoch"] = (result["validation_iteration_ms_median"]
+    if validation_ms:
+        result["validation_iterations_seconds_per_epoch"] = (validation_ms
                                                              * trainer.num_val_iterations_per_epoch / 1e3)
     return result
 
@@ -319,7 +331,7 @@ def markdown(report: dict) -> str:
         rows.append(f"| {name} | {ms(r['wait_ms_median'])} | {ms(r['step_ms_median'])} | "
                     f"{ms(r['iteration_ms_median'])} | {ms(r['profiled_iteration_ms'])} | "
                     f"{ms(r['gpu_busy_ms_per_iteration'])} | {ms(r['host_waiting_for_gpu_ms_per_iteration'])} | "
-                    f"{ms(r['validation_iteration_ms_median'])} | {r['train_iterations_seconds_per_epoch']:.1f} |")
+                    f"{ms(r['validation_iteration_ms_mean'])} | {r['train_iterations_seconds_per_epoch']:.1f} |")
     idle = {name: r["gpu_idle_ms_per_iteration_by_part"] for name, r in trainers.items()
             if r["gpu_idle_ms_per_iteration_by_part"]}
     if idle:

@@ -28,7 +28,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
   gigabytes; at small ones it would only cost time.
 * the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
   device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
-  GradScaler needs no sync either.
+  GradScaler needs no sync either. Nor does the validation step: its loss and counts stay on the device until
+  the epoch's end (`validation_step`).
 
 Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
 Nesterov momentum 0.99, weight decay 3e-5), poly learning-rate schedule, gradient-norm clipping at 12,
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
@@ -81,6 +83,32 @@ def match_state_layouts_to_parameters(optimizer: torch.optim.Optimizer) -> None:
                 if (isinstance(value, torch.Tensor) and value.shape == param.shape
                         and value.stride() != param.stride()):
                     state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def hard_tp_fp_fn(output: torch.Tensor, target: torch.Tensor, label_manager) -> tuple[torch.Tensor, ...]:
+    """nnU-Net's online evaluation of one validation batch (what its `nnUNetTrainer.validation_step` computes): the
+    true positives, false positives and false negatives per class, summed over the batch and the voxels, of the
+    argmax prediction (of sigmoid > 0.5 for region datasets), voxels of the ignore label left out, the background
+    class left out (not for regions)."""
+    axes = [0] + list(range(2, output.ndim))
+    if label_manager.has_regions:
+        prediction = (torch.sigmoid(output) > 0.5).long()
+    else:
+        prediction = torch.zeros(output.shape, device=output.device, dtype=torch.float16)
+        prediction.scatter_(1, output.argmax(1)[:, None], 1)
+    mask = None
+    if label_manager.has_ignore_label:
+        if label_manager.has_regions:
+            mask = ~target[:, -1:] if target.dtype == torch.bool else 1 - target[:, -1:]
+            target = target[:, :-1]
+        else:
+            ignored = target == label_manager.ignore_label
+            mask = (~ignored).float()
+            target = torch.where(ignored, torch.zeros_like(target), target)
+    tp, fp, fn, _ = get_tp_fp_fn_tn(prediction, target, axes=axes, mask=mask)
+    if not label_manager.has_regions:
+        tp, fp, fn = tp[1:], fp[1:], fn[1:]
+    return tp.detach(), fp.detach(), fn.detach()
 
 
 class NetworkAndLoss(nn.Module):
@@ -378,12 +406,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         With a GradScaler (CUDA AMP) the step does not wait for the GPU (`_step_without_host_syncs`); without one
         (CPU), where waiting costs nothing, the loss is checked before the backward (`_step_checked_on_the_host`).
         """
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        if isinstance(target, list):
-            target = [t.to(self.device, non_blocking=True) for t in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
+        data, target = self._batch_on_device(batch)
         self._iteration_in_epoch += 1
         # a new iteration for the CUDA graphs: the previous step's outputs may now be overwritten (no-op without)
         torch.compiler.cudagraph_mark_step_begin()
@@ -456,9 +479,40 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         self._non_finite_consecutive = 0
         return {"loss": loss.detach().cpu().numpy()}
 
+    def _batch_on_device(self, batch: dict) -> tuple[torch.Tensor, Any]:
+        """The batch's data and target (a tensor, or a list of them with deep supervision) on the trainer's device,
+        copied without waiting (nnU-Net's loaders hand over pinned memory on CUDA)."""
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        return batch["data"].to(self.device, non_blocking=True), target
+
     def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step: the loss, and the hard TP / FP / FN of the full-resolution output for the
+        epoch's pseudo Dice (`hard_tp_fp_fn`), except that they stay on the device. nnU-Net's copies them to the
+        host at every step, and each such wait leaves the GPU idle while the host then queues the next step (its
+        copies, the graph replay, the eager loss and counts). `on_validation_epoch_end` brings all the steps'
+        results over at once."""
         torch.compiler.cudagraph_mark_step_begin()  # as in train_step
-        return super().validation_step(batch)
+        data, target = self._batch_on_device(batch)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            del data
+            loss = self.loss(output, target)
+        if self.enable_deep_supervision:
+            output, target = output[0], target[0]
+        tp, fp, fn = hard_tp_fp_fn(output, target, self.label_manager)
+        return {"loss": loss.detach(), "tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        """nnU-Net's, with the results `validation_step` left on the device brought to the host in one copy per
+        kind, as the numpy arrays nnU-Net's steps return."""
+        on_host = {key: torch.stack([torch.as_tensor(o[key]) for o in val_outputs]).cpu().numpy()
+                   for key in (val_outputs[0] if val_outputs else ())}
+        super().on_validation_epoch_end([{key: values[i] for key, values in on_host.items()}
+                                         for i in range(len(val_outputs))])
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         """nnU-Net's final validation (sliding window, mirroring), with nnU-Net's plain compile in place of the

@@ -360,6 +360,72 @@ def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(nnunet_dirs, m
     assert np.isfinite(losses["default"]).all()
 
 
+def test_validation_step_gives_nnunets_results_and_leaves_them_on_the_device(nnunet_dirs):
+    """The tiny trainer's validation steps against nnU-Net's own on the same weights and batches: the same loss and
+    hard counts, left as tensors (no copy to the host per step), and the same pseudo Dice and loss logged at the
+    epoch's end."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    torch.manual_seed(0)
+    t = _trainer(TINY, "3d_fullres")
+    t.initialize()
+    patch = t.configuration_manager.patch_size
+    g = torch.Generator().manual_seed(0)
+    batches = [{"data": torch.randn(2, 1, *patch, generator=g),
+                "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
+                           for s in (1, 2, 4, 8)]} for _ in range(2)]
+    t.on_validation_epoch_start()
+    with torch.no_grad():
+        ours = [t.validation_step(b) for b in batches]
+        theirs = [nnUNetTrainer.validation_step(t, b) for b in batches]
+    for o, n in zip(ours, theirs):
+        assert set(o) == set(n) and all(isinstance(v, torch.Tensor) for v in o.values())
+        for key in n:
+            np.testing.assert_allclose(o[key].numpy(), n[key], rtol=1e-6, err_msg=key)
+    assert sum(float(o["tp_hard"].sum()) for o in ours) > 0  # the counts compared are not all zero
+    logged = {}
+    for name, outputs, on_epoch_end in (("ours", ours, t.on_validation_epoch_end),
+                                        ("nnU-Net", theirs, lambda o: nnUNetTrainer.on_validation_epoch_end(t, o))):
+        on_epoch_end(outputs)
+        logged[name] = [t.logger.get_value(key, step=-1) for key in ("mean_fg_dice", "dice_per_class_or_region",
+                                                                      "val_losses")]
+    np.testing.assert_allclose(np.hstack(logged["ours"]), np.hstack(logged["nnU-Net"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("labels, regions, channels", [
+    ({"background": 0, "a": 1, "b": 2}, None, 3),
+    ({"background": 0, "a": 1, "b": 2, "ignore": 3}, None, 3),
+    ({"background": 0, "whole": [1, 2], "core": 2}, [1, 2], 2),
+    ({"background": 0, "whole": [1, 2], "core": 2, "ignore": 3}, [1, 2], 2),
+], ids=["labels", "labels+ignore", "regions", "regions+ignore"])
+def test_hard_counts_are_nnunets_for_every_kind_of_label(labels, regions, channels):
+    """`hard_tp_fp_fn` against nnU-Net's validation_step (through a stand-in trainer whose network passes the
+    logits through): plain labels, regions, each with and without an ignore label."""
+    from types import SimpleNamespace
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    from nnunet_segmamba.training.base import hard_tp_fp_fn
+
+    manager = LabelManager(labels, regions)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, channels, 6, 5, 4, generator=g)
+    label_map = torch.randint(0, 4 if manager.has_ignore_label else 3, (2, 1, 6, 5, 4), generator=g)
+    if regions is None:
+        target = label_map.float()
+    else:  # nnU-Net's region targets: one channel per region, then the ignore label's
+        target = torch.cat([(label_map == 1) | (label_map == 2), label_map == 2]
+                           + ([label_map == 3] if manager.has_ignore_label else []), 1).float()
+    stand_in = SimpleNamespace(device=torch.device("cpu"), network=torch.nn.Identity(), enable_deep_supervision=False,
+                               loss=lambda output, target: torch.zeros(()), label_manager=manager)
+    theirs = nnUNetTrainer.validation_step(stand_in, {"data": logits, "target": target.clone()})
+    ours = hard_tp_fp_fn(logits, target, manager)
+    for key, value in zip(("tp_hard", "fp_hard", "fn_hard"), ours):
+        np.testing.assert_array_equal(value.numpy(), theirs[key], err_msg=key)
+    assert ours[0].shape == (2,) and ours[0].sum() > 0
+
+
 def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
     """benchmarks/trainer_iteration.py on the CPU: nnU-Net's loop pieces run and each iteration is the wait for a
     batch plus the step (no GPU figure on the CPU). Data loading in this process: spawning nnU-Net's loader
@@ -375,9 +441,9 @@ def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
     assert r["gpu_idle_ms_per_iteration_by_part"] is None and r["host_waiting_for_gpu_ms_per_iteration"] is None
     assert r["host_ms_per_iteration_by_part"] is None and r["host_waiting_for_gpu_ms_per_iteration_by_part"] is None
     assert r["train_iterations_seconds_per_epoch"] == pytest.approx(r["iteration_ms_mean"] * 4 / 1e3)
-    assert r["validation_iterations"] == 2 and r["validation_iteration_ms_median"] > 0
+    assert r["validation_iterations"] == 2 and r["validation_iteration_ms_mean"] > 0
     assert r["validation_iterations_seconds_per_epoch"] == pytest.approx(
-        r["validation_iteration_ms_median"] * t.num_val_iterations_per_epoch / 1e3)
+        r["validation_iteration_ms_mean"] * t.num_val_iterations_per_epoch / 1e3)
     assert r["batch_size"] == 2 and len(r["patch_size"]) == 3
 
 
