@@ -6,14 +6,16 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     backend run on float32 copies of the same inputs (max abs error, and max abs error / max |reference|);
     in bf16, u/delta/z/B/C are bf16 as nn.Linear under autocast produces them, A/D/delta_bias stay float32;
   * timings: forward (no_grad) and forward+backward of the scan per backend, median of --runs after --warmup,
-    each call timed on its own (a sync after it); and forward+backward queued back to back (the mean per call);
+    each call timed on its own (a sync after it); forward+backward queued back to back (the mean per call); and
+    forward+backward captured in a CUDA graph and replayed back to back (the mean per call): the GPU's time alone,
+    as the trainers' CUDA graphs replay the scan, where the other two still hold the host's time at small shapes;
   * the TriOrientedMamba layer (d_model = d_inner / 2, num_slices = cube root of L) forward and forward+backward
     per backend, float32 and under bf16 autocast; for triton also with the reverse order ("triton-maps-reverse") and
     both orders ("triton-maps-all") read through index maps instead of flipped / permuted copies;
   * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
     bandwidth measured here (a device-to-device copy, bytes read + written);
-  * with --tune: triton's launch settings (TUNE_GRID) swept at every shape in bf16 (scan fwd+bwd), the best
-    overall applied before the table.
+  * with --tune: triton's launch settings (TUNE_GRID) swept at every shape in bf16 (scan fwd+bwd, graphed), the
+    one with the least time summed over the shapes applied before the table.
 An unavailable backend is reported, and the others are still timed. Nothing is asserted.
 Needs a CUDA device; prints the markdown table and writes --out JSON. Example:
 
@@ -80,6 +82,30 @@ def time_queued(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, f
     return {"mean_ms": start.elapsed_time(end) / runs, "host_ms": host_ms, "runs": runs}
 
 
+def time_graphed(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
+    """Milliseconds per call of `fn` captured once in a CUDA graph and replayed `runs` times back to back: the
+    GPU's time per call with no host between its kernels, as where the trainers replay their steps as CUDA graphs
+    (at small shapes the host's launches bound time_cuda and time_queued)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles, caches) outside the capture, as torch.cuda.graph wants
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return {"mean_ms": start.elapsed_time(end) / runs, "runs": runs}
+
+
 def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:
     g = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -140,7 +166,9 @@ def bench_scan(base: dict, backend: str, warmup: int, runs: int) -> dict:
 
     return {"fwd": time_cuda(fwd, warmup, runs),
             "fwd+bwd": time_cuda(lambda: fwd_bwd_step(leaves, dout, backend), warmup, runs),
-            "fwd+bwd queued": time_queued(lambda: fwd_bwd_step(leaves, dout, backend), warmup, runs)}
+            "fwd+bwd queued": time_queued(lambda: fwd_bwd_step(leaves, dout, backend), warmup, runs),
+            "fwd+bwd graphed": guarded(lambda: time_graphed(lambda: fwd_bwd_step(leaves, dout, backend), warmup,
+                                                            runs))}
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -167,18 +195,19 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 # the forward's warps were settled at 1 by the sweep over (128, 256, 512) x (1, 2) x (1, 2, 4), and the backward at
 # chunk 64, 1 warp, 8 programs per multiprocessor by the sweep over (32, 64, 128) x (1, 2) x (4, 8, 16, 32), both
 # recorded in docs/performance.md at batch 2 and 64^3 / 32^3; later sweeps of the chunk, the backward's warps and
-# its split target around that choice kept it. This grid sweeps the split target of the other chunk kernels (the
-# two summaries and the forward's output), which walk a group's channels in one program since they load B / C
-# once per program: fewer, longer programs against enough of them to fill the GPU (at the hippocampus patch's
-# first stage, batch 7 x 288 chunks = 2016 programs before any split)
-TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=ps, bwd_programs_per_sm=8)
-             for ps in (4, 8, 16, 32, 64)]
+# its split target around that choice kept it. This grid sweeps the split targets of the chunk kernels, which walk
+# a group's channels in one program since they load B / C once per program: fewer, longer programs against enough
+# of them to fill the GPU (at the hippocampus patch's first stage, batch 7 x 288 chunks = 2016 programs before any
+# split), for the two summaries and the forward's output, and for the backward's main kernel
+TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=fwd, bwd_programs_per_sm=bwd)
+             for fwd in (8, 16, 32) for bwd in (4, 8, 16)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 
 
 def tune(bases: dict, warmup: int, runs: int) -> dict:
     """The triton scan's fwd+bwd time for each launch setting of TUNE_GRID at each shape; the setting with the
-    smallest sum over shapes of (time / best time at that shape) is applied to triton_scan.TUNING."""
+    least graphed time summed over the shapes (what a network with one such scan per shape spends on them) is
+    applied to triton_scan.TUNING."""
     results = []
     for setting in TUNE_GRID:
         triton_scan.TUNING.update(setting)
@@ -186,12 +215,11 @@ def tune(bases: dict, warmup: int, runs: int) -> dict:
             entry = {"shape": shape, **setting, **guarded(lambda: bench_scan(base, "triton", warmup, runs))}
             results.append(entry)
             print(f"tune: {entry}", file=sys.stderr)
-    ok = [r for r in results if "error" not in r]
-    best_at = {shape: min(r["fwd+bwd"]["median_ms"] for r in ok if r["shape"] == shape) for shape in bases}
+    ok = [r for r in results if "error" not in r and "error" not in r["fwd+bwd graphed"]]
     score = {}
     for r in ok:
         key = tuple(r[k] for k in TUNE_KEYS)
-        score[key] = score.get(key, 0.0) + r["fwd+bwd"]["median_ms"] / best_at[r["shape"]]
+        score[key] = score.get(key, 0.0) + r["fwd+bwd graphed"]["mean_ms"]
     complete = {k: v for k, v in score.items()
                 if sum(1 for r in ok if tuple(r[k] for k in TUNE_KEYS) == k) == len(bases)}
     triton_scan.TUNING.update(zip(TUNE_KEYS, min(complete, key=complete.get)))
@@ -276,7 +304,10 @@ def bench(args: argparse.Namespace) -> dict:
 def _ms(entry: dict, key: str) -> str:
     if "error" in entry:
         return "-" if entry["error"] in ("-", "skipped") else "error"
-    return f"{entry[key].get('median_ms', entry[key].get('mean_ms')):.2f}"
+    value = entry.get(key, {"error": "-"})
+    if "error" in value:
+        return "-" if value["error"] == "-" else "error"
+    return f"{value.get('median_ms', value.get('mean_ms')):.2f}"
 
 
 def print_table(report: dict) -> None:
@@ -290,11 +321,12 @@ def print_table(report: dict) -> None:
         print(f"triton launch settings, scan in {t['dtype']} (chosen: {t['chosen']}):")
         for r in t["results"]:
             setting = " ".join(f"{k} {r[k]}" for k in TUNE_KEYS)
-            print(f"  {r['shape']:>10} {setting}: fwd {_ms(r, 'fwd')} ms, fwd+bwd {_ms(r, 'fwd+bwd')} ms")
+            print(f"  {r['shape']:>10} {setting}: fwd {_ms(r, 'fwd')} ms, fwd+bwd {_ms(r, 'fwd+bwd')} ms, graphed "
+                  f"{_ms(r, 'fwd+bwd graphed')} ms")
         print()
-    print("| L x d_inner | dtype | backend | scan fwd ms | scan fwd+bwd ms | fwd+bwd queued ms | floor fwd / fwd+bwd ms "
-          "| layer fwd ms | layer fwd+bwd ms | out rel err | worst grad rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| L x d_inner | dtype | backend | scan fwd ms | scan fwd+bwd ms | fwd+bwd queued ms | fwd+bwd graphed ms "
+          "| floor fwd / fwd+bwd ms | layer fwd ms | layer fwd+bwd ms | out rel err | worst grad rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c in report["cases"]:
         acc = c.get("accuracy", {"error": "-"})
         if "error" in acc:
@@ -307,7 +339,8 @@ def print_table(report: dict) -> None:
         scan = c.get("scan", {"error": "-"})
         fl = c["floor"]
         print(f"| {c['L']} x {c['d_inner']} | {c['dtype']} | {c['backend']} | {_ms(scan, 'fwd')} | "
-              f"{_ms(scan, 'fwd+bwd')} | {_ms(scan, 'fwd+bwd queued')} | {fl['fwd']:.2f} / {fl['fwd+bwd']:.2f} | "
+              f"{_ms(scan, 'fwd+bwd')} | {_ms(scan, 'fwd+bwd queued')} | {_ms(scan, 'fwd+bwd graphed')} | "
+              f"{fl['fwd']:.2f} / {fl['fwd+bwd']:.2f} | "
               f"{_ms(layer, 'fwd')} | "
               f"{_ms(layer, 'fwd+bwd')} | {out_err} | {worst} |")
     errors_seen = [(c, part) for c in report["cases"] for part in ("accuracy", "scan", "layer")
