@@ -484,10 +484,10 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     z_arg = z if z is not None else u
     bias_arg = delta_bias if delta_bias is not None else dummy
     adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
-    d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
-    _bwd_chunk_summary[(batch * groups * d_split, chunks)](
+    summary_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
+    _bwd_chunk_summary[(batch * groups * summary_split, chunks)](
         delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n, length, p.M, p.NS, chunks,
-        dim // groups // d_split, d_split, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
+        dim // groups // summary_split, summary_split, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
         MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
