@@ -166,13 +166,6 @@ def gpu_idle_by_part(busy: list[tuple[float, float]], parts: list[tuple[float, f
 HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 
 
-def _synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _profiled_iterations(trainer, profiled: int) -> dict:
     """Runs `profiled` labelled training iterations under torch.profiler; per iteration, in ms: wall time, GPU
     busy time, GPU idle time by part (see gpu_idle_by_part), the training thread's time waiting for the GPU, and
@@ -231,6 +224,8 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
     The data loaders are shut down at the end."""
     import torch
 
+    from nnunet_segmamba.benchmark import _sync
+
     trainer.on_train_start()
     try:
         trainer.on_train_epoch_start()
@@ -256,11 +251,11 @@ def measure_iterations(trainer, warmup: int, iterations: int, profiled: int, val
                 trainer.validation_step(next(trainer.dataloader_val))  # records the validation graphs: untimed
                 # timed as a whole with the epoch's end, from an idle GPU until it is done: a step need not wait
                 # for the GPU (ours do not), so a step's own wall time would be the host's share only
-                _synchronize(trainer.device)
+                _sync(trainer.device)
                 t0 = time.perf_counter()
                 outputs = [trainer.validation_step(next(trainer.dataloader_val)) for _ in range(validation_iterations)]
                 trainer.on_validation_epoch_end(outputs)
-                _synchronize(trainer.device)
+                _sync(trainer.device)
                 validation_ms = (time.perf_counter() - t0) * 1e3 / validation_iterations
     finally:
         for loader in (trainer.dataloader_train, trainer.dataloader_val):
