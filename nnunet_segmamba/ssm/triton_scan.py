@@ -362,11 +362,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device,
              programs_per_sm: int) -> int:
     """Each (batch, group, chunk) program of a chunk kernel walks the group's channels; they are split over this
     many programs (the fewest that give `programs_per_sm` programs per multiprocessor) when there are too few
-    (batch, chunk) pairs to fill the GPU."""
+    (batch, chunk) pairs to fill the GPU. Cached: a scan's forward and backward ask for the same splits, and the
+    search is a Python loop over up to d_per_group divisors, on the host's path of every eager call."""
     target = programs_per_sm * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     split = 1
     for s in range(1, d_per_group + 1):
