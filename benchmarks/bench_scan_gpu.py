@@ -200,7 +200,7 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 # of them to fill the GPU (at the hippocampus patch's first stage, batch 7 x 288 chunks = 2016 programs before any
 # split), for the two summaries and the forward's output, and for the backward's main kernel
 TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=fwd, bwd_programs_per_sm=bwd)
-             for fwd in (16, 32, 64) for bwd in (8, 16, 32)]
+             for fwd in (32, 64, 128) for bwd in (8, 16, 32)]
 TUNE_KEYS = tuple(TUNE_GRID[0])
 
 

@@ -49,7 +49,7 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # and how many programs per multiprocessor `_d_split` aims for by splitting a group's channels, for the chunk
 # kernels before the backward's main one and for that one.
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
-TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 32, "bwd_programs_per_sm": 16}
+TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16}
 
 
 @jit
