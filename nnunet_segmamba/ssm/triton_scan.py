@@ -51,6 +51,9 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16}
 
+# The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
+CARRY_TILE = 256
+
 
 @jit
 def _softplus(x):
@@ -357,6 +360,10 @@ def _block_length(length: int, block_l: int | None) -> int:
     return min(TUNING["block_l"], max(16, next_power_of_2(length)))
 
 
+def _carry_tile(chunks: int) -> int:
+    return min(CARRY_TILE, max(16, next_power_of_2(chunks)))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -464,7 +471,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
                              u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
                              num_warps=TUNING["warps_fwd"], **flags)
     _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
-                                 CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=False)
+                                 CB=_carry_tile(chunks), REVERSE=False)
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                             p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
@@ -493,7 +500,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
-                                 CB=min(256, max(16, next_power_of_2(chunks))), REVERSE=True)
+                                 CB=_carry_tile(chunks), REVERSE=True)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
