@@ -63,16 +63,47 @@ def run_under_triton_interpreter():
                     f"bounds (fixed in Triton 3.7); the compiled kernels are tested on CUDA")
 
     def run(test_file: str, select: str, min_passed: int = 1) -> str:
-        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                   CUDA_VISIBLE_DEVICES="")  # the interpreter takes CPU tensors
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file),
-                                 "-k", select, "-m", "not gpu"],
-                                capture_output=True, text=True, timeout=900, env=env,
-                                cwd=Path(__file__).resolve().parents[1])
-        assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-        summary = result.stdout.strip().splitlines()[-1]
-        counts = {word: int(number) for number, word in re.findall(r"(\d+) (passed|skipped|failed|error)", summary)}
+        # the interpreter computes on one core: the selected tests are split over one process per core, each on one
+        # thread, which run side by side (`pytest_collection_modifyitems` keeps each process's share)
+        shards = max(1, min(4, os.cpu_count() or 1))
+        processes = []
+        for index in range(shards):
+            env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                       **{SHARD_VARIABLE: f"{index}/{shards}"})  # the interpreter takes CPU tensors
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k", select,
+                 "-m", "not gpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                cwd=Path(__file__).resolve().parents[1]))
+        counts, summaries = {}, []
+        try:
+            for process in processes:
+                stdout, stderr = process.communicate(timeout=900)
+                # 5: nothing left for this process (fewer tests than processes)
+                assert process.returncode in (0, 5), stdout[-6000:] + stderr[-3000:]
+                summary = stdout.strip().splitlines()[-1]
+                summaries.append(summary)
+                for number, word in re.findall(r"(\d+) (passed|skipped|failed|error)", summary):
+                    counts[word] = counts.get(word, 0) + int(number)
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait()
+        summary = "; ".join(summaries)
         assert counts.get("passed", 0) >= min_passed and counts.get("skipped", 0) == 0, summary
         return summary
 
     return run
+
+
+# "i/n": this pytest process runs the i-th of n interleaved shares of the selected tests
+SHARD_VARIABLE = "NNUNET_SEGMAMBA_TEST_SHARD"
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get(SHARD_VARIABLE)
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    config.hook.pytest_deselected(items=[item for position, item in enumerate(items) if position % count != index])
+    items[:] = items[index::count]
