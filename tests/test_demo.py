@@ -4,8 +4,10 @@ and no GPU. The demo trainer is seeded (with the demo's --seed), so the run repe
 software. Five epochs instead of the demo's ten keep CI's test time in budget; the pipeline is the same.
 
 The trained model must work: every region's test Dice above a floor (docs/performance.md, "The demo on CPU": seed
-1 scores 0.88 or more per region after these 5 epochs), and far above an untrained one (same architecture, fresh
-initialisation, same predictor and evaluation). The fast tests check the demo's terminal output and failure message.
+1 scored 0.81 or more per region after these 5 epochs), and far above an untrained one (same architecture, fresh
+initialisation, same predictor and evaluation, without the mirrored passes, which are 7 of its 8 forward passes and
+which a comparison with a network that has learnt nothing does not need). The fast tests check the demo's terminal
+output and failure message.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 NUM_CASES = 30  # the demo's default: 21 train, 3 validation, 6 test
 EPOCHS = 5  # of the default 10
-DICE_FLOOR = 0.75  # per region; seed 1 measured >= 0.88 at 5 epochs, an untrained model <= 0.14
+DICE_FLOOR = 0.75  # per region; seed 1 measured >= 0.81 at 5 epochs, an untrained model <= 0.14
 
 
 def _untrained_checkpoint(fold_dir: Path) -> str:
@@ -64,7 +66,8 @@ def test_short_demo_trains_predicts_evaluates_and_beats_an_untrained_model(tmp_p
     trained = _mean_dice(summary)
     untrained_checkpoint = _untrained_checkpoint(prediction_folder.parent)
     untrained = _mean_dice(predict_test_split(DEMO_DATASET_ID, "3d_fullres", 0, DEMO_TRAINER, device="cpu",
-                                              checkpoint_name=untrained_checkpoint, num_processes=1))
+                                              use_mirroring=False, checkpoint_name=untrained_checkpoint,
+                                              num_processes=1))
     print(f"test Dice trained {trained}\n          untrained {untrained}")
     for region, value in trained.items():
         assert value > DICE_FLOOR, f"{region}: test Dice {value:.3f} <= {DICE_FLOOR} (all regions: {trained})"
