@@ -198,7 +198,8 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 # its split target around that choice kept it. This grid sweeps the split targets of the chunk kernels, which walk
 # a group's channels in one program since they load B / C once per program: fewer, longer programs against enough
 # of them to fill the GPU (at the hippocampus patch's first stage, batch 7 x 288 chunks = 2016 programs before any
-# split), for the two summaries and the forward's output, and for the backward's main kernel
+# split), for the two summaries and the forward's output, and for the backward's main kernel; centred on the
+# setting the last sweep kept (64 / 16), whose forward value sat at that grid's edge
 TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=fwd, bwd_programs_per_sm=bwd)
              for fwd in (32, 64, 128) for bwd in (8, 16, 32)]
 TUNE_KEYS = tuple(TUNE_GRID[0])

@@ -45,7 +45,7 @@ def _major_minor(version: str) -> tuple[int, int]:
 
 @pytest.fixture
 def run_under_triton_interpreter():
-    """Runs tests of a file again in a subprocess, on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be
+    """Runs tests of a file again in subprocesses, on CPU through Triton's interpreter (TRITON_INTERPRET=1 must be
     set before triton decorates the kernels), and asserts that they pass with none skipped: a skip there would
     hide an untested kernel path. This is how CI, which has no GPU, checks the Triton kernels' arithmetic.
     Skips where the interpreter cannot run: without triton, inside such a run, and for a known Triton bug."""

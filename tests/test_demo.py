@@ -1,5 +1,5 @@
 """The demo at its default data size, with half its epochs: phantom -> convert-brats -> nnU-Net plan/preprocess ->
-train -> predict the test split with mirroring -> evaluate -> report. 3-4 minutes on 2 CPU cores; needs no data
+train -> predict the test split with mirroring -> evaluate -> report. About 4 minutes on 2 CPU cores; needs no data
 and no GPU. The demo trainer is seeded (with the demo's --seed), so the run repeats exactly on the same machine and
 software. Five epochs instead of the demo's ten keep CI's test time in budget; the pipeline is the same.
 
