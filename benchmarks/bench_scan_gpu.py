@@ -303,11 +303,10 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def _ms(entry: dict, key: str) -> str:
-    if "error" in entry:
-        return "-" if entry["error"] in ("-", "skipped") else "error"
-    value = entry.get(key, {"error": "-"})
+    # an error of the whole entry (the backend did not run) or of this timing alone (a graph capture that failed)
+    value = entry if "error" in entry else entry.get(key, {"error": "-"})
     if "error" in value:
-        return "-" if value["error"] == "-" else "error"
+        return "-" if value["error"] in ("-", "skipped") else "error"
     return f"{value.get('median_ms', value.get('mean_ms')):.2f}"
 
 
