@@ -3,7 +3,7 @@ scan order, permuted back.
 
 On this CPU-only suite the kernels run under Triton's interpreter, which has to be switched on (TRITON_INTERPRET=1)
 before `@triton.jit` decorates them, i.e. before the module is first imported. The pytest process has imported
-it already, so the interpreter checks run in a subprocess: this file run as a script (see `__main__` below).
+it already, so `test_kernels_under_interpreter` runs this file's interpreted tests again in subprocesses.
 The GPU class runs the same comparison on CUDA, at a length that spans several tiles.
 """
 from __future__ import annotations
@@ -12,17 +12,18 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.abspath(__file__)
+from nnunet_segmamba.ssm import triton_common
+
+INTERPRETING = triton_common.interpreting()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The reference and one comparison, shared by the interpreter script and the GPU tests.
+# The reference and one comparison, shared by the interpreted and the GPU tests.
 
 def to_scan_order(x, mode, num_slices=None):
     if mode == "forward":
@@ -102,8 +103,10 @@ def check_case(conv, *, device, dtype, batch, dim, length, width, mode, num_slic
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The interpreter checks (run as a script with TRITON_INTERPRET=1).
+# The kernels on CPU through Triton's interpreter (`test_kernels_under_interpreter` runs them there).
 
+interpreted = pytest.mark.skipif(not INTERPRETING, reason="needs TRITON_INTERPRET=1 (test_kernels_under_interpreter "
+                                                          "runs this file so)")
 SLICES = {1: [1], 7: [7], 12: [3, 4], 33: [3, 11]}  # num_slices dividing each length (1 and L are the trivial maps)
 
 
@@ -121,56 +124,62 @@ def interpreter_cases():
             i += 1
 
 
-def run_interpreter_checks():
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    torch.set_num_threads(1)
+CASES = list(interpreter_cases())
+
+
+@interpreted
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['mode']}{c['num_slices'] or ''}-L{c['length']}-K{c['width']}-"
+                                             f"{c['seed']}" for c in CASES])
+def test_interpreted_matches_reference(case, one_thread):
     from nnunet_segmamba.ssm import triton_conv
 
-    start = time.perf_counter()
-    n = 0
-    for case in interpreter_cases():
-        print(check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.float32, **case), flush=True)
-        n += 1
-    # Tile boundaries: shrink the tile so that a short sequence spans several programs, which then need the
-    # halo of K-1 steps on either side and add up their partial weight/bias sums.
-    triton_conv.MAX_BLOCK_L = triton_conv._MIN_BLOCK_L
-    for i, (length, mode, num_slices) in enumerate([(33, "forward", None), (40, "reverse", None),
-                                                    (48, "slice", 4), (33, "slice", 11)]):
-        print(check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.float32, batch=2, dim=3,
-                         length=length, width=4, mode=mode, num_slices=num_slices, silu=i % 2 == 0,
-                         with_bias=True, seed=100 + i) + " (16-step tiles)", flush=True)
-        n += 1
-    triton_conv.MAX_BLOCK_L = 1024
-    # Half-precision inputs go through the same float32 arithmetic; only the rounding of the results differs.
-    print(check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.float16, batch=2, dim=4,
-                     length=33, width=4, mode="slice", num_slices=3, silu=True, with_bias=True, seed=200,
-                     tol=1e-2, elementwise=False), flush=True)
-    n += 1
-    print(check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.bfloat16, batch=2, dim=3,
-                     length=12, width=3, mode="reverse", num_slices=None, silu=True, with_bias=True, seed=201,
-                     tol=2e-2, elementwise=False), flush=True)
-    n += 1
-    for width in (1, 8):
-        print(check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.float32, batch=2, dim=3,
-                         length=12, width=width, mode="slice", num_slices=4, silu=True, with_bias=True,
-                         seed=202 + width), flush=True)
-        n += 1
-    check_strided_input(triton_conv.causal_conv1d_triton)
-    print("strided x (a channel half of Mamba's in_proj output) and expanded dout", flush=True)
-    n += 1
-    print(f"{n} interpreter checks passed in {time.perf_counter() - start:.1f} s")
+    check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.float32, **case)
 
 
-def check_strided_input(conv):
+@interpreted
+@pytest.mark.parametrize("seed, length, mode, num_slices", [(100, 33, "forward", None), (101, 40, "reverse", None),
+                                                            (102, 48, "slice", 4), (103, 33, "slice", 11)])
+def test_interpreted_tile_boundaries(seed, length, mode, num_slices, monkeypatch, one_thread):
+    """The tile shrunk so that a short sequence spans several programs, which then need the halo of K-1 steps on
+    either side and add up their partial weight / bias sums."""
+    from nnunet_segmamba.ssm import triton_conv
+
+    monkeypatch.setattr(triton_conv, "MAX_BLOCK_L", triton_conv._MIN_BLOCK_L)
+    check_case(triton_conv.causal_conv1d_triton, device="cpu", dtype=torch.float32, batch=2, dim=3, length=length,
+               width=4, mode=mode, num_slices=num_slices, silu=seed % 2 == 0, with_bias=True, seed=seed)
+
+
+@interpreted
+@pytest.mark.parametrize("case", [
+    # half-precision inputs go through the same float32 arithmetic; only the rounding of the results differs
+    dict(dtype=torch.float16, dim=4, length=33, width=4, mode="slice", num_slices=3, seed=200, tol=1e-2,
+         elementwise=False),
+    dict(dtype=torch.bfloat16, dim=3, length=12, width=3, mode="reverse", num_slices=None, seed=201, tol=2e-2,
+         elementwise=False),
+    # the narrowest and widest kernels
+    dict(dtype=torch.float32, dim=3, length=12, width=1, mode="slice", num_slices=4, seed=203),
+    dict(dtype=torch.float32, dim=3, length=12, width=8, mode="slice", num_slices=4, seed=210),
+], ids=["fp16", "bf16", "K1", "K8"])
+def test_interpreted_dtypes_and_widths(case, one_thread):
+    from nnunet_segmamba.ssm import triton_conv
+
+    check_case(triton_conv.causal_conv1d_triton, device="cpu", batch=2, silu=True, with_bias=True, **case)
+
+
+@interpreted
+def test_interpreted_strided_input(one_thread):
     """x as Mamba gets it, one half of `xz.chunk(2, dim=1)`: contiguous along L but with a batch stride of 2dL;
     and an incoming gradient with a zero batch stride."""
+    from nnunet_segmamba.ssm import triton_conv
+
     g = torch.Generator().manual_seed(300)
     xz = torch.randn(2, 8, 12, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 4, generator=g, dtype=torch.float64)
     bias = torch.randn(4, generator=g, dtype=torch.float64)
     dout = torch.randn(1, 4, 12, generator=g, dtype=torch.float64).expand(2, 4, 12)
     x = xz.float().requires_grad_(True)
-    out = conv(x.chunk(2, dim=1)[1], weight.float(), bias.float(), silu=True, mode="slice", num_slices=3)
+    out = triton_conv.causal_conv1d_triton(x.chunk(2, dim=1)[1], weight.float(), bias.float(), silu=True,
+                                           mode="slice", num_slices=3)
     (dx,) = torch.autograd.grad(out, [x], dout.float())
     x_ref = xz.clone().requires_grad_(True)
     expected = conv_reference(x_ref.chunk(2, dim=1)[1], weight, bias, silu=True, mode="slice", num_slices=3)
@@ -179,12 +188,10 @@ def check_strided_input(conv):
     torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_interpreter_matches_reference():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, HERE], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
-    assert proc.returncode == 0, f"interpreter checks failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-8000:]}"
+def test_kernels_under_interpreter(run_under_triton_interpreter):
+    """Run this file's interpreted tests on CPU through Triton's interpreter (how CI checks the kernels)."""
+    # the cases, 4 tile boundaries, 4 dtypes and widths, the strided input
+    run_under_triton_interpreter(__file__, "interpreted", min_passed=len(CASES) + 9)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,10 +299,6 @@ class TestCuda:
         second = torch.autograd.grad(causal_conv1d_triton(x, weight, bias, mode="reverse"), [weight, bias], dout)
         for a, b in zip(first, second):
             assert torch.equal(a, b)
-
-
-if __name__ == "__main__":
-    run_interpreter_checks()
 
 
 def test_host_side_sizes_match_triton():
