@@ -27,12 +27,22 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_HippocampusSegMambaE2E"
 TRAINER = "nnUNetTrainerSegMamba_tiny"
 
 
-def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
+def _start(cmd: list[str], env: dict) -> tuple[list[str], subprocess.Popen]:
+    return cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(started: tuple[list[str], subprocess.Popen], timeout: float) -> None:
+    cmd, process = started
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        process.kill()
+    if process.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({process.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
+
+
+def _run(cmd: list[str], env: dict, timeout: float) -> None:
+    _wait(_start(cmd, env), timeout)
 
 
 @pytest.mark.slow
@@ -74,21 +84,34 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
     saved_plans = json.loads((model_dir / "plans.json").read_text())
     assert all(p % 16 == 0 for p in saved_plans["configurations"]["3d_fullres"]["patch_size"])
 
-    # nnU-Net's model selection reads the fold's validation results like those of its own trainers
-    _run([nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET_ID), "-c", "3d_fullres", "-tr", TRAINER,
-          "-f", "0", "--disable_ensembling", "-np", "1"], env, timeout=300)
-    inference_information = json.loads(
-        (tmp_path / "results" / DATASET_NAME / "inference_information.json").read_text())
-    assert inference_information["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == TRAINER
-
-    # predict the held-out test cases through nnUNetv2_predict (trainer looked up by name again), mirroring on
-    test_in, test_out = tmp_path / "test_in", tmp_path / "test_out"
+    # Three independent commands side by side (each spends seconds importing and starting workers): nnU-Net's model
+    # selection, which reads the fold's validation results like those of its own trainers; the held-out test cases
+    # predicted through nnUNetv2_predict (trainer looked up by name again), mirroring on; and the same through our
+    # predictor (on the CPU: nnU-Net's predictor, batched flips off), which must give the same labels.
+    test_in, test_out, ours = tmp_path / "test_in", tmp_path / "test_out", tmp_path / "test_out_ours"
     test_in.mkdir()
     for case in split["test"]:
         shutil.copy(raw_dataset / "imagesTr" / f"{case}_0000.nii.gz", test_in)
-    _run([nnunet_command("nnUNetv2_predict"), "-i", str(test_in), "-o", str(test_out), "-d", str(DATASET_ID),
-          "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
-         env, timeout=300)
+    one_thread = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    commands = [
+        _start([nnunet_command("nnUNetv2_find_best_configuration"), str(DATASET_ID), "-c", "3d_fullres", "-tr",
+                TRAINER, "-f", "0", "--disable_ensembling", "-np", "1"], one_thread),
+        _start([nnunet_command("nnUNetv2_predict"), "-i", str(test_in), "-o", str(test_out), "-d", str(DATASET_ID),
+                "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu", "-npp", "1", "-nps", "1"],
+               one_thread),
+        _start([sys.executable, "-m", "nnunet_segmamba.cli", "predict", "-i", str(test_in), "-o", str(ours), "-d",
+                str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "--device", "cpu", "-np", "1"],
+               one_thread),
+    ]
+    try:
+        for started in commands:
+            _wait(started, timeout=300)
+    finally:
+        for _, process in commands:
+            process.kill()
+    inference_information = json.loads(
+        (tmp_path / "results" / DATASET_NAME / "inference_information.json").read_text())
+    assert inference_information["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == TRAINER
 
     for case in split["test"]:
         prediction_file = test_out / f"{case}.nii.gz"
@@ -101,11 +124,6 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
         labels = np.unique(sitk.GetArrayFromImage(prediction))
         assert set(labels.tolist()) <= {0, 1, 2}
 
-    # the same through our predictor (on the CPU: nnU-Net's predictor, batched flips off): the same labels
-    ours = tmp_path / "test_out_ours"
-    _run([sys.executable, "-m", "nnunet_segmamba.cli", "predict", "-i", str(test_in), "-o", str(ours), "-d",
-          str(DATASET_ID), "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "--device", "cpu", "-np", "1"],
-         env, timeout=300)
     for case in split["test"]:
         np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f"{case}.nii.gz"))),
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(test_out / f"{case}.nii.gz"))))
