@@ -116,12 +116,13 @@ def group_by_frame(allocations: list[dict], top: int) -> list[dict]:
 def run(network: str, batch: int, patch, in_channels: int, out_channels: int, warmup: int, steps: int) -> tuple:
     import torch
 
-    from nnunet_segmamba.benchmark import build_network, training_step
+    from nnunet_segmamba.benchmark import build_network, training_step, uses_fused_sgd
 
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     model = build_network(network, in_channels, out_channels, patch=patch).cuda().train()
-    step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
+    step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True,
+                            fused_sgd=uses_fused_sgd(network, torch.device("cuda")))
     step_peaks, first_step_events = [], 0
     for i in range(warmup + steps):
         torch.cuda.reset_peak_memory_stats()

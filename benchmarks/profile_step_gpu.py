@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_segmamba.benchmark import parse_sizes, build_network, tile_forward, training_step
+from nnunet_segmamba.benchmark import build_network, parse_sizes, tile_forward, training_step, uses_fused_sgd
 
 # first match wins; names are lower-cased. Inductor's kernels (triton_{poi,red,per}_fused_<ops>) are tried
 # against INDUCTOR_CATEGORIES first, every kernel then against CATEGORIES.
@@ -93,7 +93,8 @@ def profile_network(name: str, batch: int, patch, in_channels: int, out_channels
     if inference:
         step = tile_forward(model, torch.device("cuda"), patch, in_channels, amp=True, batch=batch)
     else:
-        step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True)
+        step, _ = training_step(model, torch.device("cuda"), batch, patch, in_channels, out_channels, amp=True,
+                                fused_sgd=uses_fused_sgd(name, torch.device("cuda")))
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()

@@ -5,7 +5,8 @@ Every network runs in one process at the same setting; the defaults are the pape
 
 - training step: nnU-Net's `train_step` (SGD lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5; GradScaler;
   unscale, grad-norm clip 12, step), with BCE-with-logits on random binary targets standing in for nnU-Net's
-  region loss. Median of `iters` steps after `warmup`, timed with CUDA events (time.perf_counter on the CPU).
+  region loss. SGD as each network's trainer runs it: SegMamba's fused kernel on CUDA (our trainers'
+  `configure_optimizers`), torch's default for nnU-Net's and MONAI's networks (`uses_fused_sgd`). Median of `iters` steps after `warmup`, timed with CUDA events (time.perf_counter on the CPU).
   Peak memory is torch.cuda.max_memory_allocated over the steps (weights, gradients, optimizer state and
   activations), None on the CPU.
 - patch inference: one forward pass of a (1, C, *patch) tile under fp16 autocast.
@@ -323,13 +324,20 @@ def time_calls(fn: Callable[[], Any], device, warmup: int, iters: int,
 
 # ----------------------------------------------------------------------------------------------- phases
 
+def uses_fused_sgd(name: str, device) -> bool:
+    """Whether the network's trainer steps SGD with its fused kernel: ours do wherever a GradScaler runs (CUDA),
+    nnU-Net's trainer keeps torch's default (foreach) for its networks, and so do MONAI's."""
+    return device.type == "cuda" and name.startswith("segmamba")
+
+
 def training_step(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int,
-                  amp: bool) -> tuple[Callable[[], Any], Any]:
+                  amp: bool, fused_sgd: bool = False) -> tuple[Callable[[], Any], Any]:
     """nnU-Net's train_step on fixed random data, as a closure (step(), the GradScaler): zero_grad, forward and
-    BCE loss under fp16 autocast, scaled backward, unscale, gradient-norm clip, SGD step."""
+    BCE loss under fp16 autocast, scaled backward, unscale, gradient-norm clip, SGD step (`fused_sgd`: the fused
+    kernel, the same update)."""
     import torch
 
-    optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+    optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS, **({"fused": True} if fused_sgd else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     data = torch.randn(batch, in_channels, *patch, device=device)
@@ -352,14 +360,14 @@ def training_step(model, device, batch: int, patch: Sequence[int], in_channels: 
 
 
 def time_training(model, device, batch: int, patch: Sequence[int], in_channels: int, out_channels: int, amp: bool,
-                  warmup: int, iters: int) -> dict[str, Any]:
+                  warmup: int, iters: int, fused_sgd: bool = False) -> dict[str, Any]:
     """nnU-Net's train_step on random data: step time and peak memory, over the whole run (`peak_gib`, what a GPU
     must hold, compile and cuDNN's algorithm search in the first step included), after the first step
     (`peak_after_first_step_gib`: what the training steps hold, CUDA graphs' recording included, whatever ran
     before in the process) and over the timed steps alone (`peak_after_warmup_gib`; with CUDA graphs only what
     the replays allocate outside the graphs' pool)."""
     model.train()
-    step, scaler = training_step(model, device, batch, patch, in_channels, out_channels, amp)
+    step, scaler = training_step(model, device, batch, patch, in_channels, out_channels, amp, fused_sgd)
     losses = []
     first_peak, warmup_peak = {}, {}
 
@@ -387,6 +395,7 @@ def time_training(model, device, batch: int, patch: Sequence[int], in_channels: 
         result["peak_after_warmup_gib"] = timed_peak["peak_gib"]
         result["loss_last"] = float(losses[-1]) if losses else None
         result["grad_scale"] = float(scaler.get_scale()) if amp else None
+        result["sgd"] = "fused" if fused_sgd else "default"
         return result
     finally:
         model.zero_grad(set_to_none=True)
@@ -728,7 +737,8 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
         elif train:
             log(f"[{name}] train: {warmup} warm-up + {iters} timed steps, batch {batch}")
             entry["train"] = _guarded(lambda: time_training(model, dev, batch, patch, in_channels, out_channels,
-                                                            amp, warmup, iters), dev, log, f"[{name}] train")
+                                                            amp, warmup, iters, uses_fused_sgd(name, dev)),
+                                      dev, log, f"[{name}] train")
             _report_phase(log, name, "train", entry["train"], "ms_median", "ms/step")
         if inference:
             log(f"[{name}] patch inference: {warmup} warm-up + {iters} timed passes")

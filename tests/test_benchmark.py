@@ -284,6 +284,32 @@ def test_training_peak_without_warmup_has_no_first_step_figure(monkeypatch):
     assert result["peak_gib"] == 3.0 and result["peak_after_first_step_gib"] is None
 
 
+def test_sgd_is_fused_where_the_networks_trainer_fuses_it(monkeypatch):
+    """SegMamba's trainers step SGD fused on CUDA; nnU-Net's trainer keeps torch's default for its networks. The
+    fused kernel is the same update: three steps of each end at the same weights."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert benchmark.uses_fused_sgd("segmamba_cl_recompute_compiled_cg[triton]", cuda)
+    assert benchmark.uses_fused_sgd("segmamba_nomamba_compiled", cuda)
+    assert not benchmark.uses_fused_sgd("resenc_m_compiled", cuda)
+    assert not benchmark.uses_fused_sgd("swinunetr", cuda)
+    assert not benchmark.uses_fused_sgd("segmamba[torch]", cpu)
+    weights = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 1))
+        step, _ = benchmark.training_step(model, cpu, 2, (8, 8, 8), 1, 2, amp=False, fused_sgd=fused)
+        for _ in range(3):
+            step()
+        weights[fused] = [p.detach().clone() for p in model.parameters()]
+    for default, fused in zip(weights[False], weights[True]):
+        torch.testing.assert_close(fused, default)
+    monkeypatch.setattr(benchmark, "_peak", lambda device: {"peak_gib": 1.0, "peak_reserved_gib": 1.0})
+    monkeypatch.setattr(benchmark, "_reset_peak", lambda device: None)
+    result = benchmark.time_training(torch.nn.Conv3d(1, 2, 1), cpu, 1, (4, 4, 4), 1, 2, False, warmup=0, iters=1,
+                                     fused_sgd=True)
+    assert result["sgd"] == "fused"
+
+
 def test_compiled_networks_build_and_train(tmp_path):
     """`_compiled` names wrap the network in torch.compile (backend "eager" here: dynamo only; the compile itself
     is tested in tests/ssm/test_ops.py); the first warm-up step holds the compile and is reported."""
