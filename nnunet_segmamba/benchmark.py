@@ -6,7 +6,8 @@ Every network runs in one process at the same setting; the defaults are the pape
 - training step: nnU-Net's `train_step` (SGD lr 1e-2, momentum 0.99, Nesterov, weight decay 3e-5; GradScaler;
   unscale, grad-norm clip 12, step), with BCE-with-logits on random binary targets standing in for nnU-Net's
   region loss. SGD as each network's trainer runs it: SegMamba's fused kernel on CUDA (our trainers'
-  `configure_optimizers`), torch's default for nnU-Net's and MONAI's networks (`uses_fused_sgd`). Median of `iters` steps after `warmup`, timed with CUDA events (time.perf_counter on the CPU).
+  `configure_optimizers`), torch's default for nnU-Net's and MONAI's networks (`uses_fused_sgd`). Median of
+  `iters` steps after `warmup`, timed with CUDA events (time.perf_counter on the CPU).
   Peak memory is torch.cuda.max_memory_allocated over the steps (weights, gradients, optimizer state and
   activations), None on the CPU.
 - patch inference: one forward pass of a (1, C, *patch) tile under fp16 autocast.

@@ -11,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO, NamedTuple
 
 import numpy as np
 import pytest
@@ -27,18 +29,29 @@ DATASET_NAME = f"Dataset{DATASET_ID:03d}_HippocampusSegMambaE2E"
 TRAINER = "nnUNetTrainerSegMamba_tiny"
 
 
-def _start(cmd: list[str], env: dict) -> tuple[list[str], subprocess.Popen]:
-    return cmd, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class _Started(NamedTuple):
+    cmd: list[str]
+    process: subprocess.Popen
+    log: IO[str]
 
 
-def _wait(started: tuple[list[str], subprocess.Popen], timeout: float) -> None:
-    cmd, process = started
+def _start(cmd: list[str], env: dict) -> _Started:
+    # the output goes to a file, not a pipe: a command started beside others must not stall on a full pipe while
+    # the test waits for another one
+    log = tempfile.TemporaryFile(mode="w+")
+    return _Started(cmd, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log)
+
+
+def _wait(started: _Started, timeout: float) -> None:
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        started.process.wait(timeout=timeout)
     finally:
-        process.kill()
-    if process.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({process.returncode}):\n{stdout[-4000:]}\n{stderr[-4000:]}")
+        started.process.kill()
+    started.log.seek(0)
+    output = started.log.read()
+    started.log.close()
+    if started.process.returncode != 0:
+        raise AssertionError(f"{' '.join(started.cmd)} failed ({started.process.returncode}):\n{output[-8000:]}")
 
 
 def _run(cmd: list[str], env: dict, timeout: float) -> None:
@@ -107,8 +120,8 @@ def test_plan_train_predict_through_nnunet_command_line(tmp_path):
         for started in commands:
             _wait(started, timeout=300)
     finally:
-        for _, process in commands:
-            process.kill()
+        for started in commands:
+            started.process.kill()
     inference_information = json.loads(
         (tmp_path / "results" / DATASET_NAME / "inference_information.json").read_text())
     assert inference_information["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == TRAINER
