@@ -23,8 +23,30 @@ TOTAL_STRIDE = 16
 DEEP_SUPERVISION_STRIDES = (1, 2, 4, 8)
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same arguments and parameters) whose inference on the CPU runs through oneDNN, as torch's does
+    for most shapes.
+
+    For a single float32 sample torch picks its unvectorised `slow_conv3d` whenever batch x channels x depth x
+    height <= 20480 (a threshold meant for 2D): the tiny networks' 8-channel first stage at a 48^3 tile falls under
+    it, and a tile's 8 mirrored passes take 4.2 s instead of 1.1 s (docs/performance.md, "One tile's prediction
+    with the tiny network"). Same arithmetic. Only without autograd: training's backward is faster through torch's
+    own path (which picks oneDNN at training batch sizes anyway). torch.compile, autocast and other devices take
+    torch's path too.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
+                                            self.groups)
+        return super().forward(x)
+
+
 def conv_nd(spatial_dims: int) -> type[nn.Module]:
-    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+    return {2: nn.Conv2d, 3: Conv3d}[spatial_dims]
 
 
 class _KeepsChannelsLast:

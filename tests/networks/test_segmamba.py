@@ -351,6 +351,31 @@ def test_channels_last_segmamba_feeds_every_convolution_channels_last():
         torch.testing.assert_close(head, expected_head, rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d():
+    """The tiny networks' first stage (8 channels) predicting one 48^3 tile: torch alone picks its unvectorised
+    slow_conv3d for it (batch x channels x depth x height <= 20480); the network's convolutions run through oneDNN
+    with the same result, and keep torch's path where autograd records."""
+    from torch.profiler import profile
+
+    from nnunet_segmamba.networks.blocks import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 48, 48, 48)
+    with torch.no_grad():
+        expected = torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1)
+        with profile() as run:
+            out = conv(x)
+    ops = {event.key for event in run.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and not any("slow_conv3d" in op for op in ops), ops
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with profile() as run:
+        conv(x).sum().backward()
+    assert "aten::mkldnn_convolution" not in {event.key for event in run.key_averages()}  # torch's own choice
+    net = SegMamba(1, 2, scan_backend="torch", feat_size=(8, 16, 32, 64), hidden_size=64, depths=(1, 1, 1, 1))
+    assert all(type(m) is Conv3d for m in net.modules() if type(m) in (torch.nn.Conv3d, Conv3d))
+
+
 @pytest.mark.parametrize("kwargs, x_shape, message", [
     (dict(), (1, 1, 32, 32), "expects a (B, C, D, H, W)"),
     (dict(), (1, 3, 32, 32, 32), "3 channels but the network was built with in_chans=1"),
