@@ -36,10 +36,10 @@ class Conv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling()):
+        # is_compiling() first: dynamo refuses to trace torch.backends.mkldnn.is_available() (a graph break).
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.is_grad_enabled() and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
                                             self.groups)
         return super().forward(x)
