@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,31 @@ DEMO_TRAINER = "nnUNetTrainerSegMamba_demo"
 
 def _step(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
+
+
+def _build_cpu_scan_in_background(device: str) -> threading.Thread | None:
+    """Start compiling the fused CPU scan's extension (or loading its cached build) in a thread, so that its first
+    build, about a minute on 2 cores, runs beside the phantom and nnU-Net's planning instead of at the start of
+    training. The trainer's process then loads the build from torch's extension cache (torch's build lock makes it
+    wait for a build in progress). None where training will not use the fused scan."""
+    from nnunet_segmamba.ssm import dispatch
+
+    if device != "cpu" or dispatch.backend_from_env() not in ("", "auto", "cpu"):
+        return None
+    from nnunet_segmamba.ssm.cpu_scan import cpu_scan_status
+
+    build = threading.Thread(target=cpu_scan_status, name="cpu-scan-build", daemon=True)
+    build.start()
+    return build
+
+
+def _wait_for(build: threading.Thread | None) -> None:
+    if build is None or not build.is_alive():
+        return
+    print("  waiting for the fused CPU scan's first build (once per machine and torch version) ...", flush=True)
+    start = time.time()
+    build.join()
+    print(f"  built in another {time.time() - start:.0f} s", flush=True)
 
 
 def nnunet_command(name: str) -> str:
@@ -210,6 +236,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
     env["NNUNET_SEGMAMBA_DEMO_SEED"] = str(int(seed))  # the trainer's seed follows the phantom's
     log_path = work_dir / "nnunet.log"
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
+    cpu_scan_build = _build_cpu_scan_in_background(device)
 
     if dataset is None:
         _step(f"1/6 phantom: {num_cases} synthetic brain-tumour cases of {'x'.join(map(str, shape))} voxels")
@@ -238,6 +265,7 @@ def run_demo(output_dir: str | os.PathLike = "demo_output", dataset: str | os.Pa
           "-npfp", str(threads), "--verify_dataset_integrity"], {**env, "nnUNet_n_proc_DA": "1"}, log_path)
 
     _step(f"4/6 training {DEMO_TRAINER} on the 70 % training split ({device})")
+    _wait_for(cpu_scan_build)
     _run(["nnUNetv2_train", str(dataset_id), "3d_fullres", "0", "-tr", DEMO_TRAINER, "-device", device], env,
          log_path, on_line=_TrainingProgress(demo_epochs(env)))
 

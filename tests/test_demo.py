@@ -128,3 +128,31 @@ def test_fingerprint_extractor_draws_fewer_samples_and_leaves_nnunets_alone(tmp_
     extract_fingerprint(998, num_processes=1, intensity_samples=1234)
     assert draws == [1234]
     assert DatasetFingerprintExtractor(998, 1).num_foreground_voxels_for_intensitystats > 1234
+
+
+def test_cpu_scan_build_starts_early_only_where_training_uses_it_and_training_waits_for_it(monkeypatch, capsys):
+    import threading
+
+    from nnunet_segmamba import demo
+    from nnunet_segmamba.ssm import cpu_scan, dispatch
+
+    built = threading.Event()
+    monkeypatch.setattr(cpu_scan, "cpu_scan_status", lambda: built.set() or (True, ""))
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert demo._build_cpu_scan_in_background("cuda") is None
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert demo._build_cpu_scan_in_background("cpu") is None
+    assert not built.is_set()
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    demo._build_cpu_scan_in_background("cpu").join(timeout=10)
+    assert built.is_set()
+
+    release = threading.Event()  # a build still running when training starts: the demo waits for it, and says so
+    build = threading.Thread(target=release.wait, args=(10,))
+    build.start()
+    threading.Timer(0.2, release.set).start()
+    demo._wait_for(build)
+    assert not build.is_alive()
+    assert "waiting for the fused CPU scan's first build" in capsys.readouterr().out
+    demo._wait_for(build)  # finished: nothing to say
+    assert capsys.readouterr().out == ""
