@@ -35,17 +35,23 @@ def _step(title: str) -> None:
 
 
 def _build_cpu_scan_in_background(device: str) -> threading.Thread | None:
-    """Start compiling the fused CPU scan's extension (or loading its cached build) in a thread, so that its first
-    build, about a minute on 2 cores, runs beside the phantom and nnU-Net's planning instead of at the start of
-    training. The trainer's process then loads the build from torch's extension cache (torch's build lock makes it
-    wait for a build in progress). None where training will not use the fused scan."""
+    """Resolve the CPU scan backend in a thread, as the trainer will: where that is the fused CPU scan, this compiles
+    its extension (or loads the cached build), so that its first build, 35-50 s of one core, runs beside the
+    phantom and nnU-Net's planning instead of at the start of training. The trainer's process then loads the build
+    from torch's extension cache (torch's build lock makes it wait for a build in progress). None for a GPU run."""
+    if device != "cpu":
+        return None
+    import torch
+
     from nnunet_segmamba.ssm import dispatch
 
-    if device != "cpu" or dispatch.backend_from_env() not in ("", "auto", "cpu"):
-        return None
-    from nnunet_segmamba.ssm.cpu_scan import cpu_scan_status
+    def resolve() -> None:
+        try:
+            dispatch.resolve("auto", torch.device("cpu"))
+        except Exception:  # e.g. a bad $NNUNET_SEGMAMBA_SCAN_BACKEND: the trainer resolves again and reports it
+            pass
 
-    build = threading.Thread(target=cpu_scan_status, name="cpu-scan-build", daemon=True)
+    build = threading.Thread(target=resolve, name="cpu-scan-build", daemon=True)
     build.start()
     return build
 

@@ -140,12 +140,17 @@ def test_cpu_scan_build_starts_early_only_where_training_uses_it_and_training_wa
     monkeypatch.setattr(cpu_scan, "cpu_scan_status", lambda: built.set() or (True, ""))
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     assert demo._build_cpu_scan_in_background("cuda") is None
-    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
-    assert demo._build_cpu_scan_in_background("cpu") is None
-    assert not built.is_set()
-    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")  # the trainer's CPU scans will be torch's: nothing to build
     demo._build_cpu_scan_in_background("cpu").join(timeout=10)
-    assert built.is_set()
+    assert not built.is_set()
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")  # the trainer reports it; the early build stays quiet
+    demo._build_cpu_scan_in_background("cpu").join(timeout=10)
+    assert not built.is_set()
+    for setting in ("auto", "triton"):  # "triton" names the GPU's kernels; CPU tensors still get the fused scan
+        built.clear()
+        monkeypatch.setenv(dispatch.ENV_VAR, setting)
+        demo._build_cpu_scan_in_background("cpu").join(timeout=10)
+        assert built.is_set(), setting
 
     release = threading.Event()  # a build still running when training starts: the demo waits for it, and says so
     build = threading.Thread(target=release.wait, args=(10,))
