@@ -25,7 +25,6 @@ from ..ssm import dispatch
 from ..ssm.api import causal_conv1d, selective_scan
 from ..ssm.ops import SELECTIVE_SCAN_OP
 from ..ssm.orders import check_num_slices, visit
-from ..ssm.triton_projection import projection_weight_grad
 from .recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
 
 __all__ = ["TriOrientedMamba", "slice_order", "DIRECTIONS"]
@@ -70,25 +69,6 @@ def _project(weight: torch.Tensor, x: torch.Tensor, positions_first: bool = Fals
     return _Projection.apply(weight, x, positions_first)
 
 
-def _project_low_rank(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`_project(weight, x)` for a weight of few columns (the dt projection: rank ceil(d_model / 16), 3 at SegMamba's
-    first stage), as broadcast products summed over the rank, for torch.compile only.
-
-    As a GEMM, its inner dimension of 3 leaves cuBLAS no tile worth the name: on an H200 at 128^3 the forward, its
-    recompute and the input's gradient took 2.2 ms of a 130 ms step (12 + 6 calls). Inductor turns these products
-    into one fused pass each way (reading dt, writing delta; the backward's two sums as reductions), memory-bound
-    like the GEMM should be. In eager mode they would materialise a (B, d_inner, rank, L) product, so eager mode
-    keeps the GEMM. Operands rounded as autocast rounds a GEMM's, products and sums in float32.
-    """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        weight, x = (t.to(dtype) if t.dtype != torch.float64 else t for t in (weight, x))
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    products = weight.to(compute)[None, :, :, None] * x.to(compute)[:, None, :, :]  # (B, out, rank, L), fused away
-    return products.sum(2).to(x.dtype)
-
-
 class _Projection(torch.autograd.Function):
     """One batched GEMM against the broadcast weight, forward and backward.
 
@@ -96,15 +76,12 @@ class _Projection(torch.autograd.Function):
     gradients (measured on CPU, forward + backward at the mixer's sizes: 1.3x to 5x slower). Autograd's own
     backward of that batched GEMM gives the weight's gradient as one GEMM per batch element with a tiny output
     and the whole sequence as its inner dimension (96 x 8 from 262144 positions at SegMamba's first stage), which
-    cuBLAS runs on a handful of thread blocks, about 10x slower than reading its operands takes. On a GPU with
-    Triton the weight's gradient is one kernel that splits batch and positions together over a few programs per
-    multiprocessor (`ssm/triton_projection.py`; on an H200 about 0.7 against 1.6 ms per hippocampus training step,
-    docs/performance.md). Elsewhere the positions are cut into chunks of `WEIGHT_GRAD_CHUNK`, the chunks' products
-    come out of one batched GEMM on strided views (no copies) and are summed: split-K by hand. The split takes one
-    launch per batch element, which costs more than it saves on short sequences (on one H200: faster at the 128^3
-    patch, whose first two stages have 262144 and 32768 positions per case; slower at the hippocampus patch, 18432
-    positions and batch 7), so below `WEIGHT_GRAD_MIN_CHUNKS` chunks per batch element the weight's gradient is
-    autograd's one batched GEMM.
+    cuBLAS runs on a handful of thread blocks, about 10x slower than reading its operands takes. Here the
+    positions are cut into chunks of `WEIGHT_GRAD_CHUNK`, the chunks' products come out of one batched GEMM on
+    strided views (no copies) and are summed: split-K by hand. The split takes one launch per batch element, which
+    costs more than it saves on short sequences (on one H200: faster at the 128^3 patch, whose first two stages
+    have 262144 and 32768 positions per case; slower at the hippocampus patch, 18432 positions and batch 7), so
+    below `WEIGHT_GRAD_MIN_CHUNKS` chunks per batch element the weight's gradient is autograd's one batched GEMM.
     The input's gradient is the same GEMM as autograd's, written (batch, in, L) contiguous, which the scan kernels
     read without a copy.
     """
@@ -135,16 +112,8 @@ def _splits_weight_gradient(length: int) -> bool:
 
 
 def _weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum over batch and positions of grad (batch, out, L) x (batch, in, L)^T -> (out, in) in float32: on a GPU
-    with Triton, its kernel (`ssm/triton_projection.py`); elsewhere from partial products over chunks of L (each
-    one a GEMM with a short inner dimension) on long sequences, one batched GEMM on short ones."""
-    if grad.is_cuda and grad.dtype == x.dtype and dispatch.triton_scan_status()[0]:
-        return projection_weight_grad(grad, x)
-    return _weight_gradient_torch(grad, x)
-
-
-def _weight_gradient_torch(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`_weight_gradient` through torch's batched GEMMs: split over chunks of L on long sequences."""
+    """sum over batch and positions of grad (batch, out, L) x (batch, in, L)^T -> (out, in) in float32, from
+    partial products over chunks of L (each one a GEMM with a short inner dimension) on long sequences."""
     length = x.shape[-1]
     if not _splits_weight_gradient(length):
         return torch.bmm(grad, x.transpose(1, 2)).sum(0, dtype=torch.float32)
@@ -305,8 +274,7 @@ class TriOrientedMamba(nn.Module):
         # products keep every operand of the scan contiguous along L (B and C are row slices of x_dbl).
         x_dbl = _project(x_proj.weight, u)  # (B, dt_rank + 2 d_state, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        # (B, d_inner, L); the bias goes in as delta_bias
-        delta = _project_low_rank(dt_proj.weight, dt) if torch.compiler.is_compiling() else _project(dt_proj.weight, dt)
+        delta = _project(dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
         return selective_scan(
             u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
             delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
