@@ -47,13 +47,17 @@ for round in $(seq "${ROUNDS:-2}"); do
         fi
     done
 done
-python3 - "$res" "${names[@]}" <<'PY'
+python3 - "$res" "${ROUNDS:-2}" "${names[@]}" <<'PY'
 import json, pathlib, sys
 
-res, names = pathlib.Path(sys.argv[1]), sys.argv[2:]
+res, rounds, names = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 table = {}
 for name in names:
-    for path in sorted(res.glob(f"step_{name}_*.json")):
+    # this call's runs only, in round order: a glob would also match another version whose name extends this one
+    # and files left in OUT by an earlier call
+    for path in (res / f"step_{name}_{r}.json" for r in range(1, rounds + 1)):
+        if not path.is_file():  # the run failed (reported above)
+            continue
         for network, result in json.loads(path.read_text())["networks"].items():
             ms = (result.get("train") or {}).get("ms_median")
             table.setdefault(network, {}).setdefault(name, []).append(ms)
