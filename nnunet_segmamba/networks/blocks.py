@@ -323,6 +323,25 @@ class MambaLayerV1(nn.Module):
         return z.transpose(1, 2).reshape(x.shape)
 
 
+def one_channel_in_layout_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, C, *spatial) as a channels-last view if it has one channel and `weight` (a convolution's, with more
+    than one input channel) is channels-last; otherwise x itself.
+
+    One channel lies in memory the same way channels-first and channels-last, and torch reads such strides as
+    channels-first. In a network whose weights are channels-last, a convolution on x then runs channels-first
+    wherever its own weight is ambiguous too (a 1x1x1 kernel from one channel, SegMamba's first shortcut): its
+    output comes out channels-first, and so do its norm and the norm's sum with the channels-last main path; under
+    torch.compile cuDNN also converts the first block's full-resolution outputs and gradients between the layouts
+    (docs/performance.md, "One input channel"). The view changes only the stride of the size-1 channel axis: no copy.
+    """
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    memory_format = formats.get(x.dim())
+    if (memory_format is None or x.shape[1] != 1 or weight.dim() != x.dim() or weight.shape[1] < 2
+            or weight.is_contiguous() or not weight.is_contiguous(memory_format=memory_format)):
+        return x
+    return x.squeeze(1).unsqueeze(-1).movedim(-1, 1)  # strides (S, 1, *spatial strides): channels-last
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Zero-pad the spatial axes of (B, C, *spatial) at their ends up to a multiple; returns the original size."""
     size = tuple(x.shape[2:])

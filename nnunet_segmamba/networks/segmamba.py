@@ -20,7 +20,7 @@ from ..ssm.dispatch import BACKENDS
 from .blocks import (
     DEEP_SUPERVISION_STRIDES, GSC, TOTAL_STRIDE, MambaLayer, MambaLayerV1, MlpChannel, OutBlock, ResidualConvBlock,
     UpBlock, check_unet_input, conv_nd, crop_to, deep_supervision_heads, deep_supervision_outputs, instance_norm_nd,
-    pad_to_multiple,
+    one_channel_in_layout_of, pad_to_multiple,
 )
 
 __all__ = ["SegMamba", "MambaEncoder", "MIXERS", "BLOCKS"]
@@ -194,6 +194,8 @@ class SegMamba(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         x, size = pad_to_multiple(x, TOTAL_STRIDE) if self.pad_input else (x, tuple(x.shape[2:]))
+        # the layout of the network's weights, read off a convolution with more than one input channel
+        x = one_channel_in_layout_of(x, self.encoder2.layer.conv1.conv.weight)
         outs = self.vit(x)
         enc1 = self.encoder1(x)
         enc2 = self.encoder2(outs[0])

@@ -351,6 +351,34 @@ def test_channels_last_segmamba_feeds_every_convolution_channels_last():
         torch.testing.assert_close(head, expected_head, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_one_channel_input_runs_channels_last_in_a_channels_last_network(spatial_dims):
+    """A one-channel input is channels-first and channels-last at once, and torch reads it as channels-first: in a
+    channels-last network its 1x1 shortcut convolution (whose weight is just as ambiguous) then answered
+    channels-first, and so did that shortcut's norm. Every norm now gets a channels-last input, and the output is
+    the channels-first network's; a channels-first network gets the input as it is."""
+    torch.manual_seed(0)
+    net = SegMamba(1, 3, spatial_dims=spatial_dims, scan_backend="torch", **TINY).eval()
+    x = torch.randn((1, 1) + (32,) * spatial_dims)
+    seen = []
+    net.vit.downsample_layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        expected = net(x)
+    assert seen[-1] is x
+    cl = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims]
+    net = net.to(memory_format=cl)
+    layouts = []
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm):
+            m.register_forward_pre_hook(
+                lambda m, args: layouts.append(args[0].is_contiguous(memory_format=cl) and not args[0].is_contiguous()))
+    with torch.no_grad():
+        out = net(x)
+    assert len(layouts) == 51 and all(layouts)  # the residual blocks', GSC's and the stages' norms
+    assert seen[-1].stride(1) == 1 and seen[-1].data_ptr() == x.data_ptr()  # a view, channels-last
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d():
     """The tiny networks' first stage (8 channels) predicting one 48^3 tile: torch alone picks its unvectorised
     slow_conv3d for it (batch x channels x depth x height <= 20480); the network's convolutions run through oneDNN
