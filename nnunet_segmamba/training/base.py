@@ -22,7 +22,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
   then one compiled module (`NetworkAndLoss`); the final validation uses nnU-Net's plain compile. AMP:
   nnU-Net's autocast + GradScaler on CUDA; the selective scan runs in float32 inside the network.
 * layout: on one GPU a 3D network's weights are in channels_last_3d (`channels_last`), the layout in which cuDNN
-  runs half-precision convolutions; checkpoints load into either layout.
+  runs half-precision convolutions (SegMamba views a one-channel input the same way); checkpoints load into either
+  layout.
 * memory: on a GPU the Mamba branches, and the conv blocks' norms and shortcuts, are recomputed in the backward
   pass for large batches only (`recompute_mamba_branches`, `recompute_conv_blocks`), where their activations are
   gigabytes; at small ones it would only cost time.
