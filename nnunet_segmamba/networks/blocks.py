@@ -21,6 +21,8 @@ from ..nn.recompute import CheckpointPolicy, recomputes, selective_checkpoint, s
 TOTAL_STRIDE = 16
 # The strides of the logits returned with deep supervision, full resolution first (nnU-Net's loss order).
 DEEP_SUPERVISION_STRIDES = (1, 2, 4, 8)
+# the channels-last memory format of a tensor of this many dimensions (2D and 3D feature maps)
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 class Conv3d(nn.Conv3d):
@@ -63,7 +65,7 @@ class _KeepsChannelsLast:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        channels_last = CHANNELS_LAST.get(x.dim())
         if (self.track_running_stats or channels_last is None or x.is_contiguous()
                 or not x.is_contiguous(memory_format=channels_last)):
             return super().forward(x)
@@ -334,8 +336,7 @@ def one_channel_in_layout_of(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     torch.compile cuDNN also converts the first block's full-resolution outputs and gradients between the layouts
     (docs/performance.md, "One input channel"). The view changes only the stride of the size-1 channel axis: no copy.
     """
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    memory_format = formats.get(x.dim())
+    memory_format = CHANNELS_LAST.get(x.dim())
     if (memory_format is None or x.shape[1] != 1 or weight.dim() != x.dim() or weight.shape[1] < 2
             or weight.is_contiguous() or not weight.is_contiguous(memory_format=memory_format)):
         return x
