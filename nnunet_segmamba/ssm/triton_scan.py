@@ -78,12 +78,6 @@ def _linear_combine(a1, b1, a2, b2):
 
 
 @jit
-def _two_linear_combines(a1, b1, c1, e1, a2, b2, c2, e2):
-    # two independent recurrences scanned together
-    return a1 * a2, b1 * a2 + b2, c1 * c2, e1 * c2 + e2
-
-
-@jit
 def _step_sizes(delta, bias, mask, SOFTPLUS: tl.constexpr):
     """dt = softplus(delta + bias) (or delta + bias), 0 past the sequence's end, and delta + bias."""
     x = delta.to(tl.float32) + bias
@@ -306,26 +300,29 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         dtu = dt * u
         drive = Bt * dtu[None, :]
         decay = tl.exp2(A2[:, None] * dt[None, :])
-        dy_out = dy
-        if HAS_Z:
-            z = z.to(tl.float32)
-            gate = tl.sigmoid(z)
-            dy = dy * z * gate
-        dt_next_flipped = tl.where(s == 0, 0.0, tl.gather(dt, tl.where(s == 0, 0, BL - s), 0))
-        # the forward states' scan and the adjoint's scan in one tl.associative_scan: their inputs do not depend on
-        # each other (the gate needs z only), so the two chains of shuffles can interleave in a warp that otherwise
-        # waits on each in turn (the kernel is latency-bound at 2 warps per scheduler)
-        _, h, _, dh = tl.associative_scan(
-            (decay, drive + tl.where((s == 0)[None, :], decay * h0[:, None], 0.0),
-             tl.exp2(A2[:, None] * dt_next_flipped[None, :]),
-             tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),
-            axis=1, combine_fn=_two_linear_combines)
+        _, h = tl.associative_scan((decay, drive + tl.where((s == 0)[None, :], decay * h0[:, None], 0.0)),
+                                   axis=1, combine_fn=_linear_combine)
         decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
         if HAS_Z:
             y = tl.sum(h * Ct, 0) + Dd * u
-            tl.store(dz_ptr + row + p, (dy_out * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
+            z = z.to(tl.float32)
+            gate = tl.sigmoid(z)
+            tl.store(dz_ptr + row + p, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
                      mask=mask)
+            dy = dy * z * gate
         dC_acc += h * dy[None, :]
+        # a_{t+1} carries the adjoint from step t+1 back to t (0 past the end); the chunk's last step gets it from
+        # the carry instead. Flipped: dt_{t+1} at j = BL - 1 - t is dt[BL - j], gathered from the step sizes
+        # already loaded (a second load and softplus of the shifted positions took 73 more loop instructions)
+        dt_next_flipped = tl.where(s == 0, 0.0, tl.gather(dt, tl.where(s == 0, 0, BL - s), 0))
+        # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right folded into
+        # the chunk's last step. tl.associative_scan(reverse=True) flips both operands and both results across the
+        # lanes (more shuffles than the scan itself); flipping the 1-D operands, C (the same for every channel)
+        # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/performance.md)
+        _, dh = tl.associative_scan(
+            (tl.exp2(A2[:, None] * dt_next_flipped[None, :]),
+             tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),
+            axis=1, combine_fn=_linear_combine)
         dh = tl.flip(dh, 1)
         dh_B = tl.sum(dh * Bt, 0)
         dh_prev = dh * decayed_prev
