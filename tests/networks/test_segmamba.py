@@ -6,7 +6,7 @@ import torch
 
 from nnunet_segmamba.benchmark import memory_held_by
 from nnunet_segmamba.networks import SegMamba
-from nnunet_segmamba.networks.blocks import _ResBlockLayer
+from nnunet_segmamba.networks.blocks import CHANNELS_LAST, _ResBlockLayer
 from nnunet_segmamba.networks.segmamba import MIXERS
 
 TINY = dict(feat_size=(4, 8, 16, 32), hidden_size=32, depths=(1, 1, 1, 1))
@@ -299,7 +299,7 @@ def test_instance_norm_keeps_a_channels_last_layout(spatial_dims, affine, dtype)
     channels-first input takes torch's path exactly."""
     from nnunet_segmamba.networks.blocks import instance_norm_nd
 
-    fmt = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims]
+    fmt = CHANNELS_LAST[spatial_dims + 2]
     g = torch.Generator().manual_seed(0)
     norm = instance_norm_nd(spatial_dims)(6, affine=affine)
     if affine:
@@ -365,7 +365,7 @@ def test_one_channel_input_runs_channels_last_in_a_channels_last_network(spatial
     with torch.no_grad():
         expected = net(x)
     assert seen[-1] is x
-    cl = {2: torch.channels_last, 3: torch.channels_last_3d}[spatial_dims]
+    cl = CHANNELS_LAST[spatial_dims + 2]
     net = net.to(memory_format=cl)
     layouts = []
     for m in net.modules():
