@@ -14,8 +14,9 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     both orders ("triton-maps-all") read through index maps instead of flipped / permuted copies;
   * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
     bandwidth measured here (a device-to-device copy, bytes read + written);
-  * with --tune: triton's launch settings (TUNE_GRID) swept at every shape in bf16 (scan fwd+bwd, graphed), the
-    one with the least time summed over the shapes applied before the table.
+  * with --tune: triton's launch settings (TUNE_GRID; with --tune carry, the carry kernel's: CARRY_TUNE_GRID)
+    swept at every shape in bf16 (scan fwd+bwd, graphed), the one with the least time summed over the shapes
+    applied before the table.
 An unavailable backend is reported, and the others are still timed. Nothing is asserted.
 Needs a CUDA device; prints the markdown table and writes --out JSON. Example:
 
@@ -202,15 +203,19 @@ def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.d
 # setting the last sweep kept (64 / 16), whose forward value sat at that grid's edge
 TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=fwd, bwd_programs_per_sm=bwd)
              for fwd in (32, 64, 128) for bwd in (8, 16, 32)]
-TUNE_KEYS = tuple(TUNE_GRID[0])
+# The carry kernel (the scan over chunks, one row per (batch, channel)): a row's states in one program or split over
+# several, and its warps
+CARRY_TUNE_GRID = [dict(carry_states=states, warps_carry=warps) for states in (16, 8, 4) for warps in (4, 2, 1)]
+TUNE_GRIDS = {"chunks": TUNE_GRID, "carry": CARRY_TUNE_GRID}
 
 
-def tune(bases: dict, warmup: int, runs: int) -> dict:
-    """The triton scan's fwd+bwd time for each launch setting of TUNE_GRID at each shape; the setting with the
+def tune(bases: dict, warmup: int, runs: int, grid: list[dict] = TUNE_GRID) -> dict:
+    """The triton scan's fwd+bwd time for each launch setting of `grid` at each shape; the setting with the
     least graphed time summed over the shapes (what a network with one such scan per shape spends on them) is
     applied to triton_scan.TUNING."""
+    keys = tuple(grid[0])
     results = []
-    for setting in TUNE_GRID:
+    for setting in grid:
         triton_scan.TUNING.update(setting)
         for shape, base in bases.items():
             entry = {"shape": shape, **setting, **guarded(lambda: bench_scan(base, "triton", warmup, runs))}
@@ -219,12 +224,13 @@ def tune(bases: dict, warmup: int, runs: int) -> dict:
     ok = [r for r in results if "error" not in r and "error" not in r["fwd+bwd graphed"]]
     score = {}
     for r in ok:
-        key = tuple(r[k] for k in TUNE_KEYS)
+        key = tuple(r[k] for k in keys)
         score[key] = score.get(key, 0.0) + r["fwd+bwd graphed"]["mean_ms"]
     complete = {k: v for k, v in score.items()
-                if sum(1 for r in ok if tuple(r[k] for k in TUNE_KEYS) == k) == len(bases)}
-    triton_scan.TUNING.update(zip(TUNE_KEYS, min(complete, key=complete.get)))
-    return {"results": results, "chosen": dict(triton_scan.TUNING), "score": {str(k): v for k, v in score.items()}}
+                if sum(1 for r in ok if tuple(r[k] for k in keys) == k) == len(bases)}
+    triton_scan.TUNING.update(zip(keys, min(complete, key=complete.get)))
+    return {"keys": keys, "results": results, "chosen": dict(triton_scan.TUNING),
+            "score": {str(k): v for k, v in score.items()}}
 
 
 def bench_layer(length: int, d_inner: int, batch: int, dtype_name: str, backend: str, warmup: int,
@@ -278,7 +284,8 @@ def bench(args: argparse.Namespace) -> dict:
     if args.tune and triton_ok:
         bases = {f"{length}x{d_inner}": scan_inputs(args.batch, d_inner, args.d_state, length, torch.bfloat16)
                  for length, d_inner in args.shapes}
-        report["tune"] = {"dtype": "bf16", **tune(bases, args.warmup, args.runs)}
+        report["tune"] = {"dtype": "bf16", "grid": args.tune,
+                          **tune(bases, args.warmup, args.runs, TUNE_GRIDS[args.tune])}
         report["system"]["triton_tuning"] = dict(triton_scan.TUNING)
         del bases
         torch.cuda.empty_cache()
@@ -320,7 +327,7 @@ def print_table(report: dict) -> None:
         t = report["tune"]
         print(f"triton launch settings, scan in {t['dtype']} (chosen: {t['chosen']}):")
         for r in t["results"]:
-            setting = " ".join(f"{k} {r[k]}" for k in TUNE_KEYS)
+            setting = " ".join(f"{k} {r[k]}" for k in t["keys"])
             print(f"  {r['shape']:>10} {setting}: fwd {_ms(r, 'fwd')} ms, fwd+bwd {_ms(r, 'fwd+bwd')} ms, graphed "
                   f"{_ms(r, 'fwd+bwd graphed')} ms")
         print()
@@ -364,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-layer", action="store_true", help="time the scan only, not TriOrientedMamba")
     parser.add_argument("--backends", nargs="+", choices=("torch", "cuda", "triton"),
                         default=["cuda", "triton", "torch"], help="scan backends to compare (default all available)")
-    parser.add_argument("--tune", action="store_true", help="sweep the triton launch settings first")
+    parser.add_argument("--tune", nargs="?", const="chunks", default=None, choices=sorted(TUNE_GRIDS),
+                        help="sweep triton launch settings first: the chunk kernels' (chunks, the default) or the "
+                             "carry kernel's (carry)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
     return parser
 

@@ -47,9 +47,12 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 
 # Launch settings: steps per chunk, warps per program of the forward kernels and of the backward's main kernel,
 # and how many programs per multiprocessor `_d_split` aims for by splitting a group's channels, for the chunk
-# kernels before the backward's main one and for that one.
+# kernels before the backward's main one and for that one; the carry kernel's states per program (a channel's
+# states split over programs: with one program per channel the first stage at 128^3 had 192 programs for 132
+# multiprocessors) and its warps.
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
-TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16}
+TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16,
+          "carry_states": 8, "warps_carry": 2}
 
 # The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
 CARRY_TILE = 256
@@ -168,7 +171,7 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
     Reverse: out[c] = X_c + exp(A T_c) out[c + 1], out[NCH] = 0 (adjoint entering each chunk from its right)."""
     bd = tl.program_id(0)
     d = bd % D_
-    n = tl.arange(0, NP)
+    n = tl.program_id(1) * NP + tl.arange(0, NP)  # this program's states
     nmask = n < N
     A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
     base_in = bd.to(tl.int64) * NCH
@@ -364,6 +367,14 @@ def _carry_tile(chunks: int) -> int:
     return min(CARRY_TILE, max(16, next_power_of_2(chunks)))
 
 
+def _carry(chunk_sum, X, A32, out, batch: int, dim: int, n: int, chunks: int, reverse: bool) -> None:
+    """The scan over chunks (`_chunk_carry`) of every (batch, channel) row, its states split over programs."""
+    states = min(TUNING["carry_states"], max(next_power_of_2(n), 2))
+    _chunk_carry[(batch * dim, cdiv(n, states))](chunk_sum, X, A32, out, dim, n, chunks, NP=states,
+                                                 CB=_carry_tile(chunks), REVERSE=reverse,
+                                                 num_warps=TUNING["warps_carry"])
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -470,8 +481,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
                              chunk_end, dim, groups, n, length, p.M, p.NS, chunks, per_program, d_split,
                              u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
                              num_warps=TUNING["warps_fwd"], **flags)
-    _chunk_carry[(batch * dim,)](chunk_sum, chunk_end, A32, states, dim, n, chunks, NP=NP,
-                                 CB=_carry_tile(chunks), REVERSE=False)
+    _carry(chunk_sum, chunk_end, A32, states, batch, dim, n, chunks, reverse=False)
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                             p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
@@ -499,8 +509,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         dim // groups // summary_split, summary_split, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
         MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
-    _chunk_carry[(batch * dim,)](chunk_sum, adjoint_in, A32, adjoint, dim, n, chunks, NP=NP,
-                                 CB=_carry_tile(chunks), REVERSE=True)
+    _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, chunks, reverse=True)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)

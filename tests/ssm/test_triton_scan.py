@@ -106,11 +106,13 @@ def test_chunk_sizes_and_long_decay(block_l):
 
 
 @needs_kernels
-def test_carry_over_more_chunks_than_one_tile(monkeypatch):
+@pytest.mark.parametrize("carry_states", [4, 2], ids=["all-states", "states-split"])
+def test_carry_over_more_chunks_than_one_tile(monkeypatch, carry_states):
     # 33 chunks of 16 in carry tiles of 16 chunks (256 in use; the same code, 8x fewer programs to interpret): the
     # third tile holds one chunk, and each tile starts from the one before's last state (forward) and adjoint
-    # (reverse)
+    # (reverse); the 4 states in one program per channel, or 2 in each of two
     monkeypatch.setattr(triton_scan, "CARRY_TILE", 16)
+    monkeypatch.setitem(triton_scan.TUNING, "carry_states", carry_states)
     check_order(make_inputs(15, batch=1, dim=1, n=4, length=16 * 33, device=DEVICE), "reverse", block_l=16)
 
 
