@@ -367,9 +367,10 @@ def _carry_tile(chunks: int) -> int:
     return min(CARRY_TILE, max(16, next_power_of_2(chunks)))
 
 
-def _carry(chunk_sum, X, A32, out, batch: int, dim: int, n: int, chunks: int, reverse: bool) -> None:
-    """The scan over chunks (`_chunk_carry`) of every (batch, channel) row, its states split over programs."""
-    states = min(TUNING["carry_states"], max(next_power_of_2(n), 2))
+def _carry(chunk_sum, X, A32, out, batch: int, dim: int, n: int, NP: int, chunks: int, reverse: bool) -> None:
+    """The scan over chunks (`_chunk_carry`) of every (batch, channel) row, its n states (NP padded) split over
+    programs."""
+    states = min(TUNING["carry_states"], NP)
     _chunk_carry[(batch * dim, cdiv(n, states))](chunk_sum, X, A32, out, dim, n, chunks, NP=states,
                                                  CB=_carry_tile(chunks), REVERSE=reverse,
                                                  num_warps=TUNING["warps_carry"])
@@ -481,7 +482,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
                              chunk_end, dim, groups, n, length, p.M, p.NS, chunks, per_program, d_split,
                              u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
                              num_warps=TUNING["warps_fwd"], **flags)
-    _carry(chunk_sum, chunk_end, A32, states, batch, dim, n, chunks, reverse=False)
+    _carry(chunk_sum, chunk_end, A32, states, batch, dim, n, NP, chunks, reverse=False)
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                             p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
@@ -509,7 +510,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         dim // groups // summary_split, summary_split, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
         MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
-    _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, chunks, reverse=True)
+    _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, reverse=True)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
