@@ -112,18 +112,20 @@ def _splits_weight_gradient(length: int) -> bool:
 
 
 def _weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum over batch and positions of grad (batch, out, L) x (batch, in, L)^T -> (out, in) in float32, from
-    partial products over chunks of L (each one a GEMM with a short inner dimension) on long sequences."""
+    """sum over batch and positions of grad (batch, out, L) x (batch, in, L)^T -> (out, in) in float32 (float64 for
+    float64 operands), from partial products over chunks of L (each one a GEMM with a short inner dimension) on long
+    sequences."""
     length = x.shape[-1]
+    total = torch.promote_types(grad.dtype, torch.float32)  # the partial products added up in at least float32
     if not _splits_weight_gradient(length):
-        return torch.bmm(grad, x.transpose(1, 2)).sum(0, dtype=torch.float32)
+        return torch.bmm(grad, x.transpose(1, 2)).sum(0, dtype=total)
     chunk = WEIGHT_GRAD_CHUNK
     parts = []
     for g, xb in zip(grad, x):  # (out, L), (in, L): views with unit stride along L or along channels
         # (chunks, out, chunk) @ (chunks, chunk, in): batch stride = one chunk of positions
         parts.append(torch.bmm(g.unflatten(-1, (-1, chunk)).movedim(-2, 0),
                                xb.unflatten(-1, (-1, chunk)).movedim(-2, 0).transpose(1, 2)))
-    return torch.cat(parts).sum(0, dtype=torch.float32)
+    return torch.cat(parts).sum(0, dtype=total)
 
 
 def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:

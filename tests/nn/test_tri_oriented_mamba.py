@@ -324,6 +324,24 @@ def test_projection_gradients_are_those_of_a_batched_gemm(monkeypatch, positions
     _assert_projection_matches_bmm(project, positions_first, transposed_input, 64, "cpu", torch.bfloat16, 1e-2)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_float64_projection_gradients_are_float64_accurate(monkeypatch, split):
+    """The weight's gradient adds its partial products up in float64 for float64 operands, not float32."""
+    monkeypatch.setattr(mamba_module, "WEIGHT_GRAD_CHUNK", 16)
+    monkeypatch.setattr(mamba_module, "WEIGHT_GRAD_MIN_CHUNKS", 2 if split else 5)
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(7, 5, dtype=torch.float64, generator=g), torch.randn(2, 5, 64, dtype=torch.float64,
+                                                                                 generator=g)
+    grad_out = torch.randn(2, 7, 64, dtype=torch.float64, generator=g)
+    grads = []
+    for fn in (_bmm_projection, mamba_module._project):
+        w = weight.clone().requires_grad_(True)
+        fn(w, x, positions_first=False).backward(grad_out)
+        grads.append(w.grad)
+    assert grads[1].dtype == torch.float64
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+
+
 def test_weight_gradient_is_split_on_the_sequences_where_that_was_measured_faster():
     """At the defaults: split at the 128^3 patch's first two stages (262144 and 32768 positions per case), one GEMM
     at the hippocampus patch's stages (18432 down to 36) and wherever the chunk does not divide L."""
