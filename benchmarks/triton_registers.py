@@ -1,5 +1,5 @@
-"""Registers, spills and channel-loop length of the Triton scan kernels, compiled for a GPU architecture on any
-machine (no GPU needed).
+"""Registers, spills and channel-loop length of the Triton scan kernels (and the causal conv's), compiled for a GPU
+architecture on any machine (no GPU needed).
 
 Triton compiles each kernel to PTX and its bundled `ptxas -v` reports the registers per thread and the bytes
 spilled to local memory. A kernel that needs more than 255 registers spills, and a program's registers bound how
@@ -9,7 +9,9 @@ Pointers and the length / batch strides are specialised as divisible by 16, as T
 SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).
 The SASS instructions of a kernel's channel loop (`nvdisasm` from the same package) are what its time scaled
 with in the backward's changes recorded there; `--by-line` also lists the source lines those instructions come
-from (ptxas' line info), which is how a costly library routine shows up. The GPU machine's Triton may differ
+from (ptxas' line info), which is how a costly library routine shows up. The causal conv's kernels have no loop
+and are bound by memory: for them the global loads and stores count, and how wide they are (one 16-byte access per
+thread for 8 bf16 steps, or 8 two-byte ones). The GPU machine's Triton may differ
 from this machine's, and its code can differ a lot: put an install of the GPU's version first on PYTHONPATH to
 compile as it does.
 Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
@@ -34,18 +36,25 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nnunet_segmamba.ssm import triton_scan
+from nnunet_segmamba.ssm import triton_conv, triton_scan
 
 # pointers to tensors in the inputs' dtype; every other pointer is a float32 buffer. dBC_ptr among the latter, as
 # the backward writes it when a group's channels are split over programs (the hippocampus patch's first stage);
 # unsplit (128^3's first stage) it is in the inputs' dtype, which takes `_bwd_chunk`'s loop 9 instructions fewer
 # (bf16, Triton 3.6: 1511 against 1520) and its kernel 240 fewer (2256 against 2496)
 INPUT_DTYPE_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
-                        "dz_ptr", "out_ptr"}
-DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC"}
+                        "dz_ptr", "out_ptr", "x_ptr", "dx_ptr"}
+DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC", "stride_xb", "stride_xd", "stride_ob", "stride_od",
+                  "stride_gb", "stride_gd", "stride_dxb", "stride_dxd"}
 KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan._fwd_chunk_output,
-           "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary}
+           "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary,
+           "conv_fwd": triton_conv._causal_conv1d_fwd_kernel,
+           "conv_bwd_gate": triton_conv._causal_conv1d_bwd_gate_kernel,
+           "conv_bwd_input": triton_conv._causal_conv1d_bwd_input_kernel}
 FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}  # Mamba's configuration
+# The causal conv as Mamba runs it (width 4, bias, SiLU) on long sequences, whose tiles are the largest; its block is
+# not --block-l (the scan's chunk). Its weight and bias pointers are float32, as the parameters are.
+CONV_CONSTANTS = {"K": 4, "MODE": 0, "HAS_BIAS": True, "SILU": True, "BLOCK_L": triton_conv.MAX_BLOCK_L}
 
 
 def ptxas_path() -> str:
@@ -57,8 +66,11 @@ def ptxas_path() -> str:
 
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
                   flags_off: tuple[str, ...] = (), by_line: bool = False) -> dict:
-    consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
-    consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
+    if "BLOCK_L" in kernel.arg_names:  # a causal conv kernel
+        consts = {k: v for k, v in CONV_CONSTANTS.items() if k in kernel.arg_names}
+    else:
+        consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
+        consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
@@ -134,7 +146,11 @@ def loop_body(code: list[Instruction]) -> dict:
     per channel, so its length is what the kernel's time scales with. 0 without a loop."""
     body = innermost_loop(code)
     return {"instructions": len(code), "loop_instructions": len(body),
-            "loop_shuffles": sum(i.opcode.startswith("SHFL") for i in body)}
+            "loop_shuffles": sum(i.opcode.startswith("SHFL") for i in body),
+            "global_loads": sum(i.opcode.startswith("LDG") for i in code),
+            "global_stores": sum(i.opcode.startswith("STG") for i in code),
+            "wide_accesses": sum(i.opcode.startswith(("LDG", "STG")) and i.opcode.endswith((".64", ".128"))
+                                 for i in code)}
 
 
 def loop_lines(code: list[Instruction], top: int = 12) -> list[dict]:
@@ -168,16 +184,22 @@ def main() -> int:
     off = f", without {' '.join(args.flags_off)}" if args.flags_off else ""
     print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}{off}\n")
     print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) | instructions "
-          "| loop instructions (shuffles) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| loop instructions (shuffles) | global loads / stores (of them 8 or 16 bytes wide) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    done = set()
     for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
+        if "BLOCK_L" in KERNELS[name].arg_names:  # the conv's own block, whatever --block-l says
+            block_l = CONV_CONSTANTS["BLOCK_L"]
+        if (name, dtype, block_l, warps) in done:
+            continue
+        done.add((name, dtype, block_l, warps))
         row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
                **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off),
                                args.by_line)}
         rows.append(row)
         print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
               f"{row['spill_stores']} / {row['spill_loads']} | {row['instructions']} | {row['loop_instructions']} "
-              f"({row['loop_shuffles']}) |",
+              f"({row['loop_shuffles']}) | {row['global_loads']} / {row['global_stores']} ({row['wide_accesses']}) |",
               flush=True)
     for row in rows if args.by_line else []:
         if row["loop_by_line"]:
