@@ -546,13 +546,16 @@ NVDISASM_LISTING = """
         /*0050*/               @P0 BRA `(.L_x_0) ;
 \t//## File "/src/kernel.py", line 30
         /*0060*/               @P1 BRA `(.L_x_1) ;
-        /*0070*/                   EXIT ;
+        /*0070*/                   LDG.E.128 R8, desc[UR4][R10.64] ;
+        /*0080*/                   LDG.E.U16 R9, desc[UR4][R10.64+0x10] ;
+        /*0090*/                   STG.E.U16 desc[UR4][R12.64], R2 ;
+        /*00a0*/                   EXIT ;
 """
 
 
 def test_triton_registers_attributes_the_innermost_loop_to_source_lines():
     """The nested loop's inner body (0x20-0x50) only, counted and by file name and line, most instructions
-    first."""
+    first; the kernel's global loads and stores, and which of them are 8 or 16 bytes wide."""
     pytest.importorskip("triton")
     from benchmarks.triton_registers import loop_body, loop_lines, parse_listing
 
@@ -561,6 +564,7 @@ def test_triton_registers_attributes_the_innermost_loop_to_source_lines():
         {"source": "kernel.py:20", "instructions": 2, "top_opcodes": {"FFMA": 2}},
         {"source": "standard.py:309", "instructions": 2, "top_opcodes": {"SHFL": 1, "BRA": 1}},
     ]
-    assert loop_body(code) == {"instructions": 8, "loop_instructions": 4, "loop_shuffles": 1}
+    assert loop_body(code) == {"instructions": 11, "loop_instructions": 4, "loop_shuffles": 1, "global_loads": 2,
+                               "global_stores": 1, "wide_accesses": 1}
     no_loop = parse_listing(NVDISASM_LISTING.replace("BRA `(.L_x_0)", "NOP").replace("BRA `(.L_x_1)", "NOP"))
     assert loop_lines(no_loop) == [] and loop_body(no_loop)["loop_instructions"] == 0
