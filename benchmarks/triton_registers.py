@@ -43,7 +43,7 @@ from nnunet_segmamba.ssm import triton_conv, triton_scan
 # unsplit (128^3's first stage) it is in the inputs' dtype, which takes `_bwd_chunk`'s loop 9 instructions fewer
 # (bf16, Triton 3.6: 1511 against 1520) and its kernel 240 fewer (2256 against 2496)
 INPUT_DTYPE_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
-                        "dz_ptr", "out_ptr", "pre_gate_ptr", "x_ptr", "dx_ptr"}
+                        "dz_ptr", "out_ptr", "x_ptr", "dx_ptr"}
 DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC", "stride_xb", "stride_xd", "stride_ob", "stride_od",
                   "stride_gb", "stride_gd", "stride_dxb", "stride_dxd"}
 KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan._fwd_chunk_output,

@@ -40,7 +40,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns:
         out (batch, d, L) in u's dtype, or (out, last_state) with `return_last_state`.
 
-    Under torch.compile the call goes through the custom op `nnunet_segmamba::scan_forward` (`ops.py`), which
+    Under torch.compile the call goes through the custom op `nnunet_segmamba::selective_scan_fwd` (`ops.py`), which
     runs `selective_scan_eager` inside, so that dynamo traces the layer without a graph break; in eager mode it
     calls `selective_scan_eager` directly, which costs nothing extra.
     """

@@ -208,27 +208,22 @@ def scan_keeps_residuals(backend: str, device: torch.device) -> bool:
 
 def selective_scan_keeping_residuals(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, backend: str,
                                      order: str, num_slices: int | None):
-    """The forward of a scan for which `scan_keeps_residuals`: (out, last_state, states, chunk_sum, pre_gate) from
-    the Triton kernels (pre_gate, the output before z's gate, empty without z); where they fail (now or earlier in
-    the process), the fallback's (out, last_state) with unused residual buffers of the promised shapes (the
-    backward then recomputes; see `ops.selective_scan_bwd`)."""
+    """The forward of a scan for which `scan_keeps_residuals`: (out, last_state, states, chunk_sum) from the Triton
+    kernels; where they fail (now or earlier in the process), the fallback's (out, last_state) with unused
+    residual buffers of the promised shapes (the backward then recomputes; see `ops.selective_scan_bwd`)."""
     from .triton_scan import residual_shapes, selective_scan_triton_fwd
 
     def fallback():
         out, last = selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, backend, order,
                                          num_slices)
         return (out, last, *(u.new_empty(shape, dtype=torch.float32)
-                             for shape in residual_shapes(u.shape, A.shape[1])),
-                u.new_empty(u.shape if z is not None else (0,)))
-
-    def kernels():
-        out, last, states, chunk_sum, pre_gate = selective_scan_triton_fwd(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, mode=order, num_slices=num_slices)
-        return out, last, states, chunk_sum, pre_gate if pre_gate is not None else u.new_empty(0)
+                             for shape in residual_shapes(u.shape, A.shape[1])))
 
     if not triton_scan_status()[0]:
         return fallback()
-    return _run_triton(kernels, fallback, explicit=backend == "triton")
+    return _run_triton(lambda: selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                         mode=order, num_slices=num_slices),
+                       fallback, explicit=backend == "triton")
 
 
 def causal_conv1d_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

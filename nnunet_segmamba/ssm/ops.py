@@ -5,9 +5,9 @@ dynamo cannot look inside mamba-ssm's CUDA extension, nor, in general, into our 
 their host-side launch logic; and tracing the chunked PyTorch scan would unroll its 2 sqrt(L) Python steps into
 one huge graph. As custom ops, all of them are one opaque node each, with
 
-    nnunet_segmamba::scan_forward         (u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, backend, order,
-                                           num_slices?) -> (out, last_state, states, chunk_sum, pre_gate)
-    nnunet_segmamba::scan_backward        (dout, dlast?, <the forward's arguments>, states, chunk_sum, pre_gate)
+    nnunet_segmamba::selective_scan_fwd   (u, delta, A, B, C, D?, z?, delta_bias?, delta_softplus, backend, order,
+                                           num_slices?) -> (out, last_state, states, chunk_sum)
+    nnunet_segmamba::selective_scan_bwd   (dout, dlast?, <the forward's arguments>, states, chunk_sum)
                                            -> gradients of the 8 tensors
     nnunet_segmamba::causal_conv1d        (x, weight, bias?, silu, backend, order, num_slices?) -> out
     nnunet_segmamba::causal_conv1d_bwd    (dout, <the forward's arguments>) -> gradients of x, weight, bias
@@ -15,9 +15,8 @@ one huge graph. As custom ops, all of them are one opaque node each, with
 a fake (shape) function for each, and the backward registered as the forward's autograd formula.
 
 Changing an op's schema needs a new op name (as `selective_scan_fwd` replaced `selective_scan`, which had no
-residual outputs, and `scan_forward` replaced `selective_scan_fwd`, which did not keep the output before the gate):
-torch.compile's on-disk caches are keyed on the traced graph, which names the op but does not hold its schema, so
-a cached backward written for the old schema would otherwise be loaded and fail.
+residual outputs): torch.compile's on-disk caches are keyed on the traced graph, which names the op but does not
+hold its schema, so a cached backward written for the old schema would otherwise be loaded and fail.
 
 Both forwards call `dispatch.selective_scan_eager` / `dispatch.causal_conv1d_eager`, the code eager mode runs
 (the scan on the Triton kernels `dispatch.selective_scan_keeping_residuals`, the same kernels with their residuals):
@@ -26,9 +25,9 @@ and a new implementation added there needs nothing here. `backend` is the name t
 "cuda", ...), not the resolved one, so the environment variable and the failure policy keep their meaning.
 
 What the backwards need. On the Triton kernels the scan's forward returns its residuals (`states`, the
-chunk-entering states, `chunk_sum`, the chunks' summed step sizes, and with z `pre_gate`, the output before the
-gate, as the eager autograd function keeps them) and the backward runs only the backward kernels
-(`dispatch.scan_keeps_residuals` says when; the three are empty tensors otherwise, pre_gate also without z). Every other case recomputes: the backward runs the eager forward again with gradients on and
+chunk-entering states, and `chunk_sum`, the chunks' summed step sizes, as the eager autograd function keeps them)
+and the backward runs only the backward kernels (`dispatch.scan_keeps_residuals` says when; the two are empty
+tensors otherwise). Every other case recomputes: the backward runs the eager forward again with gradients on and
 takes `torch.autograd.grad` of it (each implementation's own backward: mamba-ssm's, the CPU kernel's, or autograd
 through the torch scan), which keeps one backward per implementation at the cost of one more forward in a
 compiled training step; so does the causal conv, except on the Triton kernels, whose backward needs only the
@@ -119,31 +118,28 @@ def _leaves(tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
 
 
 # ---- selective scan ------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{_NS}::scan_forward", mutates_args=())
+@torch.library.custom_op(f"{_NS}::selective_scan_fwd", mutates_args=())
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                    z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, backend: str,
-                   order: str, num_slices: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   order: str, num_slices: Optional[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`api.selective_scan(..., return_last_state=True)` as one op: (out in u's dtype, last state (batch, d,
     n) in float32, float64 for float64 inputs, and the residuals for the backward: see the module docstring)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     with torch.no_grad():
         if dispatch.scan_keeps_residuals(backend, u.device):
-            out, last, states, chunk_sum, pre_gate = dispatch.selective_scan_keeping_residuals(
+            out, last, states, chunk_sum = dispatch.selective_scan_keeping_residuals(
                 *inputs, delta_softplus, backend, order, num_slices)
         else:
             out, last = dispatch.selective_scan_eager(*inputs, delta_softplus, True, backend, order, num_slices)
             states, chunk_sum = u.new_empty(0, dtype=torch.float32), u.new_empty(0, dtype=torch.float32)
-            pre_gate = u.new_empty(0)
     # contiguous as the fake function promises (a no-op for every implementation's usual output); the last state
     # is a view of `states` on the Triton kernels, and an op's outputs may not share memory
-    return tuple(_fresh([out.contiguous(), last.to(_state_dtype(u)).contiguous(), states, chunk_sum, pre_gate],
-                        inputs))
+    return tuple(_fresh([out.contiguous(), last.to(_state_dtype(u)).contiguous(), states, chunk_sum], inputs))
 
 
 @selective_scan.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, order, num_slices):
-    keeps = dispatch.scan_keeps_residuals(backend, u.device)
-    if keeps:
+    if dispatch.scan_keeps_residuals(backend, u.device):
         from .triton_scan import residual_shapes
 
         shapes = residual_shapes(u.shape, A.shape[1])
@@ -151,23 +147,22 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend, order, num_s
         shapes = ((0,), (0,))
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
             u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=_state_dtype(u)),
-            *(u.new_empty(shape, dtype=torch.float32) for shape in shapes),
-            u.new_empty(u.shape if keeps and z is not None else (0,)))
+            *(u.new_empty(shape, dtype=torch.float32) for shape in shapes))
 
 
-@torch.library.custom_op(f"{_NS}::scan_backward", mutates_args=())
+@torch.library.custom_op(f"{_NS}::selective_scan_bwd", mutates_args=())
 def selective_scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
                        C: Tensor, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
-                       states: Tensor, chunk_sum: Tensor, pre_gate: Tensor, delta_softplus: bool, backend: str,
-                       order: str, num_slices: Optional[int]) -> list[Tensor]:
+                       states: Tensor, chunk_sum: Tensor, delta_softplus: bool, backend: str, order: str,
+                       num_slices: Optional[int]) -> list[Tensor]:
     """Gradients of (u, delta, A, B, C, D, z, delta_bias): from the residuals where the forward kept them and the
     Triton kernels still run, else by recomputing the forward (see the module docstring)."""
     inputs = (u, delta, A, B, C, D, z, delta_bias)
     if states.numel() and dispatch.triton_scan_status()[0]:
         from .triton_scan import selective_scan_triton_bwd
 
-        grads = selective_scan_triton_bwd(dout, *inputs, delta_softplus, states, chunk_sum,
-                                          pre_gate if z is not None else None, mode=order, num_slices=num_slices)
+        grads = selective_scan_triton_bwd(dout, *inputs, delta_softplus, states, chunk_sum, mode=order,
+                                          num_slices=num_slices)
         grads = [g if g is not None else u.new_empty(0) for g in grads]
     else:
         leaves = _leaves(inputs)
@@ -175,23 +170,23 @@ def selective_scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: 
             out, last = dispatch.selective_scan_eager(*leaves, delta_softplus, True, backend, order, num_slices)
             # the state carries a gradient on the torch scan only (as in eager mode); the kernels mark it constant
             grads = _gradients([out, last], [dout, dlast], leaves)
-    return _fresh([g.contiguous() for g in grads], (dout, dlast, *inputs, states, chunk_sum, pre_gate))
+    return _fresh([g.contiguous() for g in grads], (dout, dlast, *inputs, states, chunk_sum))
 
 
 @selective_scan_bwd.register_fake
-def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, chunk_sum, pre_gate, delta_softplus, backend,
-      order, num_slices):
+def _(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, chunk_sum, delta_softplus, backend, order,
+      num_slices):
     return [_contiguous_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
 
 
 def _scan_setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, *settings = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], output[3], output[4])
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2], output[3])
     ctx.present = [t is not None for t in (D, z, delta_bias)]
     ctx.settings = settings
 
 
-def _scan_backward(ctx, dout, dlast, _dstates, _dchunk_sum, _dpre_gate):
+def _scan_backward(ctx, dout, dlast, _dstates, _dchunk_sum):
     grads = selective_scan_bwd(dout, dlast, *ctx.saved_tensors, *ctx.settings)
     grads = grads[:5] + [g if present else None for g, present in zip(grads[5:], ctx.present)]
     return (*grads, None, None, None, None)
@@ -199,7 +194,7 @@ def _scan_backward(ctx, dout, dlast, _dstates, _dchunk_sum, _dpre_gate):
 
 selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 # the op as the dispatcher sees it (what a selective activation checkpointing policy is called with)
-SELECTIVE_SCAN_OP = torch.ops.nnunet_segmamba.scan_forward.default
+SELECTIVE_SCAN_OP = torch.ops.nnunet_segmamba.selective_scan_fwd.default
 
 
 # ---- causal conv ---------------------------------------------------------------------------------------------

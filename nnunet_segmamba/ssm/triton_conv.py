@@ -45,20 +45,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if TRITON_AVAILABLE:
 
     @jit
-    def _position(t, valid, L, n, M, MODE: tl.constexpr):
-        """p(t) for the steps t that are valid. The other orders clamp the masked-off steps first: p() of a negative
-        step can land anywhere, and the interpreter may still form the address. In the forward order p(t) = t
-        needs no clamp (a masked-off address is formed, never read), and without one the compiler still knows that
-        each thread's steps are contiguous and aligned, so it loads and stores them as vectors (one 16-byte access
-        for 8 bf16 steps instead of 8 two-byte ones); it is the order of every branch under torch.compile."""
-        if MODE == 0:
-            return t
-        return memory_position(tl.where(valid, t, 0), L, n, M, MODE)
-
-    @jit
     def _load_scan(row_ptr, t, valid, L, n, M, MODE: tl.constexpr):
         """x at scan-order steps t as float32, zero where not valid (before the start or past the end)."""
-        return tl.load(row_ptr + _position(t, valid, L, n, M, MODE), mask=valid, other=0.0).to(tl.float32)
+        # Clamp the masked-off steps: p() of a negative step can land anywhere, and the interpreter may still
+        # form the address.
+        pos = memory_position(tl.where(valid, t, 0), L, n, M, MODE)
+        return tl.load(row_ptr + pos, mask=valid, other=0.0).to(tl.float32)
 
     @jit
     def _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M,
@@ -92,12 +84,13 @@ if TRITON_AVAILABLE:
         acc = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        tl.store(out_row + _position(t, in_seq, L, n, M, MODE), acc.to(out_ptr.dtype.element_ty), mask=in_seq)
+        pos = memory_position(tl.where(in_seq, t, 0), L, n, M, MODE)
+        tl.store(out_row + pos, acc.to(out_ptr.dtype.element_ty), mask=in_seq)
 
     @jit
     def _causal_conv1d_bwd_gate_kernel(
         x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
-        BATCH, D, L, n, M, n_tiles,
+        D, L, n, M, n_tiles,
         stride_xb, stride_xd, stride_gb, stride_gd,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
@@ -118,12 +111,11 @@ if TRITON_AVAILABLE:
             sig = tl.sigmoid(pre)
             g = g * sig * (1.0 + pre * (1.0 - sig))
         tl.store(g_ptr + row.to(tl.int64) * L + t, g, mask=in_seq)
-        # the partial sums laid out (channel, [tap,] batch, tile), so that torch adds each one's up along memory
-        part = (c * BATCH + b) * n_tiles + tile
+        part = row.to(tl.int64) * n_tiles + tile
         for k in tl.static_range(K):
             src = t - (K - 1) + k
             xk = _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
-            tl.store(dw_part_ptr + ((c * K + k) * BATCH + b) * n_tiles + tile, tl.sum(g * xk, axis=0))
+            tl.store(dw_part_ptr + part * K + k, tl.sum(g * xk, axis=0))
         if HAS_BIAS:
             tl.store(db_part_ptr + part, tl.sum(g, axis=0))
 
@@ -149,8 +141,8 @@ if TRITON_AVAILABLE:
         for j in tl.static_range(K):
             u = s + j
             dx += tl.load(w_row + (K - 1 - j)).to(tl.float32) * tl.load(g_row + u, mask=u < L, other=0.0)
-        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + _position(s, in_seq, L, n, M, MODE),
-                 dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
+        pos = memory_position(tl.where(in_seq, s, 0), L, n, M, MODE)
+        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + pos, dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
 
 
 def _block_size(length: int) -> int:
@@ -211,14 +203,14 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
     n_tiles = cdiv(length, block)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
-    dw_part = torch.zeros((dim, width, batch * n_tiles), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros((dim, batch * n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
+    dw_part = torch.zeros((batch * dim, n_tiles, width), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros((batch * dim, n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
     if x.numel():
         g = torch.empty((batch * dim, length), dtype=torch.float32, device=x.device)
         with on_device_of(x):
             _causal_conv1d_bwd_gate_kernel[(batch * dim, n_tiles)](
                 x, w, b if b is not None else w, dout, g, dw_part, db_part,
-                batch, dim, length, num_slices, slice_len, n_tiles,
+                dim, length, num_slices, slice_len, n_tiles,
                 *_row_strides(x), *_row_strides(dout),
                 K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
             )
@@ -226,8 +218,8 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
                 g, w, dx, dim, length, num_slices, slice_len, *_row_strides(dx),
                 K=width, MODE=mode_id, BLOCK_L=block,
             )
-    dweight = dw_part.sum(-1).to(w.dtype)
-    dbias = db_part.sum(-1).to(b.dtype) if b is not None else None
+    dweight = dw_part.view(batch, dim, n_tiles, width).sum(dim=(0, 2)).to(w.dtype)
+    dbias = db_part.view(batch, dim, n_tiles).sum(dim=(0, 2)).to(b.dtype) if b is not None else None
     return dx, dweight, dbias
 
 

@@ -16,8 +16,7 @@ and C once and walks its channels, loading each channel's inputs while it comput
             3. per chunk again, the in-chunk scan from its true entering state (tl.associative_scan), and y.
   backward  the same three steps for the adjoint, which runs the other way: dh_t = C_t dy_t + a_{t+1} dh_{t+1},
             then every gradient from the states recomputed in registers (step 3 once more). Only the chunk
-            boundary states are kept between forward and backward, never the (batch, d, L, n) history, and with
-            z the output before the gate (batch, d, L), for z's gradient (as mamba-ssm keeps it). The
+            boundary states are kept between forward and backward, never the (batch, d, L, n) history. The
             in-chunk adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton).
             At 32^3 x 192 the backward's main kernel is now faster than mamba-ssm's whole backward kernel and a
             fwd+bwd takes within 1.1x of mamba-ssm's GPU time; a single call adds the host's time on top (Python
@@ -201,7 +200,7 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
 
 @jit
 def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, out_ptr,
-                      pre_gate_ptr, D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
+                      D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
@@ -230,8 +229,6 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
                                    axis=1, combine_fn=_linear_combine)
         y = tl.sum(h * Ct, 0) + Dd * u
         if HAS_Z:
-            # kept for z's gradient, which the backward then reads instead of computing y again
-            tl.store(pre_gate_ptr + bd * L + p, y.to(pre_gate_ptr.dtype.element_ty), mask=mask)
             z = z.to(tl.float32)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + bd * L + p, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -269,7 +266,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
 
 @jit
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
-               pre_gate_ptr, du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
+               du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
@@ -283,9 +280,6 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
                                           n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
     dy = tl.load(dout_ptr + (b * D_ + d0).to(tl.int64) * L + p, mask=mask, other=0.0)
-    y = 0.0  # the forward's output before the gate, for z's gradient
-    if HAS_Z:
-        y = tl.load(pre_gate_ptr + (b * D_ + d0).to(tl.int64) * L + p, mask=mask, other=0.0)
     for i in range(0, D_PER_PROGRAM):
         d = d0 + i
         bd = b * D_ + d
@@ -299,9 +293,6 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         delta_n, u_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d + 1, live,
                                                         N, L, p, mask, n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
         dy_n = tl.load(dout_ptr + row + L + p, mask=mask & live, other=0.0)
-        y_n = 0.0
-        if HAS_Z:
-            y_n = tl.load(pre_gate_ptr + row + L + p, mask=mask & live, other=0.0)
         dt, x = _step_sizes(delta, bias, mask, SOFTPLUS)
         u = u.to(tl.float32)
         A2 = _base_2(A)
@@ -316,7 +307,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
                                    axis=1, combine_fn=_linear_combine)
         decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
         if HAS_Z:
-            y = y.to(tl.float32)
+            y = tl.sum(h * Ct, 0) + Dd * u
             z = z.to(tl.float32)
             gate = tl.sigmoid(z)
             tl.store(dz_ptr + row + p, (dy * y * gate * (1.0 + z * (1.0 - gate))).to(dz_ptr.dtype.element_ty),
@@ -354,7 +345,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         if HAS_BIAS:
             tl.store(dparam_ptr + part + W - 1, tl.sum(ddt, 0))
         dB_acc += dh * dtu[None, :]
-        delta, u, z, A, bias, dy, y = delta_n, u_n, z_n, A_n, bias_n, dy_n, y_n
+        delta, u, z, A, bias, dy = delta_n, u_n, z_n, A_n, bias_n, dy_n
     # dB and dC of each channel split, one buffer (split, 2, batch, group, n, L): in the inputs' dtype when there
     # is one split, else float32 partial sums for torch to add up
     dB_row = (((split * 2) * BATCH + b) * G_ + g).to(tl.int64) * N * L
@@ -464,17 +455,15 @@ def _prepare(u, delta, A, B, C, z, mode: str, num_slices: int | None, block_l: i
 
 
 def residual_shapes(u_shape, d_state: int, block_l: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the float32 part of what the forward keeps for the backward: the chunk-entering states (batch, d,
-    chunks + 1, n) and the chunks' summed step sizes (batch, d, chunks). With z it also keeps the output before
-    the gate, shaped and typed as u."""
+    """Shapes of what the forward keeps for the backward: the chunk-entering states (batch, d, chunks + 1, n) and
+    the chunks' summed step sizes (batch, d, chunks), both float32."""
     batch, dim, length = u_shape
     chunks = cdiv(length, _block_length(length, block_l))
     return (batch, dim, chunks + 1, d_state), (batch, dim, chunks)
 
 
 def _forward(p: _Prepared, D, delta_bias, softplus: bool):
-    """-> out (u's dtype), states, chunk_sum, pre_gate (the residuals of `_backward`; pre_gate, the output before
-    z's gate in u's dtype, is None without z)."""
+    """-> out (u's dtype), states, chunk_sum (the residuals of `_backward`)."""
     u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
     batch, dim, length = u.shape
     n, groups, chunks = A32.shape[1], B.shape[1], p.chunks
@@ -484,7 +473,6 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     chunk_end = torch.empty(batch, dim, chunks, n, **f32)
     states = torch.empty(batch, dim, chunks + 1, n, **f32)
     out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-    pre_gate = torch.empty_like(out) if z is not None else None
     dummy = A32
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
@@ -496,15 +484,14 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
                              num_warps=TUNING["warps_fwd"], **flags)
     _carry(chunk_sum, chunk_end, A32, states, batch, dim, n, NP, chunks, reverse=False)
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
-                            delta_bias if delta_bias is not None else dummy, states, out,
-                            pre_gate if pre_gate is not None else out, dim, groups, n, length,
+                            delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                             p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
                             BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
                             HAS_Z=z is not None, **flags)
-    return out, states, chunk_sum, pre_gate
+    return out, states, chunk_sum
 
 
-def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum, pre_gate):
+def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum):
     """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the callers' shapes and dtypes (None where absent)."""
     u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
     batch, dim, length = u.shape
@@ -537,7 +524,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dparams = torch.empty(batch, chunks, dim, width, **f32)
     _bwd_chunk[(batch * groups * d_split, chunks)](
         u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
-        pre_gate if pre_gate is not None else dout, du, ddelta, dz if dz is not None else du, dBC, dparams,
+        du, ddelta, dz if dz is not None else du, dBC, dparams,
         batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
         *_batch_strides(u, delta, z, B, C),
         NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
@@ -567,8 +554,8 @@ class _TritonSelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, mode, num_slices,
                 block_l):
         p = _prepare(u, delta, A, B, C, z, mode, num_slices, block_l)
-        out, states, chunk_sum, pre_gate = _forward(p, D, delta_bias, delta_softplus)
-        ctx.save_for_backward(p.u, p.delta, A, p.B, p.C, D, p.z, delta_bias, states, chunk_sum, pre_gate)
+        out, states, chunk_sum = _forward(p, D, delta_bias, delta_softplus)
+        ctx.save_for_backward(p.u, p.delta, A, p.B, p.C, D, p.z, delta_bias, states, chunk_sum)
         ctx.prepared = p._replace(u=None, delta=None, A32=None, B=None, C=None, z=None)
         ctx.softplus = bool(delta_softplus)
         if return_last_state:
@@ -579,27 +566,26 @@ class _TritonSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        u, delta, A, B, C, D, z, delta_bias, states, chunk_sum, pre_gate = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, states, chunk_sum = ctx.saved_tensors
         p = ctx.prepared._replace(u=u, delta=delta, A32=A.float().contiguous(), B=B, C=C, z=z)
-        grads = _backward(p, A, D, delta_bias, ctx.softplus, dout, states, chunk_sum, pre_gate)
+        grads = _backward(p, A, D, delta_bias, ctx.softplus, dout, states, chunk_sum)
         return (*grads, None, None, None, None, None)
 
 
 def selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, mode: str = "forward",
                               num_slices: int | None = None):
-    """The forward without autograd, for the custom op (`ops.py`): (out, last_state, states, chunk_sum, pre_gate),
-    the last three being what `selective_scan_triton_bwd` needs (shapes: `residual_shapes`; pre_gate is None
-    without z)."""
-    out, states, chunk_sum, pre_gate = _forward(_prepare(u, delta, A, B, C, z, mode, num_slices, None), D,
-                                                delta_bias, delta_softplus)
-    return out, states[:, :, -1], states, chunk_sum, pre_gate
+    """The forward without autograd, for the custom op (`ops.py`): (out, last_state, states, chunk_sum), the last
+    two being what `selective_scan_triton_bwd` needs (shapes: `residual_shapes`)."""
+    out, states, chunk_sum = _forward(_prepare(u, delta, A, B, C, z, mode, num_slices, None), D, delta_bias,
+                                      delta_softplus)
+    return out, states[:, :, -1], states, chunk_sum
 
 
 def selective_scan_triton_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, states, chunk_sum,
-                              pre_gate, mode: str = "forward", num_slices: int | None = None):
+                              mode: str = "forward", num_slices: int | None = None):
     """Gradients of (u, delta, A, B, C, D, z, delta_bias) (None where absent) from the forward's residuals."""
     return _backward(_prepare(u, delta, A, B, C, z, mode, num_slices, None), A, D, delta_bias, delta_softplus,
-                     dout, states, chunk_sum, pre_gate)
+                     dout, states, chunk_sum)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
