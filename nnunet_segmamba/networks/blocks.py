@@ -74,8 +74,8 @@ class _KeepsChannelsLast:
 
 
 class _InstanceNormChannelsLast(torch.autograd.Function):
-    """Instance normalisation of a channels-last input (biased variance over the spatial dims, in float32; the
-    output in the input's dtype), with its backward written out.
+    """Instance normalisation of a channels-last input (biased variance over the spatial dims, in float32, or
+    float64 for a float64 input; the output in the input's dtype), with its backward written out.
 
     Autograd's backward of the float32 formula converts the incoming gradient to float32 and scales it by 1/std
     first; that full-size float32 product feeds both the backward's reductions and its pointwise, and
@@ -89,13 +89,14 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         dims = tuple(range(2, x.dim()))
-        x32 = x.float()
+        precision = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(precision)
         var, mean = torch.var_mean(x32, dim=dims, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + eps)
         y = (x32 - mean) * rstd
         if weight is not None:
             shape = (1, -1) + (1,) * len(dims)
-            y = y * weight.float().view(shape) + bias.float().view(shape)
+            y = y * weight.to(precision).view(shape) + bias.to(precision).view(shape)
         ctx.save_for_backward(x, mean, rstd, weight)
         return y.to(x.dtype)
 
@@ -104,10 +105,10 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
         x, mean, rstd, weight = ctx.saved_tensors
         dims = tuple(range(2, x.dim()))
         n = math.prod(x.shape[2:])
-        centred = x - mean  # float32 by type promotion, computed where it is read
-        sum_g = grad.sum(dims, keepdim=True, dtype=torch.float32)
+        centred = x - mean  # in mean's precision by type promotion, computed where it is read
+        sum_g = grad.sum(dims, keepdim=True, dtype=mean.dtype)
         sum_gc = (grad * centred).sum(dims, keepdim=True)  # = sum(g * xhat) / rstd
-        scale = rstd if weight is None else rstd * weight.float().view((1, -1) + (1,) * len(dims))
+        scale = rstd if weight is None else rstd * weight.to(mean.dtype).view((1, -1) + (1,) * len(dims))
         # dx = scale * (g - mean(g) - xhat * mean(g * xhat)), xhat = centred * rstd
         grad_x = grad * scale - centred * (scale * rstd * rstd * sum_gc / n) - scale * sum_g / n
         grad_weight = grad_bias = None

@@ -291,38 +291,40 @@ def test_conv_blocks_are_recomputed_by_default_on_cuda_only(monkeypatch):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("affine", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_instance_norm_keeps_a_channels_last_layout(spatial_dims, affine, dtype):
     """The networks' InstanceNorm: a channels-last input gives a channels-last output with torch's values and
     gradients of input, weight and bias (torch's own returns channels-first; its backward is written out, see
-    `_InstanceNormChannelsLast`); a 16-bit input is normalised in float32 like torch's under autocast; a
-    channels-first input takes torch's path exactly."""
+    `_InstanceNormChannelsLast`); a 16-bit input is normalised in float32 like torch's under autocast, a float64
+    one (a float64 network's) in float64; a channels-first input takes torch's path exactly."""
     from nnunet_segmamba.networks.blocks import instance_norm_nd
 
     fmt = CHANNELS_LAST[spatial_dims + 2]
     g = torch.Generator().manual_seed(0)
     norm = instance_norm_nd(spatial_dims)(6, affine=affine)
+    precision = torch.promote_types(dtype, torch.float32)
+    norm = norm.to(precision)
     if affine:
         with torch.no_grad():
             norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
     params = [p.detach().clone().requires_grad_(True) for p in (norm.weight, norm.bias)] if affine else [None, None]
-    x = (torch.randn(2, 6, *[5, 7, 4][:spatial_dims], generator=g) * 3 + 1).to(dtype)
-    x_ref = x.float().clone().requires_grad_(True)  # the float32 reference: what the 16-bit norm computes in
+    x = (torch.randn(2, 6, *[5, 7, 4][:spatial_dims], generator=g, dtype=precision) * 3 + 1).to(dtype)
+    x_ref = x.to(precision).clone().requires_grad_(True)  # the reference in what the 16-bit norm computes in
     reference = torch.nn.functional.instance_norm(x_ref, weight=params[0], bias=params[1], eps=norm.eps)
     x_cl = x.to(memory_format=fmt).requires_grad_(True)
     y = norm(x_cl)
     assert y.is_contiguous(memory_format=fmt) and not y.is_contiguous() and y.dtype == dtype
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
-    torch.testing.assert_close(y.float(), reference, **tol)
-    dy = torch.randn(reference.shape, generator=g).to(dtype)
+    tols = {torch.float32: (1e-5, 1e-5, 1e-4, 1e-5, 1e-4), torch.float64: (1e-12,) * 5}
+    value_rtol, value_atol, grad_rtol, grad_atol, param_tol = tols.get(dtype, (1e-2, 2e-2, 1e-2, 2e-2, 1e-4))
+    torch.testing.assert_close(y.to(precision), reference, rtol=value_rtol, atol=value_atol)
+    dy = torch.randn(reference.shape, generator=g, dtype=precision).to(dtype)
     y.backward(dy)
-    reference.backward(dy.float())
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
-    torch.testing.assert_close(x_cl.grad.float(), x_ref.grad, **tol)
-    if affine:  # the parameters stay float32; their gradients come from float32 sums
-        torch.testing.assert_close(norm.weight.grad, params[0].grad, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(norm.bias.grad, params[1].grad, rtol=1e-4, atol=1e-4)
-    x = x.float()
+    reference.backward(dy.to(precision))
+    torch.testing.assert_close(x_cl.grad.to(precision), x_ref.grad, rtol=grad_rtol, atol=grad_atol)
+    if affine:  # the parameters stay in at least float32; their gradients come from sums in that precision
+        torch.testing.assert_close(norm.weight.grad, params[0].grad, rtol=param_tol, atol=param_tol)
+        torch.testing.assert_close(norm.bias.grad, params[1].grad, rtol=param_tol, atol=param_tol)
+    x = x.to(precision)
     assert torch.equal(norm(x), torch.nn.functional.instance_norm(x, weight=norm.weight, bias=norm.bias,
                                                                    eps=norm.eps))
 
