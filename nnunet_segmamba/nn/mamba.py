@@ -255,8 +255,7 @@ class TriOrientedMamba(nn.Module):
     cpu_index_map_orders: tuple[str, ...] = ("reverse", "slice")
 
     def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
-               num_slices: int | None = None, scan_as_op: bool = False,
-               gate_outside: bool | None = None) -> torch.Tensor:
+               num_slices: int | None = None, scan_as_op: bool = False) -> torch.Tensor:
         """One direction's Mamba branch, visiting the sequence in `order` (see `nnunet_segmamba.ssm.visit`).
 
         Args:
@@ -264,10 +263,6 @@ class TriOrientedMamba(nn.Module):
             order, num_slices: the visiting order; the output comes back in xz's order. With the default
                 "forward", xz is taken to be in the direction's own order already.
             scan_as_op: run the scan as its custom op in eager mode too (`ssm.selective_scan`'s `as_op`).
-            gate_outside: multiply by silu(z) here instead of in the scan (the same float32 arithmetic); None:
-                under torch.compile on CUDA, where inductor fuses the gate and its gradients into the passes
-                around the branch and the scan's kernels then run without z (fewer instructions in the
-                backward's main kernel, which is bound by them), and in the scan everywhere else.
         Returns:
             (B, d_inner, L): y * silu(z), before out_proj.
         """
@@ -282,17 +277,11 @@ class TriOrientedMamba(nn.Module):
         x_dbl = _project(x_proj.weight, u)  # (B, dt_rank + 2 d_state, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = _project(dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
-        if gate_outside is None:
-            gate_outside = torch.compiler.is_compiling() and xz.is_cuda
-        y = selective_scan(
-            u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), None if gate_outside else z,
+        return selective_scan(
+            u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
             delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
             num_slices=num_slices, as_op=scan_as_op,
         )
-        if gate_outside:
-            precision = _scan_precision(y).dtype  # as the kernels compute it: float32, float64 for float64
-            return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
-        return y
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
