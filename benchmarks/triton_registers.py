@@ -57,6 +57,11 @@ FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": 
 CONV_CONSTANTS = {"K": 4, "MODE": 0, "HAS_BIAS": True, "SILU": True, "BLOCK_L": triton_conv.MAX_BLOCK_L}
 
 
+def is_conv_kernel(kernel) -> bool:
+    """A causal conv kernel (constants CONV_CONSTANTS) rather than a scan kernel (NP, BL and FLAGS)."""
+    return "BLOCK_L" in kernel.arg_names
+
+
 def ptxas_path() -> str:
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not path.is_file():
@@ -66,7 +71,7 @@ def ptxas_path() -> str:
 
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
                   flags_off: tuple[str, ...] = (), by_line: bool = False) -> dict:
-    if "BLOCK_L" in kernel.arg_names:  # a causal conv kernel
+    if is_conv_kernel(kernel):
         consts = {k: v for k, v in CONV_CONSTANTS.items() if k in kernel.arg_names}
     else:
         consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
@@ -143,7 +148,9 @@ def innermost_loop(code: list[Instruction]) -> list[Instruction]:
 
 def loop_body(code: list[Instruction]) -> dict:
     """The kernel's SASS instruction count, and those in its innermost loop: the backward's channel loop runs once
-    per channel, so its length is what the kernel's time scales with. 0 without a loop."""
+    per channel, so its length is what the kernel's time scales with (0 without a loop). Also the whole kernel's
+    global loads and stores, and how many are 8 or 16 bytes wide: what a loop-less, memory-bound kernel (the causal
+    conv's) scales with."""
     body = innermost_loop(code)
     return {"instructions": len(code), "loop_instructions": len(body),
             "loop_shuffles": sum(i.opcode.startswith("SHFL") for i in body),
@@ -188,7 +195,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     done = set()
     for name, dtype, block_l, warps in itertools.product(args.kernels, args.dtypes, args.block_l, args.warps):
-        if "BLOCK_L" in KERNELS[name].arg_names:  # the conv's own block, whatever --block-l says
+        if is_conv_kernel(KERNELS[name]):  # the conv's own block, whatever --block-l says
             block_l = CONV_CONSTANTS["BLOCK_L"]
         if (name, dtype, block_l, warps) in done:
             continue

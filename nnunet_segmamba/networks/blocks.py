@@ -90,10 +90,10 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         dims = tuple(range(2, x.dim()))
         precision = torch.promote_types(x.dtype, torch.float32)
-        x32 = x.to(precision)
-        var, mean = torch.var_mean(x32, dim=dims, keepdim=True, correction=0)
+        x_wide = x.to(precision)
+        var, mean = torch.var_mean(x_wide, dim=dims, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + eps)
-        y = (x32 - mean) * rstd
+        y = (x_wide - mean) * rstd
         if weight is not None:
             shape = (1, -1) + (1,) * len(dims)
             y = y * weight.to(precision).view(shape) + bias.to(precision).view(shape)
