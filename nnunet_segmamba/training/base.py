@@ -184,6 +184,14 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         # same signature as nnU-Net's: it records these arguments in checkpoints ('init_args') by name
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_cascaded:
+            # nnU-Net's cascade trains on the previous stage's predictions of every training case, which its
+            # five-fold cross-validation makes; each 70/10/20 fold predicts only its 10 % validation cases, so the
+            # data loader would stop at the first missing one, and the training cases' own predictions would leak
+            raise ValueError(f"{type(self).__name__} does not train nnU-Net's cascade ({configuration!r}, after "
+                             f"{self.configuration_manager.previous_stage_name!r}): its 70/10/20 split leaves the "
+                             f"previous stage's predictions of the training cases unmade; train 3d_fullres or "
+                             f"3d_lowres instead")
         if self.seed is not None:
             random.seed(self.seed)
             np.random.seed(self.seed)

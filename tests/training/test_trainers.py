@@ -20,13 +20,14 @@ CONFIGURATIONS = ("2d", "3d_fullres")  # for the nnunet_dirs fixture (conftest.p
 TINY = trainers.nnUNetTrainerSegMamba_tiny
 
 
-def _trainer(cls, configuration: str, device: str = "cpu"):
+def _trainer(cls, configuration: str, device: str = "cpu", extra_configurations: dict | None = None):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
 
     folder = Path(str(nnUNet_preprocessed)) / DATASET_NAME
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False
+    plans["configurations"].update(extra_configurations or {})
     return cls(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device(device))
 
 
@@ -64,6 +65,23 @@ def test_init_applies_tunables_and_rounds_the_patch(nnunet_dirs):
     assert all(p % 16 == 0 for p in t.configuration_manager.patch_size)
     assert t.plans_manager.plans["configurations"]["3d_fullres"]["patch_size"] == t.configuration_manager.patch_size
     assert t.my_init_kwargs["configuration"] == "3d_fullres" and t.my_init_kwargs["fold"] == 0
+
+
+def test_cascade_is_refused_and_its_first_stage_is_accepted(nnunet_dirs):
+    """nnU-Net's cascade as its planner writes it for large images: 3d_lowres, then 3d_cascade_fullres on its
+    predictions. The first stage is a plain configuration; the second needs cross-validation predictions of every
+    training case, which the 70/10/20 split does not make, so the trainer stops with the fix in its message."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    fullres = load_json(str(Path(str(nnUNet_preprocessed)) / DATASET_NAME / "nnUNetPlans.json"))[
+        "configurations"]["3d_fullres"]
+    cascade = {"3d_lowres": {**fullres, "next_stage": "3d_cascade_fullres"},
+               "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}
+    assert not _trainer(TINY, "3d_lowres", extra_configurations=cascade).is_cascaded
+    with pytest.raises(ValueError, match=r"does not train nnU-Net's cascade \('3d_cascade_fullres', after "
+                                         r"'3d_lowres'\).*train 3d_fullres or 3d_lowres instead"):
+        _trainer(TINY, "3d_cascade_fullres", extra_configurations=cascade)
 
 
 @pytest.mark.parametrize("configuration, dims", [("3d_fullres", 3), ("2d", 2)])
