@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from nnunet_segmamba.devices import resolve_device
-from nnunet_segmamba.errors import SetupError, UserError
-from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
+from nnunet_segmamba.errors import UserError
+from nnunet_segmamba.training import ext_trainers
+from nnunet_segmamba.training.ext_trainers import require_env
 
 if TYPE_CHECKING:
     import torch
@@ -26,24 +27,11 @@ if TYPE_CHECKING:
 CONVENTIONS = ("brats", "reference")
 
 
-def _require_env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise SetupError(f"the environment variable {name} is not set; export it (see `nnunet-segmamba env`)")
-    return value
-
-
 def _model_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> tuple[str, Path]:
     """The dataset's name and the trained model's folder under $nnUNet_results, or a UserError naming the input."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    results_root = _require_env("nnUNet_results")
-    try:
-        dataset_name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:  # nnU-Net's "Could not find a dataset with the ID ..."
-        raise UserError(f"dataset {dataset!r} (-d) is not found under $nnUNet_results ({results_root}), "
-                        "$nnUNet_raw or $nnUNet_preprocessed; pass an existing dataset id or name") from None
-    return dataset_name, Path(results_root) / dataset_name / f"{trainer}__{plans}__{configuration}"
+    results_root = require_env("nnUNet_results")
+    name = ext_trainers.dataset_name(dataset)
+    return name, Path(results_root) / name / f"{trainer}__{plans}__{configuration}"
 
 
 def trained_predictor(model_folder: str | os.PathLike, folds: int | Sequence[int] | None, trainer: str,
@@ -53,24 +41,16 @@ def trained_predictor(model_folder: str | os.PathLike, folds: int | Sequence[int
     averaged, or None: every fold folder with the checkpoint), set up as `nnUNetv2_predict` does (sliding window,
     overlap 0.5, Gaussian weighting), with our trainers found by name (a failed lookup says what to export)."""
     from nnunet_segmamba.training.predictor import SegMambaPredictor
-    from nnunet_segmamba.training.reliability import is_trainer_lookup_error, trainer_lookup_error
+    from nnunet_segmamba.training.reliability import trainer_lookup
 
     device = resolve_device(device)
-    # nnU-Net looks the trainer up by name; ours are found through nnUNet_extTrainer, which we know
-    folders = [f for f in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
-    if ext_trainer_folder() not in folders:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join(folders + [ext_trainer_folder()])
     predictor = SegMambaPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                   perform_everything_on_device=device.type == "cuda", device=device,
                                   verbose=False, allow_tqdm=False)
-    try:
+    with trainer_lookup(trainer):  # the predictor looks the trainer up by name
         predictor.initialize_from_trained_model_folder(
             str(model_folder), use_folds=(folds,) if isinstance(folds, int) else folds,
             checkpoint_name=checkpoint_name)
-    except RuntimeError as exc:
-        if is_trainer_lookup_error(exc):
-            raise trainer_lookup_error(exc, trainer) from exc
-        raise
     return predictor
 
 
@@ -106,13 +86,13 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     if convention not in CONVENTIONS:
         raise UserError(f"convention must be one of {CONVENTIONS} (--convention), got {convention!r}")
 
-    _require_env("nnUNet_preprocessed")
+    require_env("nnUNet_preprocessed")
     dataset_name, model_folder = _model_folder(dataset, trainer, plans, configuration)
-    raw_folder = Path(_require_env("nnUNet_raw")) / dataset_name
+    raw_folder = Path(require_env("nnUNet_raw")) / dataset_name
     if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
         raise FileNotFoundError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} with "
                                 f"-tr {trainer} first (or pass the checkpoint name)")
-    test_ids = read_split(str(Path(_require_env("nnUNet_preprocessed")) / dataset_name), fold)["test"]
+    test_ids = read_split(str(Path(require_env("nnUNet_preprocessed")) / dataset_name), fold)["test"]
 
     dataset_json = load_json(str(raw_folder / "dataset.json"))
     files = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)

@@ -5,7 +5,8 @@
 * interruption: `atomic_write_path` gives checkpoints a temporary name in the target folder and renames it over
   the target only once it is completely written (`nnUNetTrainerSegMambaBase.save_checkpoint`);
 * bad input before prediction: `check_images_finite` (NaN / Inf voxels), `check_channel_count` (the dataset has
-  another number of channels than the trained model), `trainer_lookup_error` (a trainer nnU-Net cannot find).
+  another number of channels than the trained model), `trainer_lookup_error` and `trainer_lookup` (a trainer nnU-Net
+  cannot find).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from nnunet_segmamba.training.ext_trainers import ext_trainer_folder
+from nnunet_segmamba.training.ext_trainers import add_ext_trainer_folder, ext_trainer_folder
 
 NON_FINITE_CAUSES = (
     "Likely causes: a learning rate too high for this network or batch (the loss diverged); float16 overflow "
@@ -168,3 +169,16 @@ def trainer_lookup_error(exc: BaseException, trainer: str) -> RuntimeError:  # a
 
 def is_trainer_lookup_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "Could not find requested nnunet trainer" in str(exc)
+
+
+@contextlib.contextmanager
+def trainer_lookup(trainer: str) -> Iterator[None]:
+    """Around nnU-Net code that looks `trainer` up by name: our trainer folder on nnUNet_extTrainer first, and a
+    failed lookup restated as `trainer_lookup_error`."""
+    add_ext_trainer_folder()
+    try:
+        yield
+    except RuntimeError as exc:
+        if is_trainer_lookup_error(exc):
+            raise trainer_lookup_error(exc, trainer) from exc
+        raise
