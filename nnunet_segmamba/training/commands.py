@@ -1,5 +1,5 @@
-"""CLI sub-commands of the trainer glue: `env`, `predict` and `predict-test`. Parsing only; the work is in library
-functions."""
+"""CLI sub-commands of the trainer glue: `env`, `pretrained-weights`, `predict` and `predict-test`. Parsing only; the
+work is in library functions."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,22 @@ from nnunet_segmamba.training.ext_trainers import environment_lines
 
 def _run_env(args: argparse.Namespace) -> int:
     print("\n".join(environment_lines()))
+    return 0
+
+
+def _run_pretrained_weights(args: argparse.Namespace) -> int:
+    from nnunet_segmamba.training.pretrained import pretrained_weights_file
+
+    written = pretrained_weights_file(args.source, args.output, args.dataset, args.configuration, args.trainer,
+                                      plans=args.plans, seed=args.seed)
+    print(f"{written.path}: {written.copied} tensors from {args.source}")
+    if written.initialised:
+        print(f"  left at their initialisation (output heads the source cannot fill): {len(written.initialised)}, "
+              f"{', '.join(written.initialised)}")
+    if written.unused:
+        print(f"  not used (the network has no place for them): {len(written.unused)}, {', '.join(written.unused)}")
+    print(f"fine-tune with: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {args.trainer} "
+          f"-p {args.plans} -pretrained_weights {written.path}")
     return 0
 
 
@@ -40,6 +56,23 @@ def register(subparsers) -> None:
         description="Prints `export nnUNet_extTrainer=<folder>` (use: eval \"$(nnunet-segmamba env)\") and the "
                     "current values of nnUNet_raw, nnUNet_preprocessed and nnUNet_results as comments.")
     p.set_defaults(func=_run_env)
+
+    p = subparsers.add_parser(
+        "pretrained-weights", help="turn SegMamba weights into a file nnUNetv2_train -pretrained_weights accepts",
+        description="Writes the weights to fine-tune from for a dataset: every tensor of SOURCE (an nnU-Net "
+                    "checkpoint of a SegMamba trainer, or the authors' state_dict) that fits the trainer's network "
+                    "for the dataset, with the output heads that do not fit (another class count, no deep "
+                    "supervision in the source) left at their initialisation, as nnU-Net does for its own "
+                    "networks (docs/usage.md, \"Fine-tuning\").")
+    p.add_argument("source", help="checkpoint to start from (.pth / .pt); unpickled in full: use trusted files")
+    p.add_argument("-o", "--output", required=True, help="file to write (must not exist)")
+    p.add_argument("-d", "--dataset", required=True, help="dataset to fine-tune on (planned), e.g. 4")
+    p.add_argument("-c", "--configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainerSegMamba",
+                   help="trainer to fine-tune with (default: nnUNetTrainerSegMamba)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new output heads' initialisation (default: 0)")
+    p.set_defaults(func=_run_pretrained_weights)
 
     p = subparsers.add_parser(
         "predict", help="predict a folder of images with a trained model, as nnUNetv2_predict does, faster on CUDA",
