@@ -21,8 +21,9 @@ import torch
 from nnunet_segmamba.errors import UserError
 from nnunet_segmamba.training.ext_trainers import dataset_name, require_env
 
-# where checkpoints keep their state_dict: nnU-Net's, then common trainers' (a bare state_dict is used as it is)
-STATE_DICT_KEYS = ("network_weights", "state_dict", "model")
+# where checkpoints keep their state_dict: nnU-Net's, then common trainers' ("module": the authors' loader accepts
+# their checkpoints wrapped so); a bare state_dict, as the authors' trainer saves it, is used as it is
+STATE_DICT_KEYS = ("network_weights", "state_dict", "model", "module")
 # what DistributedDataParallel and torch.compile put in front of the names when their modules are saved
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -38,7 +39,7 @@ class PretrainedWeights:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state_dict in a checkpoint file: an nnU-Net checkpoint, a bare state_dict (as the authors' code saves),
-    or one under "state_dict" / "model"; names without DDP's and torch.compile's prefixes.
+    or one under another of `STATE_DICT_KEYS`; names without DDP's and torch.compile's prefixes.
 
     The file is unpickled in full (nnU-Net checkpoints hold more than tensors), as nnU-Net's own loader does: read
     only files you trust."""

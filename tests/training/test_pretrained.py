@@ -20,13 +20,15 @@ TINY = trainers.nnUNetTrainerSegMamba_tiny
 CLASSES = 3  # background and the tiny dataset's two labels
 
 
-def _source(tmp_path: Path, in_chans: int = 1, out_chans: int = 5, deep_supervision: bool = False) -> Path:
+def _source(tmp_path: Path, in_chans: int = 1, out_chans: int = 5, deep_supervision: bool = False,
+            wrapper: str | None = None) -> Path:
     """The tiny trainer's network trained elsewhere: another class count and, like the authors' weights, no
-    deep-supervision heads; saved as a bare state_dict of a DDP-wrapped module."""
+    deep-supervision heads; saved as the state_dict of a DDP-wrapped module, bare or under `wrapper`."""
     torch.manual_seed(1)
     network = TINY._network(in_chans, out_chans, 3, deep_supervision)
-    path = tmp_path / f"source_{in_chans}_{out_chans}.pt"
-    torch.save({f"module.{k}": v for k, v in network.state_dict().items()}, path)
+    path = tmp_path / f"source_{in_chans}_{out_chans}_{wrapper}.pt"
+    state = {f"module.{k}": v for k, v in network.state_dict().items()}
+    torch.save({wrapper: state} if wrapper else state, path)
     return path
 
 
@@ -84,7 +86,8 @@ def test_another_input_channel_count_is_refused_with_the_tensor_named(nnunet_dir
 
 
 def test_command_writes_the_file_and_reports_errors_on_one_line(nnunet_dirs, tmp_path, capsys):
-    source = _source(tmp_path, out_chans=CLASSES, deep_supervision=True)  # same classes: every tensor fits
+    # same classes: every tensor fits; wrapped as the authors' loader also accepts
+    source = _source(tmp_path, out_chans=CLASSES, deep_supervision=True, wrapper="module")
     output = tmp_path / "same.pth"
     args = ["pretrained-weights", str(source), "-o", str(output), "-d", str(DATASET_ID), "-c", "3d_fullres",
             "-tr", TINY.__name__]
