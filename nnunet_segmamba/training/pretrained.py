@@ -147,11 +147,12 @@ def pretrained_weights_file(source: str | os.PathLike, output: str | os.PathLike
                         "-pretrained_weights as they are")
     dataset_json = load_json(str(folder / "dataset.json"))
     configuration_manager = plans_manager.get_configuration(configuration)
-    torch.manual_seed(seed)
-    network = trainer_class.build_network_architecture(
-        plans_manager, configuration_manager,
-        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
+    with torch.random.fork_rng(devices=[]):  # the seed is for the heads only, not the caller's random state
+        torch.manual_seed(seed)
+        network = trainer_class.build_network_architecture(
+            plans_manager, configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
     state, initialised, unused = fill_from(network, source_state, f"{trainer}'s network for {folder.name}")
     with atomic_write_path(output) as tmp:
         torch.save({"network_weights": state, "trainer_name": trainer, "pretrained_from": str(Path(source))}, tmp)
