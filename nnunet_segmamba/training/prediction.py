@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from nnunet_segmamba.devices import resolve_device
 from nnunet_segmamba.errors import UserError
-from nnunet_segmamba.training import ext_trainers
-from nnunet_segmamba.training.ext_trainers import require_env
+from nnunet_segmamba.training.ext_trainers import dataset_name, require_env
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +29,7 @@ CONVENTIONS = ("brats", "reference")
 def _model_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> tuple[str, Path]:
     """The dataset's name and the trained model's folder under $nnUNet_results, or a UserError naming the input."""
     results_root = require_env("nnUNet_results")
-    name = ext_trainers.dataset_name(dataset)
+    name = dataset_name(dataset)
     return name, Path(results_root) / name / f"{trainer}__{plans}__{configuration}"
 
 
@@ -87,12 +86,12 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         raise UserError(f"convention must be one of {CONVENTIONS} (--convention), got {convention!r}")
 
     require_env("nnUNet_preprocessed")
-    dataset_name, model_folder = _model_folder(dataset, trainer, plans, configuration)
-    raw_folder = Path(require_env("nnUNet_raw")) / dataset_name
+    name, model_folder = _model_folder(dataset, trainer, plans, configuration)
+    raw_folder = Path(require_env("nnUNet_raw")) / name
     if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
         raise FileNotFoundError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} with "
                                 f"-tr {trainer} first (or pass the checkpoint name)")
-    test_ids = read_split(str(Path(require_env("nnUNet_preprocessed")) / dataset_name), fold)["test"]
+    test_ids = read_split(str(Path(require_env("nnUNet_preprocessed")) / name), fold)["test"]
 
     dataset_json = load_json(str(raw_folder / "dataset.json"))
     files = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
@@ -101,10 +100,10 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
         raise ValueError(f"test cases {missing[:5]} of the split are not in the raw dataset {raw_folder}")
     # bad input named before predicting (docs/reliability.md): channel count, NaN / Inf voxels
     problems = check_channel_count(load_json(str(model_folder / "dataset.json")), dataset_json,
-                                   {i: files[i] for i in test_ids}, dataset=dataset_name, model=str(model_folder))
+                                   {i: files[i] for i in test_ids}, dataset=name, model=str(model_folder))
     problems = problems or check_images_finite(raw_folder, test_ids, dataset_json)
     if problems:
-        raise ValueError(f"cannot predict the test cases of {dataset_name}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"cannot predict the test cases of {name}:\n  " + "\n  ".join(problems))
 
     # the predictor loads the checkpoint and finds the trainer: its errors come before anything is written
     predictor = trained_predictor(model_folder, fold, trainer, device, use_mirroring, checkpoint_name)
