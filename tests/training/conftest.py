@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def write_case(folder: Path, case: str, channels: list[np.ndarray], label: np.ndarray | None = None,
@@ -66,3 +67,21 @@ def nnunet_dirs(request, tmp_path_factory):
 def write_nnunet_case():
     """`write_case` for tests that build their own small raw datasets."""
     return write_case
+
+
+@pytest.fixture
+def make_trainer(request, nnunet_dirs):
+    """A function (cls, configuration="3d_fullres", device="cpu", extra_configurations=None) -> nnU-Net trainer
+    `cls` for the module's tiny dataset, constructed as nnUNetv2_train constructs it (not initialised);
+    extra_configurations are added to the plans' configurations first."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    folder = nnunet_dirs / "preprocessed" / request.module.DATASET_NAME
+
+    def make(cls, configuration: str = "3d_fullres", device: str = "cpu", extra_configurations: dict | None = None):
+        plans = load_json(str(folder / "nnUNetPlans.json"))
+        plans["continue_training"] = False  # nnUNetv2_train's get_trainer_from_args sets it; the plans file has none
+        plans["configurations"].update(extra_configurations or {})
+        return cls(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device(device))
+
+    return make

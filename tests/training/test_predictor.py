@@ -4,7 +4,6 @@ mirroring) as close to the float32 logits as nnU-Net's GPU predictor. Uses a tin
 (conftest.py)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,19 +16,14 @@ CONFIGURATIONS = ("2d", "3d_fullres")  # for the nnunet_dirs fixture (conftest.p
 TINY = trainers.nnUNetTrainerSegMamba_tiny
 
 
-def _predictors(configuration: str, devices: tuple[str, str], folds: int = 2):
+def _predictors(make_trainer, configuration: str, devices: tuple[str, str], folds: int = 2):
     """nnU-Net's predictor on devices[0] and ours on devices[1], each with its own copy of the tiny network and
     the same `folds` sets of random weights, as nnU-Net's trainer sets a predictor up for its final validation."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.paths import nnUNet_preprocessed
 
     from nnunet_segmamba.training.predictor import SegMambaPredictor
 
-    folder = Path(str(nnUNet_preprocessed)) / DATASET_NAME
-    plans, dataset_json = load_json(str(folder / "nnUNetPlans.json")), load_json(str(folder / "dataset.json"))
-    plans["continue_training"] = False  # read by nnU-Net's trainer; the plans file has no such key
-    trainer = TINY(plans, configuration, 0, dataset_json, torch.device("cpu"))  # rounds the patch as in training
+    trainer = make_trainer(TINY, configuration)  # rounds the patch as in training
     torch.manual_seed(0)
     weights = [TINY.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3,
                                                enable_deep_supervision=False).state_dict() for _ in range(folds)]
@@ -41,7 +35,7 @@ def _predictors(configuration: str, devices: tuple[str, str], folds: int = 2):
         network.load_state_dict(weights[0])
         predictor = cls(device=torch.device(device), allow_tqdm=False)
         predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager, weights,
-                                        dataset_json, TINY.__name__, tuple(range(dims)))
+                                        trainer.dataset_json, TINY.__name__, tuple(range(dims)))
         predictors.append(predictor)
     return predictors, trainer.configuration_manager.patch_size
 
@@ -53,9 +47,9 @@ def _image(patch, generator):
     return torch.randn(1, *slices, patch[0] + patch[0] // 2 + 3, *patch[1:], generator=generator)
 
 
-def test_cpu_predictor_gives_nnunets_logits_with_batched_mirroring(nnunet_dirs, monkeypatch):
+def test_cpu_predictor_gives_nnunets_logits_with_batched_mirroring(make_trainer, monkeypatch):
     monkeypatch.delenv("nnUNet_compile", raising=False)  # on the CPU nothing is compiled either way
-    (stock, ours), patch = _predictors("3d_fullres", ("cpu", "cpu"))
+    (stock, ours), patch = _predictors(make_trainer, "3d_fullres", ("cpu", "cpu"))
     assert ours.tile_forward.batched is False and ours.tile_forward.cuda_graphs is False
     ours.tile_forward.batched = True  # the CUDA path's mirroring, checked here on the CPU
     batch_sizes = []
@@ -82,7 +76,7 @@ def _assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
-def test_gpu_predictor_is_as_close_to_float32_as_nnunets(nnunet_dirs, monkeypatch, configuration):
+def test_gpu_predictor_is_as_close_to_float32_as_nnunets(make_trainer, monkeypatch, configuration):
     """On a GPU both predictors run under fp16 autocast; ours (compiled with CUDA graphs, channels-last, float16
     convolution weights, batched mirroring) must be as close to the float32 logits (nnU-Net's predictor on the
     CPU) as nnU-Net's own GPU predictor is."""
@@ -90,8 +84,8 @@ def test_gpu_predictor_is_as_close_to_float32_as_nnunets(nnunet_dirs, monkeypatc
     from torch._dynamo.utils import counters
 
     monkeypatch.delenv("nnUNet_compile", raising=False)  # nnU-Net's trainers' rule: compiled on CUDA
-    (stock, ours), patch = _predictors(configuration, ("cuda", "cuda"))
-    (reference, _), _ = _predictors(configuration, ("cpu", "cpu"))
+    (stock, ours), patch = _predictors(make_trainer, configuration, ("cuda", "cuda"))
+    (reference, _), _ = _predictors(make_trainer, configuration, ("cpu", "cpu"))
     assert isinstance(ours.network, OptimizedModule) and not isinstance(stock.network, OptimizedModule)
     assert ours.tile_forward.cuda_graphs and ours.tile_forward.batched
     image = _image(patch, torch.Generator().manual_seed(1))

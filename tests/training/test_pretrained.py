@@ -32,17 +32,7 @@ def _source(tmp_path: Path, in_chans: int = 1, out_chans: int = 5, deep_supervis
     return path
 
 
-def _trainer():
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    folder = Path(str(nnUNet_preprocessed)) / DATASET_NAME
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False  # nnUNetv2_train's get_trainer_from_args sets it
-    return TINY(plans, "3d_fullres", 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
-
-
-def test_weights_of_another_class_count_load_through_nnunet_train(nnunet_dirs, tmp_path):
+def test_weights_of_another_class_count_load_through_nnunet_train(make_trainer, tmp_path):
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
@@ -51,7 +41,7 @@ def test_weights_of_another_class_count_load_through_nnunet_train(nnunet_dirs, t
     assert not any(k.startswith("module.") for k in source_state)
     refused = tmp_path / "as_is.pth"
     torch.save({"network_weights": source_state}, refused)
-    trainer = _trainer()
+    trainer = make_trainer(TINY)
     trainer.initialize()
     with pytest.raises(AssertionError):  # nnU-Net's loader: the heads are missing or shaped for 5 classes
         load_pretrained_weights(trainer.network, str(refused))
@@ -61,7 +51,7 @@ def test_weights_of_another_class_count_load_through_nnunet_train(nnunet_dirs, t
     assert set(written.initialised) == heads and len(heads) == 2 * 4  # out and 3 deep-supervision heads
     assert written.copied == len(trainer.network.state_dict()) - len(heads) and not written.unused
 
-    trainer = _trainer()
+    trainer = make_trainer(TINY)
     maybe_load_checkpoint(trainer, False, False, str(written.path))  # what nnUNetv2_train -pretrained_weights does
     loaded = trainer.network.state_dict()
     saved = torch.load(written.path, weights_only=False)["network_weights"]

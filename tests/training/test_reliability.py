@@ -31,16 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = trainers.nnUNetTrainerSegMamba_tiny
 
 
-def _trainer(cls=TINY, seed: int = 0):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-
-    folder = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    t = cls(plans, "3d_fullres", 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+def _initialised(trainer, seed: int = 0):
     torch.manual_seed(seed)
-    t.initialize()
-    return t
+    trainer.initialize()
+    return trainer
 
 
 def _batch(trainer, seed: int, nan: bool = False) -> dict:
@@ -67,8 +61,8 @@ def _assert_first_of_two_steps_left_out(trainer, good: dict) -> None:
 
 
 # ---- numerical faults ---------------------------------------------------------------------------------------
-def test_nan_input_step_is_skipped_counted_and_logged(nnunet_dirs):
-    t = _trainer()
+def test_nan_input_step_is_skipped_counted_and_logged(make_trainer):
+    t = _initialised(make_trainer(TINY))
     t.on_train_epoch_start()
     before = _weights(t)
     out = t.train_step(_batch(t, 1, nan=True))
@@ -87,8 +81,8 @@ def test_nan_input_step_is_skipped_counted_and_logged(nnunet_dirs):
     _assert_first_of_two_steps_left_out(t, good)
 
 
-def test_non_finite_gradient_of_a_finite_loss_is_skipped(nnunet_dirs):
-    t = _trainer()
+def test_non_finite_gradient_of_a_finite_loss_is_skipped(make_trainer):
+    t = _initialised(make_trainer(TINY))
     loss = t.loss
     first = next(t.network.parameters())
 
@@ -103,8 +97,8 @@ def test_non_finite_gradient_of_a_finite_loss_is_skipped(nnunet_dirs):
     assert "non-finite gradient norm" in Path(t.log_file).read_text()
 
 
-def test_repeated_non_finite_steps_stop_training_with_a_clear_message(nnunet_dirs):
-    t = _trainer()
+def test_repeated_non_finite_steps_stop_training_with_a_clear_message(make_trainer):
+    t = _initialised(make_trainer(TINY))
     t.max_consecutive_non_finite_steps = 3
     t.on_train_epoch_start()
     t.train_step(_batch(t, 1, nan=True))
@@ -119,19 +113,19 @@ def test_repeated_non_finite_steps_stop_training_with_a_clear_message(nnunet_dir
     assert all(torch.isfinite(v).all() for v in t.network.state_dict().values() if v.is_floating_point())
 
 
-def _trainer_with_grad_scaler(seed: int = 0):
+def _trainer_with_grad_scaler(make_trainer, seed: int = 0):
     """The tiny trainer with a GradScaler, as on CUDA, here on the CPU (torch's CPU GradScaler and fused SGD):
     its steps take the path without host syncs."""
-    t = _trainer(seed=seed)
+    t = _initialised(make_trainer(TINY), seed=seed)
     t.grad_scaler = torch.amp.GradScaler("cpu")
     t.optimizer, t.lr_scheduler = t.configure_optimizers()
     return t
 
 
-def test_step_without_host_syncs_is_nnunets_step(nnunet_dirs):
+def test_step_without_host_syncs_is_nnunets_step(make_trainer):
     """With a GradScaler the step queues a fused SGD update behind a scaled backward: the same weights as the
     plain step (scaling by a power of two is exact), and the loss comes back for the epoch's mean."""
-    plain, scaled = _trainer(seed=3), _trainer_with_grad_scaler(seed=3)
+    plain, scaled = _initialised(make_trainer(TINY), seed=3), _trainer_with_grad_scaler(make_trainer, seed=3)
     assert scaled.optimizer.defaults["fused"] and not plain.optimizer.defaults["fused"]
     assert scaled.optimizer.param_groups[0]["momentum"] == plain.optimizer.param_groups[0]["momentum"] == 0.99
     for t in (plain, scaled):
@@ -144,8 +138,8 @@ def test_step_without_host_syncs_is_nnunets_step(nnunet_dirs):
         plain.logger.get_value("train_losses", step=-1), rel=1e-6)
 
 
-def test_step_without_host_syncs_skips_a_non_finite_loss_on_the_device(nnunet_dirs):
-    t = _trainer_with_grad_scaler()
+def test_step_without_host_syncs_skips_a_non_finite_loss_on_the_device(make_trainer):
+    t = _trainer_with_grad_scaler(make_trainer)
     t.on_train_epoch_start()
     before, scale = _weights(t), t.grad_scaler.get_scale()
     out = t.train_step(_batch(t, 1, nan=True))
@@ -162,8 +156,8 @@ def test_step_without_host_syncs_skips_a_non_finite_loss_on_the_device(nnunet_di
     _assert_first_of_two_steps_left_out(t, good)
 
 
-def test_step_without_host_syncs_stops_after_repeated_non_finite_losses(nnunet_dirs):
-    t = _trainer_with_grad_scaler()
+def test_step_without_host_syncs_stops_after_repeated_non_finite_losses(make_trainer):
+    t = _trainer_with_grad_scaler(make_trainer)
     t.max_consecutive_non_finite_steps = 2
     t.on_train_epoch_start()
     outs = [t.train_step(_batch(t, seed, nan=True)) for seed in (1, 2)]
@@ -172,13 +166,13 @@ def test_step_without_host_syncs_stops_after_repeated_non_finite_losses(nnunet_d
         t.on_train_epoch_end(outs)  # the epoch's last step is checked at its end
 
 
-def test_resumed_checkpoint_keeps_the_trainers_optimizer_kernel(nnunet_dirs):
+def test_resumed_checkpoint_keeps_the_trainers_optimizer_kernel(make_trainer):
     """A checkpoint's optimizer state carries `fused` in its param groups; loading one written without the fused
     kernel must not switch it off (GradScaler hands the fused SGD its found-inf flag, which the others reject)."""
-    written = _trainer()
+    written = _initialised(make_trainer(TINY))
     path = Path(written.output_folder) / "checkpoint_unfused.pth"
     written.save_checkpoint(str(path))
-    t = _trainer_with_grad_scaler()
+    t = _trainer_with_grad_scaler(make_trainer)
     t.load_checkpoint(str(path))
     assert all(group["fused"] for group in t.optimizer.param_groups)
     t.on_train_epoch_start()
@@ -203,8 +197,8 @@ def test_float16_scan_over_a_long_sequence_is_finite():
 
 
 # ---- atomic checkpoints -------------------------------------------------------------------------------------
-def test_failed_checkpoint_write_leaves_the_previous_checkpoint(nnunet_dirs, monkeypatch):
-    t = _trainer()
+def test_failed_checkpoint_write_leaves_the_previous_checkpoint(make_trainer, monkeypatch):
+    t = _initialised(make_trainer(TINY))
     path = Path(t.output_folder) / "checkpoint_latest.pth"
     t.save_checkpoint(str(path))
     good = path.read_bytes()
@@ -319,11 +313,11 @@ def test_kill_and_resume_through_the_command_line(nnunet_dirs, tmp_path):
 
 
 # ---- determinism --------------------------------------------------------------------------------------------
-def test_two_seeded_runs_give_identical_losses_on_cpu(nnunet_dirs, monkeypatch):
+def test_two_seeded_runs_give_identical_losses_on_cpu(make_trainer, monkeypatch):
     monkeypatch.setenv("NNUNET_SEGMAMBA_SCAN_BACKEND", "torch")
     runs = []
     for _ in range(2):
-        t = _trainer(seed=123)
+        t = _initialised(make_trainer(TINY), seed=123)
         t.on_train_epoch_start()
         runs.append([float(t.train_step(_batch(t, s))["loss"]) for s in range(3)])
     assert runs[0] == runs[1]

@@ -20,17 +20,6 @@ CONFIGURATIONS = ("2d", "3d_fullres")  # for the nnunet_dirs fixture (conftest.p
 TINY = trainers.nnUNetTrainerSegMamba_tiny
 
 
-def _trainer(cls, configuration: str, device: str = "cpu", extra_configurations: dict | None = None):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    folder = Path(str(nnUNet_preprocessed)) / DATASET_NAME
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    plans["configurations"].update(extra_configurations or {})
-    return cls(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device(device))
-
-
 # ---- lookup and pickling ------------------------------------------------------------------------------------
 def test_every_trainer_is_found_through_nnunet_ext_trainer(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -59,15 +48,15 @@ def test_epoch_variants_change_only_the_epochs():
 
 
 # ---- with a real plans file ---------------------------------------------------------------------------------
-def test_init_applies_tunables_and_rounds_the_patch(nnunet_dirs):
-    t = _trainer(TINY, "3d_fullres")
+def test_init_applies_tunables_and_rounds_the_patch(make_trainer):
+    t = make_trainer(TINY, "3d_fullres")
     assert (t.num_epochs, t.num_iterations_per_epoch, t.num_val_iterations_per_epoch) == (2, 4, 2)
     assert all(p % 16 == 0 for p in t.configuration_manager.patch_size)
     assert t.plans_manager.plans["configurations"]["3d_fullres"]["patch_size"] == t.configuration_manager.patch_size
     assert t.my_init_kwargs["configuration"] == "3d_fullres" and t.my_init_kwargs["fold"] == 0
 
 
-def test_cascade_is_refused_and_its_first_stage_is_accepted(nnunet_dirs):
+def test_cascade_is_refused_and_its_first_stage_is_accepted(make_trainer):
     """nnU-Net's cascade as its planner writes it for large images: 3d_lowres, then 3d_cascade_fullres on its
     predictions. The first stage is a plain configuration; the second needs cross-validation predictions of every
     training case, which the 70/10/20 split does not make, so the trainer stops with the fix in its message."""
@@ -78,18 +67,18 @@ def test_cascade_is_refused_and_its_first_stage_is_accepted(nnunet_dirs):
         "configurations"]["3d_fullres"]
     cascade = {"3d_lowres": {**fullres, "next_stage": "3d_cascade_fullres"},
                "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}
-    assert not _trainer(TINY, "3d_lowres", extra_configurations=cascade).is_cascaded
+    assert not make_trainer(TINY, "3d_lowres", extra_configurations=cascade).is_cascaded
     with pytest.raises(ValueError, match=r"does not train nnU-Net's cascade \('3d_cascade_fullres', after "
                                          r"'3d_lowres'\).*train 3d_fullres or 3d_lowres instead"):
-        _trainer(TINY, "3d_cascade_fullres", extra_configurations=cascade)
+        make_trainer(TINY, "3d_cascade_fullres", extra_configurations=cascade)
 
 
 @pytest.mark.parametrize("configuration, dims", [("3d_fullres", 3), ("2d", 2)])
-def test_network_from_plans_trains_with_deep_supervision(nnunet_dirs, configuration, dims):
+def test_network_from_plans_trains_with_deep_supervision(make_trainer, configuration, dims):
     from nnunet_segmamba.networks import SegMamba
 
     torch.manual_seed(0)
-    t = _trainer(TINY, configuration)
+    t = make_trainer(TINY, configuration)
     t.initialize()
     assert isinstance(t.network, SegMamba) and t.network.spatial_dims == dims
     assert t._get_deep_supervision_scales() == [[1 / s] * dims for s in (1, 2, 4, 8)]
@@ -103,11 +92,11 @@ def test_network_from_plans_trains_with_deep_supervision(nnunet_dirs, configurat
         assert t.network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
 
 
-def test_log_names_the_scan_backend_in_use(nnunet_dirs, monkeypatch):
+def test_log_names_the_scan_backend_in_use(make_trainer, monkeypatch):
     from nnunet_segmamba.ssm import dispatch
 
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     expected = dispatch.resolve("auto", torch.device("cpu"))  # the fused CPU scan, or torch without a compiler
     assert t.scan_backend_in_use() == f"{expected} (asked for 'auto')"
@@ -115,15 +104,15 @@ def test_log_names_the_scan_backend_in_use(nnunet_dirs, monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     assert t.scan_backend_in_use() == f"torch (asked for 'auto'; ${dispatch.ENV_VAR}=torch)"
 
-    ablation = _trainer(trainers.nnUNetTrainerSegMambaNoMamba_1epoch, "3d_fullres")
+    ablation = make_trainer(trainers.nnUNetTrainerSegMambaNoMamba_1epoch, "3d_fullres")
     ablation.network = type(ablation).build_network_architecture(
         ablation.plans_manager, ablation.configuration_manager, 1, 3, False)
     assert ablation.scan_backend_in_use() == "none (no Mamba layers)"
 
 
-def test_checkpoint_loads_into_the_inference_network(nnunet_dirs):
+def test_checkpoint_loads_into_the_inference_network(make_trainer):
     # nnUNetv2_predict builds the network with enable_deep_supervision=False and loads the weights strictly
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     net = TINY.build_network_architecture(t.plans_manager, t.configuration_manager, 1, 3,
                                           enable_deep_supervision=False)
@@ -131,8 +120,8 @@ def test_checkpoint_loads_into_the_inference_network(nnunet_dirs):
     assert net.deep_supervision is False
 
 
-def test_no_deep_supervision_variant_keeps_heads_off(nnunet_dirs):
-    t = _trainer(trainers.nnUNetTrainerSegMambaCE_1epoch, "3d_fullres")
+def test_no_deep_supervision_variant_keeps_heads_off(make_trainer):
+    t = make_trainer(trainers.nnUNetTrainerSegMambaCE_1epoch, "3d_fullres")
     t.initialize()
     assert t.enable_deep_supervision is False and t._get_deep_supervision_scales() is None
     t.set_deep_supervision_enabled(True)  # what nnU-Net does after its final validation
@@ -140,8 +129,8 @@ def test_no_deep_supervision_variant_keeps_heads_off(nnunet_dirs):
     assert type(t.loss).__name__ == "RobustCrossEntropyLoss"
 
 
-def test_no_mamba_variant_builds_the_ablation(nnunet_dirs):
-    t = _trainer(trainers.nnUNetTrainerSegMambaNoMamba_1epoch, "3d_fullres")
+def test_no_mamba_variant_builds_the_ablation(make_trainer):
+    t = make_trainer(trainers.nnUNetTrainerSegMambaNoMamba_1epoch, "3d_fullres")
     net = type(t).build_network_architecture(t.plans_manager, t.configuration_manager, 1, 3, False)
     assert all(isinstance(stage, torch.nn.Identity) for stage in net.vit.stages)
 
@@ -150,22 +139,22 @@ def test_no_mamba_variant_builds_the_ablation(nnunet_dirs):
     ("cpu", None, False), ("cpu", "t", False),  # never on CPU: the demo and CI keep their times
     ("cuda", None, True), ("cuda", "t", True), ("cuda", "f", False),
 ])
-def test_compiles_by_nnunets_rule(nnunet_dirs, monkeypatch, device, setting, compiles):
+def test_compiles_by_nnunets_rule(make_trainer, monkeypatch, device, setting, compiles):
     """nnU-Net's rule: compiled on CUDA unless nnUNet_compile=f, never on CPU (the device is set after
     construction, so that no GPU is needed)."""
     if setting is None:
         monkeypatch.delenv("nnUNet_compile", raising=False)
     else:
         monkeypatch.setenv("nnUNet_compile", setting)
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.device = torch.device(device)
     assert t._do_i_compile() is compiles
 
 
-def test_compiled_network_is_reached_through_the_wrapper(nnunet_dirs, tmp_path):
+def test_compiled_network_is_reached_through_the_wrapper(make_trainer, tmp_path):
     """What nnU-Net does with a compiled network: deep supervision toggled on, and weights saved from, the
     module inside the OptimizedModule."""
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     net = t.network
     t.network = torch.compile(net)  # as nnUNetTrainer.initialize does on CUDA (not run: nothing is compiled here)
@@ -180,7 +169,7 @@ def test_compiled_network_is_reached_through_the_wrapper(nnunet_dirs, tmp_path):
     assert saved.keys() == net.state_dict().keys()  # no "_orig_mod." prefix: nnUNetv2_predict loads it as is
 
 
-def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
+def test_cuda_graph_compile_mode_on_one_gpu(make_trainer, monkeypatch):
     """Where nnU-Net's rule compiles, the network nnU-Net compiled (default mode, lazily) is compiled again in
     compile_mode, on the module the optimizer updates; the final validation gets nnU-Net's plain compile and the
     training network back afterwards; DDP and compile_mode="default" keep nnU-Net's compile."""
@@ -195,7 +184,7 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     monkeypatch.setattr(TINY, "_do_i_compile", lambda self: True)  # as on CUDA
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     # nnU-Net's own compiles (the network, its Dice loss) in the default mode, then the network's and the training
     # forward's (network and loss) in compile_mode
@@ -219,7 +208,7 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
         compile_mode = "default"
 
     modes.clear()
-    t = _trainer(DefaultCompile, "3d_fullres")
+    t = make_trainer(DefaultCompile, "3d_fullres")
     t.initialize()
     assert set(modes) == {None} and not t.uses_cuda_graphs() and t._compiled_network_and_loss is None
 
@@ -227,7 +216,7 @@ def test_cuda_graph_compile_mode_on_one_gpu(nnunet_dirs, monkeypatch):
         compile_mode = "max-autotune"
 
     with pytest.raises(ValueError, match="compile_mode must be 'default' or 'reduce-overhead'"):
-        _trainer(Unknown, "3d_fullres")
+        make_trainer(Unknown, "3d_fullres")
 
 
 def test_fused_sgd_state_follows_the_parameters_layout():
@@ -255,14 +244,14 @@ def test_fused_sgd_state_follows_the_parameters_layout():
     assert not torch.allclose(step(fused=True, match=False), reference)  # what the matching prevents
 
 
-def test_channels_last_trainer_resumes_a_channels_first_checkpoint(nnunet_dirs, tmp_path, monkeypatch):
+def test_channels_last_trainer_resumes_a_channels_first_checkpoint(make_trainer, tmp_path, monkeypatch):
     """Where the trainer puts the weights in channels_last_3d (one GPU; forced here on the CPU), the optimizer
     updates those same parameters and a checkpoint of a channels-first run loads with its momentum laid out as the
     weights. On the CPU the trainer keeps channels-first."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    first = _trainer(TINY, "3d_fullres")
+    first = make_trainer(TINY, "3d_fullres")
     assert not first.uses_channels_last()
     first.on_train_start()
     try:
@@ -274,7 +263,7 @@ def test_channels_last_trainer_resumes_a_channels_first_checkpoint(nnunet_dirs, 
 
     monkeypatch.setattr(TINY, "uses_channels_last", lambda self: True)
     monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: False)
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     convs = [m.weight for m in t.network.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
@@ -286,7 +275,7 @@ def test_channels_last_trainer_resumes_a_channels_first_checkpoint(nnunet_dirs, 
     assert any(not p.is_contiguous() for p, _ in buffers)
 
 
-def test_activations_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatch):
+def test_activations_are_recomputed_from_a_batch_size(make_trainer, monkeypatch):
     """On a GPU the trainers recompute the Mamba branches and the conv blocks' norms and shortcuts from
     RECOMPUTE_FROM_VOXELS voxels per batch (batch size x patch), not below; never on the CPU; the tunables and
     network_kwargs override the rule, and every mixer and block of the network follows it after initialize()."""
@@ -297,7 +286,7 @@ def test_activations_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatch):
 
     monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: False)
     monkeypatch.setattr(TINY, "recompute_mamba_branches", True)
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     mixers = [m for m in t.network.modules() if isinstance(m, TriOrientedMamba)]
     assert mixers and all(m.recompute_branches is True for m in mixers)
@@ -327,14 +316,14 @@ def test_activations_are_recomputed_from_a_batch_size(nnunet_dirs, monkeypatch):
     assert t.recomputes_conv_blocks() is None
 
 
-def test_training_forward_and_loss_trace_as_one_graph(nnunet_dirs):
+def test_training_forward_and_loss_trace_as_one_graph(make_trainer):
     """The module the CUDA-graph trainer compiles for its training forward (the network and nnU-Net's deep
     supervision loss, whose Dice part nnU-Net compiled itself) traces without a graph break, which would split
     the CUDA graph, and gives the loss of the two called one after the other. Traced with the eager backend on
     the CPU: dynamo's trace is what is checked here; the kernels are checked on a GPU (test below)."""
     from nnunet_segmamba.training.base import NetworkAndLoss
 
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     t.loss.loss.dc = torch.compile(t.loss.loss.dc)  # as nnU-Net's _build_loss does where it compiles
     patch = t.configuration_manager.patch_size
@@ -348,14 +337,14 @@ def test_training_forward_and_loss_trace_as_one_graph(nnunet_dirs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(nnunet_dirs, monkeypatch):
+def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(make_trainer, monkeypatch):
     """The tiny trainer on a GPU, three training and two validation steps from the same weights on the same
     batches: with CUDA graphs the losses of nnU-Net's plain compile (within fp16 autocast rounding), and no step
     fell back from the graphs."""
     from torch._dynamo.utils import counters
 
     monkeypatch.delenv("nnUNet_compile", raising=False)
-    patch = _trainer(TINY, "3d_fullres").configuration_manager.patch_size
+    patch = make_trainer(TINY, "3d_fullres").configuration_manager.patch_size
     g = torch.Generator().manual_seed(0)
     batches = [{"data": torch.randn(2, 1, *patch, generator=g),
                 "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
@@ -363,7 +352,7 @@ def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(nnunet_dirs, m
     losses = {}
     for mode in ("default", "reduce-overhead"):
         torch.manual_seed(0)
-        t = _trainer(type(f"Tiny_{mode}", (TINY,), {"compile_mode": mode}), "3d_fullres", "cuda")
+        t = make_trainer(type(f"Tiny_{mode}", (TINY,), {"compile_mode": mode}), "3d_fullres", "cuda")
         t.initialize()
         assert t.uses_cuda_graphs() is (mode == "reduce-overhead")
         counters.clear()
@@ -378,14 +367,14 @@ def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(nnunet_dirs, m
     assert np.isfinite(losses["default"]).all()
 
 
-def test_validation_step_gives_nnunets_results_and_leaves_them_on_the_device(nnunet_dirs):
+def test_validation_step_gives_nnunets_results_and_leaves_them_on_the_device(make_trainer):
     """The tiny trainer's validation steps against nnU-Net's own on the same weights and batches: the same loss and
     hard counts, left as tensors (no copy to the host per step), and the same pseudo Dice and loss logged at the
     epoch's end."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     torch.manual_seed(0)
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     patch = t.configuration_manager.patch_size
     g = torch.Generator().manual_seed(0)
@@ -444,14 +433,14 @@ def test_hard_counts_are_nnunets_for_every_kind_of_label(labels, regions, channe
     assert ours[0].shape == (2,) and ours[0].sum() > 0
 
 
-def test_trainer_iterations_are_taken_apart(nnunet_dirs, monkeypatch):
+def test_trainer_iterations_are_taken_apart(make_trainer, monkeypatch):
     """benchmarks/trainer_iteration.py on the CPU: nnU-Net's loop pieces run and each iteration is the wait for a
     batch plus the step (no GPU figure on the CPU). Data loading in this process: spawning nnU-Net's loader
     workers under pytest costs half a minute."""
     from benchmarks.trainer_iteration import measure_iterations
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     r = measure_iterations(t, warmup=1, iterations=3, profiled=2, validation_iterations=2)
     assert r["step_ms_median"] > 0 and r["wait_ms_median"] >= 0
     assert r["iteration_ms_median"] >= r["step_ms_median"]
@@ -477,12 +466,12 @@ def test_trainer_iteration_sets_a_trainers_attribute_from_its_name():
             parse_trainer(bad)
 
 
-def test_iteration_parts_are_labelled_for_the_profiler(nnunet_dirs, monkeypatch):
+def test_iteration_parts_are_labelled_for_the_profiler(make_trainer, monkeypatch):
     """Each part of train_step shows under its label in a profile, and the patches are gone afterwards."""
     from benchmarks.trainer_iteration import labelled_parts
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    t = _trainer(TINY, "3d_fullres")
+    t = make_trainer(TINY, "3d_fullres")
     t.on_train_start()
     try:
         t.on_train_epoch_start()
@@ -523,15 +512,15 @@ def test_gpu_idle_and_host_time_go_to_the_innermost_open_part():
                                                                                     "sync": 1}
 
 
-def test_split_used_for_training(nnunet_dirs):
-    t = _trainer(TINY, "3d_fullres")
+def test_split_used_for_training(make_trainer):
+    t = make_trainer(TINY, "3d_fullres")
     train, val = t.do_split()
     assert (len(train), len(val)) == (4, 1)
     assert (Path(t.preprocessed_dataset_folder_base) / "splits_segmamba_70_10_20.json").is_file()
 
 
-def test_elastic_deformation_is_on_and_visible(nnunet_dirs):
-    t = _trainer(TINY, "3d_fullres")
+def test_elastic_deformation_is_on_and_visible(make_trainer):
+    t = make_trainer(TINY, "3d_fullres")
     rot, dummy_2d, _, mirror = t.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     patch = t.configuration_manager.patch_size
     pipeline = t.get_training_transforms(patch, rot, None, mirror, dummy_2d)
@@ -558,14 +547,14 @@ class _TinyMedMamba(trainers.nnUNetTrainerMedMamba):
     max_batch_size = 2
 
 
-def test_medmamba_trainer_builds_its_network_from_a_2d_plan_and_trains(nnunet_dirs):
+def test_medmamba_trainer_builds_its_network_from_a_2d_plan_and_trains(make_trainer):
     from nnunet_segmamba.networks.medmamba_unet import MedMambaUNet
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a shared 2-core machine are ~10x slower
     try:
         torch.manual_seed(0)
-        t = _trainer(_TinyMedMamba, "2d")
+        t = make_trainer(_TinyMedMamba, "2d")
         t.initialize()
         assert isinstance(t.network, MedMambaUNet) and t.network.dims == [8, 16, 32, 64]
         assert t._get_deep_supervision_scales() == [[1 / s] * 2 for s in (1, 2, 4, 8)]
@@ -587,8 +576,8 @@ def test_medmamba_trainer_builds_its_network_from_a_2d_plan_and_trains(nnunet_di
         torch.set_num_threads(threads)
 
 
-def test_medmamba_trainer_refuses_3d_configurations(nnunet_dirs):
-    t = _trainer(trainers.nnUNetTrainerMedMamba, "3d_fullres")
+def test_medmamba_trainer_refuses_3d_configurations(make_trainer):
+    t = make_trainer(trainers.nnUNetTrainerMedMamba, "3d_fullres")
     with pytest.raises(ValueError, match="nnUNetTrainerMedMamba is 2D only: use -c 2d"):
         t.initialize()
     with pytest.raises(ValueError, match="2D only"):
