@@ -28,7 +28,6 @@ import importlib.metadata
 import json
 import math
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -897,7 +896,7 @@ def _run(args: argparse.Namespace) -> int:
         in_channels=args.in_channels, out_channels=args.out_channels, train=not args.no_train,
         inference=not args.no_inference, warmup=args.warmup, iters=args.iters, precision=args.precision,
         segmamba_width=args.segmamba_width, equivalence=args.equivalence, step=args.step,
-        command=shlex.join(sys.argv), out=args.out, compile_backend=args.compile_backend,
+        command=args.command_line, out=args.out, compile_backend=args.compile_backend,
         batched_mirroring=args.batched_mirroring,
     )
     failed = any(isinstance(phase, dict) and "error" in phase

@@ -10,6 +10,7 @@ see `errors.USER_ERRORS`) with a message that names the input; `main` prints it 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 # the modules that contribute sub-commands, imported and listed in the order `--help` shows them; each imports
@@ -56,6 +57,9 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the command as a user types it, for the records commands write (not the interpreter and script path that
+    # `python -m` or the entry point put in sys.argv)
+    args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:

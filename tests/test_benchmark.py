@@ -46,7 +46,9 @@ def test_cli_cpu_run_writes_json_and_table(tmp_path, capsys):
     assert {"command", "device", "gpu", "versions", "settings", "sliding_window", "networks", "equivalence",
             "table"} <= set(report)
     assert report["device"] == "cpu" and report["gpu"] is None
-    assert report["command"]  # the process's own command line (pytest's here)
+    # the command as typed, whatever the interpreter's own argv (pytest's here)
+    assert report["command"].startswith("nnunet-segmamba benchmark --device cpu --batch 1 --patch 64,32,32 ")
+    assert report["command"].endswith(f"--out {out}")
     assert report["settings"]["precision"] == "fp32"
     assert report["settings"]["patch"] == [64, 32, 32] and report["settings"]["volume"] == [64, 32, 24]
     sw = report["sliding_window"]
