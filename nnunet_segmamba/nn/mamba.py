@@ -272,16 +272,38 @@ class TriOrientedMamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.scan_backend, order=order,
                           num_slices=num_slices)  # (B, d_inner, L)
-        # The projections act on each position alone, so they commute with the visiting order. Channels-first
-        # products keep every operand of the scan contiguous along L (B and C are row slices of x_dbl).
-        x_dbl = _project(x_proj.weight, u)  # (B, dt_rank + 2 d_state, L)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        delta = _project(dt_proj.weight, dt)  # (B, d_inner, L); the bias goes in as delta_bias
+        # The projections act on each position alone, so they commute with the visiting order.
+        delta, B, C = self.scan_inputs(u, x_proj.weight, dt_proj.weight, merged=u.is_cuda)
         return selective_scan(
             u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
             delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
             num_slices=num_slices, as_op=scan_as_op,
         )
+
+    def scan_inputs(self, u: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
+                    merged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The scan's delta (before its bias and softplus), B and C from the conv output u (B, d_inner, L): each
+        (B, rows, L), contiguous along L (row slices of one product), as the scan kernels read them.
+
+        The reference projects twice: x_dbl = x_proj(u), then delta = dt_proj(dt) from x_dbl's first dt_rank rows.
+        With `merged` the two products are one, delta = (dt_proj.weight @ x_proj.weight[:dt_rank]) u: a GEMM over
+        d_inner channels gives delta, B and C together, the same linear map without the rank-dt_rank intermediate
+        (nor its rounding under autocast). On the GPU the second product, of inner dimension dt_rank (3 at
+        SegMamba's first stage), runs at about four times its memory floor in cuBLAS (docs/performance.md), and
+        merged the layer reads u once and never writes delta's factors. The merged GEMM has 3.4x the multiply-adds
+        at the first stage; on the CPU, where they count, it was slower at the hippocampus patch's first stage
+        (`benchmarks/bench_scan_inputs.py`), so there the products stay the reference's.
+        """
+        rows = [self.d_inner, self.d_state, self.d_state]
+        if merged:
+            # the merged weight in the parameters' precision, not autocast's: autocast casts it once, in `_project`
+            with torch.autocast(u.device.type, enabled=False):
+                delta_weight = dt_proj_weight @ x_proj_weight[:self.dt_rank]
+            weight = torch.cat([delta_weight, x_proj_weight[self.dt_rank:]])
+            return torch.split(_project(weight, u), rows, dim=1)
+        x_dbl = _project(x_proj_weight, u)  # (B, dt_rank + 2 d_state, L)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        return _project(dt_proj_weight, dt), B, C  # the bias goes in as delta_bias
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:

@@ -277,6 +277,32 @@ def test_gradients_reach_every_parameter():
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
+def test_merged_scan_inputs_are_the_two_projections():
+    """delta, B and C from the one merged GEMM (the GPU's form) equal the reference's two projections, values and
+    gradients of u and both weights, in float64; under autocast the merged form gives the same dtypes."""
+    mixer, _ = make(seed=9)
+    mixer = mixer.double()
+    u = torch.randn(2, mixer.d_inner, L_, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    weights = (mixer.x_proj.weight, mixer.dt_proj.weight)
+    grads_out = [torch.randn(2, rows, L_, dtype=torch.float64, generator=torch.Generator().manual_seed(11 + i))
+                 for i, rows in enumerate((mixer.d_inner, mixer.d_state, mixer.d_state))]
+    results = []
+    for merged in (False, True):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (u, *weights)]
+        outputs = mixer.scan_inputs(*leaves, merged=merged)
+        assert [tuple(o.shape) for o in outputs] == [(2, r, L_) for r in (mixer.d_inner, mixer.d_state, mixer.d_state)]
+        assert all(o.stride(-1) == 1 for o in outputs)
+        torch.autograd.backward(outputs, grads_out)
+        results.append([*outputs, *(leaf.grad for leaf in leaves)])
+    for separate, merged in zip(*results):
+        torch.testing.assert_close(merged, separate, rtol=1e-10, atol=1e-10)
+    assert results[0][0].abs().max() > 0.1  # delta is not trivially zero
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtypes = [[o.dtype for o in mixer.float().scan_inputs(u.float(), *(w.float() for w in weights), merged=m)]
+                  for m in (False, True)]
+    assert dtypes[0] == dtypes[1] == [torch.bfloat16] * 3
+
+
 def _bmm_projection(weight, x, positions_first):
     if positions_first:
         return torch.bmm(x.transpose(1, 2), weight.t().expand(x.shape[0], -1, -1))
