@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_scan_gpu import time_graphed
 from nnunet_segmamba.benchmark import time_calls
 from nnunet_segmamba.nn import TriOrientedMamba
 
@@ -56,28 +57,6 @@ def make_step(mixer: TriOrientedMamba, u: torch.Tensor, grads: list[torch.Tensor
     return step
 
 
-def time_graphed(step, warmup: int, runs: int) -> float:
-    """Milliseconds per replay of `step` captured in a CUDA graph, replayed back to back."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(warmup, 1)):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(runs):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / runs
-
-
 def bench_shape(length: int, d_inner: int, batch: int, device: torch.device, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     mixer = TriOrientedMamba(d_inner // 2).to(device)
@@ -94,7 +73,7 @@ def bench_shape(length: int, d_inner: int, batch: int, device: torch.device, arg
     for _ in range(args.rounds):
         for name, step in steps.items():
             if device.type == "cuda":
-                times[name].append(time_graphed(step, args.warmup, args.runs))
+                times[name].append(time_graphed(step, args.warmup, args.runs)["mean_ms"])
             else:
                 times[name].append(time_calls(step, device, args.warmup, args.runs)["ms_median"])
     return {"length": length, "d_inner": d_inner, "batch": batch, "dt_rank": mixer.dt_rank,
