@@ -45,12 +45,20 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 if TRITON_AVAILABLE:
 
     @jit
+    def _position(t, valid, L, n, M, MODE: tl.constexpr):
+        """p(t) for the steps t that are valid. The other orders clamp the masked-off steps first: p() of a negative
+        step can land anywhere, and the interpreter may still form the address. In the forward order p(t) = t
+        needs no clamp (a masked-off address is formed, never read), and without one the compiler still knows that
+        each thread's steps are contiguous and aligned, so it loads and stores them as vectors (one 16-byte access
+        for 8 bf16 steps instead of 8 two-byte ones); it is the order of every branch under torch.compile."""
+        if MODE == 0:
+            return t
+        return memory_position(tl.where(valid, t, 0), L, n, M, MODE)
+
+    @jit
     def _load_scan(row_ptr, t, valid, L, n, M, MODE: tl.constexpr):
         """x at scan-order steps t as float32, zero where not valid (before the start or past the end)."""
-        # Clamp the masked-off steps: p() of a negative step can land anywhere, and the interpreter may still
-        # form the address.
-        pos = memory_position(tl.where(valid, t, 0), L, n, M, MODE)
-        return tl.load(row_ptr + pos, mask=valid, other=0.0).to(tl.float32)
+        return tl.load(row_ptr + _position(t, valid, L, n, M, MODE), mask=valid, other=0.0).to(tl.float32)
 
     @jit
     def _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M,
@@ -84,8 +92,7 @@ if TRITON_AVAILABLE:
         acc = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
         if SILU:
             acc = acc * tl.sigmoid(acc)
-        pos = memory_position(tl.where(in_seq, t, 0), L, n, M, MODE)
-        tl.store(out_row + pos, acc.to(out_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(out_row + _position(t, in_seq, L, n, M, MODE), acc.to(out_ptr.dtype.element_ty), mask=in_seq)
 
     @jit
     def _causal_conv1d_bwd_gate_kernel(
@@ -141,8 +148,8 @@ if TRITON_AVAILABLE:
         for j in tl.static_range(K):
             u = s + j
             dx += tl.load(w_row + (K - 1 - j)).to(tl.float32) * tl.load(g_row + u, mask=u < L, other=0.0)
-        pos = memory_position(tl.where(in_seq, s, 0), L, n, M, MODE)
-        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + pos, dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
+        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + _position(s, in_seq, L, n, M, MODE),
+                 dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
 
 
 def _block_size(length: int) -> int:
