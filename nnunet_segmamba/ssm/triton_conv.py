@@ -97,7 +97,7 @@ if TRITON_AVAILABLE:
     @jit
     def _causal_conv1d_bwd_gate_kernel(
         x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
-        D, L, n, M, n_tiles,
+        BATCH, D, L, n, M, n_tiles,
         stride_xb, stride_xd, stride_gb, stride_gd,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
@@ -118,11 +118,12 @@ if TRITON_AVAILABLE:
             sig = tl.sigmoid(pre)
             g = g * sig * (1.0 + pre * (1.0 - sig))
         tl.store(g_ptr + row.to(tl.int64) * L + t, g, mask=in_seq)
-        part = row.to(tl.int64) * n_tiles + tile
+        # the partial sums laid out (channel, [tap,] batch, tile), so that torch adds each one's up along memory
+        part = (c * BATCH + b) * n_tiles + tile
         for k in tl.static_range(K):
             src = t - (K - 1) + k
             xk = _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
-            tl.store(dw_part_ptr + part * K + k, tl.sum(g * xk, axis=0))
+            tl.store(dw_part_ptr + ((c * K + k) * BATCH + b) * n_tiles + tile, tl.sum(g * xk, axis=0))
         if HAS_BIAS:
             tl.store(db_part_ptr + part, tl.sum(g, axis=0))
 
@@ -210,14 +211,14 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
     n_tiles = cdiv(length, block)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
-    dw_part = torch.zeros((batch * dim, n_tiles, width), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros((batch * dim, n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
+    dw_part = torch.zeros((dim, width, batch * n_tiles), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros((dim, batch * n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
     if x.numel():
         g = torch.empty((batch * dim, length), dtype=torch.float32, device=x.device)
         with on_device_of(x):
             _causal_conv1d_bwd_gate_kernel[(batch * dim, n_tiles)](
                 x, w, b if b is not None else w, dout, g, dw_part, db_part,
-                dim, length, num_slices, slice_len, n_tiles,
+                batch, dim, length, num_slices, slice_len, n_tiles,
                 *_row_strides(x), *_row_strides(dout),
                 K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
             )
@@ -225,8 +226,8 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
                 g, w, dx, dim, length, num_slices, slice_len, *_row_strides(dx),
                 K=width, MODE=mode_id, BLOCK_L=block,
             )
-    dweight = dw_part.view(batch, dim, n_tiles, width).sum(dim=(0, 2)).to(w.dtype)
-    dbias = db_part.view(batch, dim, n_tiles).sum(dim=(0, 2)).to(b.dtype) if b is not None else None
+    dweight = dw_part.sum(-1).to(w.dtype)
+    dbias = db_part.sum(-1).to(b.dtype) if b is not None else None
     return dx, dweight, dbias
 
 
