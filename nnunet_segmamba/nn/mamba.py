@@ -255,7 +255,8 @@ class TriOrientedMamba(nn.Module):
     cpu_index_map_orders: tuple[str, ...] = ("reverse", "slice")
 
     def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
-               num_slices: int | None = None, scan_as_op: bool = False) -> torch.Tensor:
+               num_slices: int | None = None, scan_as_op: bool = False,
+               gate_outside: bool | None = None) -> torch.Tensor:
         """One direction's Mamba branch, visiting the sequence in `order` (see `nnunet_segmamba.ssm.visit`).
 
         Args:
@@ -263,6 +264,10 @@ class TriOrientedMamba(nn.Module):
             order, num_slices: the visiting order; the output comes back in xz's order. With the default
                 "forward", xz is taken to be in the direction's own order already.
             scan_as_op: run the scan as its custom op in eager mode too (`ssm.selective_scan`'s `as_op`).
+            gate_outside: multiply by silu(z) here instead of in the scan (the same float32 arithmetic); None:
+                under torch.compile on CUDA, where inductor fuses the gate and its gradients into the passes
+                around the branch and the scan's kernels then run without z (fewer instructions in the
+                backward's main kernel, which is bound by them), and in the scan everywhere else.
         Returns:
             (B, d_inner, L): y * silu(z), before out_proj.
         """
@@ -274,11 +279,17 @@ class TriOrientedMamba(nn.Module):
                           num_slices=num_slices)  # (B, d_inner, L)
         # The projections act on each position alone, so they commute with the visiting order.
         delta, B, C = self.scan_inputs(u, x_proj.weight, dt_proj.weight, merged=u.is_cuda)
-        return selective_scan(
-            u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), z,
+        if gate_outside is None:
+            gate_outside = torch.compiler.is_compiling() and xz.is_cuda
+        y = selective_scan(
+            u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), None if gate_outside else z,
             delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
             num_slices=num_slices, as_op=scan_as_op,
         )
+        if gate_outside:
+            precision = _scan_precision(y).dtype  # as the kernels compute it: float32, float64 for float64
+            return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
+        return y
 
     def scan_inputs(self, u: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
                     merged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

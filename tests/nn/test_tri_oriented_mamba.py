@@ -220,6 +220,25 @@ def test_each_branch_method_matches_definition(direction):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_gate_outside_the_scan_is_the_same_branch(direction):
+    """The gate applied by the branch (torch.compile's form on CUDA) instead of by the scan: the same values and
+    gradients of xz and every parameter, in float64."""
+    mixer, hidden = make(seed=12)
+    mixer = mixer.double()
+    xz0 = torch.einsum("ec,blc->bel", mixer.in_proj.weight.detach(), hidden.double())
+    results = []
+    for gate_outside in (False, True):
+        mixer.zero_grad(set_to_none=True)
+        xz = xz0.clone().requires_grad_(True)
+        out = mixer.branch(xz, direction, gate_outside=gate_outside)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        results.append([out.detach(), xz.grad, *(p.grad for p in mixer.parameters() if p.grad is not None)])
+    assert len(results[0]) == len(results[1]) > 3
+    for inside, outside in zip(*results):
+        torch.testing.assert_close(outside, inside, rtol=1e-10, atol=1e-12)
+
+
 def test_module_is_out_proj_of_sum_of_three_branches():
     mixer, hidden = make(seed=4)
     expected = mixer_out64(mixer, hidden, D_)
