@@ -264,7 +264,8 @@ class TriOrientedMamba(nn.Module):
             order, num_slices: the visiting order; the output comes back in xz's order. With the default
                 "forward", xz is taken to be in the direction's own order already.
             scan_as_op: run the scan as its custom op in eager mode too (`ssm.selective_scan`'s `as_op`).
-            gate_outside: multiply by silu(z) here instead of in the scan (the same float32 arithmetic); None:
+            gate_outside: multiply by silu(z) here instead of in the scan (in float32 as there, but on the scan's
+                output rounded to u's dtype: one rounding more under autocast); None:
                 under torch.compile on CUDA, where inductor fuses the gate and its gradients into the passes
                 around the branch and the scan's kernels then run without z (fewer instructions in the
                 backward's main kernel, which is bound by them), and in the scan everywhere else.
