@@ -85,13 +85,13 @@ def predict_test_split(dataset: str | int, configuration: str, fold: int, traine
     if convention not in CONVENTIONS:
         raise UserError(f"convention must be one of {CONVENTIONS} (--convention), got {convention!r}")
 
-    require_env("nnUNet_preprocessed")
+    preprocessed = Path(require_env("nnUNet_preprocessed"))
     name, model_folder = _model_folder(dataset, trainer, plans, configuration)
     raw_folder = Path(require_env("nnUNet_raw")) / name
     if not (model_folder / f"fold_{fold}" / checkpoint_name).is_file():
         raise FileNotFoundError(f"no {checkpoint_name} in {model_folder / f'fold_{fold}'}; train fold {fold} with "
                                 f"-tr {trainer} first (or pass the checkpoint name)")
-    test_ids = read_split(str(Path(require_env("nnUNet_preprocessed")) / name), fold)["test"]
+    test_ids = read_split(str(preprocessed / name), fold)["test"]
 
     dataset_json = load_json(str(raw_folder / "dataset.json"))
     files = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)

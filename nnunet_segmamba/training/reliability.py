@@ -173,8 +173,8 @@ def is_trainer_lookup_error(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def trainer_lookup(trainer: str) -> Iterator[None]:
-    """Around nnU-Net code that looks `trainer` up by name: our trainer folder on nnUNet_extTrainer first, and a
-    failed lookup restated as `trainer_lookup_error`."""
+    """Around nnU-Net code that looks `trainer` up by name: adds our trainer folder to nnUNet_extTrainer before the
+    lookup, and restates a failed lookup as `trainer_lookup_error`."""
     add_ext_trainer_folder()
     try:
         yield
