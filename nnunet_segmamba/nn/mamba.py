@@ -256,7 +256,7 @@ class TriOrientedMamba(nn.Module):
 
     def branch(self, xz: torch.Tensor, direction: str, order: str = "forward",
                num_slices: int | None = None, scan_as_op: bool = False,
-               gate_outside: bool | None = None, step_sizes_outside: bool | None = None) -> torch.Tensor:
+               gate_outside: bool | None = None) -> torch.Tensor:
         """One direction's Mamba branch, visiting the sequence in `order` (see `nnunet_segmamba.ssm.visit`).
 
         Args:
@@ -269,10 +269,6 @@ class TriOrientedMamba(nn.Module):
                 under torch.compile on CUDA, where inductor fuses the gate and its gradients into the passes
                 around the branch and the scan's kernels then run without z (fewer instructions in the
                 backward's main kernel, which is bound by them), and in the scan everywhere else.
-            step_sizes_outside: the step sizes dt = softplus(delta + bias) computed here (in float32 as there, then
-                rounded to delta's dtype: one rounding more under autocast) and given to the scan without its bias
-                and softplus; None: where the gate goes outside, for the same reason (one pass over delta each way
-                in inductor's kernels, the backward's fused into the assembly of the projection's gradient).
         Returns:
             (B, d_inner, L): y * silu(z), before out_proj.
         """
@@ -284,16 +280,12 @@ class TriOrientedMamba(nn.Module):
                           num_slices=num_slices)  # (B, d_inner, L)
         # The projections act on each position alone, so they commute with the visiting order.
         delta, B, C = self.scan_inputs(u, x_proj.weight, dt_proj.weight, merged=u.is_cuda)
-        outside = torch.compiler.is_compiling() and xz.is_cuda
-        gate_outside = outside if gate_outside is None else gate_outside
-        step_sizes_outside = outside if step_sizes_outside is None else step_sizes_outside
-        bias = _scan_precision(dt_proj.bias)
-        if step_sizes_outside:
-            delta = nn.functional.softplus(delta.to(bias.dtype) + bias[:, None]).to(delta.dtype)
+        if gate_outside is None:
+            gate_outside = torch.compiler.is_compiling() and xz.is_cuda
         y = selective_scan(
             u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), None if gate_outside else z,
-            delta_bias=None if step_sizes_outside else bias, delta_softplus=not step_sizes_outside,
-            backend=self.scan_backend, order=order, num_slices=num_slices, as_op=scan_as_op,
+            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
+            num_slices=num_slices, as_op=scan_as_op,
         )
         if gate_outside:
             precision = _scan_precision(y).dtype  # as the kernels compute it: float32, float64 for float64
