@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ..nn import TriOrientedMamba
 from ..nn.recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
+from .cpu_conv import conv3d as cpu_conv3d
+from .cpu_conv import takes_cpu_path
 
 # Both U-Nets (SegMamba, MedMambaUNet) halve the size in each of four encoder stages: inputs are padded to, and
 # nnU-Net's patch sizes rounded to, multiples of this.
@@ -26,24 +28,14 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 class Conv3d(nn.Conv3d):
-    """nn.Conv3d (same arguments and parameters) whose inference on the CPU runs through oneDNN, as torch's does
-    for most shapes.
-
-    For a single float32 sample torch picks its unvectorised `slow_conv3d` whenever batch x channels x depth x
-    height <= 20480 (a threshold meant for 2D): the tiny networks' 8-channel first stage at a 48^3 tile falls under
-    it, and a tile's 8 mirrored passes take 4.2 s instead of 1.1 s (docs/performance.md, "One tile's prediction
-    with the tiny network"). Same arithmetic. Only without autograd: training's backward is faster through torch's
-    own path (which picks oneDNN at training batch sizes anyway). torch.compile, autocast and other devices take
-    torch's path too.
-    """
+    """nn.Conv3d (same arguments and parameters) whose float32 passes on the CPU take the fastest way measured
+    there (`cpu_conv.conv3d`: oneDNN for every forward, the input's gradient as oneDNN's forward convolution with the
+    mirrored kernel, 1 x 1 x 1 convolutions as matrix products), with torch's values and gradients. torch.compile,
+    autocast, channels-last inputs and other devices take torch's path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # is_compiling() first: dynamo refuses to trace torch.backends.mkldnn.is_available() (a graph break).
-        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.is_grad_enabled() and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
-                                            self.groups)
+        if takes_cpu_path(x, self.weight, self.padding_mode, self.padding):
+            return cpu_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return super().forward(x)
 
 

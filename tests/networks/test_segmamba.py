@@ -384,7 +384,7 @@ def test_one_channel_input_runs_channels_last_in_a_channels_last_network(spatial
 def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d():
     """The tiny networks' first stage (8 channels) predicting one 48^3 tile: torch alone picks its unvectorised
     slow_conv3d for it (batch x channels x depth x height <= 20480); the network's convolutions run through oneDNN
-    with the same result, and keep torch's path where autograd records."""
+    with the same result."""
     from torch.profiler import profile
 
     from nnunet_segmamba.networks.blocks import Conv3d
@@ -399,11 +399,50 @@ def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d():
     ops = {event.key for event in run.key_averages()}
     assert "aten::mkldnn_convolution" in ops and not any("slow_conv3d" in op for op in ops), ops
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    with profile() as run:
-        conv(x).sum().backward()
-    assert "aten::mkldnn_convolution" not in {event.key for event in run.key_averages()}  # torch's own choice
     net = SegMamba(1, 2, scan_backend="torch", feat_size=(8, 16, 32, 64), hidden_size=64, depths=(1, 1, 1, 1))
     assert all(type(m) is Conv3d for m in net.modules() if type(m) in (torch.nn.Conv3d, Conv3d))
+
+
+@pytest.mark.parametrize("in_channels, out_channels, kernel, stride, padding, bias, input_grad", [
+    (8, 8, 3, 1, 1, False, True),  # the residual blocks' 3-convs: the input's gradient as a mirrored convolution
+    (5, 3, (3, 1, 3), 1, (1, 0, 0), True, True),  # anisotropic kernel and padding, bias
+    (4, 8, 3, 1, 1, False, False),  # the network's first convolution: no gradient for the image
+    (8, 3, 1, 1, 0, True, True),  # 1-convs (output heads, shortcuts, the GSC's): matrix products both ways
+    (4, 6, 7, 2, 3, True, False),  # the stem: strided, torch's backward
+    (6, 4, 2, 2, 0, False, True),  # the downsampling convolutions: strided, torch's backward for the input too
+    (16, 12, 3, 1, 1, False, True),  # more than 8 channels either side: torch's backward
+])
+def test_cpu_convolutions_give_torchs_values_and_gradients(in_channels, out_channels, kernel, stride, padding,
+                                                           bias, input_grad):
+    """Every pass of the network's Conv3d on the CPU (`networks.cpu_conv`) against torch's own convolution:
+    output and the gradients of input, weight and bias."""
+    from torch.profiler import profile
+
+    from nnunet_segmamba.networks.blocks import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=bias)
+    x = torch.randn(2, in_channels, 10, 12, 14, requires_grad=input_grad)
+    g = torch.randn_like(conv(x))
+    results = []
+    for forward in (lambda t: torch.nn.functional.conv3d(t, conv.weight, conv.bias, stride, padding), conv):
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        with profile() as run:
+            out = forward(x)
+            out.backward(g)
+        results.append([out, x.grad, conv.weight.grad, conv.bias.grad if bias else None])
+    calls = {event.key: event.count for event in run.key_averages()}
+    pointwise = kernel == 1
+    mirrored = stride == 1 and input_grad and not pointwise and min(in_channels, out_channels) <= 8
+    # oneDNN's forward convolution for the output, and again for the input's gradient where the kernel is mirrored
+    assert calls.get("aten::mkldnn_convolution", 0) == (0 if pointwise else 1 + mirrored), calls
+    assert ("aten::convolution_backward" in calls) != pointwise, calls  # the weight's gradient, where not a product
+    for expected, actual in zip(*results):
+        if expected is None:
+            assert actual is None
+        else:  # float32 sums of thousands of products in another order: within 1e-5 of the tensor's scale
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("kwargs, x_shape, message", [
