@@ -1,0 +1,104 @@
+"""CPU timing of each pass of a 3D convolution: torch's own path against the networks' (`networks.cpu_conv`).
+
+Per shape, the median of --runs after one warm-up, float32, channels-first: the forward (torch: F.conv3d), the
+input's gradient and the weight's gradient (torch: `convolution_backward` for that gradient alone, as its
+autograd runs them). The default shapes are the demo network's at its 48^3 patch (feature size 8-64, batch 2),
+one sample of its tile, and the paper-size network's first stages, 3 x 3 x 3 and 1 x 1 x 1 kernels: the
+measurements behind `cpu_conv`'s choices (its FEW_CHANNELS rule). Timings only, nothing is asserted. Example:
+
+    python -m benchmarks.bench_conv_cpu --threads 2 --out conv_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs
+from nnunet_segmamba.networks import cpu_conv
+
+# in -> out channels, kernel side, batch, feature map side
+DEFAULT_SHAPES = ("8x8k3b2s48", "16x8k3b2s48", "4x8k3b2s48", "8x8k3b1s48", "8x8k3b2s24", "16x16k3b2s24",
+                  "32x32k3b2s12", "96x96k3b2s32", "48x48k3b2s64", "8x3k1b2s48", "16x8k1b2s48", "48x48k1b2s64")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    try:
+        channels, rest = text.split("k")
+        c_in, c_out = channels.split("x")
+        kernel, rest = rest.split("b")
+        batch, side = rest.split("s")
+        return int(c_in), int(c_out), int(kernel), int(batch), int(side)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected INxOUTkKERNELbBATCHsSIDE, e.g. 8x8k3b2s48")
+
+
+def bench(args: argparse.Namespace) -> dict:
+    rows = []
+    for c_in, c_out, kernel, batch, side in args.shapes:
+        torch.manual_seed(0)
+        x = torch.randn(batch, c_in, side, side, side)
+        weight = torch.randn(c_out, c_in, kernel, kernel, kernel)
+        grad = torch.randn(batch, c_out, side, side, side)
+        settings = ([1, 1, 1], [kernel // 2] * 3, [1, 1, 1], 1)  # stride, padding, dilation, groups
+
+        def torch_backward(mask):
+            return lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, settings[0], settings[1],
+                                                               settings[2], False, [0, 0, 0], 1, mask)
+
+        passes = {
+            "forward": (lambda: F.conv3d(x, weight, None, 1, kernel // 2),
+                        lambda: cpu_conv.forward(x, weight, None, *settings)),
+            "input gradient": (torch_backward([True, False, False]),
+                               lambda: cpu_conv.input_gradient(grad, x, weight, *settings)),
+            "weight gradient": (torch_backward([False, True, False]),
+                                lambda: cpu_conv.weight_gradient(grad, x, weight, *settings)),
+        }
+        row = {"shape": f"{c_in} -> {c_out}, {kernel}^3 kernel, {batch} x {side}^3"}
+        for name, (torch_pass, our_pass) in passes.items():
+            row[name] = {"torch_ms": time_runs(torch_pass, 1, args.runs)["median_ms"],
+                         "cpu_conv_ms": time_runs(our_pass, 1, args.runs)["median_ms"]}
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return {"system": {"cpu": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                       "load_average": _load_average()},
+            "config": {"runs": args.runs, "few_channels": cpu_conv.FEW_CHANNELS}, "rows": rows}
+
+
+def format_row(row: dict) -> str:
+    cells = [f"{row[p]['torch_ms']:.1f} / {row[p]['cpu_conv_ms']:.1f}"
+             for p in ("forward", "input gradient", "weight gradient")]
+    return f"| {row['shape']} | " + " | ".join(cells) + " |"
+
+
+def print_header(runs: int) -> None:
+    print(f"ms, median of {runs} runs after one warm-up: torch's path / cpu_conv's\n")
+    print("| convolution | forward | input gradient | weight gradient |\n|---|---|---|---|", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", type=lambda v: [parse_shape(s) for s in v.split(",") if s],
+                        default=[parse_shape(s) for s in DEFAULT_SHAPES],
+                        help="comma-separated INxOUTkKERNELbBATCHsSIDE (default: " + ",".join(DEFAULT_SHAPES) + ")")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_model()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print_header(args.runs)
+    report = bench(args)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
