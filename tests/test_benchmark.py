@@ -499,6 +499,24 @@ def test_predictor_volume_runs_both_predictors_and_writes_json(tmp_path, capsys)
         predictor_volume_gpu.main(["--device", "cpu", "--runs", "resnet:nnunet"])
 
 
+def test_conv_cpu_benchmark_times_every_pass_and_writes_json(tmp_path, capsys):
+    """benchmarks.bench_conv_cpu at toy sizes: a row per shape with torch's and cpu_conv's time for each pass, the
+    table, the JSON; a malformed shape is a usage error that shows the expected form."""
+    from benchmarks import bench_conv_cpu
+
+    out = tmp_path / "conv.json"
+    assert bench_conv_cpu.main(["--shapes", "4x3k3b1s6,5x2k1b2s4", "--runs", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["shape"] for row in rows] == ["4 -> 3, 3^3 kernel, 1 x 6^3", "5 -> 2, 1^3 kernel, 2 x 4^3"]
+    for row in rows:
+        for name in ("forward", "input gradient", "weight gradient"):
+            assert row[name]["torch_ms"] > 0 and row[name]["cpu_conv_ms"] > 0
+    assert "| 4 -> 3, 3^3 kernel, 1 x 6^3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_conv_cpu.main(["--shapes", "4x3k3"])
+    assert "INxOUTkKERNELbBATCHsSIDE" in capsys.readouterr().err
+
+
 def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():
     """benchmarks/tile_flops.py counts on the meta device (shapes only): the same count as a real CPU forward of
     the same network, and the skeleton of SegMamba (no Mamba layers) counted too."""
