@@ -12,6 +12,7 @@ import torch
 
 from nnunet_segmamba.benchmark import memory_held_by
 from nnunet_segmamba.networks import SegMamba
+from nnunet_segmamba.networks.blocks import Conv3d
 from nnunet_segmamba.nn import SS2D, TriOrientedMamba
 from nnunet_segmamba.ssm import dispatch, ops, triton_common
 
@@ -203,9 +204,15 @@ def test_ss2d_compiles_without_graph_breaks():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["channels-first", "channels-last"])
-def test_segmamba_compiles_without_graph_breaks(channels_last):
+def test_segmamba_compiles_without_graph_breaks(channels_last, monkeypatch):
     """The whole network, deep-supervision heads included, in one graph (what nnU-Net's compile gets); in
-    channels_last_3d (the trainers' layout on one GPU) its norms are the written-out autograd.Function."""
+    channels_last_3d (the trainers' layout on one GPU) its norms are the written-out autograd.Function.
+
+    Eager runs torch's convolutions here, as the compiled graph does: the CPU's own passes (`networks.cpu_conv`,
+    eager only, tested against torch's in tests/networks) sum in another order, and this small input (its deepest
+    norms over 2 voxels) amplifies float32 rounding: the first convolution's weight gradient then moves by 5e-4 of
+    its scale (by 5e-5 for an input perturbed by 1e-7), beyond the tolerance meant for what the compile changes."""
+    monkeypatch.setattr(Conv3d, "forward", torch.nn.Conv3d.forward)
     torch.manual_seed(0)
     net = SegMamba(1, 3, depths=(1, 1, 1, 1), feat_size=(8, 16, 32, 64), hidden_size=128, deep_supervision=True,
                    scan_backend="torch")
