@@ -3,8 +3,10 @@
 Per shape, the median of --runs after one warm-up, float32, channels-first: the forward (torch: F.conv3d), the
 input's gradient and the weight's gradient (torch: `convolution_backward` for that gradient alone, as its
 autograd runs them). The default shapes are the demo network's at its 48^3 patch (feature size 8-64, batch 2),
-one sample of its tile, and the paper-size network's first stages, 3 x 3 x 3 and 1 x 1 x 1 kernels: the
-measurements behind `cpu_conv`'s choices (its FEW_CHANNELS rule). Timings only, nothing is asserted. Example:
+one sample of its tile, the paper-size network's first stages (3 x 3 x 3 and 1 x 1 x 1 kernels) and the demo
+network's strided stem and downsampling convolutions (the stem's input gradient, which training never needs, is
+timed too): the measurements behind `cpu_conv`'s choices (its FEW_CHANNELS rule). Timings only, nothing is
+asserted. Example:
 
     python -m benchmarks.bench_conv_cpu --threads 2 --out conv_cpu.json
 """
@@ -21,44 +23,49 @@ import torch.nn.functional as F
 from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs
 from nnunet_segmamba.networks import cpu_conv
 
-# in -> out channels, kernel side, batch, feature map side
+# in -> out channels, kernel side (and stride after "t", default 1), batch, input side; padding (kernel - 1) // 2
 DEFAULT_SHAPES = ("8x8k3b2s48", "16x8k3b2s48", "4x8k3b2s48", "8x8k3b1s48", "8x8k3b2s24", "16x16k3b2s24",
-                  "32x32k3b2s12", "96x96k3b2s32", "48x48k3b2s64", "8x3k1b2s48", "16x8k1b2s48", "48x48k1b2s64")
+                  "32x32k3b2s12", "96x96k3b2s32", "48x48k3b2s64", "8x3k1b2s48", "16x8k1b2s48", "48x48k1b2s64",
+                  "4x8k7t2b2s48", "8x16k2t2b2s24")
 
 
-def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
+    """INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE -> (in, out, kernel, stride, batch, side)."""
     try:
         channels, rest = text.split("k")
         c_in, c_out = channels.split("x")
         kernel, rest = rest.split("b")
+        kernel, stride = kernel.split("t") if "t" in kernel else (kernel, 1)
         batch, side = rest.split("s")
-        return int(c_in), int(c_out), int(kernel), int(batch), int(side)
+        return int(c_in), int(c_out), int(kernel), int(stride), int(batch), int(side)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r}: expected INxOUTkKERNELbBATCHsSIDE, e.g. 8x8k3b2s48")
+        raise argparse.ArgumentTypeError(f"shape {text!r}: expected INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE, e.g. "
+                                         "8x8k3b2s48 or 4x8k7t2b2s48")
 
 
 def bench(args: argparse.Namespace) -> dict:
     rows = []
-    for c_in, c_out, kernel, batch, side in args.shapes:
+    for c_in, c_out, kernel, stride, batch, side in args.shapes:
         torch.manual_seed(0)
         x = torch.randn(batch, c_in, side, side, side)
         weight = torch.randn(c_out, c_in, kernel, kernel, kernel)
-        grad = torch.randn(batch, c_out, side, side, side)
-        settings = ([1, 1, 1], [kernel // 2] * 3, [1, 1, 1], 1)  # stride, padding, dilation, groups
+        settings = ([stride] * 3, [(kernel - 1) // 2] * 3, [1, 1, 1], 1)  # stride, padding, dilation, groups
+        grad = torch.randn(F.conv3d(x, weight, None, *settings[:3]).shape)
 
         def torch_backward(mask):
             return lambda: torch.ops.aten.convolution_backward(grad, x, weight, None, settings[0], settings[1],
                                                                settings[2], False, [0, 0, 0], 1, mask)
 
         passes = {
-            "forward": (lambda: F.conv3d(x, weight, None, 1, kernel // 2),
+            "forward": (lambda: F.conv3d(x, weight, None, *settings[:3]),
                         lambda: cpu_conv.forward(x, weight, None, *settings)),
             "input gradient": (torch_backward([True, False, False]),
                                lambda: cpu_conv.input_gradient(grad, x, weight, *settings)),
             "weight gradient": (torch_backward([False, True, False]),
                                 lambda: cpu_conv.weight_gradient(grad, x, weight, *settings)),
         }
-        row = {"shape": f"{c_in} -> {c_out}, {kernel}^3 kernel, {batch} x {side}^3"}
+        row = {"shape": f"{c_in} -> {c_out}, {kernel}^3 kernel{f', stride {stride}' if stride > 1 else ''}, "
+                        f"{batch} x {side}^3"}
         for name, (torch_pass, our_pass) in passes.items():
             row[name] = {"torch_ms": time_runs(torch_pass, 1, args.runs)["median_ms"],
                          "cpu_conv_ms": time_runs(our_pass, 1, args.runs)["median_ms"]}

@@ -505,16 +505,17 @@ def test_conv_cpu_benchmark_times_every_pass_and_writes_json(tmp_path, capsys):
     from benchmarks import bench_conv_cpu
 
     out = tmp_path / "conv.json"
-    assert bench_conv_cpu.main(["--shapes", "4x3k3b1s6,5x2k1b2s4", "--runs", "1", "--out", str(out)]) == 0
+    assert bench_conv_cpu.main(["--shapes", "4x3k3b1s6,5x2k1b2s4,2x4k2t2b1s6", "--runs", "1", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [row["shape"] for row in rows] == ["4 -> 3, 3^3 kernel, 1 x 6^3", "5 -> 2, 1^3 kernel, 2 x 4^3"]
+    assert [row["shape"] for row in rows] == ["4 -> 3, 3^3 kernel, 1 x 6^3", "5 -> 2, 1^3 kernel, 2 x 4^3",
+                                              "2 -> 4, 2^3 kernel, stride 2, 1 x 6^3"]
     for row in rows:
         for name in ("forward", "input gradient", "weight gradient"):
             assert row[name]["torch_ms"] > 0 and row[name]["cpu_conv_ms"] > 0
     assert "| 4 -> 3, 3^3 kernel, 1 x 6^3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_conv_cpu.main(["--shapes", "4x3k3"])
-    assert "INxOUTkKERNELbBATCHsSIDE" in capsys.readouterr().err
+    assert "INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE" in capsys.readouterr().err
 
 
 def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():

@@ -3,18 +3,18 @@
 torch's own CPU path is slow in four places, most at the few channels of the demo's network (8 at its 48^3 patch;
 docs/performance.md, "The 3D convolutions on the CPU", `benchmarks/bench_conv_cpu.py`):
 - one sample below batch x channels x depth x height = 20480 runs through torch's unvectorised `slow_conv3d` (a
-  threshold meant for 2D): an 8 -> 8 convolution of one 48^3 sample 56.8 ms instead of 3.6. Here every convolution
+  threshold meant for 2D): an 8 -> 8 convolution of one 48^3 sample 50.9 ms instead of 3.8. Here every convolution
   with a kernel runs through oneDNN.
-- a 1 x 1 x 1 convolution through oneDNN takes 2-15x a matrix product over the positions (an 8 -> 3 output head
-  at 2 x 48^3: 3.1 against 0.2 ms forward; 48 -> 48 at 2 x 64^3: 118.5 against 66.8 ms). Here it is that
+- a 1 x 1 x 1 convolution through oneDNN takes 1.9-12x a matrix product over the positions (an 8 -> 3 output head
+  at 2 x 48^3: 2.1 against 0.3 ms forward; 48 -> 48 at 2 x 64^3: 117.9 against 63.6 ms). Here it is that
   product, both ways.
 - at 8 channels or fewer on either side, oneDNN's backward-data kernel takes about three times its own forward
-  convolution (8 -> 8 at 2 x 48^3: 33.9 against 10.8 ms), while from 16 channels on it takes about the forward's
+  convolution (8 -> 8 at 2 x 48^3: 30.0 against 11.2 ms), while from 16 channels on it takes about the forward's
   time. There the input's gradient is oneDNN's forward convolution of the output's gradient with the transposed,
   mirrored kernel: the same values (stride 1: the adjoint of a correlation is the correlation with the mirrored
   kernel).
-- at those channel counts oneDNN's weight gradient takes two to three times as long on channels-first operands
-  as on channels-last copies of them, copies included (30.8 against 9.1 ms); here it gets the copies.
+- at those channel counts oneDNN's weight gradient takes 1.6-3.3x as long on channels-first operands
+  as on channels-last copies of them, copies included (29.4 against 8.8 ms); here it gets the copies.
 Everything else keeps torch's path: other devices and dtypes, autocast, torch.compile and training in channels-last
 (which the CPU trainers do not use).
 """
