@@ -43,11 +43,12 @@ def _channels_first(t: torch.Tensor) -> bool:
 
 def takes_cpu_path(x: torch.Tensor, weight: torch.Tensor, padding_mode: str, padding) -> bool:
     """Whether a Conv3d call on x runs through `conv3d` below instead of torch's path: float32 on the CPU, in
-    channels-first, or in any layout without autograd."""
+    channels-first, or in any layout without autograd; not where oneDNN is missing or switched off
+    (`torch.backends.mkldnn.flags(enabled=False)`)."""
     # is_compiling() first: dynamo refuses to trace torch.backends.mkldnn.is_available() (a graph break)
     return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
             and padding_mode == "zeros" and not isinstance(padding, str) and torch.backends.mkldnn.is_available()
-            and not torch.is_autocast_enabled("cpu")
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
             and ((_channels_first(x) and _channels_first(weight)) or not torch.is_grad_enabled()))
 
 

@@ -381,10 +381,10 @@ def test_one_channel_input_runs_channels_last_in_a_channels_last_network(spatial
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d():
+def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d(monkeypatch):
     """The tiny networks' first stage (8 channels) predicting one 48^3 tile: torch alone picks its unvectorised
     slow_conv3d for it (batch x channels x depth x height <= 20480); the network's convolutions run through oneDNN
-    with the same result."""
+    with the same result, unless oneDNN is switched off."""
     from torch.profiler import profile
 
     from nnunet_segmamba.networks.blocks import Conv3d
@@ -399,6 +399,11 @@ def test_cpu_inference_of_one_small_sample_skips_torchs_slow_conv3d():
     ops = {event.key for event in run.key_averages()}
     assert "aten::mkldnn_convolution" in ops and not any("slow_conv3d" in op for op in ops), ops
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with monkeypatch.context() as patch:  # oneDNN switched off by the user: torch's path
+        patch.setattr(torch.backends.mkldnn, "enabled", False)
+        with torch.no_grad(), profile() as run:
+            conv(x)
+    assert "aten::mkldnn_convolution" not in {event.key for event in run.key_averages()}
     net = SegMamba(1, 2, scan_backend="torch", feat_size=(8, 16, 32, 64), hidden_size=64, depths=(1, 1, 1, 1))
     assert all(type(m) is Conv3d for m in net.modules() if type(m) in (torch.nn.Conv3d, Conv3d))
 
