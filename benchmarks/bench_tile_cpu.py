@@ -7,7 +7,8 @@ torch's own path (`nn.Conv3d.forward`), on the same weights and input:
 - with --train, one training step instead: batch 2, deep supervision, forward and backward (the gradient of the
   outputs' summed means), where torch takes oneDNN's backward-data kernel for 3-convs and oneDNN for 1-convs.
 
-Reports the largest difference of the outputs (prediction) or of the parameters' gradients (training step).
+Reports the largest difference of the outputs (prediction) or of the parameters' gradients (training step: also which
+parameter, and its two values there).
 Default: the demo's tiny SegMamba (feature sizes 8-64, the demo trainer's network) at 48^3, 4 -> 3 channels, the
 fused CPU scan where it builds. Timings only, nothing is asserted. Example:
 
@@ -47,7 +48,7 @@ def bench(args: argparse.Namespace) -> dict:
     def train_step():
         net.zero_grad(set_to_none=True)
         sum(out.mean() for out in net(x)).backward()
-        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+        return {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
 
     run = train_step if args.train else predict
     results, outputs = {}, {}
@@ -57,6 +58,13 @@ def bench(args: argparse.Namespace) -> dict:
             results[label] = time_runs(run, args.warmup, args.runs)
             outputs[label] = run()
     first, second = outputs.values()
+    where = None
+    if args.train:  # the parameter whose gradient differs most, and its largest difference's two values
+        where = max(first, key=lambda name: float((first[name] - second[name]).abs().max()))
+        i = int((first[where] - second[where]).abs().flatten().argmax())
+        where = {"parameter": where, "torch": float(first[where].flatten()[i]),
+                 "cpu_conv": float(second[where].flatten()[i])}
+        first, second = (torch.cat([g.flatten() for g in o.values()]) for o in (first, second))
     return {
         "system": {"cpu": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                    "load_average": _load_average()},
@@ -65,6 +73,7 @@ def bench(args: argparse.Namespace) -> dict:
                    "warmup": args.warmup, "runs": args.runs},
         "max_abs_difference": float((first - second).abs().max()),
         "max_abs_value": float(first.abs().max()),
+        "largest_difference_at": where,
         "results": results,
     }
 
@@ -80,6 +89,9 @@ def print_table(report: dict) -> None:
     what = "parameters' gradients" if c["step"] == "training step" else "mean outputs"
     print(f"\nlargest difference of the {what}: {report['max_abs_difference']:.2e} (their largest magnitude "
           f"{report['max_abs_value']:.2e})")
+    if report["largest_difference_at"]:
+        at = report["largest_difference_at"]
+        print(f"in {at['parameter']}: {at['torch']:.7g} (torch's path) against {at['cpu_conv']:.7g} (cpu_conv)")
 
 
 def main(argv: list[str] | None = None) -> int:

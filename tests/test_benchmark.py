@@ -518,6 +518,27 @@ def test_conv_cpu_benchmark_times_every_pass_and_writes_json(tmp_path, capsys):
     assert "INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["prediction", "training-step"])
+def test_tile_cpu_benchmark_compares_both_convolution_paths(tmp_path, train):
+    """benchmarks.bench_tile_cpu at a 32^3 tile: both convolution paths timed on the same weights, their outputs (or
+    gradients) as close as float32 sums in another order, and for a training step the parameter where they differ
+    most, with both values."""
+    from benchmarks import bench_tile_cpu
+
+    out = tmp_path / "tile.json"
+    assert bench_tile_cpu.main(["--side", "32", "--warmup", "0", "--runs", "1", "--out", str(out)]
+                               + (["--train"] if train else [])) == 0
+    report = json.loads(out.read_text())
+    assert len(report["results"]) == 2 and all(r["median_ms"] > 0 for r in report["results"].values())
+    assert report["max_abs_difference"] <= 1e-3 * report["max_abs_value"]
+    at = report["largest_difference_at"]
+    if train:
+        assert at["parameter"].endswith(("weight", "bias"))
+        assert abs(at["torch"] - at["cpu_conv"]) == pytest.approx(report["max_abs_difference"], rel=1e-5, abs=1e-12)
+    else:
+        assert at is None
+
+
 def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():
     """benchmarks/tile_flops.py counts on the meta device (shapes only): the same count as a real CPU forward of
     the same network, and the skeleton of SegMamba (no Mamba layers) counted too."""
