@@ -34,7 +34,7 @@ class Conv3d(nn.Conv3d):
     autocast, channels-last inputs and other devices take torch's path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes_cpu_path(x, self.weight, self.padding_mode, self.padding):
+        if takes_cpu_path(x, self.padding_mode, self.padding):
             return cpu_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return super().forward(x)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 __all__ = ["conv3d", "forward", "input_gradient", "takes_cpu_path", "weight_gradient"]
@@ -41,15 +42,13 @@ def _channels_first(t: torch.Tensor) -> bool:
     return t.stride() == tuple(reversed(strides))
 
 
-def takes_cpu_path(x: torch.Tensor, weight: torch.Tensor, padding_mode: str, padding) -> bool:
-    """Whether a Conv3d call on x runs through `conv3d` below instead of torch's path: float32 on the CPU, in
-    channels-first, or in any layout without autograd; not where oneDNN is missing or switched off
-    (`torch.backends.mkldnn.flags(enabled=False)`)."""
+def takes_cpu_path(x: torch.Tensor, padding_mode: str, padding) -> bool:
+    """Whether a Conv3d call on x goes to `conv3d` below instead of torch's path: float32 on the CPU, not under
+    torch.compile or autocast, not where oneDNN is missing or switched off (`torch.backends.mkldnn.enabled`)."""
     # is_compiling() first: dynamo refuses to trace torch.backends.mkldnn.is_available() (a graph break)
     return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
             and padding_mode == "zeros" and not isinstance(padding, str) and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu")
-            and ((_channels_first(x) and _channels_first(weight)) or not torch.is_grad_enabled()))
+            and torch.backends.mkldnn.enabled and not torch.is_autocast_enabled("cpu"))
 
 
 def _is_pointwise(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], groups: int) -> bool:
@@ -117,8 +116,10 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
            padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
     """F.conv3d's values and gradients for a float32 CPU input (`takes_cpu_path`), faster."""
     stride, padding, dilation = (list(v) for v in (stride, padding, dilation))
-    if not (_channels_first(x) and _channels_first(weight)):  # inference in another layout: oneDNN keeps it
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+    if not (_channels_first(x) and _channels_first(weight)):
+        if torch.is_grad_enabled():  # training in another layout: torch's path
+            return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)  # oneDNN keeps it
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _Conv3d.apply(x, weight, bias, stride, padding, dilation, groups)
     return forward(x, weight, bias, stride, padding, dilation, groups)
