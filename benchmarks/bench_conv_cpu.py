@@ -13,14 +13,13 @@ asserted. Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs
+from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs, write_report
 from nnunet_segmamba.networks import cpu_conv
 
 # in -> out channels, kernel side (and stride after "t", default 1), batch, input side; padding (kernel - 1) // 2
@@ -91,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", type=lambda v: [parse_shape(s) for s in v.split(",") if s],
                         default=[parse_shape(s) for s in DEFAULT_SHAPES],
-                        help="comma-separated INxOUTkKERNELbBATCHsSIDE (default: " + ",".join(DEFAULT_SHAPES) + ")")
+                        help="comma-separated INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE (default: "
+                             + ",".join(DEFAULT_SHAPES) + ")")
     parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_model()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
     print_header(args.runs)
     report = bench(args)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -56,6 +56,13 @@ def time_runs(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, flo
             "cpu_median_ms": statistics.median(cpu), "runs": runs}
 
 
+def write_report(report: dict, out: Path | None) -> None:
+    """The report as JSON to `out` (nothing without one), and a line saying where."""
+    if out:
+        out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {out}")
+
+
 def bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     length = args.side ** 3
@@ -183,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report = bench(args)
     print_table(report)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -18,7 +18,6 @@ fused CPU scan where it builds. Timings only, nothing is asserted. Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -26,7 +25,7 @@ from unittest import mock
 import torch
 import torch.nn as nn
 
-from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs
+from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs, write_report
 from nnunet_segmamba.networks import SegMamba
 from nnunet_segmamba.networks.blocks import Conv3d
 from nnunet_segmamba.training.inference import mirror_mean
@@ -60,10 +59,10 @@ def bench(args: argparse.Namespace) -> dict:
     first, second = outputs.values()
     where = None
     if args.train:  # the parameter whose gradient differs most, and its largest difference's two values
-        where = max(first, key=lambda name: float((first[name] - second[name]).abs().max()))
-        i = int((first[where] - second[where]).abs().flatten().argmax())
-        where = {"parameter": where, "torch": float(first[where].flatten()[i]),
-                 "cpu_conv": float(second[where].flatten()[i])}
+        name = max(first, key=lambda n: float((first[n] - second[n]).abs().max()))
+        i = int((first[name] - second[name]).abs().flatten().argmax())
+        where = {"parameter": name, "torch": float(first[name].flatten()[i]),
+                 "cpu_conv": float(second[name].flatten()[i])}
         first, second = (torch.cat([g.flatten() for g in o.values()]) for o in (first, second))
     return {
         "system": {"cpu": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -110,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     report = bench(args)
     print_table(report)
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 
