@@ -31,7 +31,7 @@ class Conv3d(nn.Conv3d):
     """nn.Conv3d (same arguments and parameters) whose float32 passes on the CPU take the fastest way measured
     there (`cpu_conv.conv3d`: oneDNN for every forward, the input's gradient as oneDNN's forward convolution with the
     mirrored kernel, 1 x 1 x 1 convolutions as matrix products), with torch's values and gradients. torch.compile,
-    autocast, channels-last inputs and other devices take torch's path."""
+    autocast, training in channels-last and other devices take torch's path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if takes_cpu_path(x, self.padding_mode, self.padding):
