@@ -152,14 +152,16 @@ def nnunet_stage_strides(patch: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def build_network(name: str, in_channels: int, out_channels: int, segmamba_width: int = 48,
-                  compile_backend: str = "inductor", patch: Sequence[int] = (128, 128, 128)):
+                  compile_backend: str = "inductor", patch: Sequence[int] = (128, 128, 128),
+                  compile_options: dict[str, Any] | None = None):
     """The network `name` (one of KNOWN_NETWORKS), without deep supervision, on the CPU. A SegMamba name's
     bracket is its scan backend (`segmamba[triton]`); without one, "auto". A `_compiled` name is the network
     without that suffix wrapped in `torch.compile(network, backend=compile_backend)`, as nnU-Net's trainer does
     (with the default backend); the compile happens in the first (warm-up) step of each phase. A `_compiled_cl`
     name is compiled with inductor's `force_layout_optimization` (channels-last buffers and convolutions inside
     the compiled graph), a `_compiled_cg` name with `mode="reduce-overhead"` (CUDA graphs; recorded in a later
-    warm-up step); both are ignored by other compile backends.
+    warm-up step); both are ignored by other compile backends. `compile_options` (inductor's options, e.g.
+    {"max_autotune_gemm": True}) are added to those of every `_compiled` name under inductor.
 
     SegMamba's widths are (w, 2w, 4w, 8w) with a 16w bottleneck (w = 48 is the reference). The nnU-Net networks
     use the plan nnU-Net makes for `patch` at isotropic spacing (`nnunet_stage_strides`; for BraTS 3d_fullres's
@@ -175,6 +177,12 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
         inductor = compile_backend == "inductor"
         options = {"force_layout_optimization": True} if "_compiled_cl" in name and inductor else None
         mode = "reduce-overhead" if "_compiled_cg" in name and inductor else None
+        if compile_options and inductor:
+            from torch._inductor import list_mode_options
+
+            # torch.compile takes a mode or options, not both: the mode's options, then these
+            options = {**(list_mode_options(mode) if mode else {}), **(options or {}), **compile_options}
+            mode = None
         # static shapes: the patch inference (1 tile) and batched mirroring (8) each get their own graph, rather
         # than a recompile with a dynamic batch size
         return torch.compile(build_network(plain, in_channels, out_channels, segmamba_width, patch=patch),
@@ -602,7 +610,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                   warmup: int = 5, iters: int = 20, precision: str = "auto", segmamba_width: int = 48,
                   equivalence: bool = False, step: float = 0.5, command: str | None = None,
                   out: str | Path | None = None, log: Log = _print,
-                  compile_backend: str = "inductor", batched_mirroring: bool = False) -> dict[str, Any]:
+                  compile_backend: str = "inductor", batched_mirroring: bool = False,
+                  compile_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Benchmark `networks` in this process; returns (and writes to `out` as JSON) the results.
 
     Args:
@@ -620,6 +629,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         step: sliding-window tile step as a fraction of the patch (nnU-Net's tile_step_size; overlap = 1 - step).
         compile_backend: torch.compile backend of the `_compiled` networks ("inductor", nnU-Net's; "aot_eager"
             traces without generating code, for quick checks).
+        compile_options: inductor options added to every `_compiled` network's (`parse_compile_options`), to
+            compare them in one run, e.g. {"max_autotune_gemm": True}.
         batched_mirroring: the volume inference runs each tile's 8 mirrorings as one forward pass of 8 tiles
             instead of 8 passes of one (the same mean); needed for `_compiled_cg` networks' volume inference.
         command: the command line, recorded as given.
@@ -668,7 +679,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                      "tile_step": step, "sw_batch_size": 1, "blend": "gaussian, sigma 0.125 * patch",
                      "mirror_axes": [2, 3, 4], "batched_mirroring": batched_mirroring,
                      "cudnn_benchmark": dev.type == "cuda",
-                     "compile_backend": compile_backend},
+                     "compile_backend": compile_backend, "compile_options": compile_options or {}},
         "sliding_window": tile_layout(volume, patch, step),
         "networks": {},
     }
@@ -688,7 +699,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
             report["networks"][name] = _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels,
                                                   train, inference, warmup, iters, segmamba_width, step,
                                                   report["sliding_window"]["tiles_monai"], cuda_ok, cuda_reason,
-                                                  log, compile_backend, batched_mirroring)
+                                                  log, compile_backend, batched_mirroring, compile_options)
             if out is not None:  # partial results survive a run killed by a time limit
                 _write(out, report)
     finally:
@@ -708,7 +719,7 @@ def _write(path: str | Path, report: dict[str, Any]) -> None:
 
 def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, train, inference, warmup, iters,
                segmamba_width, step, tiles, cuda_ok, cuda_reason, log, compile_backend="inductor",
-               batched_mirroring=False) -> dict[str, Any]:
+               batched_mirroring=False, compile_options=None) -> dict[str, Any]:
     import torch
 
     from .ssm import dispatch
@@ -723,7 +734,7 @@ def _bench_one(name, dev, amp, batch, patch, volume, in_channels, out_channels, 
                              "volume_inference": None}
     log(f"[{name}] building")
     torch.manual_seed(0)
-    model = build_network(name, in_channels, out_channels, segmamba_width, compile_backend, patch)
+    model = build_network(name, in_channels, out_channels, segmamba_width, compile_backend, patch, compile_options)
     entry["params"] = sum(p.numel() for p in model.parameters())
     log(f"[{name}] {entry['params'] / 1e6:.2f} M parameters")
 
@@ -839,6 +850,26 @@ def parse_sizes(text: str) -> tuple[int, int, int]:
     return tuple(values)
 
 
+def parse_compile_options(text: str) -> dict[str, Any]:
+    """"key=value,key=value" -> inductor's options for --compile-options: true/false as booleans, integers as
+    integers, the rest as text; each key checked against inductor's config."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    options: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"{key!r} is not an inductor option; "
+                                             "torch._inductor.list_options() names them")
+        lowered = value.lower()
+        options[key] = (lowered == "true" if lowered in ("true", "false")
+                        else int(value) if value.lstrip("-").isdigit() else value)
+    return options
+
+
 def _network_list(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in KNOWN_NETWORKS]
@@ -883,6 +914,9 @@ def register(subparsers) -> None:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of the *_compiled networks (default inductor, as nnU-Net; "
                         "aot_eager traces without generating code)")
+    p.add_argument("--compile-options", type=parse_compile_options, default=None, metavar="KEY=VALUE,...",
+                   help="inductor options added to every *_compiled network's, e.g. max_autotune_gemm=true "
+                        "(values true/false, integers or text; keys as torch._inductor.list_options() names them)")
     p.add_argument("--batched-mirroring", action="store_true",
                    help="volume inference: each tile's 8 mirrorings as one forward pass of 8 tiles (the same mean; "
                         "CUDA-graph networks need it)")
@@ -897,7 +931,7 @@ def _run(args: argparse.Namespace) -> int:
         inference=not args.no_inference, warmup=args.warmup, iters=args.iters, precision=args.precision,
         segmamba_width=args.segmamba_width, equivalence=args.equivalence, step=args.step,
         command=args.command_line, out=args.out, compile_backend=args.compile_backend,
-        batched_mirroring=args.batched_mirroring,
+        batched_mirroring=args.batched_mirroring, compile_options=args.compile_options,
     )
     failed = any(isinstance(phase, dict) and "error" in phase
                  for e in report["networks"].values() for phase in e.values())

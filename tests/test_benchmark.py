@@ -38,7 +38,8 @@ def test_cli_cpu_run_writes_json_and_table(tmp_path, capsys):
     # 64x32x32: nnU-Net's plan for it has 4 stages (three halvings of every axis)
     rc = cli.main(["benchmark", "--device", "cpu", "--batch", "1", "--patch", "64,32,32", "--volume", "64,32,24",
                    "--warmup", "1", "--iters", "2", "--segmamba-width", "4", "--equivalence",
-                   "--networks", "segmamba[cuda],segmamba[torch],segmamba_nomamba,plainconv", "--out", str(out)])
+                   "--networks", "segmamba[cuda],segmamba[torch],segmamba_nomamba,plainconv", "--out", str(out),
+                   "--compile-options", "max_autotune_gemm=true"])
     assert rc == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -48,8 +49,9 @@ def test_cli_cpu_run_writes_json_and_table(tmp_path, capsys):
     assert report["device"] == "cpu" and report["gpu"] is None
     # the command as typed, whatever the interpreter's own argv (pytest's here)
     assert report["command"].startswith("nnunet-segmamba benchmark --device cpu --batch 1 --patch 64,32,32 ")
-    assert report["command"].endswith(f"--out {out}")
+    assert report["command"].endswith(f"--out {out} --compile-options max_autotune_gemm=true")
     assert report["settings"]["precision"] == "fp32"
+    assert report["settings"]["compile_options"] == {"max_autotune_gemm": True}  # recorded (no _compiled here)
     assert report["settings"]["patch"] == [64, 32, 32] and report["settings"]["volume"] == [64, 32, 24]
     sw = report["sliding_window"]
     assert sw["tiles_monai"] == sw["tiles_nnunet"] == 1  # 24 is padded to the patch's 32 (several tiles: below)
@@ -209,6 +211,25 @@ def test_compare_backends_on_a_real_segmamba_on_cpu():
     assert result["finite"] and result["within_fp16_rounding"]
     assert 0 < result["reference_fp16_vs_fp32"]["rel_max"] < 0.1  # CPU fp16 autocast does round
     assert result["tolerance_rel_max"] > 1e-3
+
+
+def test_compile_options_are_added_to_the_modes_and_recorded(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
+    options = benchmark.parse_compile_options("max_autotune_gemm=true, coordinate_descent_tuning=False")
+    assert options == {"max_autotune_gemm": True, "coordinate_descent_tuning": False}
+    benchmark.build_network("segmamba_compiled_cg[triton]", 1, 2, segmamba_width=4, compile_options=options)
+    benchmark.build_network("segmamba_compiled_cl[triton]", 1, 2, segmamba_width=4, compile_options=options)
+    benchmark.build_network("segmamba_compiled[triton]", 1, 2, segmamba_width=4, compile_backend="eager",
+                            compile_options=options)
+    assert [(c["options"], c["mode"]) for c in calls] == [
+        ({"triton.cudagraphs": True, **options}, None),
+        ({"force_layout_optimization": True, **options}, None),
+        (None, None)]  # other backends take no inductor options
+    with pytest.raises(argparse.ArgumentTypeError, match="'max_autotune_gem' is not an inductor option"):
+        benchmark.parse_compile_options("max_autotune_gem=true")
+    with pytest.raises(argparse.ArgumentTypeError, match="KEY=VALUE"):
+        benchmark.parse_compile_options("max_autotune_gemm")
 
 
 def test_bad_arguments():
