@@ -213,7 +213,7 @@ def test_compare_backends_on_a_real_segmamba_on_cpu():
     assert result["tolerance_rel_max"] > 1e-3
 
 
-def test_compile_options_are_added_to_the_modes_and_recorded(monkeypatch, tmp_path):
+def test_compile_options_are_added_to_each_compiled_names_options(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or model)
     options = benchmark.parse_compile_options("max_autotune_gemm=true, coordinate_descent_tuning=False")
