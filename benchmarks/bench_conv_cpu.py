@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs, write_report
+from benchmarks.cpu_timing import (add_run_arguments, apply_threads, cpu_model, system_info, time_runs,
+                                   write_report)
 from nnunet_segmamba.networks import cpu_conv
 
 # in -> out channels, kernel side (and stride after "t", default 1), batch, input side; padding (kernel - 1) // 2
@@ -70,8 +70,7 @@ def bench(args: argparse.Namespace) -> dict:
                          "cpu_conv_ms": time_runs(our_pass, 1, args.runs)["median_ms"]}
         rows.append(row)
         print(format_row(row), flush=True)
-    return {"system": {"cpu": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                       "load_average": _load_average()},
+    return {"system": system_info(),
             "config": {"runs": args.runs, "few_channels": cpu_conv.FEW_CHANNELS}, "rows": rows}
 
 
@@ -92,12 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                         default=[parse_shape(s) for s in DEFAULT_SHAPES],
                         help="comma-separated INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE (default: "
                              + ",".join(DEFAULT_SHAPES) + ")")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
+    add_run_arguments(parser, runs=5)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     print(f"CPU: {cpu_model()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
     print_header(args.runs)
     report = bench(args)

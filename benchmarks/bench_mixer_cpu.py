@@ -18,49 +18,15 @@ S = 128 on two cores.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
 import time
-from pathlib import Path
-from typing import Callable
 
 import torch
 
+from benchmarks.cpu_timing import add_run_arguments, run, system_info, time_runs
 from nnunet_segmamba.nn import TriOrientedMamba, set_scan_backend
 from nnunet_segmamba.ssm import selective_scan
 from nnunet_segmamba.ssm.cpu_scan import cpu_scan_status
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def time_runs(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    times, cpu = [], []
-    for _ in range(runs):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        cpu.append((time.process_time() - start_cpu) * 1e3)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "cpu_median_ms": statistics.median(cpu), "runs": runs}
-
-
-def write_report(report: dict, out: Path | None) -> None:
-    """The report as JSON to `out` (nothing without one), and a line saying where."""
-    if out:
-        out.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {out}")
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -122,8 +88,7 @@ def bench(args: argparse.Namespace) -> dict:
     return {
         "config": {"d_model": args.d_model, "L": length, "num_slices": args.side, "batch": args.batch,
                    "dtype": "float32", "backends": list(args.backends), "warmup": args.warmup, "runs": args.runs},
-        "system": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "python": sys.version.split()[0], "load_average": _load_average()},
+        "system": {**system_info(), "python": sys.version.split()[0]},
         "cpu_kernel_build_or_load_s": build_s,
         "results": results,
     }
@@ -151,13 +116,6 @@ def bench_network(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return results
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def print_table(report: dict) -> None:
     s, c = report["system"], report["config"]
     print(f"CPU: {s['cpu']}; torch {s['torch']} with {s['torch_threads']} threads")
@@ -177,21 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", type=int, default=16, help="feature map side: L = side^3, num_slices = side")
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs; the median is reported (default 10)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add_run_arguments(parser, runs=10)
     parser.add_argument("--backends", type=lambda v: [b.strip() for b in v.split(",") if b.strip()],
                         default=["torch", "cpu"], help="comma-separated scan backends (default torch,cpu)")
     parser.add_argument("--network-side", type=int, default=0,
                         help="also time the full SegMamba forward on a tile of this side (e.g. 64 or 128)")
     parser.add_argument("--network-runs", type=int, default=1, help="timed runs of the network (default 1)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = bench(args)
-    print_table(report)
-    write_report(report, args.out)
-    return 0
+    return run(parser.parse_args(argv), bench, print_table)
 
 
 if __name__ == "__main__":

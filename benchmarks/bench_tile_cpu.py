@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn as nn
 
-from benchmarks.bench_mixer_cpu import _load_average, cpu_model, time_runs, write_report
+from benchmarks.cpu_timing import add_run_arguments, run, system_info, time_runs
 from nnunet_segmamba.networks import SegMamba
 from nnunet_segmamba.networks.blocks import Conv3d
 from nnunet_segmamba.training.inference import mirror_mean
@@ -65,8 +64,7 @@ def bench(args: argparse.Namespace) -> dict:
                  "cpu_conv": float(second[name].flatten()[i])}
         first, second = (torch.cat([g.flatten() for g in o.values()]) for o in (first, second))
     return {
-        "system": {"cpu": cpu_model(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                   "load_average": _load_average()},
+        "system": system_info(),
         "config": {"network": args.network, "side": args.side, "batch": batch,
                    "step": "training step" if args.train else f"prediction, {2 ** len(axes)} flips",
                    "warmup": args.warmup, "runs": args.runs},
@@ -101,16 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", action="store_true",
                         help="time a training step (batch 2, deep supervision, backward) instead of a prediction")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default 1)")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs; the median is reported (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = bench(args)
-    print_table(report)
-    write_report(report, args.out)
-    return 0
+    add_run_arguments(parser, runs=5)
+    return run(parser.parse_args(argv), bench, print_table)
 
 
 if __name__ == "__main__":
