@@ -631,3 +631,24 @@ def test_triton_registers_attributes_the_innermost_loop_to_source_lines():
                                "global_stores": 1, "wide_accesses": 1}
     no_loop = parse_listing(NVDISASM_LISTING.replace("BRA `(.L_x_0)", "NOP").replace("BRA `(.L_x_1)", "NOP"))
     assert loop_lines(no_loop) == [] and loop_body(no_loop)["loop_instructions"] == 0
+
+
+def test_cpu_benchmarks_main_times_the_runs_and_writes_the_report(tmp_path, capsys):
+    from benchmarks import cpu_timing
+
+    calls = []
+    parser = argparse.ArgumentParser()
+    cpu_timing.add_run_arguments(parser, runs=3)
+    args = parser.parse_args(["--threads", str(torch.get_num_threads()), "--out", str(tmp_path / "r.json")])
+
+    def bench(args):
+        timing = cpu_timing.time_runs(lambda: calls.append(1), warmup=2, runs=args.runs)
+        return {"system": cpu_timing.system_info(), "results": {"case": timing}}
+
+    assert cpu_timing.run(args, bench, lambda report: print("table of", list(report["results"]))) == 0
+    assert len(calls) == 5  # two warm-ups, then the three timed runs of --runs' default
+    report = json.loads((tmp_path / "r.json").read_text())
+    case = report["results"]["case"]
+    assert case["runs"] == 3 and case["min_ms"] <= case["median_ms"] <= case["max_ms"]
+    assert report["system"]["torch_threads"] == torch.get_num_threads()
+    assert "table of ['case']" in capsys.readouterr().out
