@@ -117,6 +117,24 @@ def test_carry_over_more_chunks_than_one_tile(monkeypatch, carry_states):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fused, publish_inclusive, window", [(False, True, 4), (True, True, 4), (True, False, 4),
+                                                              (True, False, 32)],
+                         ids=["three-kernels", "look-back", "aggregates-only", "one-window"])
+def test_forward_in_one_pass_with_a_look_back(monkeypatch, fused, publish_inclusive, window):
+    """The fused forward (`_fwd_chunk_scan`) gives the definition's outputs, last state and gradients (from its
+    residuals) in every order. The interpreter runs programs one after the other, so a look-back finds the chunk
+    before it done; with aggregates only published it composes them back to the row's start instead, across 3
+    windows of 4 chunks (10 chunks) or within one of 32."""
+    monkeypatch.setitem(triton_scan.TUNING, "fwd_lookback", fused)
+    monkeypatch.setitem(triton_scan.TUNING, "lookback", window)
+    original = triton_scan._forward
+    monkeypatch.setattr(triton_scan, "_forward", lambda *args: original(*args, publish_inclusive=publish_inclusive))
+    inputs = make_inputs(18, batch=1, dim=2, n=4, length=160, device=DEVICE)
+    for order, num_slices in (("forward", None), ("reverse", None), ("slice", 5)):
+        check_order(inputs, order, num_slices, block_l=16)
+
+
+@needs_kernels
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (10 ** 6, 8)], ids=["one-split", "split-per-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
                          ids=["fp32", "bf16"])
