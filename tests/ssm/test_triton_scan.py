@@ -248,6 +248,29 @@ L_LONG = 64 ** 3
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("window, warps", [(8, 1), (32, 2)])
+def test_forward_look_back_under_concurrency(monkeypatch, window, warps):
+    """On the GPU the fused forward's programs run concurrently, so look-backs meet chunks that have published
+    only their aggregates: at 64^3 positions (4096 chunks a row, thousands of programs resident) its outputs,
+    entering states and chunk sums equal the three-kernel forward's, run after run."""
+    inputs = leaves(make_inputs(7, batch=2, dim=96, n=16, length=L_LONG, dtype=torch.bfloat16, device="cuda"))
+    p = triton_scan._prepare(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["z"],
+                             "slice", 64, None)
+    monkeypatch.setitem(triton_scan.TUNING, "warps_fwd", warps)
+    monkeypatch.setitem(triton_scan.TUNING, "lookback", window)
+    monkeypatch.setitem(triton_scan.TUNING, "fwd_lookback", False)
+    expected = triton_scan._forward(p, inputs["D"], inputs["delta_bias"], True)
+    monkeypatch.setitem(triton_scan.TUNING, "fwd_lookback", True)
+    for _ in range(3):
+        out, states, chunk_sum = triton_scan._forward(p, inputs["D"], inputs["delta_bias"], True)
+        scale = expected[0].float().abs().max().item()
+        torch.testing.assert_close(out.float(), expected[0].float(), rtol=2e-2, atol=2e-2 * scale)
+        torch.testing.assert_close(states, expected[1], rtol=1e-4, atol=1e-4 * expected[1].abs().max().item())
+        torch.testing.assert_close(chunk_sum, expected[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_fp16_autocast_long_sequence_is_finite_and_matches_float32():
     """L = 262,144 in fp16, as SegMamba's first stage sees it under autocast: no overflow to inf or NaN in the
     output or any gradient, and the same result as the float32 computation of the same fp16 inputs."""
