@@ -14,8 +14,7 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     both orders ("triton-maps-all") read through index maps instead of flipped / permuted copies;
   * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
     bandwidth measured here (a device-to-device copy, bytes read + written);
-  * with --tune: triton's launch settings (TUNE_GRID; with --tune carry, the carry kernel's: CARRY_TUNE_GRID;
-    with --tune lookback, the one-pass forward's against the three kernels: LOOKBACK_TUNE_GRID)
+  * with --tune: triton's launch settings (TUNE_GRID; with --tune carry, the carry kernel's: CARRY_TUNE_GRID)
     swept at every shape in bf16 (scan fwd+bwd, graphed), the one with the least time summed over the shapes
     applied before the table.
 An unavailable backend is reported, and the others are still timed. Nothing is asserted.
@@ -207,13 +206,7 @@ TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=fwd,
 # The carry kernel (the scan over chunks, one row per (batch, channel)): a row's states in one program or split over
 # several, and its warps
 CARRY_TUNE_GRID = [dict(carry_states=states, warps_carry=warps) for states in (16, 8, 4) for warps in (4, 2, 1)]
-# The forward in one pass with a decoupled look-back (`_fwd_chunk_scan`) against the three kernels (summaries, carry,
-# output): its look-back window, its warps (255 registers at one warp, 192 at two: Triton 3.6, sm_90) and its split
-# target
-LOOKBACK_TUNE_GRID = ([dict(fwd_lookback=False, lookback=16, warps_fwd=1, fwd_programs_per_sm=64)]
-                      + [dict(fwd_lookback=True, lookback=window, warps_fwd=warps, fwd_programs_per_sm=target)
-                         for window in (8, 32) for warps in (1, 2) for target in (32, 64)])
-TUNE_GRIDS = {"chunks": TUNE_GRID, "carry": CARRY_TUNE_GRID, "lookback": LOOKBACK_TUNE_GRID}
+TUNE_GRIDS = {"chunks": TUNE_GRID, "carry": CARRY_TUNE_GRID}
 
 
 def tune(bases: dict, warmup: int, runs: int, grid: list[dict] = TUNE_GRID) -> dict:

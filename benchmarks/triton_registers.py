@@ -46,16 +46,12 @@ INPUT_DTYPE_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_p
                         "dz_ptr", "out_ptr", "x_ptr", "dx_ptr"}
 DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC", "stride_xb", "stride_xd", "stride_ob", "stride_od",
                   "stride_gb", "stride_gd", "stride_dxb", "stride_dxd"}
-# int32 buffers: the fused forward's publication flags and its ticket counter
-INT_POINTERS = {"flag_ptr", "ticket_ptr"}
 KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan._fwd_chunk_output,
-           "fwd_chunk_scan": triton_scan._fwd_chunk_scan,
            "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary,
            "conv_fwd": triton_conv._causal_conv1d_fwd_kernel,
            "conv_bwd_gate": triton_conv._causal_conv1d_bwd_gate_kernel,
            "conv_bwd_input": triton_conv._causal_conv1d_bwd_input_kernel}
-FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True,  # Mamba's configuration
-         "PUBLISH_INCLUSIVE": True, "LB": triton_scan.TUNING["lookback"]}  # and the fused forward's
+FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}  # Mamba's configuration
 # The causal conv as Mamba runs it (width 4, bias, SiLU) on long sequences, whose tiles are the largest; its block is
 # not --block-l (the scan's chunk). Its weight and bias pointers are float32, as the parameters are.
 CONV_CONSTANTS = {"K": 4, "MODE": 0, "HAS_BIAS": True, "SILU": True, "BLOCK_L": triton_conv.MAX_BLOCK_L}
@@ -86,8 +82,7 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            signature[name] = "*" + (dtype if name in INPUT_DTYPE_POINTERS else "i32" if name in INT_POINTERS
-                                     else "fp32")
+            signature[name] = "*" + (dtype if name in INPUT_DTYPE_POINTERS else "fp32")
         else:
             signature[name] = "i32"
         if name.endswith("_ptr") or name in DIVISIBLE_INTS:

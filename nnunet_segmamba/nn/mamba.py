@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..ssm import dispatch
 from ..ssm.api import causal_conv1d, selective_scan
-from ..ssm.ops import CAUSAL_CONV_OP, SELECTIVE_SCAN_OP
+from ..ssm.ops import SELECTIVE_SCAN_OP
 from ..ssm.orders import check_num_slices, visit
 from .recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
 
@@ -130,11 +130,9 @@ def _weight_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     # a recomputed branch keeps the scan's outputs (y and its chunk states): running the scan again would cost as
-    # much as the rest of the layer; and the conv's output u, which the backward needs whole (the scan's and
-    # x_proj's gradients) and which would otherwise cost the conv's forward again (one (B, d_inner, L) tensor per
-    # branch in 16 bits). The ordered copy of xz, x_proj's B and C and delta are cheap to make again from u
-    return (CheckpointPolicy.MUST_SAVE if func is SELECTIVE_SCAN_OP or func is CAUSAL_CONV_OP
-            else CheckpointPolicy.PREFER_RECOMPUTE)
+    # much as the rest of the layer; its inputs (the ordered copy of xz, the conv output u, x_proj's B and C, delta)
+    # are cheap to make again and are not kept
+    return CheckpointPolicy.MUST_SAVE if func is SELECTIVE_SCAN_OP else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 _RECOMPUTE_ALL_BUT_THE_SCAN = selective_checkpoint_contexts(_keep_scan_outputs)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import dispatch
 
-__all__ = ["CAUSAL_CONV_OP", "SELECTIVE_SCAN_OP", "causal_conv1d", "causal_conv1d_bwd", "selective_scan", "selective_scan_bwd"]
+__all__ = ["SELECTIVE_SCAN_OP", "causal_conv1d", "causal_conv1d_bwd", "selective_scan", "selective_scan_bwd"]
 
 _NS = "nnunet_segmamba"
 
@@ -248,5 +248,3 @@ def _conv_backward(ctx, dout):
 
 
 causal_conv1d.register_autograd(_conv_backward, setup_context=_conv_setup_context)
-# the op as the dispatcher sees it (what a selective activation checkpointing policy is called with)
-CAUSAL_CONV_OP = torch.ops.nnunet_segmamba.causal_conv1d.default

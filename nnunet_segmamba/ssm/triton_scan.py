@@ -52,7 +52,7 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # multiprocessors) and its warps.
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16,
-          "carry_states": 8, "warps_carry": 2, "fwd_lookback": True, "lookback": 16}
+          "carry_states": 8, "warps_carry": 2}
 
 # The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
 CARRY_TILE = 256
@@ -96,14 +96,8 @@ def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM,
     """What every (batch, group, channel split; chunk) program of the chunk kernels starts with: its coordinates,
     the first of its channels, the positions p(t) of its steps and their masks, and the offsets of its group's rows
     of B / C (before the batch stride), which it loads once for all its channels."""
-    return _group_chunk_at(tl.program_id(0), tl.program_id(1), D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL,
-                           MODE)
-
-
-@jit
-def _group_chunk_at(pid, c, D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM,
-                    NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr):
-    """`_group_chunk` for the (batch, group, channel split) program `pid` of chunk c."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1)
     split = pid % D_SPLIT
     bg = pid // D_SPLIT
     g = bg % G_
@@ -233,112 +227,6 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
         decay = tl.exp2(A2[:, None] * dt[None, :])
         _, h = tl.associative_scan((decay, Bt * (dt * u)[None, :] + tl.where(first, decay * h0[:, None], 0.0)),
                                    axis=1, combine_fn=_linear_combine)
-        y = tl.sum(h * Ct, 0) + Dd * u
-        if HAS_Z:
-            z = z.to(tl.float32)
-            y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + bd * L + p, y.to(out_ptr.dtype.element_ty), mask=mask)
-        delta, u, z, A, bias = delta_n, u_n, z_n, A_n, bias_n
-
-
-@jit
-def _lookback(states_ptr, aggP_ptr, aggS_ptr, flag_ptr, bd, c, N, NCH, n, nmask,
-              NP: tl.constexpr, LB: tl.constexpr):
-    """The state entering chunk c of row bd, from the chunks before it as they publish themselves (decoupled
-    look-back): each chunk's flag says 1 once its aggregate (P, S) is stored (its decay over the chunk and its end
-    state from a zero start), 2 once its inclusive state (the true state after it, in `states`) is. The chunks
-    before c are read LB at a time, nearest first, until one with an inclusive state; the aggregates after it are
-    composed in order (state_after_j = P_j state_after_(j-1) + S_j). Chunks before the row's first count as
-    inclusive with state 0."""
-    w = tl.arange(0, LB)
-    row = bd.to(tl.int64) * NCH
-    Pacc = tl.full([NP], 1.0, tl.float32)  # the chunks walked so far, composed: x -> Pacc x + Sacc
-    Sacc = tl.zeros([NP], dtype=tl.float32)
-    h0 = tl.zeros([NP], dtype=tl.float32)
-    hi = c  # the window is the chunks hi - LB .. hi - 1
-    walking = c > 0
-    while walking:
-        j = hi - LB + w
-        live = j >= 0
-        fl = tl.atomic_add(flag_ptr + row + j, 0, mask=live, sem="acquire")
-        fl = tl.where(live, fl, 2)
-        while tl.min(fl, 0) == 0:  # a chunk in the window has not published its aggregate yet
-            fl = tl.where(live, tl.atomic_add(flag_ptr + row + j, 0, mask=live, sem="acquire"), 2)
-        tl.debug_barrier()  # what the flags announce, visible to every lane of the program
-        k = tl.max(tl.where(fl == 2, w, -1), 0)  # the nearest inclusive chunk in the window, -1 if none
-        after = (w > k) & live
-        m2 = nmask[:, None] & after[None, :]
-        P = tl.load(aggP_ptr + (row + j)[None, :] * N + n[:, None], mask=m2, other=1.0)
-        S = tl.load(aggS_ptr + (row + j)[None, :] * N + n[:, None], mask=m2, other=0.0)
-        Pw, Sw = tl.associative_scan((P, S), axis=1, combine_fn=_linear_combine)
-        edge = (w == LB - 1)[None, :]
-        Pw = tl.sum(tl.where(edge, Pw, 0.0), 1)
-        Sw = tl.sum(tl.where(edge, Sw, 0.0), 1)
-        # these chunks come before the ones walked already: x -> Pacc (Pw x + Sw) + Sacc
-        Sacc = Pacc * Sw + Sacc
-        Pacc = Pacc * Pw
-        found = k >= 0
-        jk = hi - LB + k
-        X = tl.load(states_ptr + ((bd.to(tl.int64) * (NCH + 1) + jk + 1) * N + n), mask=nmask & found & (jk >= 0),
-                    other=0.0)
-        h0 = tl.where(found, Pacc * X + Sacc, h0)
-        walking = k < 0
-        hi = hi - LB
-    return h0
-
-
-@jit
-def _fwd_chunk_scan(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, T_ptr, aggP_ptr,
-                    aggS_ptr, flag_ptr, ticket_ptr, out_ptr,
-                    D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, PER_CHUNK, su, sdelta, sz, sB, sC,
-                    NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
-                    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LB: tl.constexpr,
-                    PUBLISH_INCLUSIVE: tl.constexpr):
-    """The forward in one pass: per chunk and channel the in-chunk scan from a zero start, its aggregate published,
-    the entering state from the chunks before (`_lookback`), then the states corrected and y. Programs take their
-    chunk in the order they start (a ticket from an atomic counter, chunk-major), so a program waits only on
-    programs that started before it: no deadlock, whatever order the GPU runs them in. PUBLISH_INCLUSIVE=False
-    (tests) publishes aggregates only, so every look-back walks to the row's start."""
-    ticket = tl.atomic_add(ticket_ptr, 1)
-    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk_at(
-        ticket % PER_CHUNK, ticket // PER_CHUNK, D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
-    Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
-    last = (s == BL - 1)[None, :] & nmask[:, None]
-    delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
-                                          n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
-    for i in range(0, D_PER_PROGRAM):
-        d = d0 + i
-        bd = (b * D_ + d).to(tl.int64)
-        row = bd * NCH + c
-        Dd = 0.0
-        if HAS_D:
-            Dd = tl.load(D_ptr + d).to(tl.float32)
-        delta_n, u_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d + 1,
-                                                        i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
-                                                        su, sz, HAS_Z, HAS_BIAS)
-        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
-        A2 = _base_2(A)
-        u = u.to(tl.float32)
-        decay = tl.exp2(A2[:, None] * dt[None, :])
-        Pc, hz = tl.associative_scan((decay, Bt * (dt * u)[None, :]), axis=1, combine_fn=_linear_combine)
-        total = tl.sum(dt, 0)
-        P_end = tl.exp2(A2 * total)
-        # the aggregate: hz's last column, stored by the lanes that hold it
-        tl.store(aggS_ptr + row * N + n[:, None] + 0 * s[None, :], hz, mask=last)
-        tl.store(aggP_ptr + row * N + n, P_end, mask=nmask)
-        tl.store(T_ptr + row, total)
-        tl.debug_barrier()
-        tl.atomic_xchg(flag_ptr + row, 1, sem="release")
-        h0 = _lookback(states_ptr, aggP_ptr, aggS_ptr, flag_ptr, bd, c, N, NCH, n, nmask, NP, LB)
-        S_end = tl.load(aggS_ptr + row * N + n, mask=nmask, other=0.0)
-        tl.store(states_ptr + (bd * (NCH + 1) + c + 1) * N + n, P_end * h0 + S_end, mask=nmask)
-        if c == 0:
-            tl.store(states_ptr + bd * (NCH + 1) * N + n, h0, mask=nmask)
-        if PUBLISH_INCLUSIVE:
-            tl.debug_barrier()
-            tl.atomic_xchg(flag_ptr + row, 2, sem="release")
-        h = hz + Pc * h0[:, None]
         y = tl.sum(h * Ct, 0) + Dd * u
         if HAS_Z:
             z = z.to(tl.float32)
@@ -574,7 +462,7 @@ def residual_shapes(u_shape, d_state: int, block_l: int | None = None) -> tuple[
     return (batch, dim, chunks + 1, d_state), (batch, dim, chunks)
 
 
-def _forward(p: _Prepared, D, delta_bias, softplus: bool, publish_inclusive: bool = True):
+def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     """-> out (u's dtype), states, chunk_sum (the residuals of `_backward`)."""
     u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
     batch, dim, length = u.shape
@@ -582,27 +470,14 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool, publish_inclusive: boo
     NP = max(next_power_of_2(n), 2)
     f32 = dict(device=u.device, dtype=torch.float32)
     chunk_sum = torch.empty(batch, dim, chunks, **f32)
+    chunk_end = torch.empty(batch, dim, chunks, n, **f32)
     states = torch.empty(batch, dim, chunks + 1, n, **f32)
     out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dummy = A32
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
-    per_chunk = batch * groups * d_split
+    grid = (batch * groups * d_split, chunks)
     per_program = dim // groups // d_split
-    if TUNING["fwd_lookback"]:
-        agg_P = torch.empty(batch, dim, chunks, n, **f32)
-        agg_S = torch.empty(batch, dim, chunks, n, **f32)
-        published = torch.zeros(batch * dim * chunks + 1, device=u.device, dtype=torch.int32)  # + the ticket
-        _fwd_chunk_scan[(per_chunk * chunks,)](
-            u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
-            delta_bias if delta_bias is not None else dummy, states, chunk_sum, agg_P, agg_S, published,
-            published[-1:], out, dim, groups, n, length, p.M, p.NS, chunks, per_program, d_split, per_chunk,
-            *_batch_strides(u, delta, z, B, C), NP=NP, BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"],
-            HAS_D=D is not None, HAS_Z=z is not None, LB=TUNING["lookback"], PUBLISH_INCLUSIVE=publish_inclusive,
-            **flags)
-        return out, states, chunk_sum
-    chunk_end = torch.empty(batch, dim, chunks, n, **f32)
-    grid = (per_chunk, chunks)
     _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
                              chunk_end, dim, groups, n, length, p.M, p.NS, chunks, per_program, d_split,
                              u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,

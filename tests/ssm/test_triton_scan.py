@@ -117,24 +117,6 @@ def test_carry_over_more_chunks_than_one_tile(monkeypatch, carry_states):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fused, publish_inclusive, window", [(False, True, 4), (True, True, 4), (True, False, 4),
-                                                              (True, False, 32)],
-                         ids=["three-kernels", "look-back", "aggregates-only", "one-window"])
-def test_forward_in_one_pass_with_a_look_back(monkeypatch, fused, publish_inclusive, window):
-    """The fused forward (`_fwd_chunk_scan`) gives the definition's outputs, last state and gradients (from its
-    residuals) in every order. The interpreter runs programs one after the other, so a look-back finds the chunk
-    before it done; with aggregates only published it composes them back to the row's start instead, across 3
-    windows of 4 chunks (10 chunks) or within one of 32."""
-    monkeypatch.setitem(triton_scan.TUNING, "fwd_lookback", fused)
-    monkeypatch.setitem(triton_scan.TUNING, "lookback", window)
-    original = triton_scan._forward
-    monkeypatch.setattr(triton_scan, "_forward", lambda *args: original(*args, publish_inclusive=publish_inclusive))
-    inputs = make_inputs(18, batch=1, dim=2, n=4, length=160, device=DEVICE)
-    for order, num_slices in (("forward", None), ("reverse", None), ("slice", 5)):
-        check_order(inputs, order, num_slices, block_l=16)
-
-
-@needs_kernels
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (10 ** 6, 8)], ids=["one-split", "split-per-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
                          ids=["fp32", "bf16"])
@@ -244,29 +226,6 @@ def test_cuda_dtypes_and_lengths(dtype, order, num_slices, length):
 
 
 L_LONG = 64 ** 3
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("window, warps", [(8, 1), (32, 2)])
-def test_forward_look_back_under_concurrency(monkeypatch, window, warps):
-    """On the GPU the fused forward's programs run concurrently, so look-backs meet chunks that have published
-    only their aggregates: at 64^3 positions (4096 chunks a row, thousands of programs resident) its outputs,
-    entering states and chunk sums equal the three-kernel forward's, run after run."""
-    inputs = leaves(make_inputs(7, batch=2, dim=96, n=16, length=L_LONG, dtype=torch.bfloat16, device="cuda"))
-    p = triton_scan._prepare(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["z"],
-                             "slice", 64, None)
-    monkeypatch.setitem(triton_scan.TUNING, "warps_fwd", warps)
-    monkeypatch.setitem(triton_scan.TUNING, "lookback", window)
-    monkeypatch.setitem(triton_scan.TUNING, "fwd_lookback", False)
-    expected = triton_scan._forward(p, inputs["D"], inputs["delta_bias"], True)
-    monkeypatch.setitem(triton_scan.TUNING, "fwd_lookback", True)
-    for _ in range(3):
-        out, states, chunk_sum = triton_scan._forward(p, inputs["D"], inputs["delta_bias"], True)
-        scale = expected[0].float().abs().max().item()
-        torch.testing.assert_close(out.float(), expected[0].float(), rtol=2e-2, atol=2e-2 * scale)
-        torch.testing.assert_close(states, expected[1], rtol=1e-4, atol=1e-4 * expected[1].abs().max().item())
-        torch.testing.assert_close(chunk_sum, expected[2], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
