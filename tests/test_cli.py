@@ -154,3 +154,19 @@ def test_classify_train_help_has_no_doubled_percent(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "%%" not in out and "50% and" in out.replace("\n", " ").replace("  ", " ")
+
+
+def test_evaluate_finds_a_dataset_json_by_id_or_name_under_nnunet_raw(tmp_path, monkeypatch):
+    pytest.importorskip("nnunetv2")
+    from nnunet_segmamba.evaluation.commands import _resolve_dataset_json
+
+    dataset = tmp_path / "raw" / "Dataset004_Liver"
+    dataset.mkdir(parents=True)
+    (dataset / "dataset.json").write_text("{}")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    for name in ("nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.delenv(name, raising=False)
+    for value in ("4", "Dataset004_Liver", str(dataset), str(dataset / "dataset.json")):
+        assert _resolve_dataset_json(value) == dataset / "dataset.json", value
+    with pytest.raises(ValueError, match=r"--dataset '9' is neither a dataset.json, a folder holding one, nor"):
+        _resolve_dataset_json("9")

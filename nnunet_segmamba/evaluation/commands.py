@@ -66,11 +66,12 @@ def _resolve_dataset_json(value: str) -> Path:
         return p / "dataset.json"
     raw = os.environ.get("nnUNet_raw")
     if raw:
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        from nnunet_segmamba.errors import UserError
+        from nnunet_segmamba.training.ext_trainers import dataset_name
 
         try:
-            candidate = Path(raw) / maybe_convert_to_dataset_name(value) / "dataset.json"
-        except RuntimeError:
+            candidate = Path(raw) / dataset_name(value) / "dataset.json"
+        except UserError:  # no such id or name: the message below covers the file and folder forms too
             candidate = None
         if candidate is not None and candidate.is_file():
             return candidate
