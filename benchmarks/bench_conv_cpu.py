@@ -18,8 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.cpu_timing import (add_run_arguments, apply_threads, cpu_model, system_info, time_runs,
-                                   write_report)
+from benchmarks.cpu_timing import add_run_arguments, cpu_model, run, system_info, time_runs
 from nnunet_segmamba.networks import cpu_conv
 
 # in -> out channels, kernel side (and stride after "t", default 1), batch, input side; padding (kernel - 1) // 2
@@ -43,6 +42,9 @@ def parse_shape(text: str) -> tuple[int, int, int, int, int, int]:
 
 
 def bench(args: argparse.Namespace) -> dict:
+    """The table, a row printed as each shape is timed (the whole set takes minutes), and the report."""
+    print(f"CPU: {cpu_model()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print_header(args.runs)
     rows = []
     for c_in, c_out, kernel, stride, batch, side in args.shapes:
         torch.manual_seed(0)
@@ -92,13 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated INxOUTkKERNEL[tSTRIDE]bBATCHsSIDE (default: "
                              + ",".join(DEFAULT_SHAPES) + ")")
     add_run_arguments(parser, runs=5)
-    args = parser.parse_args(argv)
-    apply_threads(args)
-    print(f"CPU: {cpu_model()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
-    print_header(args.runs)
-    report = bench(args)
-    write_report(report, args.out)
-    return 0
+    return run(parser.parse_args(argv), bench, show=lambda report: None)  # bench prints its rows as they come
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ import argparse
 import os
 from pathlib import Path
 
+from nnunet_segmamba.errors import UserError
+from nnunet_segmamba.training.ext_trainers import dataset_name
+
 
 def _default_processes() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -66,9 +69,6 @@ def _resolve_dataset_json(value: str) -> Path:
         return p / "dataset.json"
     raw = os.environ.get("nnUNet_raw")
     if raw:
-        from nnunet_segmamba.errors import UserError
-        from nnunet_segmamba.training.ext_trainers import dataset_name
-
         try:
             candidate = Path(raw) / dataset_name(value) / "dataset.json"
         except UserError:  # no such id or name: the message below covers the file and folder forms too
