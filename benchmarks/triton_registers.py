@@ -49,8 +49,7 @@ DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC", "stride_xb", "stride_xd
 KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan._fwd_chunk_output,
            "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary,
            "conv_fwd": triton_conv._causal_conv1d_fwd_kernel,
-           "conv_bwd_gate": triton_conv._causal_conv1d_bwd_gate_kernel,
-           "conv_bwd_input": triton_conv._causal_conv1d_bwd_input_kernel}
+           "conv_bwd": triton_conv._causal_conv1d_bwd_kernel}
 FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}  # Mamba's configuration
 # The causal conv as Mamba runs it (width 4, bias, SiLU) on long sequences, whose tiles are the largest; its block is
 # not --block-l (the scan's chunk). Its weight and bias pointers are float32, as the parameters are.

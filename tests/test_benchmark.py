@@ -652,3 +652,15 @@ def test_cpu_benchmarks_main_times_the_runs_and_writes_the_report(tmp_path, caps
     assert case["runs"] == 3 and case["min_ms"] <= case["median_ms"] <= case["max_ms"]
     assert report["system"]["torch_threads"] == torch.get_num_threads()
     assert "table of ['case']" in capsys.readouterr().out
+
+
+def test_conv_gpu_benchmark_says_it_needs_cuda(capsys, monkeypatch):
+    """benchmarks.bench_conv_gpu without a CUDA device: exit status 2 and one line that says what it needs (its
+    timings run on the GPU machine); its default shapes are SegMamba's four stages at the 128^3 patch."""
+    from benchmarks import bench_conv_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_conv_gpu.main([]) == 2
+    assert capsys.readouterr().err.strip() == "bench_conv_gpu: needs a CUDA device; run it on a machine with one"
+    assert bench_conv_gpu.build_parser().parse_args([]).shapes == [(262144, 96), (32768, 192), (4096, 384),
+                                                                    (512, 768)]

@@ -14,11 +14,17 @@ memory position p(t):
 
 so input and output both stay in the raster layout. Accumulation is in float32; the output has x's dtype.
 
+A program takes a tile of scan-order steps as rows of ROW_STEPS consecutive steps, one row per thread, which
+reads its row and the row before whole (in the forward order, aligned vector accesses): the taps of every step are
+then registers of its own thread. Reading each tap shifted from memory instead costs one two-byte access per step
+and tap, which bounded the kernels by their cache accesses rather than by memory (docs/performance.md, "The causal
+conv's rows").
+
 The backward recomputes the pre-activation from x instead of saving it (one tensor of x's size less to keep
-alive per direction and layer), in two passes: the gradient at the pre-activation, once per step, into a
-transient float32 buffer in scan order; then dx from K shifted reads of it. The weight and bias gradients are
-sums over batch and length: each program writes its partial sums to a float32 buffer and torch adds them up,
-so the result does not depend on the order in which programs finish (no atomics).
+alive per direction and layer), in one pass: each thread computes the gradient at the pre-activation g at its row's
+steps and at the next row's first K-1, and dx(s) = sum_j weight[K-1-j] g(s + j) from those registers. The weight
+and bias gradients are sums over batch and length: each program writes its partial sums to a float32 buffer and
+torch adds them up, so the result does not depend on the order in which programs finish (no atomics).
 
 Triton is imported defensively: this module imports on machines without it (`TRITON_AVAILABLE` is False and
 `TRITON_IMPORT_ERROR` says why), and `causal_conv1d_triton` then raises a RuntimeError. The kernels run on CUDA
@@ -37,19 +43,23 @@ __all__ = ["causal_conv1d_triton", "causal_conv1d_triton_bwd", "MAX_WIDTH"]
 MAX_WIDTH = 8
 # Largest tile of scan-order steps per program. Module-level so tests can shrink it to cover tile boundaries
 # on short sequences.
-MAX_BLOCK_L = 1024
+MAX_BLOCK_L = 2048
 _MIN_BLOCK_L = 16
+# Scan-order steps per row of a tile, which one thread computes: at least MAX_WIDTH - 1, so that the taps before a
+# row's first step lie in the row before it (and the gradients' steps after its last in the row after)
+ROW_STEPS = 8
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 if TRITON_AVAILABLE:
+    ROW = tl.constexpr(ROW_STEPS)  # as the kernels read it
 
     @jit
     def _position(t, valid, L, n, M, MODE: tl.constexpr):
         """p(t) for the steps t that are valid. The other orders clamp the masked-off steps first: p() of a negative
         step can land anywhere, and the interpreter may still form the address. In the forward order p(t) = t
         needs no clamp (a masked-off address is formed, never read), and without one the compiler still knows that
-        each thread's steps are contiguous and aligned, so it loads and stores them as vectors (one 16-byte access
+        each row of a tile is contiguous and aligned, so it loads and stores it as one vector (one 16-byte access
         for 8 bf16 steps instead of 8 two-byte ones); it is the order of every branch under torch.compile."""
         if MODE == 0:
             return t
@@ -61,15 +71,82 @@ if TRITON_AVAILABLE:
         return tl.load(row_ptr + _position(t, valid, L, n, M, MODE), mask=valid, other=0.0).to(tl.float32)
 
     @jit
-    def _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M,
-                        K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_L: tl.constexpr):
-        acc = tl.zeros([BLOCK_L], dtype=tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + c).to(tl.float32)
+    def _tile_steps(tile, BLOCK_L: tl.constexpr):
+        """The tile's scan-order steps as (BLOCK_L / ROW, ROW): consecutive steps along a row."""
+        r = tile * (BLOCK_L // ROW) + tl.arange(0, BLOCK_L // ROW)
+        return r[:, None] * ROW + tl.arange(0, ROW)[None, :]
+
+    @jit
+    def _columns(X):
+        """A (rows, 8) tile -> its 8 columns, (rows,) each. The compiler gives each thread whole rows, so the splits
+        are register renames: no shuffles, no shared memory."""
+        R: tl.constexpr = X.shape[0]
+        even, odd = tl.split(tl.reshape(X, (R, 4, 2)))
+        c04, c26 = tl.split(tl.reshape(even, (R, 2, 2)))
+        c15, c37 = tl.split(tl.reshape(odd, (R, 2, 2)))
+        c0, c4 = tl.split(c04)
+        c2, c6 = tl.split(c26)
+        c1, c5 = tl.split(c15)
+        c3, c7 = tl.split(c37)
+        return (c0, c1, c2, c3, c4, c5, c6, c7)
+
+    @jit
+    def _rows(cols):
+        """The (rows, 8) tile of 8 columns: the inverse of `_columns`."""
+        R: tl.constexpr = cols[0].shape[0]
+        even = tl.reshape(tl.join(tl.join(cols[0], cols[4]), tl.join(cols[2], cols[6])), (R, 4))
+        odd = tl.reshape(tl.join(tl.join(cols[1], cols[5]), tl.join(cols[3], cols[7])), (R, 4))
+        return tl.reshape(tl.join(even, odd), (R, 8))
+
+    @jit
+    def _step(row, before, m: tl.constexpr):
+        """Column m of the rows, m from -ROW (the previous row's first) to ROW - 1."""
+        if m >= 0:
+            return row[m]
+        else:
+            return before[ROW + m]
+
+    @jit
+    def _weights(w_row, K: tl.constexpr):
+        """The channel's K weights as float32 scalars."""
+        ws = ()
         for k in tl.static_range(K):
-            src = t - (K - 1) + k
-            acc += tl.load(w_row + k).to(tl.float32) * _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
+            ws = ws + (tl.load(w_row + k).to(tl.float32),)
+        return ws
+
+    @jit
+    def _pre_activation(x, x_before, ws, bias, m: tl.constexpr, K: tl.constexpr):
+        """The pre-activation at column m of the rows: bias + sum_k weight[k] x at step m - (K-1) + k."""
+        acc = bias + ws[K - 1] * x[m]
+        for k in tl.static_range(K - 1):
+            acc += ws[k] * _step(x, x_before, m - (K - 1) + k)
         return acc
+
+    @jit
+    def _pre_activation_gradients(dy, x, x_before, ws, bias, COUNT: tl.constexpr, K: tl.constexpr,
+                                  SILU: tl.constexpr):
+        """g, the gradient at the pre-activation, at the rows' first COUNT columns."""
+        g = ()
+        for m in tl.static_range(COUNT):
+            gm = dy[m]
+            if SILU:
+                pre = _pre_activation(x, x_before, ws, bias, m, K)
+                sig = tl.sigmoid(pre)
+                gm = gm * sig * (1.0 + pre * (1.0 - sig))
+            g = g + (gm,)
+        return g
+
+    @jit
+    def _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """A (batch * channel, tile) program's batch, channel, x row, weights and bias."""
+        row = tl.program_id(0)
+        # 64-bit row offsets: batch * d * L can pass 2**31 for large volumes.
+        b = (row // D).to(tl.int64)
+        c = (row % D).to(tl.int64)
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + c).to(tl.float32)
+        return b, c, x_ptr + b * stride_xb + c * stride_xd, _weights(w_ptr + c * K, K), bias
 
     @jit
     def _causal_conv1d_fwd_kernel(
@@ -78,79 +155,69 @@ if TRITON_AVAILABLE:
         stride_xb, stride_xd, stride_ob, stride_od,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        row = tl.program_id(0)
-        tile = tl.program_id(1)
-        # 64-bit row offsets: batch * d * L can pass 2**31 for large volumes.
-        b = (row // D).to(tl.int64)
-        c = (row % D).to(tl.int64)
-        x_row = x_ptr + b * stride_xb + c * stride_xd
-        out_row = out_ptr + b * stride_ob + c * stride_od
-        w_row = w_ptr + c * K
-
-        t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        """out at the tile's steps. Each thread computes a row of ROW steps from that row and the row before, both
+        loaded whole: the K taps of a step are registers of its thread."""
+        b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K, HAS_BIAS)
+        t = _tile_steps(tl.program_id(1), BLOCK_L)
         in_seq = t < L
-        acc = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
-        if SILU:
-            acc = acc * tl.sigmoid(acc)
-        tl.store(out_row + _position(t, in_seq, L, n, M, MODE), acc.to(out_ptr.dtype.element_ty), mask=in_seq)
+        x = _columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
+        x_before = _columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
+        out = ()
+        for m in tl.static_range(ROW):
+            v = _pre_activation(x, x_before, ws, bias, m, K)
+            if SILU:
+                v = v * tl.sigmoid(v)
+            out = out + (v,)
+        tl.store(out_ptr + b * stride_ob + c * stride_od + _position(t, in_seq, L, n, M, MODE),
+                 _rows(out).to(out_ptr.dtype.element_ty), mask=in_seq)
 
     @jit
-    def _causal_conv1d_bwd_gate_kernel(
-        x_ptr, w_ptr, b_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
+    def _causal_conv1d_bwd_kernel(
+        x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
         BATCH, D, L, n, M, n_tiles,
-        stride_xb, stride_xd, stride_gb, stride_gd,
+        stride_xb, stride_xd, stride_gb, stride_gd, stride_dxb, stride_dxd,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
-        """g, the gradient at the pre-activation, at the tile's steps (float32, stored in scan order), and the
-        tile's shares of the weight and bias gradients."""
-        row = tl.program_id(0)
-        tile = tl.program_id(1)
-        b = (row // D).to(tl.int64)
-        c = (row % D).to(tl.int64)
-        x_row = x_ptr + b * stride_xb + c * stride_xd
-        w_row = w_ptr + c * K
+        """dx at the tile's steps and the tile's shares of the weight and bias gradients, in one pass.
 
-        t = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+        x at step s feeds the outputs at steps s .. s + K-1, the one at s + j through weight[K-1-j], so dx(s) =
+        sum_j weight[K-1-j] g(s + j), and weight[K-1-j]'s gradient is sum_s x(s) g(s + j) (the sum over the
+        outputs' steps regrouped by input step: g is zero past the end, x before the start). Each thread computes
+        g at its row's steps and at the next row's first K-1, from x of the row before, its own and the next, and
+        takes every shifted g(s + j) from its registers."""
+        tile = tl.program_id(1)
+        b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K, HAS_BIAS)
+        dout_row = dout_ptr + b * stride_gb + c * stride_gd
+        t = _tile_steps(tile, BLOCK_L)
         in_seq = t < L
-        g = _load_scan(dout_ptr + b * stride_gb + c * stride_gd, t, in_seq, L, n, M, MODE)
-        if SILU:
-            pre = _pre_activation(x_row, w_row, b_ptr, c, t, in_seq, L, n, M, K, MODE, HAS_BIAS, BLOCK_L)
-            sig = tl.sigmoid(pre)
-            g = g * sig * (1.0 + pre * (1.0 - sig))
-        tl.store(g_ptr + row.to(tl.int64) * L + t, g, mask=in_seq)
+        after = t + ROW < L
+        x = _columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
+        x_before = _columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
+        x_after = _columns(_load_scan(x_row, t + ROW, after, L, n, M, MODE))
+        g = _pre_activation_gradients(_columns(_load_scan(dout_row, t, in_seq, L, n, M, MODE)), x, x_before, ws,
+                                      bias, ROW, K, SILU)
+        g_after = _pre_activation_gradients(_columns(_load_scan(dout_row, t + ROW, after, L, n, M, MODE)), x_after,
+                                            x, ws, bias, K - 1, K, SILU)
+        # g(s + j) for the step in column m: column m + j of the row's g, or past its end of the next row's
+        dx = ()
+        for m in tl.static_range(ROW):
+            acc = ws[K - 1] * g[m]
+            for j in tl.static_range(1, K):
+                acc += ws[K - 1 - j] * _step(g_after, g, m + j - ROW)
+            dx = dx + (acc,)
+        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + _position(t, in_seq, L, n, M, MODE),
+                 _rows(dx).to(dx_ptr.dtype.element_ty), mask=in_seq)
         # the partial sums laid out (channel, [tap,] batch, tile), so that torch adds each one's up along memory
-        part = (c * BATCH + b) * n_tiles + tile
-        for k in tl.static_range(K):
-            src = t - (K - 1) + k
-            xk = _load_scan(x_row, src, in_seq & (src >= 0), L, n, M, MODE)
-            tl.store(dw_part_ptr + ((c * K + k) * BATCH + b) * n_tiles + tile, tl.sum(g * xk, axis=0))
-        if HAS_BIAS:
-            tl.store(db_part_ptr + part, tl.sum(g, axis=0))
-
-    @jit
-    def _causal_conv1d_bwd_input_kernel(
-        g_ptr, w_ptr, dx_ptr,
-        D, L, n, M,
-        stride_dxb, stride_dxd,
-        K: tl.constexpr, MODE: tl.constexpr, BLOCK_L: tl.constexpr,
-    ):
-        """dx at scan step s: x there feeds the outputs at steps s .. s + K-1, the one at s + j through
-        weight[K-1-j]; g is read in scan order, zero past the end (no outputs there)."""
-        row = tl.program_id(0)
-        tile = tl.program_id(1)
-        b = (row // D).to(tl.int64)
-        c = (row % D).to(tl.int64)
-        g_row = g_ptr + row.to(tl.int64) * L
-        w_row = w_ptr + c * K
-
-        s = tile * BLOCK_L + tl.arange(0, BLOCK_L)
-        in_seq = s < L
-        dx = tl.zeros([BLOCK_L], dtype=tl.float32)
         for j in tl.static_range(K):
-            u = s + j
-            dx += tl.load(w_row + (K - 1 - j)).to(tl.float32) * tl.load(g_row + u, mask=u < L, other=0.0)
-        tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + _position(s, in_seq, L, n, M, MODE),
-                 dx.to(dx_ptr.dtype.element_ty), mask=in_seq)
+            acc = x[0] * _step(g_after, g, j - ROW)
+            for m in tl.static_range(1, ROW):
+                acc += x[m] * _step(g_after, g, m + j - ROW)
+            tl.store(dw_part_ptr + ((c * K + K - 1 - j) * BATCH + b) * n_tiles + tile, tl.sum(acc, axis=0))
+        if HAS_BIAS:
+            acc = g[0]
+            for m in tl.static_range(1, ROW):
+                acc += g[m]
+            tl.store(db_part_ptr + (c * BATCH + b) * n_tiles + tile, tl.sum(acc, axis=0))
 
 
 def _block_size(length: int) -> int:
@@ -200,10 +267,8 @@ class _CausalConv1dTriton(torch.autograd.Function):
 
 
 def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
-    """Gradients of x, the (d, K) weight and the bias (None without one), in two passes: the gradient at the
-    pre-activation once per step into a float32 buffer in scan order (with the weight and bias sums), then dx
-    from K shifted reads of it, rather than one pass that recomputes the pre-activation and its SiLU at the K steps
-    each step feeds (K times the loads and sigmoids; docs/performance.md, "The causal conv's backward")."""
+    """Gradients of x, the (d, K) weight and the bias (None without one), in one pass over x and dout
+    (`_causal_conv1d_bwd_kernel`)."""
     dout = _contiguous_along_l(dout)
     x = _contiguous_along_l(x)
     batch, dim, length = x.shape
@@ -214,17 +279,12 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
     dw_part = torch.zeros((dim, width, batch * n_tiles), dtype=torch.float32, device=x.device)
     db_part = torch.zeros((dim, batch * n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
     if x.numel():
-        g = torch.empty((batch * dim, length), dtype=torch.float32, device=x.device)
         with on_device_of(x):
-            _causal_conv1d_bwd_gate_kernel[(batch * dim, n_tiles)](
-                x, w, b if b is not None else w, dout, g, dw_part, db_part,
+            _causal_conv1d_bwd_kernel[(batch * dim, n_tiles)](
+                x, w, b if b is not None else w, dout, dx, dw_part, db_part,
                 batch, dim, length, num_slices, slice_len, n_tiles,
-                *_row_strides(x), *_row_strides(dout),
+                *_row_strides(x), *_row_strides(dout), *_row_strides(dx),
                 K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
-            )
-            _causal_conv1d_bwd_input_kernel[(batch * dim, n_tiles)](
-                g, w, dx, dim, length, num_slices, slice_len, *_row_strides(dx),
-                K=width, MODE=mode_id, BLOCK_L=block,
             )
     dweight = dw_part.sum(-1).to(w.dtype)
     dbias = db_part.sum(-1).to(b.dtype) if b is not None else None
