@@ -16,10 +16,10 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-    # the kernels gather within a tile (tl.gather, Triton 3.2, which torch 2.6 brings)
+    # the kernels gather within a tile (tl.gather, Triton 3.3, which torch 2.7 brings; 3.2.0 lacks it)
     if not hasattr(tl, "gather"):
-        raise ImportError(f"triton {triton.__version__} lacks tl.gather; the kernels need triton >= 3.2 "
-                          f"(pip install 'torch>=2.6')")
+        raise ImportError(f"triton {triton.__version__} lacks tl.gather; the kernels need triton >= 3.3 "
+                          f"(pip install 'torch>=2.7')")
 except Exception as exc:  # noqa: BLE001 - a broken install can fail with more than ImportError
     triton = None
     tl = None

@@ -132,7 +132,7 @@ def test_channel_splits_of_the_chunk_kernels(monkeypatch, programs_per_sm, split
 
 
 def test_triton_without_gather_is_reported_unavailable(monkeypatch):
-    """Triton before 3.2 (torch < 2.6) lacks tl.gather, which the backward uses: the backend is then unavailable,
+    """Triton before 3.3 (torch < 2.7) lacks tl.gather, which the backward uses: the backend is then unavailable,
     with the version and the fix, and the dispatcher falls back instead of failing at the first compile."""
     import importlib
 
@@ -142,7 +142,7 @@ def test_triton_without_gather_is_reported_unavailable(monkeypatch):
         assert not triton_common.TRITON_AVAILABLE
         assert "lacks tl.gather" in triton_common.TRITON_IMPORT_ERROR
         available, reason = dispatch.triton_scan_status()
-        assert not available and "torch>=2.6" in reason
+        assert not available and "torch>=2.7" in reason
     finally:
         monkeypatch.undo()
         importlib.reload(triton_common)
