@@ -225,6 +225,12 @@ def _block_size(length: int) -> int:
     return max(_MIN_BLOCK_L, min(MAX_BLOCK_L, next_power_of_2(length)))
 
 
+def _warps(block: int) -> int:
+    # one row of ROW_STEPS steps per thread, up to 4 warps (then 2 rows a thread at the largest tile): a short
+    # sequence's tile would otherwise leave most of 4 warps without a row
+    return max(1, min(4, block // (ROW_STEPS * 32)))
+
+
 def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
@@ -251,6 +257,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
                     dim, length, num_slices, slice_len,
                     *_row_strides(x), *_row_strides(out),
                     K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
+                    num_warps=_warps(block),
                 )
         ctx.save_for_backward(x, w, b)
         ctx.config = (silu, mode_id, num_slices, slice_len, block)
@@ -285,6 +292,7 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
                 batch, dim, length, num_slices, slice_len, n_tiles,
                 *_row_strides(x), *_row_strides(dout), *_row_strides(dx),
                 K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
+                num_warps=_warps(block),
             )
     dweight = dw_part.sum(-1).to(w.dtype)
     dbias = db_part.sum(-1).to(b.dtype) if b is not None else None
