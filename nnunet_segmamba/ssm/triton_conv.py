@@ -99,6 +99,11 @@ if TRITON_AVAILABLE:
         return tl.reshape(tl.join(even, odd), (R, 8))
 
     @jit
+    def _row_before(x_row, t, L, n, M, MODE: tl.constexpr):
+        """The columns of x at the steps one row before t (zero before the start): the taps of a row's first steps."""
+        return _columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
+
+    @jit
     def _step(row, before, m: tl.constexpr):
         """Column m of the rows, m from -ROW (the previous row's first) to ROW - 1."""
         if m >= 0:
@@ -161,7 +166,7 @@ if TRITON_AVAILABLE:
         t = _tile_steps(tl.program_id(1), BLOCK_L)
         in_seq = t < L
         x = _columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
-        x_before = _columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
+        x_before = _row_before(x_row, t, L, n, M, MODE)
         out = ()
         for m in tl.static_range(ROW):
             v = _pre_activation(x, x_before, ws, bias, m, K)
@@ -192,7 +197,7 @@ if TRITON_AVAILABLE:
         in_seq = t < L
         after = t + ROW < L
         x = _columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
-        x_before = _columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
+        x_before = _row_before(x_row, t, L, n, M, MODE)
         x_after = _columns(_load_scan(x_row, t + ROW, after, L, n, M, MODE))
         g = _pre_activation_gradients(_columns(_load_scan(dout_row, t, in_seq, L, n, M, MODE)), x, x_before, ws,
                                       bias, ROW, K, SILU)
