@@ -69,12 +69,14 @@ def ptxas_path() -> str:
 
 
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
-                  flags_off: tuple[str, ...] = (), by_line: bool = False) -> dict:
+                  flags_off: tuple[str, ...] = (), by_line: bool = False, bwd_rows: bool = False) -> dict:
     if is_conv_kernel(kernel):
         consts = {k: v for k, v in CONV_CONSTANTS.items() if k in kernel.arg_names}
     else:
         consts = {"NP": max(triton.next_power_of_2(d_state), 2), "BL": block_l}
         consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
+        if "ROWS" in kernel.arg_names:  # the backward's in-chunk scans (triton_scan.TUNING["bwd_rows"])
+            consts["ROWS"] = bwd_rows
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:
@@ -181,13 +183,17 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
     parser.add_argument("--flags-off", nargs="+", default=[], choices=[k for k, v in FLAGS.items() if v is True],
                         help="compile without these options of Mamba's configuration (e.g. HAS_Z: no z gate)")
+    parser.add_argument("--bwd-rows", action="store_true",
+                        help="compile the backward's main kernel with its in-chunk scans in rows of 8 steps "
+                             "(the launch option TUNING['bwd_rows'])")
     parser.add_argument("--by-line", action="store_true",
                         help="also list the channel loop's instructions by source line (ptxas -lineinfo, nvdisasm)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
     args = parser.parse_args()
 
     rows = []
-    off = f", without {' '.join(args.flags_off)}" if args.flags_off else ""
+    off = (f", without {' '.join(args.flags_off)}" if args.flags_off else "") + (
+        ", the backward's scans in rows" if args.bwd_rows else "")
     print(f"triton {triton.__version__}, sm_{args.arch}, d_state {args.d_state}{off}\n")
     print("| kernel | dtype | block_l | warps | registers | spill stores / loads (bytes) | instructions "
           "| loop instructions (shuffles) | global loads / stores (of them 8 or 16 bytes wide) |")
@@ -201,7 +207,7 @@ def main() -> int:
         done.add((name, dtype, block_l, warps))
         row = {"kernel": name, "dtype": dtype, "block_l": block_l, "warps": warps,
                **compile_stats(KERNELS[name], block_l, warps, dtype, args.d_state, args.arch, tuple(args.flags_off),
-                               args.by_line)}
+                               args.by_line, args.bwd_rows)}
         rows.append(row)
         print(f"| {name} | {dtype} | {block_l} | {warps} | {row['registers']} | "
               f"{row['spill_stores']} / {row['spill_loads']} | {row['instructions']} | {row['loop_instructions']} "
@@ -217,7 +223,8 @@ def main() -> int:
     if args.out:
         command = " ".join(["python -m benchmarks.triton_registers", *sys.argv[1:]])
         args.out.write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "d_state": args.d_state,
-                                        "flags_off": args.flags_off, "command": command, "rows": rows}, indent=2))
+                                        "flags_off": args.flags_off, "bwd_rows": args.bwd_rows, "command": command,
+                                        "rows": rows}, indent=2))
     return 0
 
 

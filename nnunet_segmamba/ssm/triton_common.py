@@ -30,8 +30,8 @@ else:
     TRITON_AVAILABLE = True
     TRITON_IMPORT_ERROR = ""
 
-__all__ = ["MODES", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "cdiv", "fast_log2", "interpreting", "jit",
-           "memory_position", "next_power_of_2", "on_device_of", "tl", "triton"]
+__all__ = ["MODES", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "cdiv", "columns", "fast_divide", "fast_log2",
+           "interpreting", "jit", "memory_position", "next_power_of_2", "on_device_of", "rows", "tl", "triton"]
 
 # the visiting orders of `orders.py`, as the kernels' constexpr MODE
 MODES = ORDER_IDS
@@ -51,6 +51,31 @@ def memory_position(t, L, n, M, MODE: tl.constexpr):
         return (t % n) * M + t // n
     else:
         return t
+
+
+@jit
+def columns(X):
+    """A (rows, 8) tile -> its 8 columns, (rows,) each. Where the compiler gives each thread whole rows (a tile
+    loaded 8 contiguous 16-bit steps a thread, or computed from one), the splits are register renames: no
+    shuffles, no shared memory."""
+    R: tl.constexpr = X.shape[0]
+    even, odd = tl.split(tl.reshape(X, (R, 4, 2)))
+    c04, c26 = tl.split(tl.reshape(even, (R, 2, 2)))
+    c15, c37 = tl.split(tl.reshape(odd, (R, 2, 2)))
+    c0, c4 = tl.split(c04)
+    c2, c6 = tl.split(c26)
+    c1, c5 = tl.split(c15)
+    c3, c7 = tl.split(c37)
+    return (c0, c1, c2, c3, c4, c5, c6, c7)
+
+
+@jit
+def rows(cols):
+    """The (rows, 8) tile of 8 columns: the inverse of `columns`."""
+    R: tl.constexpr = cols[0].shape[0]
+    even = tl.reshape(tl.join(tl.join(cols[0], cols[4]), tl.join(cols[2], cols[6])), (R, 4))
+    odd = tl.reshape(tl.join(tl.join(cols[1], cols[5]), tl.join(cols[3], cols[7])), (R, 4))
+    return tl.reshape(tl.join(even, odd), (R, 8))
 
 
 def interpreting() -> bool:
@@ -79,6 +104,21 @@ def _log2_interpreted(x):
 
 # log2(x) for float32 x, to about 2^-22 absolute: what the kernels call
 fast_log2 = _log2_interpreted if interpreting() else _log2_approx
+
+
+@jit
+def _divide_approx(x, y):
+    # div.approx.f32: the hardware's reciprocal and a multiply (2 ulp), without the IEEE division's range fix-ups
+    return libdevice.fast_dividef(x, y)
+
+
+@jit
+def _divide_interpreted(x, y):
+    return x / y
+
+
+# x / y for float32, to about 2 ulp (for |y| below 2^126): what the kernels call
+fast_divide = _divide_interpreted if interpreting() else _divide_approx
 
 
 def next_power_of_2(x: int) -> int:

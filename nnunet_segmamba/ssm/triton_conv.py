@@ -35,8 +35,8 @@ from __future__ import annotations
 import torch
 
 from .orders import slice_geometry
-from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, interpreting, jit,
-                            memory_position, next_power_of_2, on_device_of, tl)
+from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, columns, interpreting, jit,
+                            memory_position, next_power_of_2, on_device_of, rows, tl)
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_triton_bwd", "MAX_WIDTH"]
 
@@ -77,31 +77,9 @@ if TRITON_AVAILABLE:
         return r[:, None] * ROW + tl.arange(0, ROW)[None, :]
 
     @jit
-    def _columns(X):
-        """A (rows, 8) tile -> its 8 columns, (rows,) each. The compiler gives each thread whole rows, so the splits
-        are register renames: no shuffles, no shared memory."""
-        R: tl.constexpr = X.shape[0]
-        even, odd = tl.split(tl.reshape(X, (R, 4, 2)))
-        c04, c26 = tl.split(tl.reshape(even, (R, 2, 2)))
-        c15, c37 = tl.split(tl.reshape(odd, (R, 2, 2)))
-        c0, c4 = tl.split(c04)
-        c2, c6 = tl.split(c26)
-        c1, c5 = tl.split(c15)
-        c3, c7 = tl.split(c37)
-        return (c0, c1, c2, c3, c4, c5, c6, c7)
-
-    @jit
-    def _rows(cols):
-        """The (rows, 8) tile of 8 columns: the inverse of `_columns`."""
-        R: tl.constexpr = cols[0].shape[0]
-        even = tl.reshape(tl.join(tl.join(cols[0], cols[4]), tl.join(cols[2], cols[6])), (R, 4))
-        odd = tl.reshape(tl.join(tl.join(cols[1], cols[5]), tl.join(cols[3], cols[7])), (R, 4))
-        return tl.reshape(tl.join(even, odd), (R, 8))
-
-    @jit
     def _row_before(x_row, t, L, n, M, MODE: tl.constexpr):
         """The columns of x at the steps one row before t (zero before the start): the taps of a row's first steps."""
-        return _columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
+        return columns(_load_scan(x_row, t - ROW, (t >= ROW) & (t - ROW < L), L, n, M, MODE))
 
     @jit
     def _step(row, before, m: tl.constexpr):
@@ -165,7 +143,7 @@ if TRITON_AVAILABLE:
         b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K, HAS_BIAS)
         t = _tile_steps(tl.program_id(1), BLOCK_L)
         in_seq = t < L
-        x = _columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
+        x = columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
         x_before = _row_before(x_row, t, L, n, M, MODE)
         out = ()
         for m in tl.static_range(ROW):
@@ -174,7 +152,7 @@ if TRITON_AVAILABLE:
                 v = v * tl.sigmoid(v)
             out = out + (v,)
         tl.store(out_ptr + b * stride_ob + c * stride_od + _position(t, in_seq, L, n, M, MODE),
-                 _rows(out).to(out_ptr.dtype.element_ty), mask=in_seq)
+                 rows(out).to(out_ptr.dtype.element_ty), mask=in_seq)
 
     @jit
     def _causal_conv1d_bwd_kernel(
@@ -196,12 +174,12 @@ if TRITON_AVAILABLE:
         t = _tile_steps(tile, BLOCK_L)
         in_seq = t < L
         after = t + ROW < L
-        x = _columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
+        x = columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
         x_before = _row_before(x_row, t, L, n, M, MODE)
-        x_after = _columns(_load_scan(x_row, t + ROW, after, L, n, M, MODE))
-        g = _pre_activation_gradients(_columns(_load_scan(dout_row, t, in_seq, L, n, M, MODE)), x, x_before, ws,
+        x_after = columns(_load_scan(x_row, t + ROW, after, L, n, M, MODE))
+        g = _pre_activation_gradients(columns(_load_scan(dout_row, t, in_seq, L, n, M, MODE)), x, x_before, ws,
                                       bias, ROW, K, SILU)
-        g_after = _pre_activation_gradients(_columns(_load_scan(dout_row, t + ROW, after, L, n, M, MODE)), x_after,
+        g_after = _pre_activation_gradients(columns(_load_scan(dout_row, t + ROW, after, L, n, M, MODE)), x_after,
                                             x, ws, bias, K - 1, K, SILU)
         # g(s + j) for the step in column m: column m + j of the row's g, or past its end of the next row's
         dx = ()
@@ -211,7 +189,7 @@ if TRITON_AVAILABLE:
                 acc += ws[K - 1 - j] * _step(g_after, g, m + j - ROW)
             dx = dx + (acc,)
         tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + _position(t, in_seq, L, n, M, MODE),
-                 _rows(dx).to(dx_ptr.dtype.element_ty), mask=in_seq)
+                 rows(dx).to(dx_ptr.dtype.element_ty), mask=in_seq)
         # the partial sums laid out (channel, [tap,] batch, tile), so that torch adds each one's up along memory
         for j in tl.static_range(K):
             acc = x[0] * _step(g_after, g, j - ROW)

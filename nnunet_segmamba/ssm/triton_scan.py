@@ -17,7 +17,9 @@ and C once and walks its channels, loading each channel's inputs while it comput
   backward  the same three steps for the adjoint, which runs the other way: dh_t = C_t dy_t + a_{t+1} dh_{t+1},
             then every gradient from the states recomputed in registers (step 3 once more). Only the chunk
             boundary states are kept between forward and backward, never the (batch, d, L, n) history. The
-            in-chunk adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton).
+            in-chunk adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton), or,
+            with the launch option TUNING["bwd_rows"], both in-chunk scans run in rows of 8 steps, a thread's own
+            registers, with no flips (`_scan_rows`).
             At 32^3 x 192 the backward's main kernel is now faster than mamba-ssm's whole backward kernel and a
             fwd+bwd takes within 1.1x of mamba-ssm's GPU time; a single call adds the host's time on top (Python
             and Triton's launcher: 2-3x mamba-ssm's per call; docs/performance.md).
@@ -39,8 +41,8 @@ from typing import NamedTuple
 import torch
 
 from .orders import slice_geometry
-from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, fast_log2, jit, memory_position,
-                            next_power_of_2, tl)
+from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, columns, fast_divide, fast_log2, jit,
+                            memory_position, next_power_of_2, rows, tl)
 
 __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan_triton_bwd", "residual_shapes",
            "TUNING"]
@@ -49,10 +51,11 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # and how many programs per multiprocessor `_d_split` aims for by splitting a group's channels, for the chunk
 # kernels before the backward's main one and for that one; the carry kernel's states per program (a channel's
 # states split over programs: with one program per channel the first stage at 128^3 had 192 programs for 132
-# multiprocessors) and its warps.
+# multiprocessors) and its warps; whether the backward's main kernel scans its chunks in rows of 8 steps
+# (`_scan_rows`) rather than with tl.associative_scan and flips (fewer instructions; not yet timed on a GPU).
 # benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16,
-          "carry_states": 8, "warps_carry": 2}
+          "carry_states": 8, "warps_carry": 2, "bwd_rows": False}
 
 # The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
 CARRY_TILE = 256
@@ -78,6 +81,85 @@ def _base_2(A):
 def _linear_combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2) for h -> a h + b
     return a1 * a2, b1 * a2 + b2
+
+
+@jit
+def _sigmoid_fast(x):
+    # tl.sigmoid divides as IEEE does (a reciprocal, then range checks and a correction); the softplus's slope
+    # needs no more than 2 ulp
+    return fast_divide(1.0, 1.0 + tl.exp2(x * -1.4426950408889634))
+
+
+@jit
+def _groups_scan(alpha, beta, carry, REVERSE: tl.constexpr):
+    """What enters each group of 8 steps, from the (NP, G) groups' maps e -> alpha e + beta taken in visiting order
+    (the last group first for REVERSE) and `carry` (NP,) entering the first of them. The groups lie across lanes:
+    each round combines a group's map with the one k groups before it (a gather, one shuffle a register), for
+    k = 1, 2, 4, ...; the last round needs no alpha."""
+    NP: tl.constexpr = alpha.shape[0]
+    G: tl.constexpr = alpha.shape[1]
+    g = tl.arange(0, G)[None, :]
+    first = g == (G - 1 if REVERSE else 0)
+    beta = tl.where(first, beta + alpha * carry[:, None], beta)
+    for level in tl.static_range(6):
+        if (1 << level) < G:
+            if REVERSE:
+                has = g + (1 << level) < G
+                src = tl.broadcast_to(tl.where(has, g + (1 << level), g), (NP, G))
+            else:
+                has = g >= (1 << level)
+                src = tl.broadcast_to(tl.where(has, g - (1 << level), g), (NP, G))
+            beta = tl.where(has, beta + alpha * tl.gather(beta, src, 1), beta)
+            if (2 << level) < G:
+                alpha = tl.where(has, alpha * tl.gather(alpha, src, 1), alpha)
+    # exclusive: a group gets what the group before it hands on
+    if REVERSE:
+        src = tl.broadcast_to(tl.where(first, g, g + 1), (NP, G))
+    else:
+        src = tl.broadcast_to(tl.where(first, g, g - 1), (NP, G))
+    return tl.where(first, carry[:, None], tl.gather(beta, src, 1))
+
+
+@jit
+def _scan_rows(decay, x, carry, REVERSE: tl.constexpr):
+    """The linear recurrence along the steps (axis 1) of (NP, BL) float32 tiles (a = decay):
+
+        forward  h_t = a_t h_{t-1} + x_t,      h_{-1} = carry
+        REVERSE  h_t = a_{t+1} h_{t+1} + x_t,  a_BL h_BL = carry
+
+    in rows of 8 steps. A thread holds 8 consecutive steps of its states (the tiles' layout as B / C are loaded):
+    it scans them in its registers (`columns`), the groups' maps are scanned across lanes (`_groups_scan`), and each
+    step adds what entered its group times its decays since. tl.associative_scan works the same way forwards, but
+    reverses by flipping its operands and results across lanes (three rounds of shuffles a register each), and
+    folding the carry into its first step's input costs a select over the whole tile."""
+    NP: tl.constexpr = decay.shape[0]
+    BL: tl.constexpr = decay.shape[1]
+    G: tl.constexpr = BL // 8
+    a = columns(tl.reshape(decay, (NP * G, 8)))
+    xs = columns(tl.reshape(x, (NP * G, 8)))
+    if REVERSE:
+        # ls: from a zero entry; qs[j] = a_{j+1} ... a_7, what the entering value is decayed by at step j
+        ls = (xs[7],)
+        qs = (tl.full(xs[7].shape, 1.0, tl.float32),)
+        for k in tl.static_range(7):
+            ls = (xs[6 - k] + a[7 - k] * ls[0],) + ls
+            qs = (a[7 - k] * qs[0],) + qs
+        alpha = a[0] * qs[0]  # the group hands on a_0 h_0
+        beta = a[0] * ls[0]
+    else:
+        # qs[j] = a_0 ... a_j
+        ls = (xs[0],)
+        qs = (a[0],)
+        for j in tl.static_range(1, 8):
+            ls = ls + (a[j] * ls[j - 1] + xs[j],)
+            qs = qs + (qs[j - 1] * a[j],)
+        alpha = qs[7]  # the group hands on h_7
+        beta = ls[7]
+    e = tl.reshape(_groups_scan(tl.reshape(alpha, (NP, G)), tl.reshape(beta, (NP, G)), carry, REVERSE), (NP * G,))
+    h = ()
+    for j in tl.static_range(8):
+        h = h + (ls[j] + qs[j] * e,)
+    return tl.reshape(rows(h), (NP, BL))
 
 
 @jit
@@ -269,7 +351,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
                du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROWS: tl.constexpr):
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
@@ -298,13 +380,16 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         A2 = _base_2(A)
         dy = dy.to(tl.float32)
         # the forward states of this chunk, recomputed from the stored entering state (folded into the first
-        # step's input); what the backward needs of them is taken at once, so that neither the states nor the
-        # scan's input stay live through the adjoint's scan (fewer registers spilled)
+        # step's input, or into the groups' scan in rows); what the backward needs of them is taken at once, so that
+        # neither the states nor the scan's input stay live through the adjoint's scan (fewer registers spilled)
         dtu = dt * u
         drive = Bt * dtu[None, :]
         decay = tl.exp2(A2[:, None] * dt[None, :])
-        _, h = tl.associative_scan((decay, drive + tl.where((s == 0)[None, :], decay * h0[:, None], 0.0)),
-                                   axis=1, combine_fn=_linear_combine)
+        if ROWS:
+            h = _scan_rows(decay, drive, h0, False)
+        else:
+            _, h = tl.associative_scan((decay, drive + tl.where((s == 0)[None, :], decay * h0[:, None], 0.0)),
+                                       axis=1, combine_fn=_linear_combine)
         decayed_prev = h - drive  # a_t h_{t-1}, without dividing by a_t (which underflows)
         if HAS_Z:
             y = tl.sum(h * Ct, 0) + Dd * u
@@ -314,25 +399,30 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
                      mask=mask)
             dy = dy * z * gate
         dC_acc += h * dy[None, :]
-        # a_{t+1} carries the adjoint from step t+1 back to t (0 past the end); the chunk's last step gets it from
-        # the carry instead. Flipped: dt_{t+1} at j = BL - 1 - t is dt[BL - j], gathered from the step sizes
-        # already loaded (a second load and softplus of the shifted positions took 73 more loop instructions)
-        dt_next_flipped = tl.where(s == 0, 0.0, tl.gather(dt, tl.where(s == 0, 0, BL - s), 0))
-        # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right folded into
-        # the chunk's last step. tl.associative_scan(reverse=True) flips both operands and both results across the
-        # lanes (more shuffles than the scan itself); flipping the 1-D operands, C (the same for every channel)
-        # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/performance.md)
-        _, dh = tl.associative_scan(
-            (tl.exp2(A2[:, None] * dt_next_flipped[None, :]),
-             tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),
-            axis=1, combine_fn=_linear_combine)
-        dh = tl.flip(dh, 1)
+        if ROWS:
+            # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, what enters from the chunks to the right (adj) at the
+            # last step, with the forward's decays
+            dh = _scan_rows(decay, Ct * dy[None, :], adj, True)
+        else:
+            # a_{t+1} carries the adjoint from step t+1 back to t (0 past the end); the chunk's last step gets it from
+            # the carry instead. Flipped: dt_{t+1} at j = BL - 1 - t is dt[BL - j], gathered from the step sizes
+            # already loaded (a second load and softplus of the shifted positions took 73 more loop instructions)
+            dt_next_flipped = tl.where(s == 0, 0.0, tl.gather(dt, tl.where(s == 0, 0, BL - s), 0))
+            # the adjoint dh_t = C_t dy_t + a_{t+1} dh_{t+1}, with what enters from the chunks to the right folded into
+            # the chunk's last step. tl.associative_scan(reverse=True) flips both operands and both results across the
+            # lanes (more shuffles than the scan itself); flipping the 1-D operands, C (the same for every channel)
+            # and the result alone took the loop from 3057 to 2040 instructions (bf16, Triton 3.6; docs/performance.md)
+            _, dh = tl.associative_scan(
+                (tl.exp2(A2[:, None] * dt_next_flipped[None, :]),
+                 tl.flip(Ct, 1) * tl.flip(dy, 0)[None, :] + tl.where((s == 0)[None, :], adj[:, None], 0.0)),
+                axis=1, combine_fn=_linear_combine)
+            dh = tl.flip(dh, 1)
         dh_B = tl.sum(dh * Bt, 0)
         dh_prev = dh * decayed_prev
         du = dh_B * dt + Dd * dy
         ddt = tl.sum(dh_prev * A2[:, None], 0) * 0.6931471805599453 + dh_B * u  # ln(2): A2 back to A
         if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(x)
+            ddt = ddt * (_sigmoid_fast(x) if ROWS else tl.sigmoid(x))
         ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
@@ -527,8 +617,8 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         du, ddelta, dz if dz is not None else du, dBC, dparams,
         batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
         *_batch_strides(u, delta, z, B, C),
-        NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, num_warps=TUNING["warps_bwd"],
-        **flags)
+        NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, ROWS=bool(TUNING["bwd_rows"]),
+        num_warps=TUNING["warps_bwd"], **flags)
     dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
     if same_kind:
         dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype

@@ -116,6 +116,38 @@ def test_carry_over_more_chunks_than_one_tile(monkeypatch, carry_states):
     check_order(make_inputs(15, batch=1, dim=1, n=4, length=16 * 33, device=DEVICE), "reverse", block_l=16)
 
 
+# The backward's main kernel with its two in-chunk scans in rows of 8 steps (TUNING["bwd_rows"], a launch option
+# that a GPU sweep decides): chunks of 16, 32 and 64 steps (2, 4 and 8 groups of 8 across lanes) with a partial last
+# chunk, every order, the carries from chunk to chunk, with and without z, D, bias and softplus.
+ROWS_CASES = {
+    "chunk16-forward": dict(block_l=16, order="forward", length=37),
+    "chunk32-reverse": dict(block_l=32, order="reverse", length=101),
+    "chunk64-slice": dict(block_l=64, order="slice", num_slices=5, length=150),
+    "chunk64-one-chunk-bare": dict(block_l=64, order="forward", length=29,
+                                   options=dict(with_D=False, with_z=False, with_bias=False, softplus=False)),
+    "chunk64-no-z-n16": dict(block_l=64, order="forward", length=200, n=16, options=dict(with_z=False)),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ROWS_CASES.values(), ids=ROWS_CASES.keys())
+def test_backward_in_rows_matches_definition(monkeypatch, case):
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", True)
+    inputs = make_inputs(18, batch=2, dim=4, n=case.get("n", 4), length=case["length"], groups_B=2,
+                         **case.get("options", {}), device=DEVICE)
+    check_order(inputs, case["order"], case.get("num_slices"), block_l=case["block_l"])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("order, num_slices, length", [("forward", None, 4099), ("slice", 16, 4096)])
+def test_backward_in_rows_cuda_dtypes(monkeypatch, dtype, order, num_slices, length):
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", True)
+    inputs = make_inputs(200 + length, batch=2, dim=8, n=16, length=length, dtype=dtype, device="cuda")
+    check_order(inputs, order, num_slices, tol=HALF_TOL[dtype])
+
+
 @needs_kernels
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (10 ** 6, 8)], ids=["one-split", "split-per-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
