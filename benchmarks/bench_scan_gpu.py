@@ -14,7 +14,8 @@ For each (L, d_inner) in --shapes (default 64^3 x 96 and 32^3 x 192), batch 2, d
     both orders ("triton-maps-all") read through index maps instead of flipped / permuted copies;
   * the floor: the bytes the scan must move (its inputs read once, its outputs written once) over the copy
     bandwidth measured here (a device-to-device copy, bytes read + written);
-  * with --tune: triton's launch settings (TUNE_GRID; with --tune carry, the carry kernel's: CARRY_TUNE_GRID)
+  * with --tune: triton's launch settings (TUNE_GRID; with --tune carry, the carry kernel's: CARRY_TUNE_GRID; with
+    --tune rows, the backward's in-chunk scans: ROWS_TUNE_GRID)
     swept at every shape in bf16 (scan fwd+bwd, graphed), the one with the least time summed over the shapes
     applied before the table.
 An unavailable backend is reported, and the others are still timed. Nothing is asserted.
@@ -107,7 +108,10 @@ def time_graphed(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, 
     return {"mean_ms": start.elapsed_time(end) / runs, "runs": runs}
 
 
-def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0) -> dict:
+def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0,
+                gate: bool = True) -> dict:
+    """The scan's inputs as a Mamba layer gives them; without the gate z with `gate=False` (the layer applies it
+    outside the scan under torch.compile on CUDA, as the trainers run it, and the kernels then compile without it)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def r(*shape, scale=1.0, shift=0.0, dt=dtype):
@@ -117,13 +121,17 @@ def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torc
         u=r(batch, d_inner, length), delta=r(batch, d_inner, length, scale=0.5, shift=-2.0),
         A=-torch.arange(1, d_state + 1, device="cuda", dtype=torch.float32).repeat(d_inner, 1),
         B=r(batch, d_state, length), C=r(batch, d_state, length), D=r(d_inner, dt=torch.float32),
-        z=r(batch, d_inner, length), delta_bias=r(d_inner, scale=0.3, dt=torch.float32),
+        z=r(batch, d_inner, length) if gate else None, delta_bias=r(d_inner, scale=0.3, dt=torch.float32),
     )
 
 
 def with_grad(inputs: dict, dtype: torch.dtype | None = None) -> dict:
-    return {k: (v.to(dtype) if dtype is not None else v).detach().clone().requires_grad_(True)
-            for k, v in inputs.items()}
+    return {k: (v.to(dtype) if dtype is not None else v).detach().clone().requires_grad_(True) if v is not None
+            else None for k, v in inputs.items()}
+
+
+def grad_names(inputs: dict) -> list[str]:
+    return [k for k in GRAD_NAMES if inputs.get(k) is not None]
 
 
 def run_scan(inputs: dict, backend: str) -> torch.Tensor:
@@ -140,12 +148,13 @@ def accuracy(base: dict, backend: str) -> dict:
     ref_in = with_grad(base, torch.float32)
     ref = run_scan(ref_in, "torch")
     dout = torch.randn(ref.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in GRAD_NAMES], dout)
+    names = grad_names(base)
+    ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in names], dout)
     test_in = with_grad(base)
     out = run_scan(test_in, backend)
-    grads = torch.autograd.grad(out, [test_in[k] for k in GRAD_NAMES], dout.to(out.dtype))
+    grads = torch.autograd.grad(out, [test_in[k] for k in names], dout.to(out.dtype))
     result = {"out": errors(out, ref)}
-    result.update({f"d{k}": errors(g, rg) for k, g, rg in zip(GRAD_NAMES, grads, ref_grads)})
+    result.update({f"d{k}": errors(g, rg) for k, g, rg in zip(names, grads, ref_grads)})
     return result
 
 
@@ -155,7 +164,7 @@ def scan_leaves(base: dict) -> tuple[dict, torch.Tensor]:
 
 
 def fwd_bwd_step(leaves: dict, dout: torch.Tensor, backend: str) -> None:
-    torch.autograd.grad(run_scan(leaves, backend), list(leaves.values()), dout)
+    torch.autograd.grad(run_scan(leaves, backend), [v for v in leaves.values() if v is not None], dout)
 
 
 def bench_scan(base: dict, backend: str, warmup: int, runs: int) -> dict:
@@ -182,13 +191,15 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     return 2 * gib * 2 ** 30 / (ms / 1e3)
 
 
-def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, bandwidth: float) -> dict:
+def floor_ms(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, bandwidth: float,
+             gate: bool = True) -> dict:
     """Bytes that must move: forward reads u, delta, z, B, C and writes out; the backward reads u, delta, z, B, C
-    and dout and writes du, ddelta, dz, dB, dC (A, D, delta_bias and the chunk states are negligible)."""
+    and dout and writes du, ddelta, dz, dB, dC (A, D, delta_bias and the chunk states are negligible); z and dz
+    only with the gate."""
     size = torch.tensor([], dtype=dtype).element_size()
     rows, bc = batch * d_inner * length, batch * d_state * length
-    fwd = size * (4 * rows + 2 * bc)
-    bwd = size * (7 * rows + 4 * bc)
+    fwd = size * ((4 if gate else 3) * rows + 2 * bc)
+    bwd = size * ((7 if gate else 5) * rows + 4 * bc)
     return {"fwd": fwd / bandwidth * 1e3, "fwd+bwd": (fwd + bwd) / bandwidth * 1e3, "bytes_fwd": fwd,
             "bytes_fwd+bwd": fwd + bwd}
 
@@ -206,13 +217,16 @@ TUNE_GRID = [dict(block_l=64, warps_fwd=1, warps_bwd=1, fwd_programs_per_sm=fwd,
 # The carry kernel (the scan over chunks, one row per (batch, channel)): a row's states in one program or split over
 # several, and its warps
 CARRY_TUNE_GRID = [dict(carry_states=states, warps_carry=warps) for states in (16, 8, 4) for warps in (4, 2, 1)]
-TUNE_GRIDS = {"chunks": TUNE_GRID, "carry": CARRY_TUNE_GRID}
+# The backward's main kernel with its in-chunk scans by tl.associative_scan and flips, or in rows of 8 steps
+# (`_scan_rows`); each twice, in alternation, so that a drift of the GPU's clocks over the sweep shows
+ROWS_TUNE_GRID = [dict(bwd_rows=rows) for rows in (False, True, False, True)]
+TUNE_GRIDS = {"chunks": TUNE_GRID, "carry": CARRY_TUNE_GRID, "rows": ROWS_TUNE_GRID}
 
 
 def tune(bases: dict, warmup: int, runs: int, grid: list[dict] = TUNE_GRID) -> dict:
     """The triton scan's fwd+bwd time for each launch setting of `grid` at each shape; the setting with the
-    least graphed time summed over the shapes (what a network with one such scan per shape spends on them) is
-    applied to triton_scan.TUNING."""
+    least graphed time summed over the shapes (what a network with one such scan per shape spends on them; over
+    its repeats too, where the grid lists a setting more than once) is applied to triton_scan.TUNING."""
     keys = tuple(grid[0])
     results = []
     for setting in grid:
@@ -226,8 +240,10 @@ def tune(bases: dict, warmup: int, runs: int, grid: list[dict] = TUNE_GRID) -> d
     for r in ok:
         key = tuple(r[k] for k in keys)
         score[key] = score.get(key, 0.0) + r["fwd+bwd graphed"]["mean_ms"]
+    # a setting listed more than once in the grid is timed that many times, and its times are summed
+    runs_of = {k: sum(1 for setting in grid if tuple(setting[key] for key in keys) == k) for k in score}
     complete = {k: v for k, v in score.items()
-                if sum(1 for r in ok if tuple(r[k] for k in keys) == k) == len(bases)}
+                if sum(1 for r in ok if tuple(r[key] for key in keys) == k) == len(bases) * runs_of[k]}
     triton_scan.TUNING.update(zip(keys, min(complete, key=complete.get)))
     return {"keys": keys, "results": results, "chosen": dict(triton_scan.TUNING),
             "score": {str(k): v for k, v in score.items()}}
@@ -278,11 +294,12 @@ def bench(args: argparse.Namespace) -> dict:
                    "triton_backend_reason": triton_reason, "copy_bandwidth_GBps": bandwidth / 1e9,
                    "triton_tuning": dict(triton_scan.TUNING)},
         "config": {"batch": args.batch, "d_state": args.d_state, "warmup": args.warmup, "runs": args.runs,
-                   "shapes": args.shapes, "dtypes": args.dtypes},
+                   "shapes": args.shapes, "dtypes": args.dtypes, "gate_in_scan": not args.no_gate},
         "cases": [],
     }
     if args.tune and triton_ok:
-        bases = {f"{length}x{d_inner}": scan_inputs(args.batch, d_inner, args.d_state, length, torch.bfloat16)
+        bases = {f"{length}x{d_inner}": scan_inputs(args.batch, d_inner, args.d_state, length, torch.bfloat16,
+                                                    gate=not args.no_gate)
                  for length, d_inner in args.shapes}
         report["tune"] = {"dtype": "bf16", "grid": args.tune,
                           **tune(bases, args.warmup, args.runs, TUNE_GRIDS[args.tune])}
@@ -291,8 +308,8 @@ def bench(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
     for length, d_inner in args.shapes:
         for dtype_name in args.dtypes:
-            base = scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name])
-            floor = floor_ms(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], bandwidth)
+            base = scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], gate=not args.no_gate)
+            floor = floor_ms(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], bandwidth, not args.no_gate)
             for backend in names + (list(LAYER_VARIANTS) if "triton" in names and not args.skip_layer else []):
                 case = {"L": length, "d_inner": d_inner, "dtype": dtype_name, "backend": backend, "floor": floor}
                 if backend not in LAYER_VARIANTS:
@@ -369,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per case (default 5)")
     parser.add_argument("--runs", type=int, default=30, help="timed runs per case; median reported (default 30)")
     parser.add_argument("--skip-layer", action="store_true", help="time the scan only, not TriOrientedMamba")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="the scan without its gate z, as the trainers' compiled layers run it")
     parser.add_argument("--backends", nargs="+", choices=("torch", "cuda", "triton"),
                         default=["cuda", "triton", "torch"], help="scan backends to compare (default all available)")
     parser.add_argument("--tune", nargs="?", const="chunks", default=None, choices=sorted(TUNE_GRIDS),
-                        help="sweep triton launch settings first: the chunk kernels' (chunks, the default) or the "
-                             "carry kernel's (carry)")
+                        help="sweep triton launch settings first: the chunk kernels' (chunks, the default), the "
+                             "carry kernel's (carry) or the backward's in-chunk scans (rows)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
     return parser
 

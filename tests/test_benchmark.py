@@ -664,3 +664,26 @@ def test_conv_gpu_benchmark_says_it_needs_cuda(capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == "bench_conv_gpu: needs a CUDA device; run it on a machine with one"
     assert bench_conv_gpu.build_parser().parse_args([]).shapes == [(262144, 96), (32768, 192), (4096, 384),
                                                                     (512, 768)]
+
+
+def test_scan_sweep_sums_a_settings_repeats_and_applies_the_fastest(monkeypatch):
+    """benchmarks.bench_scan_gpu's sweep (`tune`) with the GPU's timing replaced: a setting that the grid lists twice
+    (the backward's scans in rows or not, alternating) is scored by its times summed over shapes and repeats, and the
+    fastest setting is left in triton_scan.TUNING."""
+    from benchmarks import bench_scan_gpu
+    from nnunet_segmamba.ssm import triton_scan
+
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", False)
+    graphed = {(False, "a"): [1.0, 1.3], (True, "a"): [0.9, 0.95], (False, "b"): [2.0, 2.0], (True, "b"): [2.0, 2.2]}
+    calls = []
+
+    def fake_bench_scan(base, backend, warmup, runs):
+        key = (triton_scan.TUNING["bwd_rows"], base)
+        calls.append(key)
+        return {"fwd+bwd graphed": {"mean_ms": graphed[key][calls.count(key) - 1]}}
+
+    monkeypatch.setattr(bench_scan_gpu, "bench_scan", fake_bench_scan)
+    result = bench_scan_gpu.tune({"a": "a", "b": "b"}, 0, 1, bench_scan_gpu.ROWS_TUNE_GRID)
+    assert len(calls) == 8
+    assert result["score"] == {"(False,)": pytest.approx(6.3), "(True,)": pytest.approx(6.05)}
+    assert triton_scan.TUNING["bwd_rows"] is True and result["chosen"]["bwd_rows"] is True
