@@ -61,8 +61,16 @@ def is_conv_kernel(kernel) -> bool:
     return "BLOCK_L" in kernel.arg_names
 
 
-def ptxas_path() -> str:
-    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+def gpu_name(arch: int) -> str:
+    """ptxas' name of compute capability `arch` (x 10) as Triton compiles for it: the architecture-specific
+    features ("a") from sm_90 on."""
+    return f"sm_{arch}{'a' if arch >= 90 else ''}"
+
+
+def ptxas_path(arch: int = 90) -> str:
+    # Triton ships a second ptxas for Blackwell (compute capability 10.x and up), where its install has one
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    path = tools / "ptxas-blackwell" if arch >= 100 and (tools / "ptxas-blackwell").is_file() else tools / "ptxas"
     if not path.is_file():
         raise SystemExit(f"no ptxas at {path}: this Triton install lacks the NVIDIA backend's tools")
     return str(path)
@@ -94,9 +102,9 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(compiled.asm["ptx"])
         cubin = os.path.join(tmp, "kernel.cubin")
-        report = subprocess.run([ptxas_path(), "-v", *(["-lineinfo"] if by_line else []), "--gpu-name",
-                                 f"sm_{arch}a", str(ptx), "-o", cubin], capture_output=True, text=True, check=True)
-        nvdisasm = str(Path(ptxas_path()).parent / "nvdisasm")
+        report = subprocess.run([ptxas_path(arch), "-v", *(["-lineinfo"] if by_line else []), "--gpu-name",
+                                 gpu_name(arch), str(ptx), "-o", cubin], capture_output=True, text=True, check=True)
+        nvdisasm = str(Path(ptxas_path(arch)).parent / "nvdisasm")
         listing = subprocess.run([nvdisasm, "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
     text = report.stdout + report.stderr
     registers = re.search(r"Used (\d+) registers", text)

@@ -633,6 +633,13 @@ def test_triton_registers_attributes_the_innermost_loop_to_source_lines():
     assert loop_lines(no_loop) == [] and loop_body(no_loop)["loop_instructions"] == 0
 
 
+def test_triton_registers_names_the_architecture_as_triton_compiles_for_it():
+    pytest.importorskip("triton")
+    from benchmarks.triton_registers import gpu_name
+
+    assert [gpu_name(arch) for arch in (80, 89, 90, 100, 120)] == ["sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120a"]
+
+
 def test_cpu_benchmarks_main_times_the_runs_and_writes_the_report(tmp_path, capsys):
     from benchmarks import cpu_timing
 
