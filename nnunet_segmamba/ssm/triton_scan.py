@@ -101,7 +101,7 @@ def _groups_scan(alpha, beta, carry, REVERSE: tl.constexpr):
     g = tl.arange(0, G)[None, :]
     first = g == (G - 1 if REVERSE else 0)
     beta = tl.where(first, beta + alpha * carry[:, None], beta)
-    for level in tl.static_range(6):
+    for level in tl.static_range(16):  # rounds while 2^level < G: chunks up to 2^19 steps
         if (1 << level) < G:
             if REVERSE:
                 has = g + (1 << level) < G
