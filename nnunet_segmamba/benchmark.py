@@ -611,7 +611,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                   equivalence: bool = False, step: float = 0.5, command: str | None = None,
                   out: str | Path | None = None, log: Log = _print,
                   compile_backend: str = "inductor", batched_mirroring: bool = False,
-                  compile_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  compile_options: dict[str, Any] | None = None,
+                  cudnn_benchmark_limit: int | None = None) -> dict[str, Any]:
     """Benchmark `networks` in this process; returns (and writes to `out` as JSON) the results.
 
     Args:
@@ -633,6 +634,9 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
             compare them in one run, e.g. {"max_autotune_gemm": True}.
         batched_mirroring: the volume inference runs each tile's 8 mirrorings as one forward pass of 8 tiles
             instead of 8 passes of one (the same mean); needed for `_compiled_cg` networks' volume inference.
+        cudnn_benchmark_limit: on CUDA, how many of cuDNN's algorithms its search times per convolution
+            (torch.backends.cudnn.benchmark_limit; 0: all of them); None leaves torch's setting (10 by default),
+            as nnU-Net trains. cuDNN keeps a choice for the process's lifetime, so compare limits in separate runs.
         command: the command line, recorded as given.
         out: JSON file to write.
         log: progress printer.
@@ -652,6 +656,8 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         raise ValueError(f"unknown network(s) {unknown}; choose from {', '.join(KNOWN_NETWORKS)}")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    if cudnn_benchmark_limit is not None and cudnn_benchmark_limit < 0:
+        raise ValueError(f"cudnn_benchmark_limit must be >= 0 (0: every algorithm), got {cudnn_benchmark_limit}")
     if precision not in ("auto", "fp16", "fp32"):
         raise ValueError(f"precision must be auto, fp16 or fp32, got {precision!r}")
     if batch < 1 or warmup < 0 or iters < 1 or segmamba_width < 1 or min(in_channels, out_channels) < 1 \
@@ -679,14 +685,18 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
                      "tile_step": step, "sw_batch_size": 1, "blend": "gaussian, sigma 0.125 * patch",
                      "mirror_axes": [2, 3, 4], "batched_mirroring": batched_mirroring,
                      "cudnn_benchmark": dev.type == "cuda",
+                     "cudnn_benchmark_limit": (cudnn_benchmark_limit if cudnn_benchmark_limit is not None
+                                               else torch.backends.cudnn.benchmark_limit),
                      "compile_backend": compile_backend, "compile_options": compile_options or {}},
         "sliding_window": tile_layout(volume, patch, step),
         "networks": {},
     }
     log(f"benchmark on {report['gpu'] or 'CPU'} (torch {torch.__version__}, precision "
         f"{report['settings']['precision']}); networks: {', '.join(networks)}")
-    old_cudnn = torch.backends.cudnn.benchmark
+    old_cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit
     torch.backends.cudnn.benchmark = dev.type == "cuda"  # as nnU-Net's training
+    if cudnn_benchmark_limit is not None:
+        torch.backends.cudnn.benchmark_limit = cudnn_benchmark_limit
     try:
         # first: cheap, and what the cuda backend's numbers rest on
         report["equivalence"] = (
@@ -703,7 +713,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
             if out is not None:  # partial results survive a run killed by a time limit
                 _write(out, report)
     finally:
-        torch.backends.cudnn.benchmark = old_cudnn
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.benchmark_limit = old_cudnn
     report["table"] = format_table(report)
     log(report["table"])
     if out is not None:
@@ -920,6 +930,9 @@ def register(subparsers) -> None:
     p.add_argument("--batched-mirroring", action="store_true",
                    help="volume inference: each tile's 8 mirrorings as one forward pass of 8 tiles (the same mean; "
                         "CUDA-graph networks need it)")
+    p.add_argument("--cudnn-benchmark-limit", type=int, default=None, metavar="N",
+                   help="CUDA: cuDNN's algorithms timed per convolution by its search (0: all; default torch's, 10, "
+                        "as nnU-Net trains); cuDNN keeps its choice per process, so compare limits in separate runs")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=_run)
 
@@ -932,6 +945,7 @@ def _run(args: argparse.Namespace) -> int:
         segmamba_width=args.segmamba_width, equivalence=args.equivalence, step=args.step,
         command=args.command_line, out=args.out, compile_backend=args.compile_backend,
         batched_mirroring=args.batched_mirroring, compile_options=args.compile_options,
+        cudnn_benchmark_limit=args.cudnn_benchmark_limit,
     )
     failed = any(isinstance(phase, dict) and "error" in phase
                  for e in report["networks"].values() for phase in e.values())

@@ -52,6 +52,7 @@ def test_cli_cpu_run_writes_json_and_table(tmp_path, capsys):
     assert report["command"].endswith(f"--out {out} --compile-options max_autotune_gemm=true")
     assert report["settings"]["precision"] == "fp32"
     assert report["settings"]["compile_options"] == {"max_autotune_gemm": True}  # recorded (no _compiled here)
+    assert report["settings"]["cudnn_benchmark_limit"] == torch.backends.cudnn.benchmark_limit  # torch's, untouched
     assert report["settings"]["patch"] == [64, 32, 32] and report["settings"]["volume"] == [64, 32, 24]
     sw = report["sliding_window"]
     assert sw["tiles_monai"] == sw["tiles_nnunet"] == 1  # 24 is padded to the patch's 32 (several tiles: below)
@@ -239,6 +240,8 @@ def test_bad_arguments():
         benchmark.run_benchmark(networks=[], device="cpu", patch=(32, 32))
     with pytest.raises(ValueError, match="precision"):
         benchmark.run_benchmark(networks=[], device="cpu", precision="bf16")
+    with pytest.raises(ValueError, match="cudnn_benchmark_limit must be >= 0"):
+        benchmark.run_benchmark(networks=[], device="cpu", cudnn_benchmark_limit=-1)
     assert benchmark.parse_sizes("128") == (128, 128, 128)
     assert benchmark.parse_sizes("240,240,155") == (240, 240, 155)
     with pytest.raises(argparse.ArgumentTypeError):
@@ -694,3 +697,15 @@ def test_scan_sweep_sums_a_settings_repeats_and_applies_the_fastest(monkeypatch)
     assert len(calls) == 8
     assert result["score"] == {"(False,)": pytest.approx(6.3), "(True,)": pytest.approx(6.05)}
     assert triton_scan.TUNING["bwd_rows"] is True and result["chosen"]["bwd_rows"] is True
+
+
+def test_cudnn_benchmark_limit_is_set_for_the_run_recorded_and_restored(monkeypatch):
+    """--cudnn-benchmark-limit: in effect while the networks run, in the report's settings, torch's own after."""
+    before = torch.backends.cudnn.benchmark_limit
+    seen = []
+    monkeypatch.setattr(benchmark, "_bench_one", lambda *a, **k: seen.append(torch.backends.cudnn.benchmark_limit)
+                        or {"skipped": "not run in this test"})
+    report = benchmark.run_benchmark(networks=["plainconv"], device="cpu", cudnn_benchmark_limit=before + 7)
+    assert report["settings"]["cudnn_benchmark_limit"] == before + 7
+    assert seen == [before + 7]
+    assert torch.backends.cudnn.benchmark_limit == before
