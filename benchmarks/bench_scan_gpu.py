@@ -110,28 +110,27 @@ def time_graphed(fn: Callable[[], object], warmup: int, runs: int) -> dict[str, 
 
 def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torch.dtype, seed: int = 0,
                 gate: bool = True) -> dict:
-    """The scan's inputs as a Mamba layer gives them; without the gate z with `gate=False` (the layer applies it
-    outside the scan under torch.compile on CUDA, as the trainers run it, and the kernels then compile without it)."""
+    """The scan's inputs as a Mamba layer gives them; no gate z with `gate=False` (the layer applies it outside the
+    scan under torch.compile on CUDA, as the trainers run it, and the kernels then compile without it)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
 
     def r(*shape, scale=1.0, shift=0.0, dt=dtype):
         return (torch.randn(*shape, generator=g, device="cuda") * scale + shift).to(dt)
 
-    return dict(
+    inputs = dict(
         u=r(batch, d_inner, length), delta=r(batch, d_inner, length, scale=0.5, shift=-2.0),
         A=-torch.arange(1, d_state + 1, device="cuda", dtype=torch.float32).repeat(d_inner, 1),
         B=r(batch, d_state, length), C=r(batch, d_state, length), D=r(d_inner, dt=torch.float32),
-        z=r(batch, d_inner, length) if gate else None, delta_bias=r(d_inner, scale=0.3, dt=torch.float32),
+        z=r(batch, d_inner, length), delta_bias=r(d_inner, scale=0.3, dt=torch.float32),
     )
+    if not gate:
+        del inputs["z"]
+    return inputs
 
 
 def with_grad(inputs: dict, dtype: torch.dtype | None = None) -> dict:
-    return {k: (v.to(dtype) if dtype is not None else v).detach().clone().requires_grad_(True) if v is not None
-            else None for k, v in inputs.items()}
-
-
-def grad_names(inputs: dict) -> list[str]:
-    return [k for k in GRAD_NAMES if inputs.get(k) is not None]
+    return {k: (v.to(dtype) if dtype is not None else v).detach().clone().requires_grad_(True)
+            for k, v in inputs.items()}
 
 
 def run_scan(inputs: dict, backend: str) -> torch.Tensor:
@@ -148,7 +147,7 @@ def accuracy(base: dict, backend: str) -> dict:
     ref_in = with_grad(base, torch.float32)
     ref = run_scan(ref_in, "torch")
     dout = torch.randn(ref.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-    names = grad_names(base)
+    names = [k for k in GRAD_NAMES if k in base]  # z only with the gate
     ref_grads = torch.autograd.grad(ref, [ref_in[k] for k in names], dout)
     test_in = with_grad(base)
     out = run_scan(test_in, backend)
@@ -164,7 +163,7 @@ def scan_leaves(base: dict) -> tuple[dict, torch.Tensor]:
 
 
 def fwd_bwd_step(leaves: dict, dout: torch.Tensor, backend: str) -> None:
-    torch.autograd.grad(run_scan(leaves, backend), [v for v in leaves.values() if v is not None], dout)
+    torch.autograd.grad(run_scan(leaves, backend), list(leaves.values()), dout)
 
 
 def bench_scan(base: dict, backend: str, warmup: int, runs: int) -> dict:
@@ -288,18 +287,19 @@ def bench(args: argparse.Namespace) -> dict:
     available = {"torch": True, "cuda": cuda_ok, "triton": triton_ok}
     names = [b for b in args.backends if available[b]]
     bandwidth = copy_bandwidth()
+    gate = not args.no_gate
     report = {
         "system": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
                    "cuda_backend": cuda_ok, "cuda_backend_reason": cuda_reason, "triton_backend": triton_ok,
                    "triton_backend_reason": triton_reason, "copy_bandwidth_GBps": bandwidth / 1e9,
                    "triton_tuning": dict(triton_scan.TUNING)},
         "config": {"batch": args.batch, "d_state": args.d_state, "warmup": args.warmup, "runs": args.runs,
-                   "shapes": args.shapes, "dtypes": args.dtypes, "gate_in_scan": not args.no_gate},
+                   "shapes": args.shapes, "dtypes": args.dtypes, "gate_in_scan": gate},
         "cases": [],
     }
     if args.tune and triton_ok:
         bases = {f"{length}x{d_inner}": scan_inputs(args.batch, d_inner, args.d_state, length, torch.bfloat16,
-                                                    gate=not args.no_gate)
+                                                    gate=gate)
                  for length, d_inner in args.shapes}
         report["tune"] = {"dtype": "bf16", "grid": args.tune,
                           **tune(bases, args.warmup, args.runs, TUNE_GRIDS[args.tune])}
@@ -308,8 +308,8 @@ def bench(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
     for length, d_inner in args.shapes:
         for dtype_name in args.dtypes:
-            base = scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], gate=not args.no_gate)
-            floor = floor_ms(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], bandwidth, not args.no_gate)
+            base = scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], gate=gate)
+            floor = floor_ms(args.batch, d_inner, args.d_state, length, DTYPES[dtype_name], bandwidth, gate)
             for backend in names + (list(LAYER_VARIANTS) if "triton" in names and not args.skip_layer else []):
                 case = {"L": length, "d_inner": d_inner, "dtype": dtype_name, "backend": backend, "floor": floor}
                 if backend not in LAYER_VARIANTS:
