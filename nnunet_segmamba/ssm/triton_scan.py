@@ -17,9 +17,9 @@ and C once and walks its channels, loading each channel's inputs while it comput
   backward  the same three steps for the adjoint, which runs the other way: dh_t = C_t dy_t + a_{t+1} dh_{t+1},
             then every gradient from the states recomputed in registers (step 3 once more). Only the chunk
             boundary states are kept between forward and backward, never the (batch, d, L, n) history. The
-            in-chunk adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton), or,
-            with the launch option TUNING["bwd_rows"], both in-chunk scans run in rows of 8 steps, a thread's own
-            registers, with no flips (`_scan_rows`).
+            in-chunk scans run in rows of 8 steps, a thread's own registers, with no flips (`_scan_rows`), where
+            that was timed faster (16-bit inputs, the gate outside the scan: the trainers' compiled layers);
+            elsewhere the adjoint is a forward scan over flipped operands (cheaper than a reverse scan in Triton).
             At 32^3 x 192 the backward's main kernel is now faster than mamba-ssm's whole backward kernel and a
             fwd+bwd takes within 1.1x of mamba-ssm's GPU time; a single call adds the host's time on top (Python
             and Triton's launcher: 2-3x mamba-ssm's per call; docs/performance.md).
@@ -52,10 +52,10 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # kernels before the backward's main one and for that one; the carry kernel's states per program (a channel's
 # states split over programs: with one program per channel the first stage at 128^3 had 192 programs for 132
 # multiprocessors) and its warps; whether the backward's main kernel scans its chunks in rows of 8 steps
-# (`_scan_rows`) rather than with tl.associative_scan and flips (fewer instructions; not yet timed on a GPU).
-# benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
+# (`_scan_rows`) rather than with tl.associative_scan and flips: True, False, or None for where the rows were timed
+# faster (`_bwd_in_rows`). benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16,
-          "carry_states": 8, "warps_carry": 2, "bwd_rows": False}
+          "carry_states": 8, "warps_carry": 2, "bwd_rows": None}
 
 # The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
 CARRY_TILE = 256
@@ -488,6 +488,17 @@ def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: tor
     return split
 
 
+def _bwd_in_rows(u: torch.Tensor, z: torch.Tensor | None) -> bool:
+    """Whether the backward's main kernel scans its chunks in rows of 8 steps: TUNING["bwd_rows"], where None means
+    where the rows were timed faster than the flips, 16-bit inputs with the gate outside the scan (the trainers'
+    compiled layers); with the gate in the scan or in float32 the rows compile to more spilled registers, and the
+    flips stay (docs/performance.md)."""
+    setting = TUNING["bwd_rows"]
+    if setting is None:
+        return z is None and u.dtype in (torch.float16, torch.bfloat16)
+    return bool(setting)
+
+
 def _rows_along_L(t: torch.Tensor) -> torch.Tensor:
     """The kernels index (batch, rows, L) as batch * stride(0) + row * L + t: any batch stride (e.g. x and z as
     halves of one in_proj output, B and C as slices of one x_proj output) is read in place."""
@@ -617,7 +628,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         du, ddelta, dz if dz is not None else du, dBC, dparams,
         batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
         *_batch_strides(u, delta, z, B, C),
-        NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, ROWS=bool(TUNING["bwd_rows"]),
+        NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, ROWS=_bwd_in_rows(u, z),
         num_warps=TUNING["warps_bwd"], **flags)
     dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
     if same_kind:

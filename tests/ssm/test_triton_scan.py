@@ -116,9 +116,10 @@ def test_carry_over_more_chunks_than_one_tile(monkeypatch, carry_states):
     check_order(make_inputs(15, batch=1, dim=1, n=4, length=16 * 33, device=DEVICE), "reverse", block_l=16)
 
 
-# The backward's main kernel with its two in-chunk scans in rows of 8 steps (TUNING["bwd_rows"], a launch option
-# that a GPU sweep decides): chunks of 16, 32 and 64 steps (2, 4 and 8 groups of 8 across lanes) with a partial last
-# chunk, every order, the carries from chunk to chunk, with and without z, D, bias and softplus.
+# The backward's main kernel with its two in-chunk scans in rows of 8 steps (TUNING["bwd_rows"]; by default where a
+# GPU sweep timed them faster), forced on here for every case: chunks of 16, 32 and 64 steps (2, 4 and 8 groups of 8
+# across lanes) with a partial last chunk, every order, the carries from chunk to chunk, with and without z, D, bias
+# and softplus.
 ROWS_CASES = {
     "chunk16-forward": dict(block_l=16, order="forward", length=37),
     "chunk32-reverse": dict(block_l=32, order="reverse", length=101),
@@ -127,6 +128,19 @@ ROWS_CASES = {
                                    options=dict(with_D=False, with_z=False, with_bias=False, softplus=False)),
     "chunk64-no-z-n16": dict(block_l=64, order="forward", length=200, n=16, options=dict(with_z=False)),
 }
+
+
+def test_backward_scans_in_rows_where_timed_faster_unless_set(monkeypatch):
+    """By default (bwd_rows None) the rows run for 16-bit inputs with the gate outside the scan, the case a GPU
+    timed faster; with the gate or in float32 the flips; True and False choose for every input."""
+    half, single = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2)
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", None)
+    assert triton_scan._bwd_in_rows(half, None) and triton_scan._bwd_in_rows(half.half(), None)
+    assert not triton_scan._bwd_in_rows(half, half) and not triton_scan._bwd_in_rows(single, None)
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", True)
+    assert triton_scan._bwd_in_rows(single, single)
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", False)
+    assert not triton_scan._bwd_in_rows(half, None)
 
 
 @needs_kernels
