@@ -192,8 +192,8 @@ def main() -> int:
     parser.add_argument("--flags-off", nargs="+", default=[], choices=[k for k, v in FLAGS.items() if v is True],
                         help="compile without these options of Mamba's configuration (e.g. HAS_Z: no z gate)")
     parser.add_argument("--bwd-rows", action="store_true",
-                        help="compile the backward's main kernel with its in-chunk scans in rows of 8 steps "
-                             "(the launch option TUNING['bwd_rows'])")
+                        help="compile the backward's main kernel with its in-chunk scans in rows of 8 steps, as "
+                             "the launch does for 16-bit inputs without the gate (default: with flips)")
     parser.add_argument("--by-line", action="store_true",
                         help="also list the channel loop's instructions by source line (ptxas -lineinfo, nvdisasm)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
