@@ -123,7 +123,7 @@ def scan_inputs(batch: int, d_inner: int, d_state: int, length: int, dtype: torc
         B=r(batch, d_state, length), C=r(batch, d_state, length), D=r(d_inner, dt=torch.float32),
         z=r(batch, d_inner, length), delta_bias=r(d_inner, scale=0.3, dt=torch.float32),
     )
-    if not gate:
+    if not gate:  # z is drawn all the same, so that the other inputs (delta_bias after it) are those with the gate
         del inputs["z"]
     return inputs
 
