@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..ssm import dispatch
-from ..ssm.api import causal_conv1d, selective_scan
-from ..ssm.ops import SELECTIVE_SCAN_OP
+from ..ssm.api import causal_conv1d, selective_scan, selective_scan_packed
+from ..ssm.ops import SELECTIVE_SCAN_OPS
 from ..ssm.orders import check_num_slices, visit
 from .recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
 
@@ -132,7 +132,7 @@ def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     # a recomputed branch keeps the scan's outputs (y and its chunk states): running the scan again would cost as
     # much as the rest of the layer; its inputs (the ordered copy of xz, the conv output u, x_proj's B and C, delta)
     # are cheap to make again and are not kept
-    return CheckpointPolicy.MUST_SAVE if func is SELECTIVE_SCAN_OP else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if func in SELECTIVE_SCAN_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 _RECOMPUTE_ALL_BUT_THE_SCAN = selective_checkpoint_contexts(_keep_scan_outputs)
@@ -278,15 +278,17 @@ class TriOrientedMamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.scan_backend, order=order,
                           num_slices=num_slices)  # (B, d_inner, L)
-        # The projections act on each position alone, so they commute with the visiting order.
-        delta, B, C = self.scan_inputs(u, x_proj.weight, dt_proj.weight, merged=u.is_cuda)
         if gate_outside is None:
             gate_outside = torch.compiler.is_compiling() and xz.is_cuda
-        y = selective_scan(
-            u, delta, A, B, C, _scan_precision(getattr(self, f"D{s}")), None if gate_outside else z,
-            delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend, order=order,
-            num_slices=num_slices, as_op=scan_as_op,
-        )
+        scan_args = dict(D=_scan_precision(getattr(self, f"D{s}")), z=None if gate_outside else z,
+                         delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend,
+                         order=order, num_slices=num_slices, as_op=scan_as_op)
+        # The projections act on each position alone, so they commute with the visiting order.
+        if u.is_cuda:  # one GEMM gives delta | B | C, and the scan takes (and returns the gradient of) all three
+            y = selective_scan_packed(u, self.delta_B_C(u, x_proj.weight, dt_proj.weight), A, **scan_args)
+        else:
+            delta, B, C = self.scan_inputs(u, x_proj.weight, dt_proj.weight, merged=False)
+            y = selective_scan(u, delta, A, B, C, **scan_args)
         if gate_outside:
             precision = _scan_precision(y).dtype  # as the kernels compute it: float32, float64 for float64
             return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
@@ -306,16 +308,19 @@ class TriOrientedMamba(nn.Module):
         at the first stage; on the CPU, where they count, it was slower at the hippocampus patch's first stage
         (`benchmarks/bench_scan_inputs.py`), so there the products stay the reference's.
         """
-        rows = [self.d_inner, self.d_state, self.d_state]
         if merged:
-            # the merged weight in the parameters' precision, not autocast's: autocast casts it once, in `_project`
-            with torch.autocast(u.device.type, enabled=False):
-                delta_weight = dt_proj_weight @ x_proj_weight[:self.dt_rank]
-            weight = torch.cat([delta_weight, x_proj_weight[self.dt_rank:]])
-            return torch.split(_project(weight, u), rows, dim=1)
+            return torch.split(self.delta_B_C(u, x_proj_weight, dt_proj_weight),
+                               [self.d_inner, self.d_state, self.d_state], dim=1)
         x_dbl = _project(x_proj_weight, u)  # (B, dt_rank + 2 d_state, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         return _project(dt_proj_weight, dt), B, C  # the bias goes in as delta_bias
+
+    def delta_B_C(self, u: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor) -> torch.Tensor:
+        """The merged product of `scan_inputs`: delta | B | C as the rows of one (B, d_inner + 2 d_state, L)."""
+        # the merged weight in the parameters' precision, not autocast's: autocast casts it once, in `_project`
+        with torch.autocast(u.device.type, enabled=False):
+            delta_weight = dt_proj_weight @ x_proj_weight[:self.dt_rank]
+        return _project(torch.cat([delta_weight, x_proj_weight[self.dt_rank:]]), u)
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:

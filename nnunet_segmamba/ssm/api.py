@@ -9,7 +9,7 @@ from . import ops
 from .dispatch import causal_conv1d_eager, selective_scan_eager
 from .torch_scan import check_scan_shapes
 
-__all__ = ["causal_conv1d", "selective_scan"]
+__all__ = ["causal_conv1d", "selective_scan", "selective_scan_packed"]
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -51,6 +51,32 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return (out, last_state) if return_last_state else out
     return selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
                                 order, num_slices)
+
+
+def selective_scan_packed(u, delta_B_C, A, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          backend: str = "auto", order: str = "forward", num_slices: int | None = None,
+                          as_op: bool = False):
+    """`selective_scan` with delta, B and C given as the rows of one tensor: delta_B_C (batch, d + 2 n, L), delta
+    in the first d rows, then B, then C (ungrouped), for n = A.shape[1]. Returns out (batch, d, L).
+
+    The output of one projection that gives all three (`TriOrientedMamba.scan_inputs`): under torch.compile (or
+    with `as_op`) the custom op `nnunet_segmamba::selective_scan_packed_fwd` takes it whole, and its backward
+    returns the gradient of delta_B_C as one tensor, which the Triton kernel writes in place, where three separate
+    gradients would be concatenated again for the projection's backward. In eager mode, the same as
+    `selective_scan` on the three row slices.
+    """
+    rows = u.shape[1] + 2 * A.shape[1] if u.dim() == 3 and A.dim() == 2 else None
+    if rows is None or delta_B_C.dim() != 3 or delta_B_C.shape[1] != rows:
+        raise ValueError(f"delta_B_C must be (batch, d + 2 n, L) for u (batch, d, L) and A (d, n), got delta_B_C "
+                         f"{tuple(delta_B_C.shape)}, u {tuple(u.shape)} and A {tuple(A.shape)}")
+    n = A.shape[1]
+    delta, B, C = torch.split(delta_B_C, [u.shape[1], n, n], dim=1)
+    check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if as_op or torch.compiler.is_compiling():
+        return ops.selective_scan_packed(u, delta_B_C, A, D, z, delta_bias, bool(delta_softplus), backend, order,
+                                         num_slices)[0]
+    return selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False, backend, order,
+                                num_slices)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -350,7 +350,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
                du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
-               NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
+               s_ddelta, s_dBC_split, s_dBC_batch, s_dBC_C, NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROWS: tl.constexpr):
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
@@ -362,6 +362,8 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
                                           n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
     dy = tl.load(dout_ptr + (b * D_ + d0).to(tl.int64) * L + p, mask=mask, other=0.0)
+    # ddelta at its own batch stride: a (batch, d, L) tensor, or the first rows of delta | B | C's gradient
+    ddelta_ptr += b64 * s_ddelta
     for i in range(0, D_PER_PROGRAM):
         d = d0 + i
         bd = b * D_ + d
@@ -425,7 +427,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
             ddt = ddt * (_sigmoid_fast(x) if ROWS else tl.sigmoid(x))
         ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + d.to(tl.int64) * L + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
         # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W so that torch reduces them
         # with one launch
         part = ((b * NCH + c).to(tl.int64) * D_ + d) * W
@@ -436,10 +438,11 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
             tl.store(dparam_ptr + part + W - 1, tl.sum(ddt, 0))
         dB_acc += dh * dtu[None, :]
         delta, u, z, A, bias, dy = delta_n, u_n, z_n, A_n, bias_n, dy_n
-    # dB and dC of each channel split, one buffer (split, 2, batch, group, n, L): in the inputs' dtype when there
-    # is one split, else float32 partial sums for torch to add up
-    dB_row = (((split * 2) * BATCH + b) * G_ + g).to(tl.int64) * N * L
-    dC_row = dB_row + BATCH * G_ * N * L
+    # dB and dC of each channel split: one buffer (split, 2, batch, group, n, L), in the inputs' dtype when there
+    # is one split, else float32 partial sums for torch to add up; or, with one split and group, the last rows of
+    # delta | B | C's gradient (strides in elements: between splits, batch elements, and from dB to dC)
+    dB_row = split.to(tl.int64) * s_dBC_split + b64 * s_dBC_batch + (g * N).to(tl.int64) * L
+    dC_row = dB_row + s_dBC_C
     tl.store(dBC_ptr + dB_row + n[:, None] * L + p[None, :], dB_acc.to(dBC_ptr.dtype.element_ty), mask=m2)
     tl.store(dBC_ptr + dC_row + n[:, None] * L + p[None, :], dC_acc.to(dBC_ptr.dtype.element_ty), mask=m2)
 
@@ -592,8 +595,14 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     return out, states, chunk_sum
 
 
-def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum):
-    """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the callers' shapes and dtypes (None where absent)."""
+def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum, packed: bool = False):
+    """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the callers' shapes and dtypes (None where absent).
+
+    With `packed` (B and C of shape (batch, n, L)), the gradients of delta, B and C come as one (batch, d + 2 n, L)
+    tensor, delta | B | C stacked on the rows, in delta's dtype, in place of the three: the gradient of the one
+    projection that gives all three (`TriOrientedMamba.scan_inputs`), which the kernel writes in place where
+    nothing is added up after it (one channel split, all three of one dtype).
+    """
     u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
     batch, dim, length = u.shape
     n, groups, chunks = A32.shape[1], B.shape[1], p.chunks
@@ -613,23 +622,45 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, reverse=True)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
+    if packed and not (p.squeeze_B and p.squeeze_C):
+        raise ValueError(f"packed gradients need B and C of shape (batch, n, L), got B of {tuple(B.shape)} and C of "
+                         f"{tuple(C.shape)} (as (batch, groups, n, L)): pass packed=False for grouped B / C")
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
-    ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
     # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one
     # channel split, B and C of one dtype and grouping), else float32 partial sums, added up below
     same_kind = B.dtype == C.dtype and p.groups_B == p.groups_C == groups
-    dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
-                      dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
+    in_place = packed and d_split == 1 and B.dtype == C.dtype == delta.dtype
+    if packed:
+        d_delta_B_C = torch.empty(batch, dim + 2 * n, length, device=u.device, dtype=delta.dtype)
+        ddelta = d_delta_B_C[:, :dim]
+    else:
+        ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
+    if in_place:
+        dBC = d_delta_B_C[:, dim:]
+        dBC_strides = (0, dBC.stride(0), n * length)
+    else:
+        dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
+                          dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
+        dBC_strides = (dBC.stride(0), dBC.stride(2), dBC.stride(1))
     width = n + (D is not None) + (delta_bias is not None)  # dA | dD | dbias
     dparams = torch.empty(batch, chunks, dim, width, **f32)
     _bwd_chunk[(batch * groups * d_split, chunks)](
         u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
         du, ddelta, dz if dz is not None else du, dBC, dparams,
         batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
-        *_batch_strides(u, delta, z, B, C),
+        *_batch_strides(u, delta, z, B, C), ddelta.stride(0), *dBC_strides,
         NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, ROWS=_bwd_in_rows(u, z),
         num_warps=TUNING["warps_bwd"], **flags)
+    dparams = dparams.sum((0, 1))
+    dA = dparams[:, :n].to(A.dtype)
+    dD = dparams[:, n].to(D.dtype) if D is not None else None
+    dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
+    if packed:
+        if not in_place:  # the channel splits' partial sums (or B and C in another dtype), added up into the rows
+            d_delta_B_C[:, dim:].copy_((dBC[0] if d_split == 1 else dBC.sum(0)).squeeze(2).transpose(0, 1)
+                                       .flatten(1, 2))
+        return du, d_delta_B_C, dA, dD, dz, dbias
     dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
     if same_kind:
         dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
@@ -643,10 +674,6 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         dB = dB.squeeze(1)
     if p.squeeze_C:
         dC = dC.squeeze(1)
-    dparams = dparams.sum((0, 1))
-    dA = dparams[:, :n].to(A.dtype)
-    dD = dparams[:, n].to(D.dtype) if D is not None else None
-    dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
@@ -683,10 +710,11 @@ def selective_scan_triton_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplu
 
 
 def selective_scan_triton_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, states, chunk_sum,
-                              mode: str = "forward", num_slices: int | None = None):
-    """Gradients of (u, delta, A, B, C, D, z, delta_bias) (None where absent) from the forward's residuals."""
+                              mode: str = "forward", num_slices: int | None = None, packed: bool = False):
+    """Gradients of (u, delta, A, B, C, D, z, delta_bias) (None where absent) from the forward's residuals; with
+    `packed`, of (u, delta | B | C as one tensor, A, D, z, delta_bias) (see `_backward`)."""
     return _backward(_prepare(u, delta, A, B, C, z, mode, num_slices, None), A, D, delta_bias, delta_softplus,
-                     dout, states, chunk_sum)
+                     dout, states, chunk_sum, packed)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -15,6 +15,7 @@ from nnunet_segmamba.networks import SegMamba
 from nnunet_segmamba.networks.blocks import Conv3d
 from nnunet_segmamba.nn import SS2D, TriOrientedMamba
 from nnunet_segmamba.ssm import dispatch, ops, triton_common
+from nnunet_segmamba.ssm.api import selective_scan_packed
 
 SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 CUDA = torch.cuda.is_available()
@@ -76,6 +77,17 @@ def test_scan_op_passes_opcheck(case):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_packed_scan_op_passes_opcheck():
+    u, delta, A, B, C, D, z, bias = _scan_inputs(seed=6)
+    inputs = (u, torch.cat([delta, B, C], 1), A, D, z, bias)
+    settings = (True, "torch", "slice", 4)
+    torch.library.opcheck(ops.selective_scan_packed, (*inputs, *settings))
+    dout, dlast = torch.randn(u.shape), torch.randn(*u.shape[:2], A.shape[1])
+    torch.library.opcheck(ops.selective_scan_packed_bwd,
+                          (dout, dlast, *inputs, torch.empty(0), torch.empty(0), *settings),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_op_passes_opcheck(bias):
     x, w, b = torch.randn(2, 4, 12), torch.randn(4, 1, 3), torch.randn(4) if bias else None
@@ -109,12 +121,40 @@ def test_conv_op_matches_eager_with_gradients(backend):
         _assert_same(go, ge, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if CUDA else []))
+@pytest.mark.parametrize("programs_per_sm", [0, 10 ** 6], ids=["one-split", "split-per-channel"])
+def test_packed_scan_op_gives_the_three_gradients_as_one(monkeypatch, backend, programs_per_sm):
+    """delta | B | C as one input: the outputs of the scan on its rows and, as one tensor, their three gradients,
+    bit for bit; on the Triton kernels written in place with one channel split, added up with several."""
+    from nnunet_segmamba.ssm import triton_scan
+
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
+    device = "cuda" if CUDA and backend == "triton" else "cpu"
+    u, delta, A, B, C, D, z, bias = _scan_inputs(seed=4, device=device)
+    out_s, grads_s = _grads(lambda *t: ops.selective_scan(*t, True, backend, "slice", 3),
+                            [u, delta, A, B, C, D, z, bias])
+    out_p, grads_p = _grads(lambda *t: ops.selective_scan_packed(*t, True, backend, "slice", 3),
+                            [u, torch.cat([delta, B, C], 1), A, D, z, bias])
+    _assert_same(out_p, out_s, what="out")
+    _assert_same(grads_p[1], torch.cat([grads_s[1], grads_s[3], grads_s[4]], 1), what="grad delta | B | C")
+    for name, gp, gs in zip(("u", "A", "D", "z", "delta_bias"), grads_p[:1] + grads_p[2:], grads_s[:1] + grads_s[2:3]
+                            + grads_s[5:]):
+        _assert_same(gp, gs, what=f"grad {name}")
+
+
+def test_packed_scan_names_a_wrong_row_count():
+    u, delta, A, B, C, *_ = _scan_inputs()
+    with pytest.raises(ValueError, match="delta_B_C must be"):
+        selective_scan_packed(u, torch.cat([delta, B], 1), A)
+
+
 def test_eager_calls_do_not_go_through_the_ops(monkeypatch):
     """Eager mode calls the implementations directly: the op's dispatch costs nothing there."""
     def refuse(*args):
         raise AssertionError("an eager call went through the custom op")
 
     monkeypatch.setattr(ops, "selective_scan", refuse)
+    monkeypatch.setattr(ops, "selective_scan_packed", refuse)
     monkeypatch.setattr(ops, "causal_conv1d", refuse)
     TriOrientedMamba(8, d_state=4, scan_backend="torch")(torch.randn(1, 16, 8), num_slices=4).sum().backward()
 
@@ -195,6 +235,21 @@ def _compare_compiled(model, inputs, backend, atol=1e-4):
     assert grads_c.keys() == grads_e.keys()
     for name in grads_e:
         _assert_same(grads_c[name], grads_e[name], atol=atol, what=f"grad {name}")
+
+
+def test_packed_scan_compiles_without_graph_breaks():
+    """The packed scan under fullgraph compile: eager's outputs and gradients (its one input's among them)."""
+    u, delta, A, B, C, D, z, bias = _scan_inputs(seed=7)
+    inputs = [u, torch.cat([delta, B, C], 1), A, D, z, bias]
+
+    def scan(*t):
+        return selective_scan_packed(*t, delta_softplus=True, backend="torch", order="slice", num_slices=3)
+
+    out_e, grads_e = _grads(scan, inputs)
+    out_c, grads_c = _grads(torch.compile(scan, backend="aot_eager", fullgraph=True), inputs)
+    _assert_same(out_c, out_e, atol=1e-5, what="out")
+    for name, gc, ge in zip(("u", "delta_B_C", "A", "D", "z", "delta_bias"), grads_c, grads_e):
+        _assert_same(gc, ge, atol=1e-5, what=f"grad {name}")
 
 
 def test_ss2d_compiles_without_graph_breaks():
