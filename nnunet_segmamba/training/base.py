@@ -24,6 +24,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
 * layout: on one GPU a 3D network's weights are in channels_last_3d (`channels_last`), the layout in which cuDNN
   runs half-precision convolutions (SegMamba views a one-channel input the same way); checkpoints load into either
   layout.
+* cuDNN: the search that nnU-Net's training turns on times every algorithm for each convolution
+  (`cudnn_benchmark_limit`), not only torch's first 10: a faster step for a longer first one.
 * memory: on a GPU the Mamba branches, and the conv blocks' norms and shortcuts, are recomputed in the backward
   pass for large batches only (`recompute_mamba_branches`, `recompute_conv_blocks`), where their activations are
   gigabytes; at small ones it would only cost time.
@@ -172,6 +174,11 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     #: same rule as `recompute_mamba_branches` (docs/performance.md). A `recompute_conv_blocks` in
     #: `network_kwargs` wins.
     recompute_conv_blocks: ClassVar[bool | None] = None
+    #: on CUDA, how many of cuDNN's algorithms for each convolution its search times (nnU-Net's training turns the
+    #: search on): torch.backends.cudnn.benchmark_limit, 0 for every one; None keeps torch's (its first 10). Every
+    #: one took SegMamba's 128^3 step from 131.7 to 129.5 ms on an H100, for about two minutes more in the first
+    #: step (docs/performance.md, "cuDNN's full search at the 128^3 step").
+    cudnn_benchmark_limit: ClassVar[int | None] = 0
 
     # counters of skipped non-finite steps (train_step); class-level zeros until a step sets them on the instance
     _non_finite_consecutive = _non_finite_in_epoch = num_non_finite_steps = _iteration_in_epoch = 0
@@ -204,6 +211,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                     raise ValueError(f"{type(self).__name__}: {attribute} must be >= 1, got {value}")
                 setattr(self, attribute, int(value))
         self.enable_deep_supervision = bool(self.use_deep_supervision)
+        if self.cudnn_benchmark_limit is not None and not (isinstance(self.cudnn_benchmark_limit, int)
+                                                           and self.cudnn_benchmark_limit >= 0):
+            raise ValueError(f"{type(self).__name__}.cudnn_benchmark_limit must be None or an int >= 0 (0: every "
+                             f"algorithm), got {self.cudnn_benchmark_limit!r}")
         if self.compile_mode not in ("default", "reduce-overhead"):
             raise ValueError(f"{type(self).__name__}.compile_mode must be 'default' or 'reduce-overhead', "
                              f"got {self.compile_mode!r}")
@@ -279,6 +290,14 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             self.print_to_log_file(f"torch.compile mode: {self.compile_mode} (CUDA graphs for the training and "
                                    f"validation steps; the training forward and the loss compiled together)")
         self.print_to_log_file(f"SegMamba scan backend: {self.scan_backend_in_use()}")
+        self._limit_cudnn_search()
+
+    def _limit_cudnn_search(self) -> None:
+        """`cudnn_benchmark_limit` for this process's convolutions, on CUDA (as nnU-Net sets cudnn.benchmark)."""
+        if self.device.type == "cuda" and self.cudnn_benchmark_limit is not None:
+            torch.backends.cudnn.benchmark_limit = self.cudnn_benchmark_limit
+            self.print_to_log_file(f"cuDNN's search times {self.cudnn_benchmark_limit or 'every'} algorithm"
+                                   f"{'s' if self.cudnn_benchmark_limit != 1 else ''} per convolution")
 
     def uses_cuda_graphs(self) -> bool:
         """True where the steps run as CUDA graphs: nnU-Net's rule compiled the network, on one GPU."""

@@ -56,6 +56,19 @@ def test_init_applies_tunables_and_rounds_the_patch(make_trainer):
     assert t.my_init_kwargs["configuration"] == "3d_fullres" and t.my_init_kwargs["fold"] == 0
 
 
+def test_cudnn_search_limit_is_set_for_cuda_only(make_trainer, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 10)  # restored after the test
+    t = make_trainer(TINY, "3d_fullres")
+    t._limit_cudnn_search()
+    assert torch.backends.cudnn.benchmark_limit == 10  # a CPU trainer leaves torch's setting alone
+    t.device = torch.device("cuda")
+    t._limit_cudnn_search()
+    assert torch.backends.cudnn.benchmark_limit == type(t).cudnn_benchmark_limit == 0
+    monkeypatch.setattr(type(t), "cudnn_benchmark_limit", -1)
+    with pytest.raises(ValueError, match="cudnn_benchmark_limit must be None or an int >= 0"):
+        make_trainer(TINY, "3d_fullres")
+
+
 def test_cascade_is_refused_and_its_first_stage_is_accepted(make_trainer):
     """nnU-Net's cascade as its planner writes it for large images: 3d_lowres, then 3d_cascade_fullres on its
     predictions. The first stage is a plain configuration; the second needs cross-validation predictions of every
