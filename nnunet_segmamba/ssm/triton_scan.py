@@ -350,8 +350,9 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
                du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
-               s_ddelta, s_dBC_split, s_dBC_batch, s_dBC_C, NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
-               HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ROWS: tl.constexpr):
+               s_ddelta, s_dBC_split, s_dBC_batch, s_dBC_C, NP: tl.constexpr, BL: tl.constexpr,
+               MODE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SOFTPLUS: tl.constexpr, ROWS: tl.constexpr):
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
