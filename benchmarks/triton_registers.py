@@ -44,8 +44,9 @@ from nnunet_segmamba.ssm import triton_conv, triton_scan
 # (bf16, Triton 3.6: 1511 against 1520) and its kernel 240 fewer (2256 against 2496)
 INPUT_DTYPE_POINTERS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
                         "dz_ptr", "out_ptr", "x_ptr", "dx_ptr"}
-DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC", "stride_xb", "stride_xd", "stride_ob", "stride_od",
-                  "stride_gb", "stride_gd", "stride_dxb", "stride_dxd"}
+DIVISIBLE_INTS = {"L", "su", "sdelta", "sz", "sB", "sC", "s_ddelta", "s_dBC_split", "s_dBC_batch", "s_dBC_C",
+                  "stride_xb", "stride_xd", "stride_ob", "stride_od", "stride_gb", "stride_gd", "stride_dxb",
+                  "stride_dxd"}
 KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan._fwd_chunk_output,
            "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary,
            "conv_fwd": triton_conv._causal_conv1d_fwd_kernel,

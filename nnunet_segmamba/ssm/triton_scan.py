@@ -363,8 +363,9 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
                                           n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
     dy = tl.load(dout_ptr + (b * D_ + d0).to(tl.int64) * L + p, mask=mask, other=0.0)
-    # ddelta at its own batch stride: a (batch, d, L) tensor, or the first rows of delta | B | C's gradient
-    ddelta_ptr += b64 * s_ddelta
+    # ddelta at its own batch stride: a (batch, d, L) tensor, or the first rows of delta | B | C's gradient; shifted
+    # here so that the loop addresses it by the row of the contiguous gradients (fewer instructions in the loop)
+    ddelta_ptr += b64 * s_ddelta - b64 * D_ * L
     for i in range(0, D_PER_PROGRAM):
         d = d0 + i
         bd = b * D_ + d
@@ -428,7 +429,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
             ddt = ddt * (_sigmoid_fast(x) if ROWS else tl.sigmoid(x))
         ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(ddelta_ptr + d.to(tl.int64) * L + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
         # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W so that torch reduces them
         # with one launch
         part = ((b * NCH + c).to(tl.int64) * D_ + d) * W
