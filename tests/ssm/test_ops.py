@@ -121,7 +121,7 @@ def test_conv_op_matches_eager_with_gradients(backend):
         _assert_same(go, ge, what=f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if CUDA else []))
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ([pytest.param("triton", marks=pytest.mark.gpu)] if CUDA else []))
 @pytest.mark.parametrize("programs_per_sm", [0, 10 ** 6], ids=["one-split", "split-per-channel"])
 def test_packed_scan_op_gives_the_three_gradients_as_one(monkeypatch, backend, programs_per_sm):
     """delta | B | C as one input: the outputs of the scan on its rows and, as one tensor, their three gradients,
