@@ -7,8 +7,8 @@
     cpu_scan.py           the fused C++ scan and causal conv for CPU tensors, compiled at first use
     dispatch.py           choose an implementation for a device, run it, fall back on failure
     ops.py                the scan and conv as custom ops (nnunet_segmamba::*), which torch.compile traces as one node
-    api.py                `selective_scan` and `causal_conv1d`, what networks call: dispatch.py eagerly, ops.py
-                          under torch.compile
+    api.py                `selective_scan` (and `selective_scan_packed`) and `causal_conv1d`, what networks call:
+                          dispatch.py eagerly, ops.py under torch.compile
 """
 from .api import causal_conv1d, selective_scan
 from .dispatch import BACKENDS

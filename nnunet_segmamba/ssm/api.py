@@ -1,6 +1,7 @@
-"""The two functions the networks call, `selective_scan` and `causal_conv1d`: in eager mode the dispatcher's
-implementation directly (`dispatch.py`), under torch.compile the custom ops (`ops.py`), which run the same code
-inside one opaque graph node. A module of their own so that the imports run one way: dispatch <- ops <- api."""
+"""The functions the networks call, `selective_scan` (or `selective_scan_packed`) and `causal_conv1d`: in eager
+mode the dispatcher's implementation directly (`dispatch.py`), under torch.compile the custom ops (`ops.py`), which
+run the same code inside one opaque graph node. A module of their own so that the imports run one way: dispatch <-
+ops <- api."""
 from __future__ import annotations
 
 import torch
@@ -59,7 +60,7 @@ def selective_scan_packed(u, delta_B_C, A, D=None, z=None, delta_bias=None, delt
     """`selective_scan` with delta, B and C given as the rows of one tensor: delta_B_C (batch, d + 2 n, L), delta
     in the first d rows, then B, then C (ungrouped), for n = A.shape[1]. Returns out (batch, d, L).
 
-    The output of one projection that gives all three (`TriOrientedMamba.scan_inputs`): under torch.compile (or
+    The output of one projection that gives all three (`TriOrientedMamba.delta_B_C`): under torch.compile (or
     with `as_op`) the custom op `nnunet_segmamba::selective_scan_packed_fwd` takes it whole, and its backward
     returns the gradient of delta_B_C as one tensor, which the Triton kernel writes in place, where three separate
     gradients would be concatenated again for the projection's backward. In eager mode, the same as

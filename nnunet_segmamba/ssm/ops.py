@@ -215,7 +215,7 @@ def _scan_setup_context(ctx, inputs, output):
 
 
 def _scan_backward(ctx, dout, dlast, _dstates, _dchunk_sum):
-    # the registered formula of both scan ops: their backward op has the forward's name with _bwd for _fwd
+    # the autograd formula of both scan ops: the packed one has 6 tensor inputs, the other 8
     backward = selective_scan_packed_bwd if len(ctx.present) == 6 else selective_scan_bwd
     grads = backward(dout, dlast, *ctx.saved_tensors, *ctx.settings)
     return (*[g if present else None for g, present in zip(grads, ctx.present)], None, None, None, None)
@@ -225,8 +225,8 @@ selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_conte
 
 
 # delta | B | C as the rows of one (batch, d + 2 n, L) tensor: the output of the one projection that gives all three
-# (`TriOrientedMamba.scan_inputs`), whose backward then takes the gradient as the kernel writes it, instead of
-# concatenating three (a copy of (d + 2 n) rows of L, about 0.5 ms of the 128^3 step on an H100)
+# (`TriOrientedMamba.delta_B_C`), whose backward then takes the gradient as the kernel writes it, instead of three
+# concatenated again (0.7-0.9 ms less at the 128^3 step on an H100, docs/performance.md)
 def _unpack(inputs):
     u, delta_B_C, A, D, z, delta_bias = inputs
     n = A.shape[1]
