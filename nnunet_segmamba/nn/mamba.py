@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..ssm import dispatch
 from ..ssm.api import causal_conv1d, selective_scan, selective_scan_packed
-from ..ssm.ops import SELECTIVE_SCAN_OPS
+from ..ssm.ops import SELECTIVE_SCAN_OPS, split_delta_B_C
 from ..ssm.orders import check_num_slices, visit
 from .recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
 
@@ -309,8 +309,7 @@ class TriOrientedMamba(nn.Module):
         (`benchmarks/bench_scan_inputs.py`), so there the products stay the reference's.
         """
         if merged:
-            return torch.split(self.delta_B_C(u, x_proj_weight, dt_proj_weight),
-                               [self.d_inner, self.d_state, self.d_state], dim=1)
+            return split_delta_B_C(self.delta_B_C(u, x_proj_weight, dt_proj_weight), self.d_state)
         x_dbl = _project(x_proj_weight, u)  # (B, dt_rank + 2 d_state, L)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         return _project(dt_proj_weight, dt), B, C  # the bias goes in as delta_bias

@@ -70,8 +70,7 @@ def selective_scan_packed(u, delta_B_C, A, D=None, z=None, delta_bias=None, delt
     if rows is None or delta_B_C.dim() != 3 or delta_B_C.shape[1] != rows:
         raise ValueError(f"delta_B_C must be (batch, d + 2 n, L) for u (batch, d, L) and A (d, n), got delta_B_C "
                          f"{tuple(delta_B_C.shape)}, u {tuple(u.shape)} and A {tuple(A.shape)}")
-    n = A.shape[1]
-    delta, B, C = torch.split(delta_B_C, [u.shape[1], n, n], dim=1)
+    delta, B, C = ops.split_delta_B_C(delta_B_C, A.shape[1])
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     if as_op or torch.compiler.is_compiling():
         return ops.selective_scan_packed(u, delta_B_C, A, D, z, delta_bias, bool(delta_softplus), backend, order,

@@ -50,7 +50,7 @@ from torch import Tensor
 from . import dispatch
 
 __all__ = ["SELECTIVE_SCAN_OPS", "causal_conv1d", "causal_conv1d_bwd", "selective_scan", "selective_scan_bwd",
-           "selective_scan_packed", "selective_scan_packed_bwd"]
+           "selective_scan_packed", "selective_scan_packed_bwd", "split_delta_B_C"]
 
 _NS = "nnunet_segmamba"
 
@@ -227,10 +227,14 @@ selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_conte
 # delta | B | C as the rows of one (batch, d + 2 n, L) tensor: the output of the one projection that gives all three
 # (`TriOrientedMamba.delta_B_C`), whose backward then takes the gradient as the kernel writes it, instead of three
 # concatenated again (0.7-0.9 ms less at the 128^3 step on an H100, docs/performance.md)
+def split_delta_B_C(delta_B_C: Tensor, d_state: int) -> tuple[Tensor, Tensor, Tensor]:
+    """delta (batch, d, L), B and C (batch, d_state, L) as row slices of delta_B_C (batch, d + 2 d_state, L)."""
+    return torch.split(delta_B_C, [delta_B_C.shape[1] - 2 * d_state, d_state, d_state], dim=1)
+
+
 def _unpack(inputs):
     u, delta_B_C, A, D, z, delta_bias = inputs
-    n = A.shape[1]
-    delta, B, C = torch.split(delta_B_C, [delta_B_C.shape[1] - 2 * n, n, n], dim=1)
+    delta, B, C = split_delta_B_C(delta_B_C, A.shape[1])
     return u, delta, A, B, C, D, z, delta_bias
 
 

@@ -605,6 +605,9 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     projection that gives all three (`TriOrientedMamba.scan_inputs`), which the kernel writes in place where
     nothing is added up after it (one channel split, all three of one dtype).
     """
+    if packed and not (p.squeeze_B and p.squeeze_C):
+        raise ValueError(f"packed gradients need B and C of shape (batch, n, L), got B of {tuple(p.B.shape)} and C "
+                         f"of {tuple(p.C.shape)} (as (batch, groups, n, L)): pass packed=False for grouped B / C")
     u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
     batch, dim, length = u.shape
     n, groups, chunks = A32.shape[1], B.shape[1], p.chunks
@@ -624,9 +627,6 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, reverse=True)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
-    if packed and not (p.squeeze_B and p.squeeze_C):
-        raise ValueError(f"packed gradients need B and C of shape (batch, n, L), got B of {tuple(B.shape)} and C of "
-                         f"{tuple(C.shape)} (as (batch, groups, n, L)): pass packed=False for grouped B / C")
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
     # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one
@@ -658,12 +658,12 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dA = dparams[:, :n].to(A.dtype)
     dD = dparams[:, n].to(D.dtype) if D is not None else None
     dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
-    if packed:
-        if not in_place:  # the channel splits' partial sums (or B and C in another dtype), added up into the rows
-            d_delta_B_C[:, dim:].copy_((dBC[0] if d_split == 1 else dBC.sum(0)).squeeze(2).transpose(0, 1)
-                                       .flatten(1, 2))
+    if in_place:
         return du, d_delta_B_C, dA, dD, dz, dbias
     dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
+    if packed:  # (2, batch, 1, n, L) into the rows after delta's, in their dtype
+        d_delta_B_C[:, dim:].copy_(dBC.squeeze(2).transpose(0, 1).flatten(1, 2))
+        return du, d_delta_B_C, dA, dD, dz, dbias
     if same_kind:
         dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
     dB, dC = dBC.unbind(0)
