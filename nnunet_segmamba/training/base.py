@@ -211,10 +211,10 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                     raise ValueError(f"{type(self).__name__}: {attribute} must be >= 1, got {value}")
                 setattr(self, attribute, int(value))
         self.enable_deep_supervision = bool(self.use_deep_supervision)
-        if self.cudnn_benchmark_limit is not None and not (isinstance(self.cudnn_benchmark_limit, int)
-                                                           and self.cudnn_benchmark_limit >= 0):
+        limit = self.cudnn_benchmark_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise ValueError(f"{type(self).__name__}.cudnn_benchmark_limit must be None or an int >= 0 (0: every "
-                             f"algorithm), got {self.cudnn_benchmark_limit!r}")
+                             f"algorithm), got {limit!r}")
         if self.compile_mode not in ("default", "reduce-overhead"):
             raise ValueError(f"{type(self).__name__}.compile_mode must be 'default' or 'reduce-overhead', "
                              f"got {self.compile_mode!r}")

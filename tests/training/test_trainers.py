@@ -64,9 +64,10 @@ def test_cudnn_search_limit_is_set_for_cuda_only(make_trainer, monkeypatch):
     t.device = torch.device("cuda")
     t._limit_cudnn_search()
     assert torch.backends.cudnn.benchmark_limit == type(t).cudnn_benchmark_limit == 0
-    monkeypatch.setattr(type(t), "cudnn_benchmark_limit", -1)
-    with pytest.raises(ValueError, match="cudnn_benchmark_limit must be None or an int >= 0"):
-        make_trainer(TINY, "3d_fullres")
+    for wrong in (-1, True, 2.0):  # True would pass as the int 1
+        monkeypatch.setattr(type(t), "cudnn_benchmark_limit", wrong)
+        with pytest.raises(ValueError, match="cudnn_benchmark_limit must be None or an int >= 0"):
+            make_trainer(TINY, "3d_fullres")
 
 
 def test_cascade_is_refused_and_its_first_stage_is_accepted(make_trainer):
