@@ -110,18 +110,6 @@ class _InstanceNormChannelsLast(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, grad_bias, None
 
 
-def conv1x1_products(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A 1 x 1 (x 1) convolution without bias, `weight` (out, in, 1, ...), as products of x's channels summed in
-    float32 (float64 for float64), channels-last, in autocast's dtype where autocast is on (else x's): the
-    convolution's values up to its rounding. Meant for few input channels under torch.compile, where the sum is
-    unrolled and fused into whatever reads the result; run eagerly it would store every product."""
-    precision = torch.promote_types(x.dtype, torch.float32)
-    x_last = x.movedim(1, -1).unsqueeze(-1).to(precision)  # (N, *spatial, in, 1)
-    out = (x_last * weight.flatten(1).t().to(precision)).sum(-2)  # (N, *spatial, out), contiguous
-    device = x.device.type
-    return out.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype).movedim(-1, 1)
-
-
 class InstanceNorm2dKeepingLayout(_KeepsChannelsLast, nn.InstanceNorm2d):
     """nn.InstanceNorm2d (same arguments, no state of its own) whose output keeps a channels-last input's layout."""
 
@@ -208,29 +196,8 @@ class _ResBlockLayer(nn.Module):
 
         out = lrelu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
-        if not hasattr(self, "conv3"):
-            return lrelu(out + x)
-        if self.shortcut_as_products(x):
-            residual = self.norm3(conv1x1_products(x, self.conv3.conv.weight))
-        else:
-            residual = self.norm3(self.conv3(x))
+        residual = self.norm3(self.conv3(x)) if hasattr(self, "conv3") else x
         return lrelu(out + residual)
-
-    # The first block's 1x1 shortcut reads the network's input (4 MRI sequences at BraTS, 1 at the hippocampus) and
-    # writes 48 channels at full resolution. Under torch.compile on CUDA it is computed as products summed over those
-    # few channels, which inductor fuses into the norm's passes (the output is never stored; recomputed in the
-    # backward, it is only the input read again) and its weight's gradient into the norm's backward; cuDNN ran the
-    # convolution forward and its weight gradient as kernels of their own (docs/performance.md).
-    max_product_shortcut_channels: int = 8
-
-    def shortcut_as_products(self, x: torch.Tensor) -> bool:
-        """Whether the 1x1 shortcut runs as `conv1x1_products` for this input (see `max_product_shortcut_channels`):
-        under torch.compile, on CUDA, in a channels-last block (its products come out channels-last; the input may
-        be in either layout), with at most that many input channels."""
-        channels_last = CHANNELS_LAST.get(x.dim())
-        return (torch.compiler.is_compiling() and x.is_cuda and channels_last is not None
-                and self.conv3.conv.in_channels <= self.max_product_shortcut_channels
-                and self.conv2.conv.weight.is_contiguous(memory_format=channels_last))
 
 
 class UpBlock(nn.Module):

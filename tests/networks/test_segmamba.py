@@ -232,67 +232,6 @@ def test_recomputed_conv_blocks_give_the_same_values_from_less_memory(in_channel
     assert held[True] < 3.1 * activation, held
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_conv1x1_products_are_the_convolution(spatial_dims):
-    """`conv1x1_products`: a 1x1 convolution's values and gradients (float64: to rounding), channels-last, and under
-    autocast in autocast's dtype, as the convolution's output."""
-    from nnunet_segmamba.networks.blocks import conv1x1_products
-
-    conv = torch.nn.functional.conv2d if spatial_dims == 2 else torch.nn.functional.conv3d
-    fmt = CHANNELS_LAST[spatial_dims + 2]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, *[5, 7, 4][:spatial_dims], generator=g, dtype=torch.float64).to(memory_format=fmt)
-    weight = torch.randn(5, 3, *(1,) * spatial_dims, generator=g, dtype=torch.float64)
-    x.requires_grad_(True), weight.requires_grad_(True)
-    got, want = conv1x1_products(x, weight), conv(x, weight)
-    assert got.is_contiguous(memory_format=fmt) and got.dtype == torch.float64
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    dy = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(got, (x, weight), dy), torch.autograd.grad(want, (x, weight), dy)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = conv1x1_products(x.float(), weight.float()), conv(x.float(), weight.float())
-    assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("input_layout", ["channels-last", "channels-first"])
-def test_product_shortcut_compiles_to_the_convolutions_values(monkeypatch, input_layout):
-    """The first block's 1x1 shortcut as products (taken under torch.compile on CUDA in a channels-last block; here
-    forced on the CPU): compiled with inductor, the block's output and gradients are the eager block's with its
-    convolution, for a network input in either layout (the trainers' input of several channels is
-    channels-first)."""
-    from torch._inductor.compile_fx import compile_fx
-
-    torch._dynamo.reset()  # the block's forward was compiled in other settings above: a fresh cache, and the graph
-    graphs = []
-
-    def inductor_keeping_the_graph(gm, example_inputs):
-        graphs.append(gm)
-        return compile_fx(gm, example_inputs)
-
-    torch.manual_seed(0)
-    block = _ResBlockLayer(3, 4, 8, recompute_activations=True).to(memory_format=torch.channels_last_3d)
-    x = torch.randn(2, 4, 16, 16, 16)
-    if input_layout == "channels-last":
-        x = x.to(memory_format=torch.channels_last_3d)
-    results = []
-    for compiled in (False, True):
-        monkeypatch.setattr(_ResBlockLayer, "shortcut_as_products", lambda self, x: torch.compiler.is_compiling())
-        run = torch.compile(block, backend=inductor_keeping_the_graph, fullgraph=True) if compiled else block
-        x_in = x.clone().requires_grad_(True)
-        out = run(x_in)
-        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-        results.append([out.detach(), x_in.grad] + [p.grad for p in block.parameters()])
-        block.zero_grad(set_to_none=True)
-    convolutions = [n for gm in graphs for module in gm.modules() if isinstance(module, torch.fx.GraphModule)
-                    for n in module.graph.nodes if "conv3d" in str(n.target)]  # the recomputed region's too
-    assert len(convolutions) == 2  # the two 3x3x3 ones: the shortcut ran as products
-    for got, want in zip(results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-    assert not _ResBlockLayer(3, 4, 8).shortcut_as_products(x)  # eager, CPU: the convolution
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_recomputed_conv_blocks_match_on_cuda():
