@@ -42,6 +42,7 @@ into None by the autograd formula; one not reached (e.g. an input that the forwa
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -214,14 +215,14 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.settings = (delta_softplus, backend, order, num_slices)
 
 
-def _scan_backward(ctx, dout, dlast, _dstates, _dchunk_sum):
-    # the autograd formula of both scan ops: the packed one has 6 tensor inputs, the other 8
-    backward = selective_scan_packed_bwd if len(ctx.present) == 6 else selective_scan_bwd
-    grads = backward(dout, dlast, *ctx.saved_tensors, *ctx.settings)
+def _scan_backward(backward_op, ctx, dout, dlast, _dstates, _dchunk_sum):
+    """The autograd formula of both scan ops, `backward_op` the op's own backward (bound by `functools.partial`)."""
+    grads = backward_op(dout, dlast, *ctx.saved_tensors, *ctx.settings)
     return (*[g if present else None for g, present in zip(grads, ctx.present)], None, None, None, None)
 
 
-selective_scan.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+selective_scan.register_autograd(functools.partial(_scan_backward, selective_scan_bwd),
+                                 setup_context=_scan_setup_context)
 
 
 # delta | B | C as the rows of one (batch, d + 2 n, L) tensor: the output of the one projection that gives all three
@@ -268,7 +269,8 @@ def _(dout, dlast, u, delta_B_C, A, D, z, delta_bias, states, chunk_sum, delta_s
     return [_contiguous_like(t) if t is not None else u.new_empty(0) for t in (u, delta_B_C, A, D, z, delta_bias)]
 
 
-selective_scan_packed.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+selective_scan_packed.register_autograd(functools.partial(_scan_backward, selective_scan_packed_bwd),
+                                        setup_context=_scan_setup_context)
 # the ops as the dispatcher sees them (what a selective activation checkpointing policy is called with)
 SELECTIVE_SCAN_OPS = (torch.ops.nnunet_segmamba.selective_scan_fwd.default,
                       torch.ops.nnunet_segmamba.selective_scan_packed_fwd.default)
