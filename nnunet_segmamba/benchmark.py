@@ -648,7 +648,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
     """
     import torch
 
-    from .devices import resolve_device
+    from .devices import check_cudnn_benchmark_limit, resolve_device
     from .ssm import dispatch, mamba_ssm_kernels
 
     unknown = [n for n in networks if n not in KNOWN_NETWORKS]
@@ -656,8 +656,7 @@ def run_benchmark(networks: Sequence[str] = NETWORKS, device: str = "auto", batc
         raise ValueError(f"unknown network(s) {unknown}; choose from {', '.join(KNOWN_NETWORKS)}")
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
-    if cudnn_benchmark_limit is not None and cudnn_benchmark_limit < 0:
-        raise ValueError(f"cudnn_benchmark_limit must be >= 0 (0: every algorithm), got {cudnn_benchmark_limit}")
+    check_cudnn_benchmark_limit(cudnn_benchmark_limit)
     if precision not in ("auto", "fp16", "fp32"):
         raise ValueError(f"precision must be auto, fp16 or fp32, got {precision!r}")
     if batch < 1 or warmup < 0 or iters < 1 or segmamba_width < 1 or min(in_channels, out_channels) < 1 \

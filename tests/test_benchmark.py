@@ -240,8 +240,9 @@ def test_bad_arguments():
         benchmark.run_benchmark(networks=[], device="cpu", patch=(32, 32))
     with pytest.raises(ValueError, match="precision"):
         benchmark.run_benchmark(networks=[], device="cpu", precision="bf16")
-    with pytest.raises(ValueError, match="cudnn_benchmark_limit must be >= 0"):
-        benchmark.run_benchmark(networks=[], device="cpu", cudnn_benchmark_limit=-1)
+    for wrong in (-1, True, 2.0):  # True would pass as the limit 1
+        with pytest.raises(ValueError, match=r"cudnn_benchmark_limit must be None or an int >= 0 .*got"):
+            benchmark.run_benchmark(networks=[], device="cpu", cudnn_benchmark_limit=wrong)
     assert benchmark.parse_sizes("128") == (128, 128, 128)
     assert benchmark.parse_sizes("240,240,155") == (240, 240, 155)
     with pytest.raises(argparse.ArgumentTypeError):

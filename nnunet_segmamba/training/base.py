@@ -57,6 +57,7 @@ from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
+from nnunet_segmamba.devices import check_cudnn_benchmark_limit
 from nnunet_segmamba.networks.blocks import TOTAL_STRIDE
 from nnunet_segmamba.nn import mamba_mixers
 from nnunet_segmamba.training.augmentation import enable_elastic_deformation
@@ -211,10 +212,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
                     raise ValueError(f"{type(self).__name__}: {attribute} must be >= 1, got {value}")
                 setattr(self, attribute, int(value))
         self.enable_deep_supervision = bool(self.use_deep_supervision)
-        limit = self.cudnn_benchmark_limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise ValueError(f"{type(self).__name__}.cudnn_benchmark_limit must be None or an int >= 0 (0: every "
-                             f"algorithm), got {limit!r}")
+        check_cudnn_benchmark_limit(self.cudnn_benchmark_limit, f"{type(self).__name__}.cudnn_benchmark_limit")
         if self.compile_mode not in ("default", "reduce-overhead"):
             raise ValueError(f"{type(self).__name__}.compile_mode must be 'default' or 'reduce-overhead', "
                              f"got {self.compile_mode!r}")
