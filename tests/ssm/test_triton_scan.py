@@ -127,6 +127,8 @@ ROWS_CASES = {
     "chunk64-one-chunk-bare": dict(block_l=64, order="forward", length=29,
                                    options=dict(with_D=False, with_z=False, with_bias=False, softplus=False)),
     "chunk64-no-z-n16": dict(block_l=64, order="forward", length=200, n=16, options=dict(with_z=False)),
+    # no padded steps, as at SegMamba's stages
+    "chunk16-no-z-unpadded": dict(block_l=16, order="slice", num_slices=4, length=64, options=dict(with_z=False)),
 }
 
 
@@ -150,6 +152,19 @@ def test_backward_in_rows_matches_definition(monkeypatch, case):
     inputs = make_inputs(18, batch=2, dim=4, n=case.get("n", 4), length=case["length"], groups_B=2,
                          **case.get("options", {}), device=DEVICE)
     check_order(inputs, case["order"], case.get("num_slices"), block_l=case["block_l"])
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "flips"])
+def test_padded_steps_with_negative_step_sizes_stay_out_of_the_results(monkeypatch, rows):
+    """Without the softplus dt = delta + bias may be negative. The last chunk's padding loads delta as 0, so its dt
+    would be the bias, here -40, and its decay exp(-40 A) overflows: the kernels zero the padding's dt, and the
+    outputs and gradients stay the definition's (where a NaN from inf x 0 would otherwise reach the real steps)."""
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_rows", rows)
+    inputs = make_inputs(19, batch=1, dim=2, n=4, length=20, softplus=False, device=DEVICE)
+    inputs["delta_bias"] = torch.full_like(inputs["delta_bias"], -40.0)
+    inputs["delta"] = inputs["delta"] + 40.0  # the drawn step sizes at the real steps (exact: Sterbenz)
+    check_order(inputs, "forward", block_l=16)  # 4 real steps and 12 padded ones in the last chunk
 
 
 @pytest.mark.gpu
