@@ -6,8 +6,9 @@ the host within a step, and a single step to attach Nsight Compute to.
     ncu --clock-control none --kernel-name regex:'^_bwd_chunk$' --launch-skip 3 --launch-count 1 --set full \
         python -m benchmarks.profile_scan_gpu step --backend triton        # 4 steps: 3 to skip, 1 to profile
 
-Inputs are the scan benchmark's (benchmarks/bench_scan_gpu.py: batch 2, d_state 16, Mamba's options), one shape
-and dtype per call. Nothing is asserted; the breakdown prints a table and writes JSON.
+Inputs are the scan benchmark's (benchmarks/bench_scan_gpu.py: batch 2, d_state 16, Mamba's options; `--no-gate`
+for the trainers' layers, whose gate is outside the scan), one shape and dtype per call. Nothing is asserted; the
+breakdown prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from nnunet_segmamba.benchmark import time_calls
 
 def prepared(args: argparse.Namespace) -> tuple[dict, torch.Tensor]:
     (length, d_inner), = args.shape
-    return scan_leaves(scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[args.dtype]))
+    return scan_leaves(scan_inputs(args.batch, d_inner, args.d_state, length, DTYPES[args.dtype],
+                                   gate=not args.no_gate))
 
 
 def warmed_up(args: argparse.Namespace, backend: str) -> tuple[dict, torch.Tensor]:
@@ -164,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--backends", "--backend", nargs="+", choices=("cuda", "triton"), default=["triton", "cuda"])
-    parser.add_argument("--steps", type=int, default=None, help="profiled steps (breakdown: 10, timeline: 30) or steps run (step: 4)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="no gate z in the scan: the trainers' compiled layers apply it outside, and the kernels "
+                             "then compile without it (the backward's scans in rows for 16-bit inputs)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="profiled steps (breakdown: 10, timeline: 30) or steps run (step: 4)")
     parser.add_argument("--out", type=Path, default=None)
     return parser
 

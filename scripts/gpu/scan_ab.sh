@@ -10,8 +10,9 @@
 # and pass its path; the version is named after the file (triton_scan_REV.py -> REV). Each variant runs in its
 # own copy of nnunet_segmamba/ and benchmarks/ under $OUT/ab_trees. Environment: OUT (default runs/gpu/ab)
 # receives <what>_<version>_<round>.json and timeline_cuda.json; DT (default bf16) and SHAPE (default 32768x192)
-# pick the case; TESTS: pytest paths to run on the tree first (without the interpreter test). WHEELS and SITE
-# as in scripts/gpu/setup.sh.
+# pick the case, GATE=0 takes the gate out of the scan (the trainers' layers: 262144x96 is their first stage at
+# 128^3); TESTS: pytest paths to run on the tree first (without the interpreter test). WHEELS and SITE as in
+# scripts/gpu/setup.sh.
 set -o pipefail
 source scripts/gpu/setup.sh -- $WHEELS >/dev/null
 OUT=${OUT:-runs/gpu/ab}; mkdir -p "$OUT"
@@ -27,11 +28,12 @@ if [ -n "$TESTS" ]; then
     python3 -m pytest -q -p no:cacheprovider $TESTS -k "not interpreter" 2>&1 | tail -3
 fi
 res=$(cd "$OUT" && pwd)
+gate=; [ "${GATE:-1}" = 0 ] && gate=--no-gate
 profile() {  # version, round, what
     local dir=$PWD steps=10; [ "$1" = tree ] || dir=$(cd "$trees/$1" && pwd); [ "$3" = timeline ] && steps=40
     (cd "$dir" && PYTHONPATH="$dir:$SITE" python3 -m benchmarks.profile_scan_gpu "$3" --backends triton \
-        --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" --steps $steps --out "$res/${3}_$1_$2.json" 2>/dev/null \
-        | sed "s/^/$1: /")
+        --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" $gate --steps $steps --out "$res/${3}_$1_$2.json" \
+        2>/dev/null | sed "s/^/$1: /")
 }
 for round in 1 2; do
     for v in tree "${variants[@]}"; do
@@ -40,4 +42,4 @@ for round in 1 2; do
     done
 done
 python3 -m benchmarks.profile_scan_gpu timeline --backends cuda --shape "${SHAPE:-32768x192}" --dtype "${DT:-bf16}" \
-    --out "$res/timeline_cuda.json" 2>/dev/null | grep -E "^cuda|idle before"
+    $gate --out "$res/timeline_cuda.json" 2>/dev/null | grep -E "^cuda|idle before"
