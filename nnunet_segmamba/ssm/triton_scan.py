@@ -103,20 +103,15 @@ def _groups_scan(alpha, beta, carry, REVERSE: tl.constexpr):
     beta = tl.where(first, beta + alpha * carry[:, None], beta)
     for level in tl.static_range(16):  # rounds while 2^level < G: chunks up to 2^19 steps
         if (1 << level) < G:
-            if REVERSE:
-                has = g + (1 << level) < G
-                src = tl.broadcast_to(tl.where(has, g + (1 << level), g), (NP, G))
-            else:
-                has = g >= (1 << level)
-                src = tl.broadcast_to(tl.where(has, g - (1 << level), g), (NP, G))
+            before = g + (1 << level) if REVERSE else g - (1 << level)  # the group k before, in visiting order
+            has = (before < G) if REVERSE else (before >= 0)
+            src = tl.broadcast_to(tl.where(has, before, g), (NP, G))
             beta = tl.where(has, beta + alpha * tl.gather(beta, src, 1), beta)
             if (2 << level) < G:
                 alpha = tl.where(has, alpha * tl.gather(alpha, src, 1), alpha)
     # exclusive: a group gets what the group before it hands on
-    if REVERSE:
-        src = tl.broadcast_to(tl.where(first, g, g + 1), (NP, G))
-    else:
-        src = tl.broadcast_to(tl.where(first, g, g - 1), (NP, G))
+    before = g + 1 if REVERSE else g - 1
+    src = tl.broadcast_to(tl.where(first, g, before), (NP, G))
     return tl.where(first, carry[:, None], tl.gather(beta, src, 1))
 
 
