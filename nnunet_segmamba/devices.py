@@ -29,14 +29,13 @@ def resolve_device(device: str = "auto"):
     return dev
 
 
-def check_cudnn_benchmark_limit(limit, name: str = "cudnn_benchmark_limit"):
-    """`limit` if it is None (torch's setting left alone) or an int >= 0 (`torch.backends.cudnn.benchmark_limit`: how
-    many algorithms cuDNN's search times per convolution, 0 for every one); a bool is refused, since True would pass
-    as the limit 1. `name` says where the value came from in the error.
+def check_cudnn_benchmark_limit(limit, name: str = "cudnn_benchmark_limit") -> None:
+    """Accepts None (torch's setting left alone) or an int >= 0 (`torch.backends.cudnn.benchmark_limit`: how many
+    algorithms cuDNN's search times per convolution, 0 for every one); a bool is refused, since True would pass as
+    the limit 1. `name` says where the value came from in the error.
 
     Raises:
         ValueError: any other value.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"{name} must be None or an int >= 0 (0: every algorithm), got {limit!r}")
-    return limit
