@@ -51,7 +51,8 @@ KERNELS = {"bwd_chunk": triton_scan._bwd_chunk, "fwd_chunk_output": triton_scan.
            "fwd_chunk_summary": triton_scan._fwd_chunk_summary, "bwd_chunk_summary": triton_scan._bwd_chunk_summary,
            "conv_fwd": triton_conv._causal_conv1d_fwd_kernel,
            "conv_bwd": triton_conv._causal_conv1d_bwd_kernel}
-FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}  # Mamba's configuration
+# Mamba's configuration, on a sequence whose length is a multiple of the chunk (no padded steps: SegMamba's stages)
+FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True, "PADDED": False}
 # The causal conv as Mamba runs it (width 4, bias, SiLU) on long sequences, whose tiles are the largest; its block is
 # not --block-l (the scan's chunk). Its weight and bias pointers are float32, as the parameters are.
 CONV_CONSTANTS = {"K": 4, "MODE": 0, "HAS_BIAS": True, "SILU": True, "BLOCK_L": triton_conv.MAX_BLOCK_L}

@@ -158,13 +158,20 @@ def _scan_rows(decay, x, carry, REVERSE: tl.constexpr):
 
 
 @jit
-def _step_sizes(delta, bias, mask, SOFTPLUS: tl.constexpr):
-    """dt = softplus(delta + bias) (or delta + bias), 0 past the sequence's end, and delta + bias."""
+def _step_sizes(delta, bias, mask, PADDED: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt = softplus(delta + bias) (or delta + bias), 0 past the sequence's end, and delta + bias.
+
+    A padded step's dt must be 0: the forward's chunk summary adds it up, and in the backward its decay exp(A dt)
+    multiplies the adjoint's zeros, which an overflowing decay (dt < 0 without the softplus) would turn into NaNs.
+    The select is compiled in only where the sequence has such steps (`PADDED`: its length not a multiple of the
+    chunk, never at SegMamba's stages)."""
     x = delta.to(tl.float32) + bias
     dt = x
     if SOFTPLUS:
         dt = _softplus(x)
-    return tl.where(mask, dt, 0.0), x
+    if PADDED:
+        dt = tl.where(mask, dt, 0.0)
+    return dt, x
 
 
 @jit
@@ -219,7 +226,7 @@ def _channel_loads(delta_ptr, A_ptr, bias_ptr, row_ptr, z_ptr, b64, d, live, N, 
 def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
                        D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sB,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PADDED: tl.constexpr):
     """Per channel: the chunk's end state from a zero start, S_c, and its summed step sizes, T_c."""
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
@@ -232,7 +239,7 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
         delta_n, u_n, no_z, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, b64, d + 1,
                                                       i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
                                                       su, 0, False, HAS_BIAS)
-        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
+        dt, _ = _step_sizes(delta, bias, mask, PADDED, SOFTPLUS)
         total = tl.sum(dt, 0)
         after = total - tl.cumsum(dt, 0)  # step sizes still to come in this chunk
         S = tl.sum(tl.exp2(_base_2(A)[:, None] * after[None, :]) * Bt * (dt * u.to(tl.float32))[None, :], 1)
@@ -279,7 +286,7 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
 def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, out_ptr,
                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
-                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                      HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PADDED: tl.constexpr):
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
@@ -298,7 +305,7 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
         delta_n, u_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d + 1,
                                                         i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
                                                         su, sz, HAS_Z, HAS_BIAS)
-        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
+        dt, _ = _step_sizes(delta, bias, mask, PADDED, SOFTPLUS)
         A2 = _base_2(A)
         u = u.to(tl.float32)
         decay = tl.exp2(A2[:, None] * dt[None, :])
@@ -316,7 +323,7 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
 def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr,
                        D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, sdelta, sz, sC,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PADDED: tl.constexpr):
     """Per channel: R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t, the adjoint a chunk hands to its left neighbour from
     a zero start."""
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
@@ -331,7 +338,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
         delta_n, dy_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, dout_ptr, z_ptr, b64, d + 1,
                                                          i + 1 < D_PER_PROGRAM, N, L, p, mask, n, nmask, sdelta,
                                                          D_ * L, sz, HAS_Z, HAS_BIAS)
-        dt, _ = _step_sizes(delta, bias, mask, SOFTPLUS)
+        dt, _ = _step_sizes(delta, bias, mask, PADDED, SOFTPLUS)
         dy = dy.to(tl.float32)
         if HAS_Z:
             z = z.to(tl.float32)
@@ -347,7 +354,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
                BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
                s_ddelta, s_dBC_split, s_dBC_batch, s_dBC_C, NP: tl.constexpr, BL: tl.constexpr,
                MODE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-               SOFTPLUS: tl.constexpr, ROWS: tl.constexpr):
+               SOFTPLUS: tl.constexpr, ROWS: tl.constexpr, PADDED: tl.constexpr):
     b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
@@ -374,7 +381,7 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         delta_n, u_n, z_n, A_n, bias_n = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d + 1, live,
                                                         N, L, p, mask, n, nmask, sdelta, su, sz, HAS_Z, HAS_BIAS)
         dy_n = tl.load(dout_ptr + row + L + p, mask=mask & live, other=0.0)
-        dt, x = _step_sizes(delta, bias, mask, SOFTPLUS)
+        dt, x = _step_sizes(delta, bias, mask, PADDED, SOFTPLUS)
         u = u.to(tl.float32)
         A2 = _base_2(A)
         dy = dy.to(tl.float32)
@@ -422,7 +429,8 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         ddt = tl.sum(dh_prev * A2[:, None], 0) * 0.6931471805599453 + dh_B * u  # ln(2): A2 back to A
         if SOFTPLUS:
             ddt = ddt * (_sigmoid_fast(x) if ROWS else tl.sigmoid(x))
-        ddt = tl.where(mask, ddt, 0.0)
+        if PADDED:
+            ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
         # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W so that torch reduces them
@@ -575,7 +583,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     states = torch.empty(batch, dim, chunks + 1, n, **f32)
     out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dummy = A32
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=length % p.BL != 0)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
     grid = (batch * groups * d_split, chunks)
     per_program = dim // groups // d_split
@@ -610,7 +618,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dout = dout.contiguous()
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=length % p.BL != 0)
     z_arg = z if z is not None else u
     bias_arg = delta_bias if delta_bias is not None else dummy
     adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
