@@ -13,6 +13,9 @@ and writes JSON.
 
     python -m benchmarks.profile_step_gpu --networks 'segmamba_cl_compiled[triton]' --launchers 3 --out cl.json
 
+cuDNN's search times torch's default number of algorithms per convolution (10, as nnU-Net's trainers run); our
+trainers time every one, which --cudnn-benchmark-limit 0 gives (about 2 minutes more in the first step at 128^3).
+
 With --inference the profiled step is the forward pass of a (batch, C, *patch) tile instead, under inference
 mode and fp16 autocast, as the benchmark's patch inference and each of the sliding window's mirrored forwards:
 
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 
 from nnunet_segmamba.benchmark import build_network, parse_sizes, tile_forward, training_step, uses_fused_sgd
+from nnunet_segmamba.devices import check_cudnn_benchmark_limit
 
 # first match wins; names are lower-cased. Inductor's kernels (triton_{poi,red,per}_fused_<ops>) are tried
 # against INDUCTOR_CATEGORIES first, every kernel then against CATEGORIES.
@@ -157,12 +161,21 @@ def main(argv: list[str] | None = None) -> int:
                              "(profiles the host too)")
     parser.add_argument("--inference", action="store_true",
                         help="profile a tile's forward pass (inference mode, fp16) instead of the training step")
+    parser.add_argument("--cudnn-benchmark-limit", type=int, default=None, metavar="N",
+                        help="how many of cuDNN's algorithms its search times per convolution: 0 for every one, as "
+                             "our trainers set it; default torch's (10), as nnU-Net's trainers leave it")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        check_cudnn_benchmark_limit(args.cudnn_benchmark_limit, "--cudnn-benchmark-limit")
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.backends.cudnn.benchmark = True  # as nnU-Net's training
+    if args.cudnn_benchmark_limit is not None:  # cuDNN keeps its choices for the process: one limit per run
+        torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     report = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "batch": args.batch,
               "patch": list(args.patch), "step": "tile forward" if args.inference else "training step",
-              "networks": {}}
+              "cudnn_benchmark_limit": torch.backends.cudnn.benchmark_limit, "networks": {}}
     for name in args.networks.split(","):
         print(f"== {name}", flush=True)
         try:

@@ -599,6 +599,33 @@ def test_profile_categories_tell_cudnn_convolutions_from_cublas_gemms(kernel, ca
     assert categorize(kernel) == category
 
 
+def test_profile_step_sets_and_records_the_cudnn_limit_and_refuses_a_wrong_one(monkeypatch, tmp_path, capsys):
+    """profile_step_gpu --cudnn-benchmark-limit 0 profiles the step with cuDNN's search as our trainers set it and
+    says so in its JSON; a negative limit stops with the option named, before any network is built."""
+    from benchmarks import profile_step_gpu
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 10)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "no GPU: profile_network replaced")
+    seen = []
+
+    def profile_network(name, *args, **kwargs):
+        seen.append((name, torch.backends.cudnn.benchmark_limit))
+        return {"wall_ms_median": 1.0, "kernel_ms_per_step": 1.0, "peak_gib": 0.0, "warmup_s": 0.0,
+                "by_category_ms": {}, "top_kernels": []}
+
+    monkeypatch.setattr(profile_step_gpu, "profile_network", profile_network)
+    out = tmp_path / "profile.json"
+    assert profile_step_gpu.main(["--networks", "plainconv", "--cudnn-benchmark-limit", "0", "--out", str(out)]) == 0
+    assert seen == [("plainconv", 0)]
+    assert json.loads(out.read_text())["cudnn_benchmark_limit"] == 0
+
+    with pytest.raises(SystemExit):
+        profile_step_gpu.main(["--networks", "plainconv", "--cudnn-benchmark-limit", "-1"])
+    assert "--cudnn-benchmark-limit must be None or an int >= 0" in capsys.readouterr().err
+    assert seen == [("plainconv", 0)]
+
+
 NVDISASM_LISTING = """
 \t//## File "/src/kernel.py", line 10
         /*0000*/                   MOV R1, c[0x0][0x28] ;
