@@ -544,6 +544,11 @@ class _Prepared(NamedTuple):
     BL: int
     chunks: int
 
+    @property
+    def padded(self) -> bool:
+        """Whether the last chunk has steps past the sequence's end (the kernels' `PADDED`)."""
+        return self.chunks * self.BL != self.u.shape[-1]
+
 
 def _prepare(u, delta, A, B, C, z, mode: str, num_slices: int | None, block_l: int | None) -> _Prepared:
     length = u.shape[-1]
@@ -583,7 +588,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     states = torch.empty(batch, dim, chunks + 1, n, **f32)
     out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dummy = A32
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=length % p.BL != 0)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=p.padded)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
     grid = (batch * groups * d_split, chunks)
     per_program = dim // groups // d_split
@@ -618,7 +623,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dout = dout.contiguous()
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=length % p.BL != 0)
+    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=p.padded)
     z_arg = z if z is not None else u
     bias_arg = delta_bias if delta_bias is not None else dummy
     adjoint_in = torch.empty(batch, dim, chunks, n, **f32)

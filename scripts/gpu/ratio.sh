@@ -52,14 +52,14 @@ for name, key in (("peer_before", peer), ("segmamba", network), ("peer", peer)):
     runs[name] = {"network": key, "ms_median": train["ms_median"], "ms_min": train["ms_min"],
                   "ms_max": train["ms_max"], "cudnn_benchmark_limit": report["settings"]["cudnn_benchmark_limit"],
                   "gpu": report["gpu"]}
-peer_ms = [runs[name]["ms_median"] for name in ("peer_before", "peer") if name in runs]
+peer_ms = {name: runs[name]["ms_median"] for name in ("peer_before", "peer") if name in runs}
 step = runs["segmamba"]["ms_median"]
-peer_mean = sum(peer_ms) / len(peer_ms)
+peer_mean = sum(peer_ms.values()) / len(peer_ms)
 ratio = step / peer_mean
-ratio_each = {name: step / runs[name]["ms_median"] for name in ("peer_before", "peer") if name in runs}
+ratio_each = {name: step / ms for name, ms in peer_ms.items()}
 (out / "ratio.json").write_text(json.dumps({"runs": runs, "peer_ms_mean": peer_mean, "ratio": ratio,
                                             "ratio_each": ratio_each}, indent=2) + "\n")
-each = " / ".join(f"{runs[name]['ms_median']:.1f}" for name in ("peer_before", "peer") if name in runs)
+each = " / ".join(f"{ms:.1f}" for ms in peer_ms.values())
 print(f"{network} {step:.1f} ms / {peer} {peer_mean:.1f} ms (runs: {each}) = {ratio:.3f}x "
       f"(each: {', '.join(f'{r:.3f}x' for r in ratio_each.values())}; target: 2x, {2 * peer_mean:.1f} ms)")
 PY
