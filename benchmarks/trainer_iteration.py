@@ -85,14 +85,19 @@ _MISSING = object()
 @contextlib.contextmanager
 def labelled_parts(trainer):
     """Puts each part of nnU-Net's train_step in a profiler label while the block runs: the network, the loss, the
-    backward, GradScaler's methods, gradient clipping and our trainers' training forward and finiteness checks
-    (the optimizer labels its own step). Yields the labels; everything patched is restored at the end."""
+    backward, GradScaler's methods, gradient clipping and our trainers' training forward, scaled SGD step and
+    finiteness checks (the optimizer labels its own step). Yields the labels; everything patched is restored at the
+    end."""
     import torch
 
     parts = [(trainer, "network", "network forward"), (trainer, "loss", "loss forward"),
              (torch.Tensor, "backward", "backward"), (torch.nn.utils, "clip_grad_norm_", "clip_grad_norm_")]
     if trainer.grad_scaler is not None:
+        from nnunet_segmamba.training import amp_step
+
         parts += [(trainer.grad_scaler, name, f"GradScaler.{name}") for name in ("unscale_", "step", "update")]
+        # our trainers' end of the step under a GradScaler (the calls above, or the unscale and clip in SGD's pass)
+        parts.append((amp_step, "scaled_sgd_step", "scaled SGD step"))
     if hasattr(trainer, "_finite_on_all_ranks"):
         parts.append((trainer, "_finite_on_all_ranks", "finiteness check"))
     if hasattr(trainer, "_forward_and_loss"):  # our trainers' training forward: the two above, or one graph

@@ -342,8 +342,10 @@ def training_step(model, device, batch: int, patch: Sequence[int], in_channels: 
                   amp: bool, fused_sgd: bool = False) -> tuple[Callable[[], Any], Any]:
     """nnU-Net's train_step on fixed random data, as a closure (step(), the GradScaler): zero_grad, forward and
     BCE loss under fp16 autocast, scaled backward, unscale, gradient-norm clip, SGD step (`fused_sgd`: the fused
-    kernel, the same update)."""
+    kernel, the same update, with the unscale and clip in its pass as our trainers run it: `amp_step`)."""
     import torch
+
+    from nnunet_segmamba.training.amp_step import scaled_sgd_step
 
     optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS, **({"fused": True} if fused_sgd else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
@@ -358,10 +360,11 @@ def training_step(model, device, batch: int, patch: Sequence[int], in_channels: 
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = loss_fn(model(data), target)
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        scaler.step(optimizer)
-        scaler.update()
+        if amp:
+            scaled_sgd_step(optimizer, scaler, GRAD_CLIP)  # nnU-Net's unscale_, clip, step and update
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
         return loss.detach()
 
     return step, scaler

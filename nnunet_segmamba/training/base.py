@@ -30,9 +30,10 @@ the class attributes of the "tunables" block below or override one hook. Compare
   pass for large batches only (`recompute_mamba_branches`, `recompute_conv_blocks`), where their activations are
   gigabytes; at small ones it would only cost time.
 * the training step on CUDA does not wait for the GPU's work (`train_step`): non-finite steps are skipped on the
-  device and checked on the host one step later, and SGD runs as its fused kernel (the same update), with which
-  GradScaler needs no sync either. Nor does the validation step: its loss and counts stay on the device until
-  the epoch's end (`validation_step`).
+  device and checked on the host one step later, and SGD runs as its fused kernel (the same update), which reads
+  GradScaler's found-inf flag on the device and applies the unscale and the gradient-norm clip in its own pass
+  (`amp_step`). Nor does the validation step wait: its loss and counts stay on the device until the epoch's end
+  (`validation_step`).
 
 Unchanged from nnU-Net: the loss (Dice + CE, or Dice + BCE for region datasets such as BraTS), SGD (lr 1e-2,
 Nesterov momentum 0.99, weight decay 3e-5), poly learning-rate schedule, gradient-norm clipping at 12,
@@ -59,6 +60,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_segmamba.devices import check_cudnn_benchmark_limit
 from nnunet_segmamba.networks.blocks import TOTAL_STRIDE
+from nnunet_segmamba.training import amp_step
 from nnunet_segmamba.nn import mamba_mixers
 from nnunet_segmamba.training.augmentation import enable_elastic_deformation
 from nnunet_segmamba.training.reliability import atomic_write_path, non_finite_steps_error
@@ -472,10 +474,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
             arrived.record()
         self._unchecked_loss = (host_loss, arrived, self.current_epoch, self._iteration_in_epoch)
         self.grad_scaler.scale(loss * torch.where(finite, 1.0, math.nan)).backward()
-        self.grad_scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
+        # nnU-Net's unscale_, clip_grad_norm_(12), step and update, the unscale and clip inside the SGD pass
+        amp_step.scaled_sgd_step(self.optimizer, self.grad_scaler, 12)
         return {"loss": loss.detach()}
 
     def _check_previous_loss(self) -> None:
