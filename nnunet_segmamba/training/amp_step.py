@@ -4,11 +4,11 @@ nnU-Net's `train_step` ends with `scaler.unscale_(optimizer)` (a pass reading an
 finds non-finite ones), `clip_grad_norm_(params, 12)` (a pass reading them for the norm, then one reading and writing
 them to clip), `scaler.step(optimizer)` and `scaler.update()`. SGD's fused kernel divides each gradient by a scale
 on the device and skips the step on a found-inf flag (the protocol `GradScaler.step` uses with it), so the unscale
-and the clip can be one divisor, scale / clip factor, applied inside the SGD pass: one pass for the norm and the SGD
-pass remain of four. The norm of the scaled gradients also finds the non-finite ones (an inf or NaN makes it
-non-finite), and a power-of-two scale divides it exactly.
+and the clip can be one divisor, scale / clip factor, applied inside the SGD pass: of the four passes, the norm's and
+SGD's remain. The norm of the scaled gradients also finds the non-finite ones (an inf or NaN makes it non-finite),
+and a power-of-two scale divides it exactly.
 
-The update is nnU-Net's: where the clip factor is 1 bit for bit, else within a rounding of float32 (nnU-Net rounds
+The update is nnU-Net's: where the clip factor is 1, bit for bit, else within a rounding of float32 (nnU-Net rounds
 g / scale * factor, this g / (scale / factor)). The one difference: finite scaled gradients whose norm overflows
 float32 count as non-finite here (GradScaler then lowers its scale and the step is skipped), where nnU-Net's clip
 would scale them to zero.

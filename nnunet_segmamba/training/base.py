@@ -60,8 +60,8 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_segmamba.devices import check_cudnn_benchmark_limit
 from nnunet_segmamba.networks.blocks import TOTAL_STRIDE
-from nnunet_segmamba.training import amp_step
 from nnunet_segmamba.nn import mamba_mixers
+from nnunet_segmamba.training import amp_step
 from nnunet_segmamba.training.augmentation import enable_elastic_deformation
 from nnunet_segmamba.training.reliability import atomic_write_path, non_finite_steps_error
 from nnunet_segmamba.training.splits import load_or_create_split, split_file_path
