@@ -605,6 +605,17 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     return out, states, chunk_sum
 
 
+def _sum_over_splits(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` (any dtype and strides) = the channel splits' float32 partial sums `parts` (split, ...) added up,
+    rounded once: in one pass for one or two splits (a sum and then a conversion would be two, and the strided
+    destination of the packed gradient a third)."""
+    if parts.shape[0] == 1:
+        return out.copy_(parts[0])
+    if parts.shape[0] == 2:
+        return torch.add(parts[0], parts[1], out=out)
+    return out.copy_(parts.sum(0))
+
+
 def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum, packed: bool = False):
     """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the callers' shapes and dtypes (None where absent).
 
@@ -668,12 +679,15 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
     if in_place:
         return du, d_delta_B_C, dA, dD, dz, dbias
-    dBC = dBC[0] if d_split == 1 else dBC.sum(0)  # over the channel splits
-    if packed:  # (2, batch, 1, n, L) into the rows after delta's, in their dtype
-        d_delta_B_C[:, dim:].copy_(dBC.squeeze(2).transpose(0, 1).flatten(1, 2))
+    if packed:  # the splits' (2, batch, 1, n, L) summed into the rows after delta's, in their dtype
+        _sum_over_splits(dBC.squeeze(3).transpose(1, 2), d_delta_B_C[:, dim:].unflatten(1, (2, n)))
         return du, d_delta_B_C, dA, dD, dz, dbias
-    if same_kind:
-        dBC = dBC.to(B.dtype)  # one copy for both, none when the kernel wrote the dtype
+    if d_split == 1:
+        dBC = dBC[0]  # in B's dtype where same_kind
+    elif same_kind:  # one buffer in B's dtype for both
+        dBC = _sum_over_splits(dBC, torch.empty(dBC.shape[1:], device=u.device, dtype=B.dtype))
+    else:
+        dBC = dBC.sum(0)
     dB, dC = dBC.unbind(0)
     if p.groups_B != groups:
         dB = dB.reshape(batch, p.groups_B, groups // p.groups_B, n, length).sum(2)

@@ -178,13 +178,14 @@ def test_backward_in_rows_cuda_dtypes(monkeypatch, dtype, order, num_slices, len
 
 
 @needs_kernels
-@pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (10 ** 6, 8)], ids=["one-split", "split-per-channel"])
+@pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (12, 2), (10 ** 6, 8)],
+                         ids=["one-split", "two-splits", "split-per-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
                          ids=["fp32", "bf16"])
 def test_channel_splits_of_the_chunk_kernels(monkeypatch, programs_per_sm, splits, dtype):
     """Every chunk kernel walks a group's channels in one program, or in several when the channels are split; with
     one split the backward's kernel writes dB / dC in the inputs' dtype itself, with several torch adds up float32
-    partial sums: all give the definition's outputs and gradients."""
+    partial sums (two in one pass): all give the definition's outputs and gradients."""
     monkeypatch.setitem(triton_scan.TUNING, "fwd_programs_per_sm", programs_per_sm)
     monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
     assert triton_scan._d_split(2, 1, 4, 8, torch.device(DEVICE), programs_per_sm) == splits
