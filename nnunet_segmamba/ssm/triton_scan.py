@@ -606,9 +606,9 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
 
 
 def _sum_over_splits(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out` (any dtype and strides) = the channel splits' float32 partial sums `parts` (split, ...) added up,
-    rounded once: in one pass for one or two splits (a sum and then a conversion would be two, and the strided
-    destination of the packed gradient a third)."""
+    """`out` (any dtype and strides) = the channel splits' partial sums `parts` (split, ...; float32 where there
+    are several) added up, rounded once: in one pass for one or two splits (a sum and then a conversion would be
+    two, and the strided destination of the packed gradient a third)."""
     if parts.shape[0] == 1:
         return out.copy_(parts[0])
     if parts.shape[0] == 2:
