@@ -4,9 +4,8 @@ nnU-Net's train_step ends with `scaler.unscale_`, `clip_grad_norm_(params, 12)`,
 `scaler.update`: with SGD's fused kernel, four passes over SegMamba's gradients (unscale, norm, clip, SGD).
 `nnunet_segmamba.training.amp_step.scaled_sgd_step` does the unscale and the clip inside the SGD pass: two. Both run
 here on SegMamba's parameters (the trainers' network, channels-last) with random gradients of a realistic scale,
-fused SGD as the trainers configure it, in alternating rounds. Each step is timed on the GPU alone: a sleep
-kernel queued before the start event keeps the GPU busy while the host queues the step, as the backward does in
-training, so the time between the events is the step's kernels and not the host's launches. Also reported: the
+fused SGD as the trainers configure it, in alternating rounds. Each step is timed on the GPU alone (`gpu_timing`:
+the backward keeps the GPU busy while the host queues the step in training). Also reported: the
 largest difference between the weights after one step of each from the same state (the clip active).
 
     python -m benchmarks.bench_optimizer_step --out $OUT/optimizer_step.json
@@ -18,11 +17,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_timing import gpu_times_ms, summary
 from nnunet_segmamba.benchmark import GRAD_CLIP, SGD_KWARGS
 from nnunet_segmamba.networks.segmamba import SegMamba
 from nnunet_segmamba.training.amp_step import scaled_sgd_step
@@ -44,31 +43,32 @@ def fused_step(model, optimizer, scaler) -> None:
 STEPS = {"nnU-Net's calls": nnunets_step, "amp_step": fused_step}
 
 
-def setup(in_chans: int, out_chans: int, grad_std: float, seed: int):
-    """SegMamba on the GPU with fused SGD, a GradScaler with its scale created, and scaled random gradients."""
-    torch.manual_seed(seed)
-    model = SegMamba(in_chans, out_chans).cuda().to(memory_format=torch.channels_last_3d)
+def optimizer_and_scaler(model):
+    """Fused SGD as the trainers configure it, and a GradScaler with its scale created."""
     optimizer = torch.optim.SGD(model.parameters(), **SGD_KWARGS, fused=True)
     scaler = torch.amp.GradScaler("cuda")
     scaler.scale(torch.ones((), device="cuda"))  # creates the scale as the first scaled loss does
+    return optimizer, scaler
+
+
+def set_gradients(model, grads) -> None:
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+
+
+def setup(in_chans: int, out_chans: int, grad_std: float, seed: int):
+    """SegMamba on the GPU with its optimizer and GradScaler, and scaled random gradients."""
+    torch.manual_seed(seed)
+    model = SegMamba(in_chans, out_chans).cuda().to(memory_format=torch.channels_last_3d)
+    optimizer, scaler = optimizer_and_scaler(model)
     scale = scaler.get_scale()
     grads = [torch.randn_like(p) * (grad_std * scale) for p in model.parameters()]
     return model, optimizer, scaler, grads
 
 
 def time_steps(step, model, optimizer, scaler, grads, iters: int) -> list[float]:
-    times = []
-    for _ in range(iters):
-        for p, g in zip(model.parameters(), grads):
-            p.grad = g.clone()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        step(model, optimizer, scaler)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return gpu_times_ms(lambda: step(model, optimizer, scaler), iters, SLEEP_CYCLES,
+                        prepare=lambda: set_gradients(model, grads))
 
 
 def main(argv=None) -> dict:
@@ -90,11 +90,9 @@ def main(argv=None) -> dict:
     # the same step from the same state by each version: how far apart the weights come out
     after = {}
     for name, step in STEPS.items():
-        m, o, s = copy.deepcopy(model), None, torch.amp.GradScaler("cuda")
-        o = torch.optim.SGD(m.parameters(), **SGD_KWARGS, fused=True)
-        s.scale(torch.ones((), device="cuda"))
-        for p, g in zip(m.parameters(), grads):
-            p.grad = g.clone()
+        m = copy.deepcopy(model)
+        o, s = optimizer_and_scaler(m)
+        set_gradients(m, grads)
         step(m, o, s)
         after[name] = [p.detach().clone() for p in m.parameters()]
         del m, o
@@ -112,8 +110,7 @@ def main(argv=None) -> dict:
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "parameters": params,
               "gradient_norm": norm, "clip": GRAD_CLIP, "rounds": args.rounds, "iters": args.iters,
               "max_weight_difference": max_diff, "max_weight_update": max_update,
-              "steps": {name: {"ms_median": statistics.median(t), "ms_min": min(t), "ms_max": max(t)}
-                        for name, t in times.items()},
+              "steps": {name: summary(t) for name, t in times.items()},
               "command": "python -m benchmarks.bench_optimizer_step " + " ".join(argv or [])}
     print(f"SegMamba({args.in_chans}, {args.out_chans}): {params / 1e6:.1f} M parameters, gradient norm {norm:.1f} "
           f"(clip {GRAD_CLIP}), {report['gpu']}")

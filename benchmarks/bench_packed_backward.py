@@ -2,8 +2,7 @@
 
 The backward of `selective_scan_packed` as the trainers' compiled layers call it (bf16, no gate, D and delta_bias,
 softplus, the forward's residuals): its kernels and the torch operations around them (the sums over channel splits,
-the gradient's rows). Each call is timed on the GPU alone: a sleep kernel queued before the start event keeps the
-GPU busy while the host queues the call, so the time between the events is the GPU's work, as in a CUDA graph.
+the gradient's rows). Each call is timed on the GPU alone (`gpu_timing`), as in a CUDA graph.
 Versions alternate by running this file from each tree (PYTHONPATH picks the package):
 
     python -m benchmarks.bench_packed_backward --shapes 18432x96,2304x192 --batch 7 --out $OUT/packed_bwd.json
@@ -14,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_timing import gpu_times_ms, summary
 from nnunet_segmamba.ssm import triton_scan
 
 SLEEP_CYCLES = 20_000_000  # longer than the host takes to queue one backward call
@@ -39,17 +38,9 @@ def inputs(length: int, dim: int, batch: int, n: int = 16, seed: int = 0):
 
 def time_backward(args, iters: int) -> list[float]:
     dout, u, delta, A, B, C, D, bias, states, chunk_sum = args
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(SLEEP_CYCLES)
-        start.record()
-        triton_scan.selective_scan_triton_bwd(dout, u, delta, A, B, C, D, None, bias, True, states, chunk_sum,
-                                              packed=True)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
+    return gpu_times_ms(lambda: triton_scan.selective_scan_triton_bwd(dout, u, delta, A, B, C, D, None, bias, True,
+                                                                      states, chunk_sum, packed=True),
+                        iters, SLEEP_CYCLES)
 
 
 def main(argv=None) -> dict:
@@ -67,8 +58,7 @@ def main(argv=None) -> dict:
         length, dim = (int(v) for v in shape.split("x"))
         case = inputs(length, dim, args.batch)
         time_backward(case, args.warmup)
-        t = time_backward(case, args.iters)
-        rows[shape] = {"ms_median": statistics.median(t), "ms_min": min(t), "ms_max": max(t)}
+        rows[shape] = summary(time_backward(case, args.iters))
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
               "package": triton_scan.__file__, "backward": rows,
               "command": "python -m benchmarks.bench_packed_backward " + " ".join(argv or [])}
