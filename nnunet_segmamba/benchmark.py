@@ -360,11 +360,7 @@ def training_step(model, device, batch: int, patch: Sequence[int], in_channels: 
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = loss_fn(model(data), target)
         scaler.scale(loss).backward()
-        if amp:
-            scaled_sgd_step(optimizer, scaler, GRAD_CLIP)  # nnU-Net's unscale_, clip, step and update
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
+        scaled_sgd_step(optimizer, scaler, GRAD_CLIP)  # nnU-Net's unscale_, clip, step and update
         return loss.detach()
 
     return step, scaler

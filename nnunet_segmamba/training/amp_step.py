@@ -18,18 +18,19 @@ from __future__ import annotations
 import torch
 
 
-def fuses_unscale_and_clip(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `scaled_sgd_step` takes the one-divisor path for `optimizer`: SGD with its fused kernel, and a torch
-    with `torch.nn.utils.get_total_norm` (2.6)."""
-    return (type(optimizer) is torch.optim.SGD and bool(optimizer.defaults.get("fused"))
+def fuses_unscale_and_clip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Whether `scaled_sgd_step` takes the one-divisor path: SGD with its fused kernel, an enabled GradScaler (a
+    disabled one scales nothing: its calls are the plain clip and step), and a torch with
+    `torch.nn.utils.get_total_norm` (2.6)."""
+    return (type(optimizer) is torch.optim.SGD and bool(optimizer.defaults.get("fused")) and scaler.is_enabled()
             and hasattr(torch.nn.utils, "get_total_norm"))
 
 
 def scaled_sgd_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float) -> None:
     """After `scaler.scale(loss).backward()`: nnU-Net's unscale, gradient-norm clip at `max_norm`, optimizer step
     and scale update, queued without waiting for the GPU. For SGD with its fused kernel, in two passes over the
-    gradients (module docstring); for other optimizers, nnU-Net's calls."""
-    if not fuses_unscale_and_clip(optimizer):
+    gradients (module docstring); otherwise nnU-Net's calls."""
+    if not fuses_unscale_and_clip(optimizer, scaler):
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], max_norm)
         scaler.step(optimizer)

@@ -45,7 +45,7 @@ def _nnunets_step(model, optimizer, scaler, max_norm: float) -> None:
 
 def _steps(loss_scales, max_norm: float, growth_interval: int = 2000, bad_at: int | None = None):
     (ref, ref_opt, ref_scaler), (ours, opt, scaler) = _pair(growth_interval)
-    assert fuses_unscale_and_clip(opt)
+    assert fuses_unscale_and_clip(opt, scaler)
     for i, loss_scale in enumerate(loss_scales):
         bad = float("inf") if i == bad_at else None
         for model, optimizer, sc in ((ref, ref_opt, ref_scaler), (ours, opt, scaler)):
@@ -107,11 +107,24 @@ def test_other_optimizers_take_nnunets_calls():
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), **SGD)  # foreach, not fused: no found-inf flag on the device
     scaler = torch.amp.GradScaler("cpu")
-    assert not fuses_unscale_and_clip(optimizer)
+    assert not fuses_unscale_and_clip(optimizer, scaler)
     _backward(model, scaler, seed=0)
     scaled_sgd_step(optimizer, scaler, 12.0)
     assert scaler._per_optimizer_states == {}  # update() ran, after unscale_ and step recorded their checks
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_disabled_scaler_gives_the_plain_clipped_step():
+    """A disabled GradScaler (the benchmark without fp16) scales nothing: nnU-Net's calls, i.e. clip and step."""
+    (ref, ref_opt, _), (ours, opt, _) = _pair()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert not fuses_unscale_and_clip(opt, scaler)
+    for model, optimizer in ((ref, ref_opt), (ours, opt)):
+        _backward(model, scaler, seed=0)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    ref_opt.step()
+    scaled_sgd_step(opt, scaler, 0.5)
+    _assert_same_weights_and_momentum((ref, ref_opt, None), (ours, opt, None))
 
 
 def test_a_step_before_any_scaled_backward_names_the_fix():
