@@ -38,6 +38,19 @@ def write_medmnist_npz():
     return _write
 
 
+@pytest.fixture
+def one_multiprocessor(monkeypatch):
+    """The Triton scan's channel splits as on a GPU of one multiprocessor: `programs_per_sm` is then the number of
+    programs the splits aim at, so that a test's split count is the same on every GPU and under the interpreter
+    (which counts one). `_d_split`'s cache is emptied around the test, as it holds splits of the real count."""
+    from nnunet_segmamba.ssm import triton_scan
+
+    triton_scan._d_split.cache_clear()
+    monkeypatch.setattr(triton_scan, "_sm_count", lambda device_index: 1)
+    yield
+    triton_scan._d_split.cache_clear()
+
+
 def _major_minor(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int(minor)

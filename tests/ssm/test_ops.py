@@ -124,7 +124,8 @@ def test_conv_op_matches_eager_with_gradients(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ([pytest.param("triton", marks=pytest.mark.gpu)] if CUDA else []))
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (4, 2), (10 ** 6, 4)],
                          ids=["one-split", "two-splits", "split-per-channel"])
-def test_packed_scan_op_gives_the_three_gradients_as_one(monkeypatch, backend, programs_per_sm, splits):
+def test_packed_scan_op_gives_the_three_gradients_as_one(monkeypatch, one_multiprocessor, backend, programs_per_sm,
+                                                       splits):
     """delta | B | C as one input: the outputs of the scan on its rows and, as one tensor, their three gradients,
     bit for bit; on the Triton kernels written in place with one channel split, added up with several (two in one
     pass into the packed gradient's rows)."""
@@ -132,8 +133,8 @@ def test_packed_scan_op_gives_the_three_gradients_as_one(monkeypatch, backend, p
 
     monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
     # the inputs below: batch 2, one chunk, 4 channels
-    assert triton_scan._d_split(2, 1, 1, 4, torch.device("cpu"), programs_per_sm) == splits
     device = "cuda" if CUDA and backend == "triton" else "cpu"
+    assert triton_scan._d_split(2, 1, 1, 4, torch.device(device), programs_per_sm) == splits
     u, delta, A, B, C, D, z, bias = _scan_inputs(seed=4, device=device)
     out_s, grads_s = _grads(lambda *t: ops.selective_scan(*t, True, backend, "slice", 3),
                             [u, delta, A, B, C, D, z, bias])

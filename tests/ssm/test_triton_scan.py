@@ -182,13 +182,13 @@ def test_backward_in_rows_cuda_dtypes(monkeypatch, dtype, order, num_slices, len
                          ids=["one-split", "two-splits", "split-per-channel"])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, needs_cuda])],
                          ids=["fp32", "bf16"])
-def test_channel_splits_of_the_chunk_kernels(monkeypatch, programs_per_sm, splits, dtype):
+def test_channel_splits_of_the_chunk_kernels(monkeypatch, one_multiprocessor, programs_per_sm, splits, dtype):
     """Every chunk kernel walks a group's channels in one program, or in several when the channels are split; with
     one split the backward's kernel writes dB / dC in the inputs' dtype itself, with several torch adds up float32
     partial sums (two in one pass): all give the definition's outputs and gradients."""
     monkeypatch.setitem(triton_scan.TUNING, "fwd_programs_per_sm", programs_per_sm)
     monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
-    assert triton_scan._d_split(2, 1, 4, 8, torch.device(DEVICE), programs_per_sm) == splits
+    assert triton_scan._d_split(2, 1, 3, 8, torch.device(DEVICE), programs_per_sm) == splits
     inputs = make_inputs(17, batch=2, dim=8, n=4, length=136, dtype=dtype, device=DEVICE)  # 3 chunks, last partial
     check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=64)
 
