@@ -737,3 +737,23 @@ def test_cudnn_benchmark_limit_is_set_for_the_run_recorded_and_restored(monkeypa
     assert report["settings"]["cudnn_benchmark_limit"] == before + 7
     assert seen == [before + 7]
     assert torch.backends.cudnn.benchmark_limit == before
+
+
+def test_input_convs_benchmark_pads_without_changing_the_arithmetic():
+    """benchmarks.bench_input_convs on the CPU: its cases parse, and each of SegMamba's input convolutions gives the
+    same weight gradient on the input zero-padded to 8 channels (the weight padded inside the call) as on the input
+    itself, from a channels-last padded input."""
+    from benchmarks import bench_input_convs as bench
+
+    assert bench.parse_case("7x1x48,64,48") == (7, 1, (48, 64, 48))
+    x = torch.randn(2, 4, 9, 8, 7).to(memory_format=torch.channels_last_3d)
+    padded = bench.padded_input(x, 8)
+    assert padded.shape[1] == 8 and padded.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(padded[:, :4], x) and not padded[:, 4:].any()
+    for _, size, stride, padding in bench.CONVS:
+        weight = torch.randn(6, 4, size, size, size, requires_grad=True)
+        out_shape = bench.conv_forward(x, weight, stride, padding).shape
+        dout = torch.randn(out_shape)
+        assert bench.conv_forward(padded, weight, stride, padding).shape == out_shape
+        torch.testing.assert_close(bench.conv_step(padded, weight, stride, padding, dout),
+                                   bench.conv_step(x, weight, stride, padding, dout), rtol=1e-5, atol=1e-5)
