@@ -18,13 +18,12 @@ markdown table and writes JSON. Needs a CUDA device; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_timing import gpu_times_ms, summary
+from benchmarks.gpu_timing import gpu_times_ms, summary, write_report
 
 SLEEP_CYCLES = 20_000_000
 CL = torch.channels_last_3d
@@ -115,7 +114,7 @@ def main() -> None:
             fwd = f"{r['fwd']['ms_median']:.4f}" if "fwd" in r else ""
             diff = f"{r['wgrad_max_rel_diff']:.1e}" if "wgrad_max_rel_diff" in r else ""
             print(f"| {r['conv']} | {r['channels']} | {fwd} | {r['fwd_wgrad']['ms_median']:.4f} | {diff} |")
-    args.out.write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

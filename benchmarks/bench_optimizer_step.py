@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_timing import gpu_times_ms, summary
+from benchmarks.gpu_timing import gpu_times_ms, summary, summary_cell, write_report
 from nnunet_segmamba.benchmark import GRAD_CLIP, SGD_KWARGS
 from nnunet_segmamba.networks.segmamba import SegMamba
 from nnunet_segmamba.training.amp_step import scaled_sgd_step
@@ -116,10 +115,9 @@ def main(argv=None) -> dict:
           f"(clip {GRAD_CLIP}), {report['gpu']}")
     print("| end of the step, GPU time | ms (median; fastest / slowest) |\n|---|---|")
     for name, r in report["steps"].items():
-        print(f"| {name} | {r['ms_median']:.3f} ({r['ms_min']:.3f} / {r['ms_max']:.3f}) |")
+        print(f"| {name} | {summary_cell(r, 3)} |")
     print(f"weights after one step: largest difference {max_diff:.3g} (largest update {max_update:.3g})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     return report
 
 

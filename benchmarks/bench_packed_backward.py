@@ -12,12 +12,11 @@ Prints a markdown table and writes JSON. Needs a CUDA device; nothing is asserte
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_timing import gpu_times_ms, summary
+from benchmarks.gpu_timing import gpu_times_ms, summary, summary_cell, write_report
 from nnunet_segmamba.ssm import triton_scan
 
 SLEEP_CYCLES = 20_000_000  # longer than the host takes to queue one backward call
@@ -65,9 +64,8 @@ def main(argv=None) -> dict:
     print(f"packed backward, bf16, batch {args.batch}, {report['gpu']} ({triton_scan.__file__})")
     print("| L x d_inner | GPU ms per call (median; fastest / slowest) |\n|---|---|")
     for shape, r in rows.items():
-        print(f"| {shape} | {r['ms_median']:.4f} ({r['ms_min']:.4f} / {r['ms_max']:.4f}) |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+        print(f"| {shape} | {summary_cell(r, 4)} |")
+    write_report(args.out, report)
     return report
 
 

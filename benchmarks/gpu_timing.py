@@ -1,13 +1,15 @@
 """What the GPU benchmarks that time one piece of a training step share: the piece's GPU time alone, the host's
-launches left out, and the summary of such times."""
+launches left out, the summary of such times, its table cell, and the JSON report written."""
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["gpu_times_ms", "summary"]
+__all__ = ["gpu_times_ms", "summary", "summary_cell", "write_report"]
 
 
 def gpu_times_ms(call: Callable[[], object], iters: int, sleep_cycles: int,
@@ -33,3 +35,14 @@ def gpu_times_ms(call: Callable[[], object], iters: int, sleep_cycles: int,
 def summary(times: list[float]) -> dict[str, float]:
     """Median, fastest and slowest, in the keys of the benchmark's reports."""
     return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_max": max(times)}
+
+
+def summary_cell(times: dict[str, float], digits: int) -> str:
+    """A `summary` as the benchmarks' tables show it: "median (fastest / slowest)"."""
+    return f"{times['ms_median']:.{digits}f} ({times['ms_min']:.{digits}f} / {times['ms_max']:.{digits}f})"
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The benchmark's JSON report at `path`, its folder made where missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
