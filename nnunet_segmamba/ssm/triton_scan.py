@@ -576,6 +576,11 @@ def residual_shapes(u_shape, d_state: int, block_l: int | None = None) -> tuple[
     return (batch, dim, chunks + 1, d_state), (batch, dim, chunks)
 
 
+def _step_size_flags(p: _Prepared, delta_bias, softplus: bool) -> dict:
+    """The constexpr flags of how every chunk kernel turns delta into its step sizes (bias, softplus, padded tail)."""
+    return dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=p.padded)
+
+
 def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     """-> out (u's dtype), states, chunk_sum (the residuals of `_backward`)."""
     u, delta, A32, B, C, z = p.u, p.delta, p.A32, p.B, p.C, p.z
@@ -588,7 +593,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     states = torch.empty(batch, dim, chunks + 1, n, **f32)
     out = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dummy = A32
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=p.padded)
+    flags = _step_size_flags(p, delta_bias, softplus)
     d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
     grid = (batch * groups * d_split, chunks)
     per_program = dim // groups // d_split
@@ -634,7 +639,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dout = dout.contiguous()
     f32 = dict(device=u.device, dtype=torch.float32)
     dummy = A32
-    flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), PADDED=p.padded)
+    flags = _step_size_flags(p, delta_bias, softplus)
     z_arg = z if z is not None else u
     bias_arg = delta_bias if delta_bias is not None else dummy
     adjoint_in = torch.empty(batch, dim, chunks, n, **f32)
