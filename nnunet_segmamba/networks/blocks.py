@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..nn import TriOrientedMamba
 from ..nn.recompute import CheckpointPolicy, recomputes, selective_checkpoint, selective_checkpoint_contexts
+from . import triton_input_conv
 from .cpu_conv import conv3d as cpu_conv3d
 from .cpu_conv import takes_cpu_path
 
@@ -30,12 +31,16 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same arguments and parameters) whose float32 passes on the CPU take the fastest way measured
     there (`cpu_conv.conv3d`: oneDNN for every forward, the input's gradient as oneDNN's forward convolution with the
-    mirrored kernel, 1 x 1 x 1 convolutions as matrix products), with torch's values and gradients. torch.compile,
-    autocast, training in channels-last and other devices take torch's path."""
+    mirrored kernel, 1 x 1 x 1 convolutions as matrix products), with torch's values and gradients; and whose
+    convolutions of few-channel inputs on a GPU in half precision, in a channels-last network, run partly on Triton
+    kernels (`triton_input_conv.conv3d`). torch.compile, autocast, training in channels-last and other devices take
+    torch's path otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if takes_cpu_path(x, self.padding_mode, self.padding):
             return cpu_conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if triton_input_conv.takes_triton_path(x, self):
+            return triton_input_conv.conv3d(x, self.weight, self.bias, self.stride[0], self.padding[0])
         return super().forward(x)
 
 
