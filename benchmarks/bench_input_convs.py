@@ -8,7 +8,9 @@ convolutions' memory traffic. Padding the channels with zeros, and the weights' 
 the arithmetic (every added product is 0 x w) and lets cuDNN pick its aligned kernels. Each convolution is timed
 as the training step runs it: forward, then the weight's gradient (the input needs none), fp16, channels-last,
 cuDNN's full search (as the trainers set it), GPU time alone (`gpu_timing`); the padded versions include padding
-the weight in every call, and the input's padding, done once for the three, is timed on its own.
+the weight in every call, and the input's padding, done once for the three, is timed on its own. The last row of
+each convolution is `networks.triton_input_conv`'s kernels, the network's path for these convolutions on a GPU;
+`--tune` times those kernels alone under each of a few launch settings instead.
 
     python -m benchmarks.bench_input_convs --out $OUT/input_convs.json
 
@@ -24,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_timing import gpu_times_ms, summary, write_report
+from nnunet_segmamba.networks import triton_input_conv
+from nnunet_segmamba.networks.triton_input_conv import input_conv3d_forward, input_conv3d_weight_gradient
 
 SLEEP_CYCLES = 20_000_000
 CL = torch.channels_last_3d
@@ -55,6 +59,13 @@ def conv_step(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, 
     return grad
 
 
+def triton_step(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dout: torch.Tensor) -> torch.Tensor:
+    """The same forward and weight gradient on the Triton kernels (`networks/triton_input_conv.py`)."""
+    with torch.no_grad():
+        input_conv3d_forward(x, weight, None, stride, padding)
+    return input_conv3d_weight_gradient(dout, x, weight, stride, padding, with_bias=False)[0]
+
+
 def bench_case(batch: int, channels: int, spatial: tuple[int, ...], pads: list[int], features: int,
                iters: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -80,10 +91,53 @@ def bench_case(batch: int, channels: int, spatial: tuple[int, ...], pads: list[i
             grads.append(conv_step(xc, weight, stride, padding, dout).float())  # the search again, untimed
             both = gpu_times_ms(lambda: conv_step(xc, weight, stride, padding, dout), iters, SLEEP_CYCLES)
             conv_rows.append({"conv": name, "channels": c, "fwd": summary(fwd), "fwd_wgrad": summary(both)})
+        with torch.no_grad():
+            input_conv3d_forward(x, weight, None, stride, padding)  # compiles, untimed
+            fwd = gpu_times_ms(lambda: input_conv3d_forward(x, weight, None, stride, padding), iters, SLEEP_CYCLES)
+        grads.append(triton_step(x, weight, stride, padding, dout).float())
+        both = gpu_times_ms(lambda: triton_step(x, weight, stride, padding, dout), iters, SLEEP_CYCLES)
+        conv_rows.append({"conv": name, "channels": f"{channels} (Triton)", "fwd": summary(fwd),
+                          "fwd_wgrad": summary(both)})
         scale = grads[0].abs().max().item()
         for row, grad in zip(conv_rows, grads):
             row["wgrad_max_rel_diff"] = (grad - grads[0]).abs().max().item() / scale
         rows += conv_rows
+    return rows
+
+
+#: launch settings swept by --tune: forward (block_m, warps), weight gradient (block_m, block_k, warps, programs
+#: per multiprocessor)
+FWD_SETTINGS = ((128, 4), (64, 4), (256, 8), (128, 8), (64, 2))
+WGRAD_SETTINGS = ((64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 4), (64, 64, 4, 8), (64, 32, 4, 4),
+                  (128, 64, 8, 4))
+
+
+def tune_case(batch: int, channels: int, spatial: tuple[int, ...], features: int, iters: int) -> list[dict]:
+    """The Triton kernels' time under each launch setting (the forward and the weight gradient separately)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn((batch, channels, *spatial), device="cuda", generator=g).half().to(memory_format=CL)
+    rows = []
+    saved = dict(triton_input_conv.TUNING)
+    try:
+        for name, k, stride, padding in CONVS:
+            weight = (torch.randn(features, channels, k, k, k, device="cuda", generator=g) * 0.05).half()
+            y = input_conv3d_forward(x, weight, None, stride, padding)
+            dout = torch.randn(y.shape, device="cuda", generator=g).half().to(memory_format=CL)
+            for bm, warps in FWD_SETTINGS:
+                triton_input_conv.TUNING.update(fwd_block_m=bm, fwd_warps=warps)
+                input_conv3d_forward(x, weight, None, stride, padding)
+                t = gpu_times_ms(lambda: input_conv3d_forward(x, weight, None, stride, padding), iters, SLEEP_CYCLES)
+                rows.append({"conv": name, "pass": "forward", "setting": [bm, warps], **summary(t)})
+            for bm, bk, warps, ppsm in WGRAD_SETTINGS:
+                triton_input_conv.TUNING.update(wgrad_block_m=bm, wgrad_block_k=bk, wgrad_warps=warps,
+                                                wgrad_programs_per_sm=ppsm)
+                input_conv3d_weight_gradient(dout, x, weight, stride, padding, False)
+                t = gpu_times_ms(lambda: input_conv3d_weight_gradient(dout, x, weight, stride, padding, False), iters,
+                                 SLEEP_CYCLES)
+                rows.append({"conv": name, "pass": "weight gradient", "setting": [bm, bk, warps, ppsm], **summary(t)})
+    finally:
+        triton_input_conv.TUNING.clear()
+        triton_input_conv.TUNING.update(saved)
     return rows
 
 
@@ -94,6 +148,7 @@ def main() -> None:
     parser.add_argument("--pads", default="8,16", help="channel counts to pad the input to")
     parser.add_argument("--features", type=int, default=48, help="the convolutions' output channels")
     parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--tune", action="store_true", help="sweep the Triton kernels' launch settings instead")
     parser.add_argument("--out", type=Path, default=Path("input_convs.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -105,6 +160,13 @@ def main() -> None:
               "features": args.features, "iters": args.iters, "cases": {}}
     for case in args.cases.split(";"):
         batch, channels, spatial = parse_case(case)
+        if args.tune:
+            rows = tune_case(batch, channels, spatial, args.features, args.iters)
+            report["cases"][case] = rows
+            print(f"\nbatch {batch}, {channels} x {'x'.join(map(str, spatial))}, {report['gpu']}: Triton settings")
+            for r in rows:
+                print(f"| {r['conv']} | {r['pass']} | {r['setting']} | {r['ms_median']:.4f} |")
+            continue
         rows = bench_case(batch, channels, spatial, pads, args.features, args.iters)
         report["cases"][case] = rows
         print(f"\nbatch {batch}, {channels} x {'x'.join(map(str, spatial))}, {report['gpu']}")

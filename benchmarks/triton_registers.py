@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -78,6 +78,33 @@ def ptxas_path(arch: int = 90) -> str:
     return str(path)
 
 
+def compile_sass(kernel, consts: dict, pointer_dtype: Callable[[str], str], divisible_ints, arch: int,
+                 num_warps: int, line_info: bool = False) -> tuple[str, str]:
+    """`kernel` compiled for compute capability `arch` (x 10) with `consts` as its constexprs, its pointers to
+    `pointer_dtype(name)` and its other arguments int32; the pointers and `divisible_ints` specialised as multiples
+    of 16, as Triton's launch does. Returns ptxas -v's report and nvdisasm's listing (with source lines where
+    `line_info`)."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = "*" + pointer_dtype(name) if name.endswith("_ptr") else "i32"
+        if name.endswith("_ptr") or name in divisible_ints:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        cubin = os.path.join(tmp, "kernel.cubin")
+        report = subprocess.run([ptxas_path(arch), "-v", *(["-lineinfo"] if line_info else []), "--gpu-name",
+                                 gpu_name(arch), str(ptx), "-o", cubin], capture_output=True, text=True, check=True)
+        nvdisasm = str(Path(ptxas_path(arch)).parent / "nvdisasm")
+        listing = subprocess.run([nvdisasm, "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    return report.stdout + report.stderr, listing
+
+
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
                   flags_off: tuple[str, ...] = (), by_line: bool = False, bwd_rows: bool = False) -> dict:
     if is_conv_kernel(kernel):
@@ -87,28 +114,8 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
         consts.update({k: (False if k in flags_off else v) for k, v in FLAGS.items() if k in kernel.arg_names})
         if "ROWS" in kernel.arg_names:  # the backward's in-chunk scans (triton_scan.TUNING["bwd_rows"])
             consts["ROWS"] = bwd_rows
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-            continue
-        if name.endswith("_ptr"):
-            signature[name] = "*" + (dtype if name in INPUT_DTYPE_POINTERS else "fp32")
-        else:
-            signature[name] = "i32"
-        if name.endswith("_ptr") or name in DIVISIBLE_INTS:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "kernel.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        cubin = os.path.join(tmp, "kernel.cubin")
-        report = subprocess.run([ptxas_path(arch), "-v", *(["-lineinfo"] if by_line else []), "--gpu-name",
-                                 gpu_name(arch), str(ptx), "-o", cubin], capture_output=True, text=True, check=True)
-        nvdisasm = str(Path(ptxas_path(arch)).parent / "nvdisasm")
-        listing = subprocess.run([nvdisasm, "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
-    text = report.stdout + report.stderr
+    text, listing = compile_sass(kernel, consts, lambda name: dtype if name in INPUT_DTYPE_POINTERS else "fp32",
+                                 DIVISIBLE_INTS, arch, num_warps, line_info=by_line)
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     code = parse_listing(listing)
