@@ -113,7 +113,8 @@ def _input_conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, M, F, D, H, W, Do, Ho, Wo, sx
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + f, mask=f < F, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + m[:, None] * F + f[None, :], acc.to(y_ptr.dtype.element_ty), mask=(m < M)[:, None] & (f < F)[None, :])
+    tl.store(y_ptr + m[:, None] * F + f[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(m < M)[:, None] & (f < F)[None, :])
 
 
 @jit
@@ -219,7 +220,7 @@ def input_conv3d_weight_gradient(dy: torch.Tensor, x: torch.Tensor, weight: torc
     _input_conv_wgrad[(k_tiles, programs)](
         x, dy, parts, bias_parts, M, K, features, D, H, W, Do, Ho, Wo, x.stride(0), x.stride(2), x.stride(3),
         per_program, C=channels, KS=size, STRIDE=stride, PAD=padding, HAS_BIAS=with_bias,
-        PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_F=max(16, next_power_of_2(features)),
+        PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_F=_blocks(channels, size, features)[1],
         num_warps=TUNING["wgrad_warps"])
     dw = parts.sum(0).reshape(size, size, size, channels, features)
     dw = torch.empty_like(weight).copy_(dw.permute(4, 3, 0, 1, 2))  # in the weight's dtype and layout
@@ -228,14 +229,15 @@ def input_conv3d_weight_gradient(dy: torch.Tensor, x: torch.Tensor, weight: torc
 
 # ---- the op ------------------------------------------------------------------------------------------------------
 def _output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple:
-    size = weight.shape[2]
-    return (x.shape[0], weight.shape[0], *[(s + 2 * padding - size) // stride + 1 for s in x.shape[2:]])
+    batch, _, _, _, out_spatial = _geometry(x, weight, stride, padding)
+    return (batch, weight.shape[0], *out_spatial)
 
 
 def takes_triton_path(x: Tensor, conv: nn.Conv3d) -> bool:
     """Whether `conv(x)` runs as `conv3d` below: x on CUDA in float16 / bfloat16 (autocast's or its own), at most
-    FORWARD_MAX_CHANNELS or WEIGHT_GRADIENT_MAX_CHANNELS input channels, a cubic kernel with the same stride and padding on every axis, no
-    groups or dilation, the weights channels-last (the trainers' layout on one GPU), and offsets within int32."""
+    FORWARD_MAX_CHANNELS or WEIGHT_GRADIENT_MAX_CHANNELS input channels, a cubic kernel with the same stride and
+    padding on every axis, no groups or dilation, the weights channels-last (the trainers' layout on one GPU), and
+    offsets within int32."""
     most = max(FORWARD_MAX_CHANNELS, WEIGHT_GRADIENT_MAX_CHANNELS)
     if not (TRITON_AVAILABLE and x.is_cuda and x.dim() == 5 and conv.in_channels <= most):
         return False
@@ -286,9 +288,11 @@ def input_conv3d_bwd(dy: Tensor, x: Tensor, weight: Tensor, with_bias: bool, inp
                                                          [stride] * 3, [padding] * 3, [1] * 3, False, [0] * 3, 1,
                                                          wanted)
     if x.shape[1] <= WEIGHT_GRADIENT_MAX_CHANNELS:
-        dw, db = input_conv3d_weight_gradient(dy, x, weight, stride, padding, with_bias)
+        dw, db = input_conv3d_weight_gradient(dy, x, weight, stride, padding, with_bias)  # in the weight's layout
+    else:
+        dw = torch.empty_like(weight).copy_(dw)  # cuDNN's, in the weight's layout as the fake function says
     # a fresh empty tensor for each absent gradient: a custom op's outputs may not alias one another
-    return [torch.empty_like(x).copy_(dx) if input_gradient else x.new_empty(0), torch.empty_like(weight).copy_(dw),
+    return [torch.empty_like(x).copy_(dx) if input_gradient else x.new_empty(0), dw,
             db.to(weight.dtype) if with_bias else x.new_empty(0)]
 
 
