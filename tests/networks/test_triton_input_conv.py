@@ -136,25 +136,33 @@ def test_routing_takes_half_precision_channels_last_cuda_convolutions_only():
 @needs_cuda
 def test_segmamba_step_on_the_input_kernels_matches_cudnn(monkeypatch):
     """SegMamba channels-last under fp16 autocast, compiled without graph breaks: the output and the input
-    convolutions' weight gradients with the Triton paths against cuDNN's alone (the routing switched off), within
-    fp16 rounding."""
+    convolutions' weight gradients with the Triton paths are as close to the float32 network's as cuDNN's alone
+    (the routing switched off). Against each other the two fp16 paths differ by whole percents in the stem's weight
+    gradient, a sum that cancels: rounding the float32 network's layer outputs to fp16 moves it as much."""
     from nnunet_segmamba.networks.segmamba import SegMamba
 
-    results = {}
-    for routed in (True, False):
-        if not routed:
-            monkeypatch.setattr(triton_input_conv, "FORWARD_MAX_CHANNELS", 0)
-            monkeypatch.setattr(triton_input_conv, "WEIGHT_GRADIENT_MAX_CHANNELS", 0)
+    def step(autocast: bool):
         torch.manual_seed(0)
         model = SegMamba(1, 3, feat_size=(16, 32, 64, 128), hidden_size=128, depths=(1, 1, 1, 1)).cuda()
         model = model.to(memory_format=torch.channels_last_3d)
         x = torch.randn(2, 1, 32, 32, 32, device="cuda")
-        compiled = torch.compile(model, fullgraph=True)
-        with torch.autocast("cuda", dtype=torch.float16):
+        compiled = torch.compile(model, fullgraph=True) if autocast else model
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             out = compiled(x)
-        out.float().square().mean().backward()
-        stem = model.vit.downsample_layers[0][0]
-        results[routed] = (out.float(), stem.weight.grad.clone(), model.encoder1.layer.conv1.conv.weight.grad.clone())
+        # summed, not averaged: a mean's gradients reach the input convolutions at about 1e-7, below fp16's normal
+        # range (the trainers' GradScaler scales the loss for the same reason)
+        out.float().square().sum().backward()
         torch._dynamo.reset()
-    for got, want in zip(results[True], results[False]):
-        assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+        return {"output": out.float(), "stem weight gradient": model.vit.downsample_layers[0][0].weight.grad,
+                "block weight gradient": model.encoder1.layer.conv1.conv.weight.grad}
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    reference = step(autocast=False)
+    routed = step(autocast=True)
+    monkeypatch.setattr(triton_input_conv, "FORWARD_MAX_CHANNELS", 0)
+    monkeypatch.setattr(triton_input_conv, "WEIGHT_GRADIENT_MAX_CHANNELS", 0)
+    cudnn = step(autocast=True)
+    for name, want in reference.items():
+        error, cudnn_error = ((got[name] - want).abs().max().item() for got in (routed, cudnn))
+        scale = want.abs().max().item()
+        assert error <= 2 * cudnn_error + 1e-3 * scale, f"{name}: max error {error:.3g}, cuDNN's {cudnn_error:.3g}"
