@@ -757,3 +757,21 @@ def test_input_convs_benchmark_pads_without_changing_the_arithmetic():
         assert bench.conv_forward(padded, weight, stride, padding).shape == out_shape
         torch.testing.assert_close(bench.conv_step(padded, weight, stride, padding, dout),
                                    bench.conv_step(x, weight, stride, padding, dout), rtol=1e-5, atol=1e-5)
+
+
+def test_full_res_convs_benchmark_input_gradient_as_forward_equals_autograds():
+    """benchmarks.bench_full_res_convs on the CPU: its cases parse, and for both of its convolutions the input's
+    gradient as a forward convolution with the mirrored kernel equals autograd's, in float64 and channels-last."""
+    from benchmarks import bench_full_res_convs as bench
+
+    assert bench.parse_case("7x48,64,48") == (7, (48, 64, 48))
+    for cin, cout in bench.CONVS:
+        x = torch.randn(2, cin, 5, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+        weight = torch.randn(cout, cin, 3, 3, 3, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+        dout = torch.randn(2, cout, 5, 6, 7, dtype=torch.float64).to(memory_format=torch.channels_last_3d)
+        x.requires_grad_()
+        (want,) = torch.autograd.grad(bench.forward(x, weight), x, dout)
+        torch.testing.assert_close(bench.input_gradient(dout, x, weight), want)
+        torch.testing.assert_close(bench.input_gradient_as_forward(dout, weight), want)
+        (want_w,) = torch.autograd.grad(bench.forward(x, weight.requires_grad_()), weight, dout)
+        torch.testing.assert_close(bench.weight_gradient(dout, x, weight), want_w)

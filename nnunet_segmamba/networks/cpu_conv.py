@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["conv3d", "forward", "input_gradient", "takes_cpu_path", "weight_gradient"]
+__all__ = ["conv3d", "forward", "has_mirrored_input_gradient", "input_gradient", "mirrored", "takes_cpu_path",
+           "weight_gradient"]
 
 # the channel count (input or output) up to which oneDNN's channels-first backward kernels are the slow ones
 FEW_CHANNELS = 8
@@ -59,6 +60,20 @@ def _few_channels(weight: torch.Tensor, groups: int) -> bool:
     return min(weight.shape[0], weight.shape[1] * groups) <= FEW_CHANNELS
 
 
+def has_mirrored_input_gradient(weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether the convolution's input gradient is a forward convolution of its output's gradient (`mirrored`):
+    stride 1, no dilation, no groups, at most kernel - 1 of padding."""
+    return (groups == 1 and all(s == 1 for s in stride) and all(d == 1 for d in dilation)
+            and all(p <= k - 1 for p, k in zip(padding, weight.shape[2:])))
+
+
+def mirrored(weight: torch.Tensor, padding) -> tuple[torch.Tensor, list[int]]:
+    """The kernel and padding of the forward convolution that takes a convolution's output gradient to its input
+    gradient (where `has_mirrored_input_gradient`): the correlation with the transposed, mirrored kernel, padded so
+    that the output has the input's size."""
+    return weight.transpose(0, 1).flip(2, 3, 4), [k - 1 - p for p, k in zip(padding, weight.shape[2:])]
+
+
 def forward(x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
     """The convolution's output."""
     if _is_pointwise(weight, stride, padding, groups):
@@ -74,12 +89,9 @@ def input_gradient(grad, x, weight, stride, padding, dilation, groups) -> torch.
     """The gradient of the convolution's input x from its output's gradient (contiguous)."""
     if _is_pointwise(weight, stride, padding, groups):
         return torch.bmm(weight.flatten(1).t().expand(x.shape[0], -1, -1), grad.flatten(2)).view_as(x)
-    kernel = weight.shape[2:]
-    if (_few_channels(weight, groups) and groups == 1 and all(s == 1 for s in stride)
-            and all(d == 1 for d in dilation) and all(p <= k - 1 for p, k in zip(padding, kernel))):
-        # the correlation with the transposed, mirrored kernel, padded so that the output has the input's size
-        return torch.mkldnn_convolution(grad, weight.transpose(0, 1).flip(2, 3, 4), None,
-                                        [k - 1 - p for p, k in zip(padding, kernel)], [1, 1, 1], [1, 1, 1], 1)
+    if _few_channels(weight, groups) and has_mirrored_input_gradient(weight, stride, padding, dilation, groups):
+        kernel, kernel_padding = mirrored(weight, padding)
+        return torch.mkldnn_convolution(grad, kernel, None, kernel_padding, [1, 1, 1], [1, 1, 1], 1)
     return torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0, 0],
                                                groups, [True, False, False])[0]
 
