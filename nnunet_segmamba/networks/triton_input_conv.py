@@ -40,8 +40,8 @@ from torch import Tensor
 
 from ..ssm.triton_common import TRITON_AVAILABLE, cdiv, jit, next_power_of_2, tl
 
-__all__ = ["TUNING", "WEIGHT_GRADIENT_MAX_CHANNELS", "FORWARD_MAX_CHANNELS", "conv3d", "input_conv3d",
-           "input_conv3d_forward", "input_conv3d_weight_gradient", "takes_triton_path"]
+__all__ = ["TUNING", "WEIGHT_GRADIENT_MAX_CHANNELS", "FORWARD_MAX_CHANNELS", "conv3d", "in_channels_last_network",
+           "input_conv3d", "input_conv3d_forward", "input_conv3d_weight_gradient", "takes_triton_path"]
 
 #: input channels up to which each pass runs on these kernels, the rest on cuDNN's (measured on one H100,
 #: docs/performance.md: both passes faster at one and at four channels)
@@ -233,11 +233,19 @@ def _output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple
     return (batch, weight.shape[0], *out_spatial)
 
 
+def in_channels_last_network(x: Tensor, weight: Tensor) -> bool:
+    """Whether a convolution of x with `weight` runs in a channels-last network: the weight channels-last and, for one
+    input channel, x as such a network views it (`blocks.one_channel_in_layout_of`: the channel's stride 1). One
+    channel lies in memory the same way in both layouts, so the weight alone would take a channels-first network's
+    first convolutions for channels-last ones, whose outputs `conv3d` lays out channels-last."""
+    return weight.is_contiguous(memory_format=CL) and (x.shape[1] > 1 or x.stride(1) == 1)
+
+
 def takes_triton_path(x: Tensor, conv: nn.Conv3d) -> bool:
     """Whether `conv(x)` runs as `conv3d` below: x on CUDA in float16 / bfloat16 (autocast's or its own), at most
     FORWARD_MAX_CHANNELS or WEIGHT_GRADIENT_MAX_CHANNELS input channels, a cubic kernel with the same stride and
-    padding on every axis, no groups or dilation, the weights channels-last (the trainers' layout on one GPU), and
-    offsets within int32."""
+    padding on every axis, no groups or dilation, in a channels-last network (`in_channels_last_network`; the trainers'
+    layout on one GPU), and offsets within int32."""
     most = max(FORWARD_MAX_CHANNELS, WEIGHT_GRADIENT_MAX_CHANNELS)
     if not (TRITON_AVAILABLE and x.is_cuda and x.dim() == 5 and conv.in_channels <= most):
         return False
@@ -246,7 +254,7 @@ def takes_triton_path(x: Tensor, conv: nn.Conv3d) -> bool:
     return (dtype in (torch.float16, torch.bfloat16) and conv.groups == 1 and conv.padding_mode == "zeros"
             and not isinstance(padding, str) and tuple(conv.dilation) == (1, 1, 1) and len(set(size)) == 1
             and len(set(stride)) == 1 and len(set(padding)) == 1
-            and conv.weight.is_contiguous(memory_format=CL)
+            and in_channels_last_network(x, conv.weight)
             and x.numel() < 2 ** 31 and conv.out_channels * x.numel() // conv.in_channels < 2 ** 31)
 
 

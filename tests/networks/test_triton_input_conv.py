@@ -132,6 +132,28 @@ def test_routing_takes_half_precision_channels_last_cuda_convolutions_only():
         assert not triton_input_conv.takes_triton_path(torch.zeros(1, 5, 4, 4, 4).cuda().half(), wide)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_one_channel_convolutions_are_routed_in_channels_last_networks_only(channels_last):
+    """A one-channel input's convolutions (the stem, the first block's 3^3 and its 1x1x1 shortcut) count as in a
+    channels-last network only where SegMamba views the input so, although their weights are channels-last
+    contiguous either way; several input channels go by the weight, as before."""
+    from nnunet_segmamba.networks.blocks import one_channel_in_layout_of
+    from nnunet_segmamba.networks.segmamba import SegMamba
+
+    net = SegMamba(1, 2, feat_size=(8, 16, 32, 64), hidden_size=64, depths=(1, 1, 1, 1))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+    x = one_channel_in_layout_of(torch.zeros(1, 1, 16, 16, 16), net.encoder2.layer.conv1.conv.weight)
+    first_convs = [net.vit.downsample_layers[0][0], net.encoder1.layer.conv1.conv, net.encoder1.layer.conv3.conv]
+    assert all(c.in_channels == 1 and c.weight.is_contiguous(memory_format=torch.channels_last_3d)
+               for c in first_convs)
+    assert all(triton_input_conv.in_channels_last_network(x, c.weight) == channels_last for c in first_convs)
+    four = torch.nn.Conv3d(4, 8, 3)
+    assert not triton_input_conv.in_channels_last_network(torch.zeros(1, 4, 4, 4, 4), four.weight)
+    four = four.to(memory_format=torch.channels_last_3d)
+    assert triton_input_conv.in_channels_last_network(torch.zeros(1, 4, 4, 4, 4), four.weight)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_segmamba_step_on_the_input_kernels_matches_cudnn(monkeypatch):
