@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_timing import gpu_times_ms, summary, write_report
+from benchmarks.gpu_timing import conv_report_with_full_search, gpu_times_ms, summary, write_report
 from nnunet_segmamba.networks import triton_input_conv
 from nnunet_segmamba.networks.cpu_conv import mirrored
 
@@ -126,12 +126,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("full_res_convs.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_full_res_convs needs a CUDA device")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = 0
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-              "iters": args.iters, "cases": {}}
+    report = conv_report_with_full_search("bench_full_res_convs", iters=args.iters)
     passes = ("forward", "input gradient", "input gradient as forward", "weight gradient", "weight gradient, Triton",
               *(f"forward, Triton {block_m}/{warps}" for block_m, warps in TRITON_FORWARD_SETTINGS))
     for case in args.cases.split(";"):

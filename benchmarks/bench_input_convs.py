@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_timing import gpu_times_ms, summary, write_report
+from benchmarks.gpu_timing import conv_report_with_full_search, gpu_times_ms, summary, write_report
 from nnunet_segmamba.networks import triton_input_conv
 from nnunet_segmamba.networks.triton_input_conv import input_conv3d_forward, input_conv3d_weight_gradient
 
@@ -151,13 +151,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="sweep the Triton kernels' launch settings instead")
     parser.add_argument("--out", type=Path, default=Path("input_convs.json"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_input_convs needs a CUDA device")
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.benchmark_limit = 0
+    report = conv_report_with_full_search("bench_input_convs", features=args.features, iters=args.iters)
     pads = [int(p) for p in args.pads.split(",")]
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-              "features": args.features, "iters": args.iters, "cases": {}}
     for case in args.cases.split(";"):
         batch, channels, spatial = parse_case(case)
         if args.tune:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["gpu_times_ms", "summary", "summary_cell", "write_report"]
+__all__ = ["conv_report_with_full_search", "gpu_times_ms", "summary", "summary_cell", "write_report"]
 
 
 def gpu_times_ms(call: Callable[[], object], iters: int, sleep_cycles: int,
@@ -30,6 +30,18 @@ def gpu_times_ms(call: Callable[[], object], iters: int, sleep_cycles: int,
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
+
+
+def conv_report_with_full_search(name: str, **fields) -> dict:
+    """For a benchmark of convolutions: stops with a one-line message without a CUDA device, turns on cuDNN's full
+    search of its algorithms (as the trainers set it), and returns the report's head: the GPU, torch, cuDNN, `fields`
+    and an empty "cases"."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name} needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark_limit = 0
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+            **fields, "cases": {}}
 
 
 def summary(times: list[float]) -> dict[str, float]:
