@@ -161,6 +161,7 @@ def test_segmamba_step_on_the_input_kernels_matches_cudnn(monkeypatch):
     convolutions' weight gradients with the Triton paths are as close to the float32 network's as cuDNN's alone
     (the routing switched off). Against each other the two fp16 paths differ by whole percents in the stem's weight
     gradient, a sum that cancels: rounding the float32 network's layer outputs to fp16 moves it as much."""
+    from nnunet_segmamba.networks.blocks import one_channel_in_layout_of
     from nnunet_segmamba.networks.segmamba import SegMamba
 
     def step(autocast: bool):
@@ -175,15 +176,22 @@ def test_segmamba_step_on_the_input_kernels_matches_cudnn(monkeypatch):
         # range (the trainers' GradScaler scales the loss for the same reason)
         out.float().square().sum().backward()
         torch._dynamo.reset()
-        return {"output": out.float(), "stem weight gradient": model.vit.downsample_layers[0][0].weight.grad,
-                "block weight gradient": model.encoder1.layer.conv1.conv.weight.grad}
+        # which of the three convolutions on the input took the Triton op, as the network views the input
+        view = one_channel_in_layout_of(x, model.encoder2.layer.conv1.conv.weight)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            routed_convs = sum(triton_input_conv.takes_triton_path(view, conv) for conv in (
+                model.vit.downsample_layers[0][0], model.encoder1.layer.conv1.conv, model.encoder1.layer.conv3.conv))
+        return routed_convs, {"output": out.float(),
+                              "stem weight gradient": model.vit.downsample_layers[0][0].weight.grad,
+                              "block weight gradient": model.encoder1.layer.conv1.conv.weight.grad}
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    reference = step(autocast=False)
-    routed = step(autocast=True)
+    _, reference = step(autocast=False)
+    routed_convs, routed = step(autocast=True)
     monkeypatch.setattr(triton_input_conv, "FORWARD_MAX_CHANNELS", 0)
     monkeypatch.setattr(triton_input_conv, "WEIGHT_GRADIENT_MAX_CHANNELS", 0)
-    cudnn = step(autocast=True)
+    cudnn_routed_convs, cudnn = step(autocast=True)
+    assert (routed_convs, cudnn_routed_convs) == (3, 0)
     for name, want in reference.items():
         error, cudnn_error = ((got[name] - want).abs().max().item() for got in (routed, cudnn))
         scale = want.abs().max().item()
