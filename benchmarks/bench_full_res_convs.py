@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_timing import conv_report_with_full_search, gpu_times_ms, summary, write_report
+from benchmarks.gpu_timing import conv_report_with_full_search, gpu_times_ms, settings_applied, summary, write_report
 from nnunet_segmamba.networks import triton_input_conv
 from nnunet_segmamba.networks.cpu_conv import mirrored
 
@@ -68,18 +68,19 @@ def weight_gradient(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
 TRITON_FORWARD_SETTINGS = ((32, 4), (64, 4), (64, 8))
 
 
-def triton_forward(x: torch.Tensor, weight: torch.Tensor, block_m: int, warps: int) -> torch.Tensor:
-    """triton_input_conv's forward kernel (written for few channels) at these channels, under one launch setting."""
-    saved = dict(triton_input_conv.TUNING)
-    triton_input_conv.TUNING.update(fwd_block_m=block_m, fwd_warps=warps)
-    try:
-        return triton_input_conv.input_conv3d_forward(x, weight, None, 1, 1)
-    finally:
-        triton_input_conv.TUNING.update(saved)
+def triton_forward_pass(block_m: int, warps: int) -> str:
+    return f"forward, Triton {block_m}/{warps}"
 
 
-def triton_weight_gradient(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return triton_input_conv.input_conv3d_weight_gradient(dout, x, weight, 1, 1, False)[0]
+#: the passes timed, in the table's order
+PASSES = ("forward", "input gradient", "input gradient as forward", "weight gradient", "weight gradient, Triton",
+          *(triton_forward_pass(block_m, warps) for block_m, warps in TRITON_FORWARD_SETTINGS))
+
+
+def max_rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference relative to want's largest entry."""
+    want = want.float()
+    return (got.float() - want).abs().max().item() / want.abs().max().item()
 
 
 def bench_case(batch: int, spatial: tuple[int, ...], iters: int) -> list[dict]:
@@ -90,30 +91,35 @@ def bench_case(batch: int, spatial: tuple[int, ...], iters: int) -> list[dict]:
         x = torch.randn((batch, cin, *spatial), device="cuda", generator=g).half().to(memory_format=CL)
         weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * 0.05).half().to(memory_format=CL)
         dout = torch.randn((batch, cout, *spatial), device="cuda", generator=g).half().to(memory_format=CL)
-        passes = {"forward": lambda: forward(x, weight),
-                  "input gradient": lambda: input_gradient(dout, x, weight),
-                  "input gradient as forward": lambda: input_gradient_as_forward(dout, weight),
-                  "weight gradient": lambda: weight_gradient(dout, x, weight),
-                "weight gradient, Triton": lambda: triton_weight_gradient(dout, x, weight)}
-        for block_m, warps in TRITON_FORWARD_SETTINGS:
-            passes[f"forward, Triton {block_m}/{warps}"] = \
-                lambda block_m=block_m, warps=warps: triton_forward(x, weight, block_m, warps)
+
+        def triton_forward():  # triton_input_conv's forward kernel (written for few channels) at these channels
+            return triton_input_conv.input_conv3d_forward(x, weight, None, 1, 1)
+
+        # each pass and the launch settings (triton_input_conv.TUNING) it runs under
+        passes = {"forward": (lambda: forward(x, weight), {}),
+                  "input gradient": (lambda: input_gradient(dout, x, weight), {}),
+                  "input gradient as forward": (lambda: input_gradient_as_forward(dout, weight), {}),
+                  "weight gradient": (lambda: weight_gradient(dout, x, weight), {}),
+                  "weight gradient, Triton": (
+                      lambda: triton_input_conv.input_conv3d_weight_gradient(dout, x, weight, 1, 1, False), {}),
+                  **{triton_forward_pass(block_m, warps): (triton_forward, {"fwd_block_m": block_m, "fwd_warps": warps})
+                     for block_m, warps in TRITON_FORWARD_SETTINGS}}
         row = {"conv": f"{cin} -> {cout}", "gflop": 2 * positions * cout * cin * 27 / 1e9}
         with torch.no_grad():
-            for name, call in passes.items():
-                try:
-                    call()  # cuDNN's search, or Triton's compile, untimed
-                except Exception as error:  # Triton's OutOfResources: these channels' tiles exceed shared memory
-                    row[name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
-                    continue
-                row[name] = summary(gpu_times_ms(call, iters, SLEEP_CYCLES))
-            want = input_gradient(dout, x, weight).float()
-            got = input_gradient_as_forward(dout, weight).float()
-            row["input_gradient_max_rel_diff"] = (got - want).abs().max().item() / want.abs().max().item()
-            want = forward(x, weight).float()
-            if "ms_median" in row[f"forward, Triton {TRITON_FORWARD_SETTINGS[0][0]}/{TRITON_FORWARD_SETTINGS[0][1]}"]:
-                got = triton_forward(x, weight, *TRITON_FORWARD_SETTINGS[0]).float()
-                row["triton_forward_max_rel_diff"] = (got - want).abs().max().item() / want.abs().max().item()
+            for name, (call, settings) in passes.items():
+                with settings_applied(triton_input_conv.TUNING, **settings):
+                    try:
+                        call()  # cuDNN's search, or Triton's compile, untimed
+                    except Exception as error:  # Triton's OutOfResources: these channels' tiles exceed shared memory
+                        row[name] = {"error": f"{type(error).__name__}: {str(error)[:120]}"}
+                        continue
+                    row[name] = summary(gpu_times_ms(call, iters, SLEEP_CYCLES))
+            row["input_gradient_max_rel_diff"] = max_rel_diff(input_gradient_as_forward(dout, weight),
+                                                              input_gradient(dout, x, weight))
+            first = triton_forward_pass(*TRITON_FORWARD_SETTINGS[0])
+            if "ms_median" in row[first]:
+                with settings_applied(triton_input_conv.TUNING, **passes[first][1]):
+                    row["triton_forward_max_rel_diff"] = max_rel_diff(triton_forward(), forward(x, weight))
         rows.append(row)
         del x, weight, dout
     return rows
@@ -127,18 +133,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("full_res_convs.json"))
     args = parser.parse_args()
     report = conv_report_with_full_search("bench_full_res_convs", iters=args.iters)
-    passes = ("forward", "input gradient", "input gradient as forward", "weight gradient", "weight gradient, Triton",
-              *(f"forward, Triton {block_m}/{warps}" for block_m, warps in TRITON_FORWARD_SETTINGS))
     for case in args.cases.split(";"):
         batch, spatial = parse_case(case)
         rows = bench_case(batch, spatial, args.iters)
         report["cases"][case] = rows
         print(f"\nbatch {batch}, {'x'.join(map(str, spatial))}, {report['gpu']}; ms (TFLOP/s)")
-        print(f"| convolution | {' | '.join(passes)} | input gradients' / Triton forward's max difference |")
-        print("|---|" + "---|" * (len(passes) + 1))
+        print(f"| convolution | {' | '.join(PASSES)} | input gradients' / Triton forward's max difference |")
+        print("|---|" + "---|" * (len(PASSES) + 1))
         for r in rows:
             cells = [f"{r[p]['ms_median']:.3f} ({r['gflop'] / r[p]['ms_median']:.0f})" if "ms_median" in r[p]
-                     else "failed" for p in passes]
+                     else "failed" for p in PASSES]
             print(f"| {r['conv']} | {' | '.join(cells)} | {r['input_gradient_max_rel_diff']:.1e} / "
                   f"{r.get('triton_forward_max_rel_diff', float('nan')):.1e} |")
     write_report(args.out, report)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_timing import conv_report_with_full_search, gpu_times_ms, summary, write_report
+from benchmarks.gpu_timing import conv_report_with_full_search, gpu_times_ms, settings_applied, summary, write_report
 from nnunet_segmamba.networks import triton_input_conv
 from nnunet_segmamba.networks.triton_input_conv import input_conv3d_forward, input_conv3d_weight_gradient
 
@@ -117,27 +117,22 @@ def tune_case(batch: int, channels: int, spatial: tuple[int, ...], features: int
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn((batch, channels, *spatial), device="cuda", generator=g).half().to(memory_format=CL)
     rows = []
-    saved = dict(triton_input_conv.TUNING)
-    try:
-        for name, k, stride, padding in CONVS:
-            weight = (torch.randn(features, channels, k, k, k, device="cuda", generator=g) * 0.05).half()
-            y = input_conv3d_forward(x, weight, None, stride, padding)
-            dout = torch.randn(y.shape, device="cuda", generator=g).half().to(memory_format=CL)
-            for bm, warps in FWD_SETTINGS:
-                triton_input_conv.TUNING.update(fwd_block_m=bm, fwd_warps=warps)
+    for name, k, stride, padding in CONVS:
+        weight = (torch.randn(features, channels, k, k, k, device="cuda", generator=g) * 0.05).half()
+        y = input_conv3d_forward(x, weight, None, stride, padding)
+        dout = torch.randn(y.shape, device="cuda", generator=g).half().to(memory_format=CL)
+        for bm, warps in FWD_SETTINGS:
+            with settings_applied(triton_input_conv.TUNING, fwd_block_m=bm, fwd_warps=warps):
                 input_conv3d_forward(x, weight, None, stride, padding)
                 t = gpu_times_ms(lambda: input_conv3d_forward(x, weight, None, stride, padding), iters, SLEEP_CYCLES)
-                rows.append({"conv": name, "pass": "forward", "setting": [bm, warps], **summary(t)})
-            for bm, bk, warps, ppsm in WGRAD_SETTINGS:
-                triton_input_conv.TUNING.update(wgrad_block_m=bm, wgrad_block_k=bk, wgrad_warps=warps,
-                                                wgrad_programs_per_sm=ppsm)
+            rows.append({"conv": name, "pass": "forward", "setting": [bm, warps], **summary(t)})
+        for bm, bk, warps, ppsm in WGRAD_SETTINGS:
+            with settings_applied(triton_input_conv.TUNING, wgrad_block_m=bm, wgrad_block_k=bk, wgrad_warps=warps,
+                                  wgrad_programs_per_sm=ppsm):
                 input_conv3d_weight_gradient(dout, x, weight, stride, padding, False)
                 t = gpu_times_ms(lambda: input_conv3d_weight_gradient(dout, x, weight, stride, padding, False), iters,
                                  SLEEP_CYCLES)
-                rows.append({"conv": name, "pass": "weight gradient", "setting": [bm, bk, warps, ppsm], **summary(t)})
-    finally:
-        triton_input_conv.TUNING.clear()
-        triton_input_conv.TUNING.update(saved)
+            rows.append({"conv": name, "pass": "weight gradient", "setting": [bm, bk, warps, ppsm], **summary(t)})
     return rows
 
 

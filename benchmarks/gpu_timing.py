@@ -2,6 +2,7 @@
 launches left out, the summary of such times, its table cell, and the JSON report written."""
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -9,7 +10,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["conv_report_with_full_search", "gpu_times_ms", "summary", "summary_cell", "write_report"]
+__all__ = ["conv_report_with_full_search", "gpu_times_ms", "settings_applied", "summary", "summary_cell",
+           "write_report"]
 
 
 def gpu_times_ms(call: Callable[[], object], iters: int, sleep_cycles: int,
@@ -42,6 +44,19 @@ def conv_report_with_full_search(name: str, **fields) -> dict:
     torch.backends.cudnn.benchmark_limit = 0
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
             **fields, "cases": {}}
+
+
+@contextlib.contextmanager
+def settings_applied(settings: dict, **values):
+    """A module's launch-settings dict (a Triton module's TUNING) with `values` in it for the block's duration, as it
+    was after the block."""
+    saved = dict(settings)
+    settings.update(values)
+    try:
+        yield
+    finally:
+        settings.clear()
+        settings.update(saved)
 
 
 def summary(times: list[float]) -> dict[str, float]:

@@ -57,8 +57,8 @@ def main() -> None:
     rows = []
     print(f"forward kernel, Triton {triton.__version__}, {gpu_name(args.arch)}, BLOCK_M {args.block_m}, "
           f"{args.warps} warps")
-    print("| convolution | channels | BLOCK_J | registers | spilled bytes | loop instructions | per block | loads (loop's, "
-          "or the kernel's without one) |")
+    print("| convolution | channels | BLOCK_J | registers | spilled bytes | loop instructions | per block | "
+          "loads (loop's, or the kernel's without one) |")
     print("|---|---|---|---|---|---|---|---|")
     for channels in args.channels:
         for name, size, stride, padding in CASES:

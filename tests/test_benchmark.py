@@ -775,3 +775,18 @@ def test_full_res_convs_benchmark_input_gradient_as_forward_equals_autograds():
         torch.testing.assert_close(bench.input_gradient_as_forward(dout, weight), want)
         (want_w,) = torch.autograd.grad(bench.forward(x, weight.requires_grad_()), weight, dout)
         torch.testing.assert_close(bench.weight_gradient(dout, x, weight), want_w)
+
+
+def test_settings_applied_holds_the_values_in_the_block_and_restores_the_dict_after_it():
+    """benchmarks.gpu_timing.settings_applied, as the benchmarks sweep a Triton module's TUNING: the values inside the
+    block, the dict as it was after it, also when the block raises."""
+    from benchmarks.gpu_timing import settings_applied
+
+    tuning = {"block_m": 128, "warps": 4}
+    with settings_applied(tuning, warps=8, extra=1):
+        assert tuning == {"block_m": 128, "warps": 8, "extra": 1}
+    assert tuning == {"block_m": 128, "warps": 4}
+    with pytest.raises(RuntimeError):
+        with settings_applied(tuning, block_m=64):
+            raise RuntimeError("a launch that does not fit")
+    assert tuning == {"block_m": 128, "warps": 4}
