@@ -3,9 +3,8 @@ machine (no GPU needed): registers, spills, and the SASS instructions and global
 three convolutions on SegMamba's input at 1 and 4 channels. Each loop step covers one tap row (kd, kh) of the
 kernel, BLOCK_J columns; the instructions per block of output positions are the loop's times KS^2 (the whole
 kernel's where the compiler unrolled the loop). The input's strides are compiled as multiples of 16, as Triton's
-launch specialises them at SegMamba's patches. A prediction of
-where the time goes, not a timing (`bench_input_convs` times it on a GPU); put the GPU machine's Triton first on
-PYTHONPATH to compile as it does.
+launch specialises them at SegMamba's patches. A prediction of where the time goes, not a timing
+(`bench_input_convs` times it on a GPU); put the GPU machine's Triton first on PYTHONPATH to compile as it does.
 
     python -m benchmarks.input_conv_sass --out input_conv_sass.json
 """
@@ -14,12 +13,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import re
 from pathlib import Path
 
 import triton
 
-from benchmarks.triton_registers import compile_sass, gpu_name, innermost_loop, parse_listing
+from benchmarks.triton_registers import compile_sass, gpu_name, innermost_loop, parse_listing, register_usage
 from nnunet_segmamba.networks import triton_input_conv
 
 CASES = (("stem 7^3 / 2", 7, 2, 3), ("block 3^3", 3, 1, 1), ("shortcut 1^3", 1, 1, 0))
@@ -41,9 +39,8 @@ def forward_stats(channels: int, size: int, stride: int, padding: int, block_m: 
     # kernel is the block's instructions
     per_block = len(body) * size * size if body else len(code)
     loads = collections.Counter(i.opcode for i in (body or code) if i.opcode.startswith("LDG"))
-    return {"block_j": block_j, "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
-            "spill_stores": int(re.search(r"(\d+) bytes spill stores", text).group(1)),
-            "loop_instructions": len(body), "per_block_of_positions": per_block, "loads": dict(loads)}
+    return {"block_j": block_j, **register_usage(text), "loop_instructions": len(body),
+            "per_block_of_positions": per_block, "loads": dict(loads)}
 
 
 def main() -> None:

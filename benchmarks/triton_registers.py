@@ -116,12 +116,16 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
             consts["ROWS"] = bwd_rows
     text, listing = compile_sass(kernel, consts, lambda name: dtype if name in INPUT_DTYPE_POINTERS else "fp32",
                                  DIVISIBLE_INTS, arch, num_warps, line_info=by_line)
-    registers = re.search(r"Used (\d+) registers", text)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
     code = parse_listing(listing)
+    return {**register_usage(text), **loop_body(code), **({"loop_by_line": loop_lines(code)} if by_line else {})}
+
+
+def register_usage(ptxas_report: str) -> dict:
+    """Registers per thread and spilled bytes, from `ptxas -v`'s report."""
+    registers = re.search(r"Used (\d+) registers", ptxas_report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_report)
     return {"registers": int(registers.group(1)), "spill_stores": int(spills.group(1)),
-            "spill_loads": int(spills.group(2)), **loop_body(code),
-            **({"loop_by_line": loop_lines(code)} if by_line else {})}
+            "spill_loads": int(spills.group(2))}
 
 
 # nvdisasm's listing: one SASS instruction "/*address*/ [@predicate] OPCODE operands ;", ".L_x_N:" labels that

@@ -671,6 +671,17 @@ def test_triton_registers_names_the_architecture_as_triton_compiles_for_it():
     assert [gpu_name(arch) for arch in (80, 89, 90, 100, 120)] == ["sm_80", "sm_89", "sm_90a", "sm_100a", "sm_120a"]
 
 
+def test_triton_registers_reads_registers_and_spills_from_the_ptxas_report():
+    pytest.importorskip("triton")
+    from benchmarks.triton_registers import register_usage
+
+    report = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+              "ptxas info    : Function properties for k\n"
+              "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n"
+              "ptxas info    : Used 168 registers, used 1 barriers\n")
+    assert register_usage(report) == {"registers": 168, "spill_stores": 16, "spill_loads": 8}
+
+
 def test_cpu_benchmarks_main_times_the_runs_and_writes_the_report(tmp_path, capsys):
     from benchmarks import cpu_timing
 
