@@ -44,6 +44,9 @@ INDUCTOR_CATEGORIES = (
     ("inductor pointwise", ("triton_poi",)),
 )
 CATEGORIES = (
+    # triton_input_conv's kernels (the convolutions on the few-channel input) first: "_conv_fwd" below is the
+    # causal conv's
+    ("convolution", ("_input_conv_",)),
     ("scan (ours)", ("selective_scan", "_fwd_chunk", "_bwd_chunk", "_chunk_carry", "_causal_conv", "_conv_fwd",
                      "_conv_bwd")),
     ("layout copy (cuDNN)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),

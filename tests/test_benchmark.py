@@ -589,6 +589,9 @@ def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():
     ("sm80_xmma_gemm_f16f16_f32f32_f32_nn_n_tilesize32x128x8_stage3_warpsize1x2x1_ffma", "GEMM"),
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout copy (cuDNN)"),
     ("_bwd_chunk", "scan (ours)"),
+    ("_causal_conv1d_fwd_kernel", "scan (ours)"),
+    ("_input_conv_fwd", "convolution"),
+    ("_input_conv_wgrad", "convolution"),
     ("triton_red_fused__to_copy_var_mean_93", "norm (inductor, fused)"),
 ])
 def test_profile_categories_tell_cudnn_convolutions_from_cublas_gemms(kernel, category):
