@@ -154,13 +154,17 @@ class ResidualConvBlock(nn.Module):
 _ATEN = torch.ops.aten
 # what a recomputed residual block keeps: the outputs of its 3x3 convolutions and the norms' statistics
 _KEPT_BY_RECOMPUTED_BLOCKS = (_ATEN.var_mean.correction, _ATEN.rsqrt.default)
+# the operators that compute a Conv3d's output (each with the weight as its second argument): torch's, the CPU
+# path's forward (`cpu_conv.forward`, oneDNN's) and the GPU's op for a few-channel input (`triton_input_conv`)
+_CONVOLUTIONS = (_ATEN.convolution.default, _ATEN.mkldnn_convolution.default,
+                 torch.ops.nnunet_segmamba.input_conv3d.default)
 
 
 def _keep_3x3_convolutions(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     # A 3x3 convolution is the costly part of a residual block, and its output is needed for its norm's backward
     # anyway. Recomputed: the norm + LeakyReLU outputs (the next convolution's input, kept otherwise next to the
     # convolution output it is made from, pointwise) and the 1x1 shortcut convolution with its norm (cheap).
-    if func is _ATEN.convolution.default and any(k > 1 for k in args[1].shape[2:]):
+    if func in _CONVOLUTIONS and any(k > 1 for k in args[1].shape[2:]):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.MUST_SAVE if func in _KEPT_BY_RECOMPUTED_BLOCKS else CheckpointPolicy.PREFER_RECOMPUTE
 

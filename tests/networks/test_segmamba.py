@@ -232,6 +232,40 @@ def test_recomputed_conv_blocks_give_the_same_values_from_less_memory(in_channel
     assert held[True] < 3.1 * activation, held
 
 
+class _ForwardConvolutions(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the forward-convolution operators run, by kernel size (3 or 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {3: 0, 1: 0}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.mkldnn_convolution.default):
+            self.counts[args[1].shape[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["cpu-path", "torch-path"])
+def test_recomputed_conv_blocks_keep_their_3x3_convolutions_on_every_path(channels_last):
+    """The backward of a recomputing block runs the same 3x3 forward convolutions as the block that keeps every
+    activation (none: the CPU path's input gradient at few channels is one) and recomputes only the 1x1 shortcut,
+    whichever operator computed the convolutions: channels-first float32 on the CPU takes `cpu_conv` (oneDNN's
+    operator, which the policy had missed, so the 3x3 convolutions were computed again), channels-last torch's."""
+    runs = {}
+    for recompute in (False, True):
+        block = _ResBlockLayer(3, 4, 8, recompute_activations=recompute)
+        x = torch.randn(2, 4, 8, 8, 8)
+        if channels_last:
+            block, x = block.to(memory_format=torch.channels_last_3d), x.to(memory_format=torch.channels_last_3d)
+        out = block(x.requires_grad_(True))
+        with _ForwardConvolutions() as counted:
+            out.sum().backward()
+        runs[recompute] = counted.counts
+    assert runs[True][3] == runs[False][3]
+    if channels_last:  # (the CPU path's 1x1 convolution is a matrix product)
+        assert runs[True][1] == runs[False][1] + 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_recomputed_conv_blocks_match_on_cuda():

@@ -7,6 +7,8 @@ interpreted tests again in subprocesses); the GPU test runs the same comparisons
 """
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ def test_interpreted_matches_conv3d(case, one_thread):
 
 
 def test_kernels_under_interpreter(run_under_triton_interpreter):
-    run_under_triton_interpreter(__file__, "interpreted", min_passed=len(CASES) + 3)
+    run_under_triton_interpreter(__file__, "interpreted", min_passed=len(CASES) + 5)
 
 
 @pytest.mark.gpu
@@ -113,6 +115,33 @@ def test_interpreted_op_without_input_gradient_or_bias(one_thread):
     leaf = weight.clone().requires_grad_()
     got, = torch.autograd.grad(triton_input_conv.input_conv3d(x, leaf, None, 1, 1), leaf, dy)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@interpreted
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_interpreted_recomputing_block_keeps_the_ops_3x3_output(compiled, one_thread, monkeypatch):
+    """A residual block on a four-channel input with its two convolutions on the op, as on a GPU, recomputing its
+    activations: the op's forward runs once for the 3^3 convolution, whose output the block keeps, and twice for the
+    1x1x1 shortcut, which it recomputes (the policy had matched torch's convolution operator only, and so recomputed
+    the 3^3 one too). Compiled: AOTAutograd's partition, as the trainers run it."""
+    from nnunet_segmamba.networks import blocks
+
+    calls = collections.Counter()
+    kernel_forward = triton_input_conv.input_conv3d_forward
+
+    def counted(x, weight, *args):
+        calls[weight.shape[-1]] += 1
+        return kernel_forward(x, weight, *args)
+
+    monkeypatch.setattr(triton_input_conv, "input_conv3d_forward", counted)
+    monkeypatch.setattr(triton_input_conv, "takes_triton_path", lambda x, conv: conv.in_channels <= 4)
+    monkeypatch.setattr(blocks, "takes_cpu_path", lambda *args: False)
+    torch.manual_seed(0)
+    block = blocks._ResBlockLayer(3, 4, 8, recompute_activations=True).to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 4, 6, 5, 7).to(memory_format=torch.channels_last_3d).requires_grad_(True)
+    run = torch.compile(block, backend="aot_eager", fullgraph=True) if compiled else block
+    run(x).sum().backward()
+    assert calls == {3: 1, 1: 2}, calls
 
 
 def test_routing_takes_half_precision_channels_last_cuda_convolutions_only():
