@@ -57,12 +57,16 @@ CUDA_GRAPH_NETWORKS = ("segmamba_compiled_cg[triton]", "segmamba_compiled_cg[cud
 # except its scan
 RECOMPUTE_NETWORKS = ("segmamba_recompute[triton]", "segmamba_recompute_compiled[triton]",
                       "segmamba_recompute_compiled_cg[triton]")
-# `segmamba_cl`: weights and input in channels_last_3d, eager, compiled, or compiled with CUDA graphs;
-# `segmamba_cl_recompute`: with recomputed branches too, and compiled with CUDA graphs the trainers' setting on
-# one GPU
+# `segmamba_cl`: weights and input in channels_last_3d, eager, compiled, or compiled with CUDA graphs (the residual
+# conv blocks recompute their norms and shortcuts, the network's default on a GPU); `segmamba_cl_recompute`: with
+# recomputed Mamba branches too, and compiled with CUDA graphs the trainers' setting on one GPU from 2^21 voxels per
+# batch (BraTS's 2 x 128^3); `segmamba_cl_keep`: nothing recomputed, compiled with CUDA graphs the trainers' setting
+# below (the hippocampus's 7 x 48 x 64 x 48)
 CHANNELS_LAST_NETWORKS = ("segmamba_cl[cuda]", "segmamba_cl[triton]", "segmamba_cl_compiled[triton]",
                           "segmamba_cl_compiled_cg[triton]", "segmamba_cl_recompute[triton]",
-                          "segmamba_cl_recompute_compiled[triton]", "segmamba_cl_recompute_compiled_cg[triton]")
+                          "segmamba_cl_recompute_compiled[triton]", "segmamba_cl_recompute_compiled_cg[triton]",
+                          "segmamba_cl_keep[triton]", "segmamba_cl_keep_compiled[triton]",
+                          "segmamba_cl_keep_compiled_cg[triton]")
 # `segmamba_cl16`: channels-last with the 3D convolutions' weights stored in float16 (what fp16 autocast casts
 # them to on every call, so the same arithmetic): inference only. Compiled, the casts inside the graph are
 # intermediate buffers that inductor lays out channels-first, and cuDNN converts around every convolution
@@ -85,7 +89,13 @@ NETWORK_HELP = {
     "segmamba_cl_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs)",
     "segmamba_cl_recompute[triton]": "SegMamba in channels_last_3d with recomputed Mamba branches, triton scan",
     "segmamba_cl_recompute_compiled[triton]": "the same under torch.compile",
-    "segmamba_cl_recompute_compiled_cg[triton]": "the same compiled with CUDA graphs: the trainers' setting on one GPU",
+    "segmamba_cl_recompute_compiled_cg[triton]": "the same compiled with CUDA graphs: the trainers' setting on one GPU "
+                                                 "from 2^21 voxels per batch (2 x 128^3)",
+    "segmamba_cl_keep[triton]": "SegMamba in channels_last_3d keeping every activation for the backward (no recomputed "
+                                "Mamba branches or conv blocks), triton scan",
+    "segmamba_cl_keep_compiled[triton]": "the same under torch.compile",
+    "segmamba_cl_keep_compiled_cg[triton]": "the same compiled with CUDA graphs: the trainers' setting on one GPU "
+                                            "below 2^21 voxels per batch (the hippocampus's 7 x 48 x 64 x 48)",
     "segmamba_cl16_compiled[triton]": "SegMamba in channels_last_3d, 3D conv weights in float16, compiled (inference)",
     "segmamba_cl16_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs; inference)",
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
@@ -196,6 +206,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
                         mixer="none" if "nomamba" in variant else "tom",
                         gradient_checkpointing="ckpt" in variant,
                         recompute_mamba_branches="recompute" in variant,
+                        # None: the network's default, recomputed on a GPU
+                        recompute_conv_blocks=False if "keep" in variant else None,
                         scan_backend=_backend_of(name) or "auto")
         if "cl16" in variant:
             from .training.inference import half_precision_convs

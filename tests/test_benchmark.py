@@ -353,8 +353,19 @@ def test_compiled_networks_build_and_train(tmp_path):
     assert next(channels_last.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
     trainers_setting = benchmark.build_network("segmamba_cl_recompute_compiled_cg[triton]", 1, 2, segmamba_width=4)
     assert next(trainers_setting.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
-    assert {m.recompute_branches for m in trainers_setting.modules() if hasattr(m, "recompute_branches")} == {True}
-    assert {m.recompute_branches for m in channels_last.modules() if hasattr(m, "recompute_branches")} == {False}
+    below_voxel_rule = benchmark.build_network("segmamba_cl_keep_compiled_cg[triton]", 1, 2, segmamba_width=4)
+    assert next(below_voxel_rule.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+
+    def recomputes(network, attribute):
+        return {getattr(m, attribute) for m in network.modules() if hasattr(m, attribute)}
+
+    # the Mamba branches as the name says; the conv blocks at the network's default (None: on a GPU) unless "keep"
+    assert recomputes(trainers_setting, "recompute_branches") == {True}
+    assert recomputes(trainers_setting, "recompute_activations") == {None}
+    assert recomputes(channels_last, "recompute_branches") == {False}
+    assert recomputes(channels_last, "recompute_activations") == {None}
+    assert recomputes(below_voxel_rule, "recompute_branches") == {False}
+    assert recomputes(below_voxel_rule, "recompute_activations") == {False}
     torch._dynamo.reset()
     report = benchmark.run_benchmark(
         networks=["segmamba_compiled[cuda]", "segmamba_compiled[torch]"], device="cpu", batch=1, patch=(32, 16, 16),

@@ -12,15 +12,16 @@
 # as a difference between versions. Prints one line per run and a table of the medians; writes step_ab.json (the
 # table) and one benchmark JSON and log per run into OUT.
 #
-# Environment: NETWORKS (default the trainers' network at the hippocampus patch, segmamba_cl_compiled_cg[triton]),
-# ARGS (the benchmark's options; default the hippocampus patch: batch 7, 1 x 48 x 64 x 48 -> 3, 5 + 20 steps, no
-# inference), DEVICE (default cuda), ROUNDS (default 2), OUT (default runs/gpu/step_ab), WHEELS and SITE as in
-# scripts/gpu/setup.sh.
+# Environment: NETWORKS (default the trainers' network at the hippocampus patch,
+# segmamba_cl_keep_compiled_cg[triton]: below 2^21 voxels per batch they recompute neither the Mamba branches nor
+# the conv blocks), ARGS (the benchmark's options; default the hippocampus patch: batch 7, 1 x 48 x 64 x 48 -> 3,
+# 5 + 20 steps, no inference), DEVICE (default cuda), ROUNDS (default 2), OUT (default runs/gpu/step_ab), WHEELS and
+# SITE as in scripts/gpu/setup.sh.
 set -o pipefail
 source scripts/gpu/setup.sh -- $WHEELS >/dev/null
 OUT=${OUT:-runs/gpu/step_ab}; mkdir -p "$OUT"; res=$(cd "$OUT" && pwd)
 trees=$res/trees; rm -rf "$trees"; mkdir -p "$trees"
-NETWORKS=${NETWORKS:-segmamba_cl_compiled_cg[triton]}
+NETWORKS=${NETWORKS:-segmamba_cl_keep_compiled_cg[triton]}
 ARGS=${ARGS:---no-inference --warmup 5 --iters 20 --batch 7 --patch 48,64,48 --in-channels 1 --out-channels 3}
 names=(tree); dirs=("$PWD")
 for version in "$@"; do
