@@ -25,7 +25,8 @@ the class attributes of the "tunables" block below or override one hook. Compare
   runs half-precision convolutions (SegMamba views a one-channel input the same way); checkpoints load into either
   layout.
 * cuDNN: the search that nnU-Net's training turns on times every algorithm for each convolution
-  (`cudnn_benchmark_limit`), not only torch's first 10: a faster step for a longer first one.
+  (`cudnn_benchmark_limit`), not only torch's first 10: a faster step for a longer first one. The first training
+  and validation steps on a GPU (the compile and that search: minutes) are logged with their time.
 * memory: on a GPU the Mamba branches, and the conv blocks' norms and shortcuts, are recomputed in the backward
   pass for large batches only (`recompute_mamba_branches`, `recompute_conv_blocks`), where their activations are
   gigabytes; at small ones it would only cost time.
@@ -41,8 +42,10 @@ checkpointing, `--c` / `--val` / `--npz`, validation and export.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+import time
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -189,6 +192,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     _unchecked_loss: tuple | None = None
     # the network and the loss compiled as one module, where the steps run as CUDA graphs (`initialize`)
     _compiled_network_and_loss: nn.Module | None = None
+    # the kinds of step ("training", "validation") whose first run on the GPU has been logged (`_first_step_logged`)
+    _first_steps_logged: frozenset = frozenset()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -296,8 +301,14 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         """`cudnn_benchmark_limit` for this process's convolutions, on CUDA (as nnU-Net sets cudnn.benchmark)."""
         if self.device.type == "cuda" and self.cudnn_benchmark_limit is not None:
             torch.backends.cudnn.benchmark_limit = self.cudnn_benchmark_limit
-            self.print_to_log_file(f"cuDNN's search times {self.cudnn_benchmark_limit or 'every'} algorithm"
-                                   f"{'s' if self.cudnn_benchmark_limit != 1 else ''} per convolution")
+            self.print_to_log_file(f"cuDNN's search times {self._cudnn_search_in_words()} per convolution")
+
+    def _cudnn_search_in_words(self) -> str:
+        """What cuDNN's search times per convolution: this trainer's limit, or torch's where it sets none."""
+        limit = self.cudnn_benchmark_limit
+        if limit is None:
+            limit = torch.backends.cudnn.benchmark_limit
+        return "every algorithm" if limit == 0 else f"up to {limit} algorithm{'s' if limit != 1 else ''}"
 
     def uses_cuda_graphs(self) -> bool:
         """True where the steps run as CUDA graphs: nnU-Net's rule compiled the network, on one GPU."""
@@ -440,11 +451,33 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         torch.compiler.cudagraph_mark_step_begin()
 
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self._forward_and_loss(data, target)
-        if self.grad_scaler is None:
-            return self._step_checked_on_the_host(loss)
-        return self._step_without_host_syncs(loss)
+        with self._first_step_logged("training"):
+            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+                loss = self._forward_and_loss(data, target)
+            if self.grad_scaler is None:
+                return self._step_checked_on_the_host(loss)
+            return self._step_without_host_syncs(loss)
+
+    def _first_step_logged(self, kind: str) -> contextlib.AbstractContextManager:
+        """Around a training or validation step. The first of its kind on a GPU compiles it and has cuDNN time its
+        convolutions' algorithms: minutes, in which nnU-Net logs nothing (SegMamba's first hippocampus epoch took
+        244 s on one H100, the next ones 10 s; docs/performance.md). That step is logged, with what it does, and
+        how long it took (waiting for the GPU, that once). Nothing on the CPU, where neither happens."""
+        if self.device.type != "cuda" or kind in self._first_steps_logged:
+            return contextlib.nullcontext()
+        self._first_steps_logged = self._first_steps_logged | {kind}
+        work = [what for what, happens in (("compiling it (torch.compile)", self._do_i_compile()),
+                                           (f"cuDNN timing {self._cudnn_search_in_words()} for each convolution",
+                                            torch.backends.cudnn.benchmark)) if happens]
+        return self._timed_first_step(kind, work) if work else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _timed_first_step(self, kind: str, work: list[str]):
+        self.print_to_log_file(f"first {kind} step: {' and '.join(work)}; minutes, once")
+        start = time.perf_counter()
+        yield
+        torch.cuda.synchronize(self.device)
+        self.print_to_log_file(f"first {kind} step done in {time.perf_counter() - start:.1f} s")
 
     def _forward_and_loss(self, data: torch.Tensor, target) -> torch.Tensor:
         """nnU-Net's loss of the network's outputs; where the steps run as CUDA graphs, both in one graph."""
@@ -523,7 +556,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         results over at once."""
         torch.compiler.cudagraph_mark_step_begin()  # as in train_step
         data, target = self._batch_on_device(batch)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        with self._first_step_logged("validation"), (
+                autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()):
             output = self.network(data)
             del data
             loss = self.loss(output, target)

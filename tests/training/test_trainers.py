@@ -64,6 +64,7 @@ def test_cudnn_search_limit_is_set_for_cuda_only(make_trainer, monkeypatch):
     t.device = torch.device("cuda")
     t._limit_cudnn_search()
     assert torch.backends.cudnn.benchmark_limit == type(t).cudnn_benchmark_limit == 0
+    assert "cuDNN's search times every algorithm per convolution" in Path(t.log_file).read_text()
     for wrong in (-1, True, 2.0):  # True would pass as the int 1
         monkeypatch.setattr(type(t), "cudnn_benchmark_limit", wrong)
         with pytest.raises(ValueError, match="cudnn_benchmark_limit must be None or an int >= 0"):
@@ -163,6 +164,49 @@ def test_compiles_by_nnunets_rule(make_trainer, monkeypatch, device, setting, co
     t = make_trainer(TINY, "3d_fullres")
     t.device = torch.device(device)
     assert t._do_i_compile() is compiles
+
+
+def test_first_steps_on_a_gpu_are_logged_with_their_time(make_trainer, monkeypatch):
+    """The first training and the first validation step on a GPU compile and run cuDNN's search (minutes with
+    nothing else logged): each is logged before and after, once; on the CPU, or on a GPU where neither happens,
+    nothing is. The steps run on the CPU here: the GPU's part is the context they run in, entered with the
+    device set after construction and the wait for the GPU stubbed."""
+    t = make_trainer(TINY, "3d_fullres")
+    t.initialize()
+    log = Path(t.log_file)
+    patch = t.configuration_manager.patch_size
+    g = torch.Generator().manual_seed(0)
+    batch = {"data": torch.randn(2, 1, *patch, generator=g),
+             "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
+                        for s in (1, 2, 4, 8)]}
+    kinds = []
+    logged = type(t)._first_step_logged
+    monkeypatch.setattr(type(t), "_first_step_logged", lambda self, kind: kinds.append(kind) or logged(self, kind))
+    t.train_step(batch)
+    with torch.no_grad():
+        t.validation_step(batch)
+    assert kinds == ["training", "validation"] and "first training step" not in log.read_text()  # the CPU
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as nnU-Net's training sets it
+    monkeypatch.setattr(type(t), "_do_i_compile", lambda self: True)  # as on CUDA
+    t.device = torch.device("cuda")
+    for kind in ("training", "training", "validation"):
+        with t._first_step_logged(kind):
+            pass
+    text = log.read_text()
+    for kind in ("training", "validation"):
+        assert text.count(f"first {kind} step: compiling it (torch.compile) and cuDNN timing every algorithm for "
+                          f"each convolution; minutes, once") == 1
+        assert text.count(f"first {kind} step done in ") == 1
+
+    quiet = make_trainer(TINY, "3d_fullres")
+    quiet.device = torch.device("cuda")
+    monkeypatch.setattr(type(t), "_do_i_compile", lambda self: False)  # nnUNet_compile=f
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with quiet._first_step_logged("training"):
+        pass
+    assert "first training step" not in Path(quiet.log_file).read_text()
 
 
 def test_compiled_network_is_reached_through_the_wrapper(make_trainer, tmp_path):
