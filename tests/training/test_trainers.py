@@ -20,6 +20,15 @@ CONFIGURATIONS = ("2d", "3d_fullres")  # for the nnunet_dirs fixture (conftest.p
 TINY = trainers.nnUNetTrainerSegMamba_tiny
 
 
+def _tiny_batches(patch, count: int) -> list[dict]:
+    """`count` batches of 2 as nnU-Net's 3D loader hands them to the tiny trainer: one-channel data and the deep
+    supervision targets (labels 0-2) at strides 1, 2, 4, 8; the same ones on every call."""
+    g = torch.Generator().manual_seed(0)
+    return [{"data": torch.randn(2, 1, *patch, generator=g),
+             "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
+                        for s in (1, 2, 4, 8)]} for _ in range(count)]
+
+
 # ---- lookup and pickling ------------------------------------------------------------------------------------
 def test_every_trainer_is_found_through_nnunet_ext_trainer(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -174,11 +183,7 @@ def test_first_steps_on_a_gpu_are_logged_with_their_time(make_trainer, monkeypat
     t = make_trainer(TINY, "3d_fullres")
     t.initialize()
     log = Path(t.log_file)
-    patch = t.configuration_manager.patch_size
-    g = torch.Generator().manual_seed(0)
-    batch = {"data": torch.randn(2, 1, *patch, generator=g),
-             "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
-                        for s in (1, 2, 4, 8)]}
+    batch, = _tiny_batches(t.configuration_manager.patch_size, 1)
     kinds = []
     logged = type(t)._first_step_logged
     monkeypatch.setattr(type(t), "_first_step_logged", lambda self, kind: kinds.append(kind) or logged(self, kind))
@@ -405,10 +410,7 @@ def test_cuda_graph_steps_give_the_plain_compiles_losses_on_a_gpu(make_trainer, 
 
     monkeypatch.delenv("nnUNet_compile", raising=False)
     patch = make_trainer(TINY, "3d_fullres").configuration_manager.patch_size
-    g = torch.Generator().manual_seed(0)
-    batches = [{"data": torch.randn(2, 1, *patch, generator=g),
-                "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
-                           for s in (1, 2, 4, 8)]} for _ in range(3)]
+    batches = _tiny_batches(patch, 3)
     losses = {}
     for mode in ("default", "reduce-overhead"):
         torch.manual_seed(0)
@@ -436,11 +438,7 @@ def test_validation_step_gives_nnunets_results_and_leaves_them_on_the_device(mak
     torch.manual_seed(0)
     t = make_trainer(TINY, "3d_fullres")
     t.initialize()
-    patch = t.configuration_manager.patch_size
-    g = torch.Generator().manual_seed(0)
-    batches = [{"data": torch.randn(2, 1, *patch, generator=g),
-                "target": [torch.randint(0, 3, (2, 1, *[p // s for p in patch]), generator=g).float()
-                           for s in (1, 2, 4, 8)]} for _ in range(2)]
+    batches = _tiny_batches(t.configuration_manager.patch_size, 2)
     t.on_validation_epoch_start()
     with torch.no_grad():
         ours = [t.validation_step(b) for b in batches]
