@@ -452,11 +452,15 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
 
         self.optimizer.zero_grad(set_to_none=True)
         with self._first_step_logged("training"):
-            with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            with self._autocast():
                 loss = self._forward_and_loss(data, target)
             if self.grad_scaler is None:
                 return self._step_checked_on_the_host(loss)
             return self._step_without_host_syncs(loss)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """nnU-Net's mixed precision around a step's forward and loss: fp16 autocast on CUDA, nothing elsewhere."""
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def _first_step_logged(self, kind: str) -> contextlib.AbstractContextManager:
         """Around a training or validation step. The first of its kind on a GPU compiles it and has cuDNN time its
@@ -556,8 +560,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         results over at once."""
         torch.compiler.cudagraph_mark_step_begin()  # as in train_step
         data, target = self._batch_on_device(batch)
-        with self._first_step_logged("validation"), (
-                autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()):
+        with self._first_step_logged("validation"), self._autocast():
             output = self.network(data)
             del data
             loss = self.loss(output, target)
