@@ -215,7 +215,7 @@ def test_evaluate_folder_brats_regions(tmp_path, label_et):
     assert (out / "metrics_per_case.csv").is_file()
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary and saved["convention"] == "brats" and saved["num_cases"] == 3
-    rows = list(csv.DictReader(open(out / "metrics_per_case.csv")))
+    rows = list(csv.DictReader((out / "metrics_per_case.csv").read_text().splitlines()))
     assert len(rows) == 9 and {r["region"] for r in rows} == {"WT", "TC", "ET"}
 
     # case a, region TC must equal the API on the same arrays (after 4 -> 3) and be 3 mm off along z
@@ -245,7 +245,7 @@ def test_evaluate_folder_reference_convention_and_dataset_json(tmp_path):
     assert list(summary["metrics"]) == ["whole tumor", "tumor core", "enhancing tumor"]
     assert summary["convention"] == "reference"
     # ET: case b (one side empty) and case c (both empty) both score (0, 50) under the reference convention
-    rows = list(csv.DictReader(open(tmp_path / "e" / "metrics_per_case.csv")))
+    rows = list(csv.DictReader((tmp_path / "e" / "metrics_per_case.csv").read_text().splitlines()))
     et = {r["case"]: (float(r["dice"]), float(r["hd95_mm"])) for r in rows if r["region"] == "enhancing tumor"}
     assert et["b"] == et["c"] == (0.0, REFERENCE_EMPTY_HD95)
 
