@@ -31,7 +31,8 @@ else:
     TRITON_IMPORT_ERROR = ""
 
 __all__ = ["MODES", "TRITON_AVAILABLE", "TRITON_IMPORT_ERROR", "cdiv", "columns", "fast_divide", "fast_log2",
-           "interpreting", "jit", "memory_position", "next_power_of_2", "on_device_of", "rows", "tl", "triton"]
+           "interpreting", "jit", "memory_position", "next_power_of_2", "on_device_of", "rows", "sum_parts",
+           "sum_parts_into_columns", "tl", "triton"]
 
 # the visiting orders of `orders.py`, as the kernels' constexpr MODE
 MODES = ORDER_IDS
@@ -129,6 +130,95 @@ def next_power_of_2(x: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# ---- partial sums added up --------------------------------------------------------------------------------------
+# The backward kernels never add into one place from several programs (atomics would make the result depend on the
+# order in which programs finish): each program writes its float32 partial sums, and these add them up, in one pass
+# straight into the gradients' own tensors, layouts and dtypes. torch's sum over leading dimensions took 10-15 us a
+# call at the scan's sizes (an outer reduction, latency-bound), and slicing its result into the gradients cost a
+# copy each (a custom op's outputs may not share memory; docs/performance.md).
+_SUM_TILE = 4096  # partial sums a program holds per step of its loop over rows (32 a thread at 4 warps)
+_SUM_MAX_PROGRAMS = 512  # enough to spread the columns over every multiprocessor
+
+
+@jit
+def _column_sums(part_ptr, R, COLS, BR: tl.constexpr, BC: tl.constexpr):
+    """The sums over the R rows of a contiguous (R, COLS) float32 buffer, at this program's BC columns, in a fixed
+    order (the same on every run)."""
+    col = tl.program_id(0) * BC + tl.arange(0, BC)
+    cmask = col < COLS
+    acc = tl.zeros([BR, BC], dtype=tl.float32)
+    for r0 in range(0, R, BR):
+        r = r0 + tl.arange(0, BR)
+        acc += tl.load(part_ptr + r[:, None].to(tl.int64) * COLS + col[None, :],
+                       mask=(r < R)[:, None] & cmask[None, :], other=0.0)
+    return col, cmask, tl.sum(acc, 0)
+
+
+@jit
+def _sum_parts_kernel(part_ptr, out_ptr, R, COLS, INNER, s_out, BR: tl.constexpr, BC: tl.constexpr):
+    col, cmask, total = _column_sums(part_ptr, R, COLS, BR, BC)
+    dest = (col // INNER).to(tl.int64) * s_out + col % INNER
+    tl.store(out_ptr + dest, total.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+@jit
+def _sum_parts_into_columns_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, R, D, W, E1, E2,
+                                   NUM_OUT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    col, cmask, total = _column_sums(part_ptr, R, D * W, BR, BC)
+    d = col // W
+    w = col % W
+    tl.store(out0_ptr + d * E1 + w, total.to(out0_ptr.dtype.element_ty), mask=cmask & (w < E1))
+    if NUM_OUT > 1:
+        tl.store(out1_ptr + d * (E2 - E1) + w - E1, total.to(out1_ptr.dtype.element_ty),
+                 mask=cmask & (w >= E1) & (w < E2))
+    if NUM_OUT > 2:
+        tl.store(out2_ptr + d * (W - E2) + w - E2, total.to(out2_ptr.dtype.element_ty), mask=cmask & (w >= E2))
+
+
+def _sum_launch(rows: int, cols: int) -> tuple[int, int, int]:
+    """(programs, BR, BC): columns per program so that there are at most _SUM_MAX_PROGRAMS, rows per loop step."""
+    bc = min(512, max(16, next_power_of_2(cdiv(cols, _SUM_MAX_PROGRAMS))))
+    return cdiv(cols, bc), min(next_power_of_2(max(rows, 1)), max(1, _SUM_TILE // bc)), bc
+
+
+def sum_parts(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` (rows, inner), any row stride, contiguous along inner, any dtype = `parts` (R, rows, inner), contiguous
+    float32, summed over R in float32 and rounded once."""
+    rows, inner = out.shape
+    if parts.shape[1:] != out.shape or not parts.is_contiguous() or out.stride(1) != 1:
+        raise ValueError(f"sum_parts takes contiguous parts (R, {rows}, {inner}) and out ({rows}, {inner}) "
+                         f"contiguous along its last axis, got parts {tuple(parts.shape)} and out of strides "
+                         f"{out.stride()}")
+    if out.numel():
+        programs, br, bc = _sum_launch(parts.shape[0], out.numel())
+        with on_device_of(out):
+            _sum_parts_kernel[(programs,)](parts, out, parts.shape[0], out.numel(), inner, out.stride(0), BR=br,
+                                           BC=bc)
+    return out
+
+
+def sum_parts_into_columns(parts: torch.Tensor, outs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`parts` (R, D, W), contiguous float32, summed over R into up to three contiguous tensors of any dtype, which
+    take its columns in turn: (D, k) or (D,) (k = 1) each, their k adding up to W. E.g. the scan's dA (D, n), dD
+    (D,) and dbias (D,) from per-chunk partial sums (R, D, n + 2)."""
+    _, dim, width = parts.shape
+    ends = [0]
+    for out in outs:
+        ends.append(ends[-1] + (out.shape[1] if out.dim() == 2 else 1))
+    if not 1 <= len(outs) <= 3 or ends[-1] != width or not parts.is_contiguous() \
+            or any(out.shape[0] != dim or not out.is_contiguous() for out in outs):
+        raise ValueError(f"sum_parts_into_columns takes contiguous parts (R, D, W) and one to three contiguous "
+                         f"(D, k) / (D,) outputs whose k add up to W, got parts {tuple(parts.shape)} and outputs "
+                         f"{[tuple(o.shape) for o in outs]}")
+    if dim * width:  # with no rows (nothing to add up) the kernel writes zeros
+        programs, br, bc = _sum_launch(parts.shape[0], dim * width)
+        padded = outs + [outs[0]] * (3 - len(outs))
+        with on_device_of(parts):
+            _sum_parts_into_columns_kernel[(programs,)](parts, *padded, parts.shape[0], dim, width, ends[1],
+                                                        ends[min(2, len(outs))], NUM_OUT=len(outs), BR=br, BC=bc)
+    return outs
 
 
 def on_device_of(t: torch.Tensor):

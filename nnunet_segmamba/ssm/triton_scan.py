@@ -42,7 +42,8 @@ import torch
 
 from .orders import slice_geometry
 from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, columns, fast_divide, fast_log2, jit,
-                            memory_position, next_power_of_2, rows, tl)
+                            memory_position, next_power_of_2, rows, sum_parts,
+                            sum_parts_into_columns, tl)
 
 __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan_triton_bwd", "residual_shapes",
            "TUNING"]
@@ -433,8 +434,8 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
             ddt = tl.where(mask, ddt, 0.0)
         tl.store(du_ptr + row + p, du.to(du_ptr.dtype.element_ty), mask=mask)
         tl.store(ddelta_ptr + row + p, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
-        # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W so that torch reduces them
-        # with one launch
+        # per-(batch, chunk) partial sums of dA | dD | dbias, side by side in rows of W, added up into the three
+        # gradients by one launch (`sum_parts_into_columns`)
         part = ((b * NCH + c).to(tl.int64) * D_ + d) * W
         tl.store(dparam_ptr + part + n, tl.sum(dh_prev * dt[None, :], 1), mask=nmask)
         if HAS_D:
@@ -444,8 +445,9 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
         dB_acc += dh * dtu[None, :]
         delta, u, z, A, bias, dy = delta_n, u_n, z_n, A_n, bias_n, dy_n
     # dB and dC of each channel split: one buffer (split, 2, batch, group, n, L), in the inputs' dtype when there
-    # is one split, else float32 partial sums for torch to add up; or, with one split and group, the last rows of
-    # delta | B | C's gradient (strides in elements: between splits, batch elements, and from dB to dC)
+    # is one split, else float32 partial sums to add up (`sum_parts`); with packed gradients, the last rows of
+    # delta | B | C's gradient (one split and group) or partial sums in their order, (split, batch, 2 n, L)
+    # (strides in elements: between splits, batch elements, and from dB to dC)
     dB_row = split.to(tl.int64) * s_dBC_split + b64 * s_dBC_batch + (g * N).to(tl.int64) * L
     dC_row = dB_row + s_dBC_C
     tl.store(dBC_ptr + dB_row + n[:, None] * L + p[None, :], dB_acc.to(dBC_ptr.dtype.element_ty), mask=m2)
@@ -610,17 +612,6 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     return out, states, chunk_sum
 
 
-def _sum_over_splits(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out` (any dtype and strides) = the channel splits' partial sums `parts` (split, ...; float32 where there
-    are several) added up, rounded once: in one pass for one or two splits (a sum and then a conversion would be
-    two, and the strided destination of the packed gradient a third)."""
-    if parts.shape[0] == 1:
-        return out.copy_(parts[0])
-    if parts.shape[0] == 2:
-        return torch.add(parts[0], parts[1], out=out)
-    return out.copy_(parts.sum(0))
-
-
 def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chunk_sum, packed: bool = False):
     """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the callers' shapes and dtypes (None where absent).
 
@@ -665,6 +656,9 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     if in_place:
         dBC = d_delta_B_C[:, dim:]
         dBC_strides = (0, dBC.stride(0), n * length)
+    elif packed:  # float32 partial sums (split, batch, dB | dC rows, L): each split's in the packed gradient's order
+        dBC = torch.empty(d_split, batch, 2 * n, length, **f32)
+        dBC_strides = (dBC.stride(0), dBC.stride(1), n * length)
     else:
         dBC = torch.empty(d_split, 2, batch, groups, n, length, device=u.device,
                           dtype=B.dtype if d_split == 1 and same_kind else torch.float32)
@@ -678,21 +672,22 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         *_batch_strides(u, delta, z, B, C), ddelta.stride(0), *dBC_strides,
         NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, ROWS=_bwd_in_rows(u, z),
         num_warps=TUNING["warps_bwd"], **flags)
-    dparams = dparams.sum((0, 1))
-    dA = dparams[:, :n].to(A.dtype)
-    dD = dparams[:, n].to(D.dtype) if D is not None else None
-    dbias = dparams[:, -1].to(delta_bias.dtype) if delta_bias is not None else None
+    # added up over (batch, chunk) straight into three tensors, each in its parameter's dtype
+    dA = torch.empty(A.shape, device=u.device, dtype=A.dtype)
+    dD = torch.empty(D.shape, device=u.device, dtype=D.dtype) if D is not None else None
+    dbias = torch.empty(delta_bias.shape, device=u.device, dtype=delta_bias.dtype) if delta_bias is not None else None
+    sum_parts_into_columns(dparams.view(batch * chunks, dim, width), [g for g in (dA, dD, dbias) if g is not None])
     if in_place:
         return du, d_delta_B_C, dA, dD, dz, dbias
-    if packed:  # the splits' (2, batch, 1, n, L) summed into the rows after delta's, in their dtype
-        _sum_over_splits(dBC.squeeze(3).transpose(1, 2), d_delta_B_C[:, dim:].unflatten(1, (2, n)))
+    if packed:  # the splits' summed into the rows after delta's, in their dtype
+        sum_parts(dBC.flatten(2), d_delta_B_C[:, dim:].flatten(1))
         return du, d_delta_B_C, dA, dD, dz, dbias
     if d_split == 1:
         dBC = dBC[0]  # in B's dtype where same_kind
-    elif same_kind:  # one buffer in B's dtype for both
-        dBC = _sum_over_splits(dBC, torch.empty(dBC.shape[1:], device=u.device, dtype=B.dtype))
-    else:
-        dBC = dBC.sum(0)
+    else:  # one buffer for both, in B's dtype where same_kind
+        summed = torch.empty(dBC.shape[1:], device=u.device, dtype=B.dtype if same_kind else torch.float32)
+        sum_parts(dBC.view(d_split, 1, -1), summed.view(1, -1))
+        dBC = summed
     dB, dC = dBC.unbind(0)
     if p.groups_B != groups:
         dB = dB.reshape(batch, p.groups_B, groups // p.groups_B, n, length).sum(2)

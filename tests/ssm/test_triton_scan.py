@@ -193,6 +193,59 @@ def test_channel_splits_of_the_chunk_kernels(monkeypatch, one_multiprocessor, pr
     check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=64)
 
 
+@needs_kernels
+@pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (12, 2), (10 ** 6, 8)],
+                         ids=["one-split", "two-splits", "split-per-channel"])
+def test_packed_gradient_is_the_three_gradients(monkeypatch, one_multiprocessor, programs_per_sm, splits):
+    """The backward with delta | B | C's gradient as one tensor: its rows are the three gradients of the unpacked
+    backward, bit for bit, whether the kernel writes them in place (one split) or the splits' partial sums are added
+    up into them; the other gradients are the same too."""
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
+    assert triton_scan._d_split(2, 1, 3, 8, torch.device(DEVICE), programs_per_sm) == splits
+    x = make_inputs(23, batch=2, dim=8, n=4, length=136, device=DEVICE)  # 3 chunks of 64, the last partial
+    delta_B_C = torch.cat([x["delta"], x["B"], x["C"]], 1)
+    delta, B, C = delta_B_C[:, :8], delta_B_C[:, 8:12], delta_B_C[:, 12:]  # row slices, as the layers pass them
+    out, _, states, chunk_sum = triton_scan.selective_scan_triton_fwd(x["u"], delta, x["A"], B, C, x["D"], None,
+                                                                      x["delta_bias"], True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    common = (dout, x["u"], delta, x["A"], B, C, x["D"], None, x["delta_bias"], True, states, chunk_sum)
+    du, ddelta, dA, dB, dC, dD, _, dbias = triton_scan.selective_scan_triton_bwd(*common)
+    du_p, d_delta_B_C, dA_p, dD_p, _, dbias_p = triton_scan.selective_scan_triton_bwd(*common, packed=True)
+    torch.testing.assert_close(d_delta_B_C, torch.cat([ddelta, dB, dC], 1), rtol=0, atol=0)
+    for packed, unpacked in ((du_p, du), (dA_p, dA), (dD_p, dD), (dbias_p, dbias)):
+        torch.testing.assert_close(packed, unpacked, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [0, 1, 3, 700])
+def test_partial_sums_added_up(rows):
+    """The backward's float32 partial sums added up over their rows (`sum_parts`, `sum_parts_into_columns`): the
+    sums in every output's dtype and layout, zeros where there is nothing to add, in the same order on every run."""
+    g = torch.Generator().manual_seed(rows)
+    parts = torch.randn(rows, 5, 18, generator=g).to(DEVICE)
+    expected = parts.double().sum(0)
+    dA, dD = torch.empty(5, 16, device=DEVICE), torch.empty(5, dtype=torch.float16, device=DEVICE)
+    dbias = torch.empty(5, dtype=torch.float64, device=DEVICE)
+    triton_common.sum_parts_into_columns(parts, [dA, dD, dbias])
+    torch.testing.assert_close(dA.double(), expected[:, :16], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dD.double(), expected[:, 16].half().double(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(dbias, expected[:, 17], rtol=1e-5, atol=1e-4)
+    # the dD and dbias columns as one (D, 2) output
+    both = triton_common.sum_parts_into_columns(parts, [dA.clone(), torch.empty(5, 2, device=DEVICE)])[1]
+    torch.testing.assert_close(both.double(), expected[:, 16:], rtol=1e-5, atol=1e-4)
+    # into the rows of a larger tensor (the packed gradient's last rows), rounded once
+    flat = parts.reshape(rows, 3, 30)
+    packed = torch.zeros(3, 40, dtype=torch.bfloat16, device=DEVICE)
+    triton_common.sum_parts(flat, packed[:, 10:])
+    torch.testing.assert_close(packed[:, 10:].double(), flat.double().sum(0), rtol=8e-3, atol=1e-5)
+    assert not packed[:, :10].any()
+    again = torch.zeros_like(packed)
+    triton_common.sum_parts(flat, again[:, 10:])
+    assert torch.equal(again, packed)
+    with pytest.raises(ValueError, match="add up to W"):
+        triton_common.sum_parts_into_columns(parts, [dA])
+
+
 def test_triton_without_gather_is_reported_unavailable(monkeypatch):
     """Triton before 3.3 (torch < 2.7) lacks tl.gather, which the backward uses: the backend is then unavailable,
     with the version and the fix, and the dispatcher falls back instead of failing at the first compile."""
