@@ -267,20 +267,25 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
     num_tiles = tl.cdiv(NCH, CB)
     col = tl.arange(0, CB)
     for i in range(0, num_tiles):
-        tile = num_tiles - 1 - i if REVERSE else i
-        c = tile * CB + col
+        # reverse: the tiles from the last, each loaded with its chunks in reverse order across the lanes, so that
+        # one forward scan over the lanes serves both directions (tl.associative_scan(reverse=True) flips both
+        # operands and both results across the lanes)
+        if REVERSE:
+            c = (num_tiles - 1 - i) * CB + (CB - 1 - col)
+        else:
+            c = i * CB + col
         cmask = c < NCH
         m2 = nmask[:, None] & cmask[None, :]
-        # padding chunks are the identity (decay 1, input 0), so the tile's edge column is the carry out
+        # padding chunks are the identity (decay 1, input 0): they sit before the real ones in a reversed tile and
+        # after them in a forward one, so in both the tile's last lane is the carry out
         T = tl.load(T_ptr + base_in + c, mask=cmask, other=0.0)
         X = tl.load(X_ptr + (base_in + c)[None, :] * N + n[:, None], mask=m2, other=0.0)
         P = tl.exp2(A2[:, None] * T[None, :])
-        Pc, H = tl.associative_scan((P, X), axis=1, combine_fn=_linear_combine, reverse=REVERSE)
+        Pc, H = tl.associative_scan((P, X), axis=1, combine_fn=_linear_combine)
         H = H + Pc * carry[:, None]
         dest = c if REVERSE else c + 1
         tl.store(out_ptr + (base_out + dest)[None, :] * N + n[:, None], H, mask=m2)
-        edge_col = 0 if REVERSE else CB - 1
-        carry = tl.sum(tl.where((col == edge_col)[None, :], H, 0.0), 1)
+        carry = tl.sum(tl.where((col == CB - 1)[None, :], H, 0.0), 1)
 
 
 @jit
