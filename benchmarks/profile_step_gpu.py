@@ -48,7 +48,7 @@ CATEGORIES = (
     # causal conv's
     ("convolution", ("_input_conv_",)),
     ("scan (ours)", ("selective_scan", "_fwd_chunk", "_bwd_chunk", "_chunk_carry", "_causal_conv", "_conv_fwd",
-                     "_conv_bwd")),
+                     "_conv_bwd", "_sum_parts")),
     ("layout copy (cuDNN)", ("nchwtonhwc", "nhwctonchw", "nchw2nhwc", "nhwc2nchw")),
     ("norm (eager)", ("batch_norm", "instance_norm", "bn_", "layer_norm", "welford")),
     # cuDNN's convolutions are implicit GEMMs named by pass (fprop / dgrad / wgrad); cuBLAS's plain GEMMs (nvjet,

@@ -601,6 +601,7 @@ def test_tile_flops_on_the_meta_device_are_those_of_a_real_forward():
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout copy (cuDNN)"),
     ("_bwd_chunk", "scan (ours)"),
     ("_causal_conv1d_fwd_kernel", "scan (ours)"),
+    ("_sum_parts_into_columns_kernel", "scan (ours)"),
     ("_input_conv_fwd", "convolution"),
     ("_input_conv_wgrad", "convolution"),
     ("triton_red_fused__to_copy_var_mean_93", "norm (inductor, fused)"),
