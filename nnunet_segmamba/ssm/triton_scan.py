@@ -42,8 +42,7 @@ import torch
 
 from .orders import slice_geometry
 from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, columns, fast_divide, fast_log2, jit,
-                            memory_position, next_power_of_2, rows, sum_parts,
-                            sum_parts_into_columns, tl)
+                            memory_position, next_power_of_2, rows, sum_parts, sum_parts_into_columns, tl)
 
 __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan_triton_bwd", "residual_shapes",
            "TUNING"]
