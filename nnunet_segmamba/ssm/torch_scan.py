@@ -12,7 +12,8 @@ with the shapes of mamba-ssm's `selective_scan_fn`:
 
 `selective_scan_ref` is the definition, one step at a time; `selective_scan_torch` is the same arithmetic cut
 into chunks so that it runs in 2 sqrt(L) Python steps on any device (the fallback where no kernel runs).
-`nnunet_segmamba.ssm.selective_scan` (`api.py`, through `dispatch.py`) picks among these and the kernels, and is what networks call.
+`nnunet_segmamba.ssm.selective_scan` (`api.py`, through `dispatch.py`) picks among these and the kernels, and is
+what networks call.
 """
 from __future__ import annotations
 
