@@ -464,7 +464,8 @@ def test_memory_peak_names_the_kernel_that_fills_a_generated_buffer(tmp_path):
         "(2, 48, 128, 128, 128) torch.float32 -> triton_red_fused__to_copy_var_mean_3"
     assert generated_code_context(str(code), 4) is None  # not an allocation
     assert generated_code_context(str(tmp_path / "gone.py"), 2) is None
-    frames = [{"filename": "??", "line": 0, "name": "unwind"}, {"filename": str(code), "line": 2, "name": "partition_0"}]
+    frames = [{"filename": "??", "line": 0, "name": "unwind"},
+              {"filename": str(code), "line": 2, "name": "partition_0"}]
     [group] = group_by_frame([{"size": 8, "frames": frames}], top=5)
     assert group["frame"] == f"{code}:2 (partition_0)"
     assert group["generated_code"].endswith("-> triton_red_fused__to_copy_var_mean_3")

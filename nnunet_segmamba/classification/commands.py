@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         # a description is printed as written (argparse %-formats help= strings only): a single % here
         description="--recipe paper (default): AdamW, cross-entropy, MultiStepLR (x0.1 at 50% and 75% of the "
                     "epochs), random horizontal flips. --recipe strong: augmentation, label smoothing, warm-up + "
-                    "cosine, weight EMA, class-balanced sampling (docs/medmamba.md). Writes config.json, checkpoint_best.pth, checkpoint_final.pth, history.json, "
+                    "cosine, weight EMA, class-balanced sampling (docs/medmamba.md). Writes config.json, "
+                    "checkpoint_best.pth, checkpoint_final.pth, history.json, "
                     "metrics_test.json and confusion_matrix_test.png to --out and prints the test ACC and AUC.")
     tr.add_argument("--data", required=True, help="MedMNIST v2 .npz file, e.g. ../shared/data/medmnist/breastmnist.npz")
     tr.add_argument("--out", required=True, help="output folder (created)")

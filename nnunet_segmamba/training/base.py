@@ -253,7 +253,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         """
         spatial_dims = len(configuration_manager.patch_size)
         if spatial_dims not in (2, 3):
-            raise ValueError(f"SegMamba needs a 2D or 3D patch, the configuration has {configuration_manager.patch_size}")
+            raise ValueError(f"SegMamba needs a 2D or 3D patch, the configuration has "
+                             f"{configuration_manager.patch_size}")
         net = cls._network(num_input_channels, num_output_channels, spatial_dims, bool(cls.use_deep_supervision))
         net.deep_supervision = bool(enable_deep_supervision) and bool(cls.use_deep_supervision)
         return net
@@ -428,7 +429,8 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
         split = load_or_create_split(self.preprocessed_dataset_folder_base, identifiers, self.fold)
         self.print_to_log_file(
             f"SegMamba 70/10/20 split, fold {self.fold}: {len(split['train'])} training, {len(split['val'])} "
-            f"validation, {len(split['test'])} held-out test cases ({split_file_path(self.preprocessed_dataset_folder_base)})")
+            f"validation, {len(split['test'])} held-out test cases "
+            f"({split_file_path(self.preprocessed_dataset_folder_base)})")
         return split["train"], split["val"]
 
     # ---- reliability (docs/reliability.md) -----------------------------------------------------------------

@@ -79,7 +79,9 @@ def _case_files(raw_dataset_folder: Path, dataset_json: Mapping | None) -> tuple
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    dataset_json = dict(dataset_json) if dataset_json is not None else load_json(str(raw_dataset_folder / "dataset.json"))
+    if dataset_json is None:
+        dataset_json = load_json(str(raw_dataset_folder / "dataset.json"))
+    dataset_json = dict(dataset_json)
     return dataset_json, get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dataset_json)
 
 

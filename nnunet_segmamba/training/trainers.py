@@ -130,7 +130,8 @@ def _make_epoch_variant(parent: type, epochs: int) -> type:
     """`<parent>_<n>epochs`: the parent with `epochs` epochs. Module-level names with a matching `__module__`
     and `__qualname__`, so the classes pickle and nnU-Net finds them by name like hand-written ones."""
     name = f"{parent.__name__}_{epochs}epoch{'' if epochs == 1 else 's'}"
-    doc = f"{parent.__name__} trained for {epochs} epoch{'' if epochs == 1 else 's'} instead of 1000; nothing else changed."
+    doc = (f"{parent.__name__} trained for {epochs} epoch{'' if epochs == 1 else 's'} instead of 1000; nothing else "
+           f"changed.")
     return type(name, (parent,), {"epochs": epochs, "__module__": __name__, "__qualname__": name, "__doc__": doc})
 
 

@@ -195,7 +195,8 @@ def test_cli_convert_and_evaluate(tmp_path, capsys):
     out = tmp_path / "raw" / "Dataset507_Cli"
     assert json.loads((out / "dataset.json").read_text())["labels"]["ET"] == 3
     # labels evaluated against themselves: perfect scores, BraTS regions via --brats
-    rc = cli_main(["evaluate", str(out / "labelsTr"), str(out / "labelsTr"), "--brats", "-o", str(tmp_path / "ev"), "-np", "1"])
+    rc = cli_main(["evaluate", str(out / "labelsTr"), str(out / "labelsTr"), "--brats", "-o", str(tmp_path / "ev"),
+                   "-np", "1"])
     assert rc == 0
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["metrics"]["WT"]["dice"]["mean"] == 1.0 and summary["metrics"]["ET"]["hd95_mm"]["mean"] == 0.0

@@ -46,7 +46,8 @@ def test_load_split_errors(tmp_path, write_medmnist_npz):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match=r"is not a MedMNIST .npz file: it has no \['train_images'"):
         load_split(tmp_path / "other.npz", "train")
-    np.savez(tmp_path / "multi.npz", **{f"{s}_images": np.zeros((2, 28, 28), np.uint8) for s in ("train", "val", "test")},
+    np.savez(tmp_path / "multi.npz",
+             **{f"{s}_images": np.zeros((2, 28, 28), np.uint8) for s in ("train", "val", "test")},
              **{f"{s}_labels": np.zeros((2, 14), np.uint8) for s in ("train", "val", "test")})
     with pytest.raises(ValueError, match="multi-label"):
         load_split(tmp_path / "multi.npz", "train")

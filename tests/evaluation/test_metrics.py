@@ -301,7 +301,8 @@ def test_undefined_label_values_are_an_error_naming_values_and_files(tmp_path):
     with pytest.raises(ValueError, match=r"label value\(s\) \[7, 9\] are not defined in the dataset.json") as info:
         evaluate_folder(pred_dir, gt_dir, dataset_json=ds, output_dir=out, verbose=False)
     msg = str(info.value)
-    assert f"prediction {pred_dir / 'b.nii.gz'} holds [7]" in msg and f"reference {gt_dir / 'c.nii.gz'} holds [9]" in msg
+    assert f"prediction {pred_dir / 'b.nii.gz'} holds [7]" in msg
+    assert f"reference {gt_dir / 'c.nii.gz'} holds [9]" in msg
     with pytest.raises(ValueError, match=r"\[7, 9\] are not BraTS labels"):
         evaluate_folder(pred_dir, gt_dir, regions="brats", output_dir=out, verbose=False)
     # without a dataset.json a reference value is a structure, but a prediction value no reference holds is not
