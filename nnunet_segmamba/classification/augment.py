@@ -17,8 +17,7 @@ output equals `data.preprocess` (bilinear resize, align_corners=False) to float 
 repeat the edge pixel where a sampling point falls outside the outermost input pixel centres (grid_sample's
 padding_mode="border"). Zero padding would blend black into a rim of ceil(image_size / 56 - 0.5) pixels (4 at
 224 px, up to 44 % darker) of every training image that validation and test images never have. All random numbers
-come from the CPU
-`generator`, so a seed gives the same batches on any device.
+come from the CPU `generator`, so a seed gives the same batches on any device.
 """
 from __future__ import annotations
 

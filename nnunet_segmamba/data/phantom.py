@@ -5,9 +5,9 @@ and ventricular CSF, a few enhancing vessels) holding one glioma-like tumour mad
 ellipsoids: necrotic core (label 1) inside an enhancing rim (label 3, 2-3 voxels thick, so resolvable at 1 mm)
 inside edema (label 2). The four channels get tissue contrasts qualitatively like real MRI, partial-volume blur,
 a smooth multiplicative bias field and Rician noise. Why the task is not trivial on one channel: CSF is brighter
-than edema on T2w but dark on FLAIR;
-necrosis is as dark as grey matter on FLAIR; vessels enhance on T1c like tumour rim; noise and bias overlap the
-classes. Combined, the channels separate the classes well, so a small network learns it in minutes.
+than edema on T2w but dark on FLAIR; necrosis is as dark as grey matter on FLAIR; vessels enhance on T1c like tumour
+rim; noise and bias overlap the classes. Combined, the channels separate the classes well, so a small network learns
+it in minutes.
 
 Everything derives from `numpy.random.default_rng((seed, case_index))`, so a case does not depend on how many
 cases are made or in which order.
