@@ -24,7 +24,8 @@ The backward recomputes the pre-activation from x instead of saving it (one tens
 alive per direction and layer), in one pass: each thread computes the gradient at the pre-activation g at its row's
 steps and at the next row's first K-1, and dx(s) = sum_j weight[K-1-j] g(s + j) from those registers. The weight
 and bias gradients are sums over batch and length: each program writes its partial sums to a float32 buffer and
-torch adds them up, so the result does not depend on the order in which programs finish (no atomics).
+`triton_common.sum_parts_into_columns` adds them up, so the result does not depend on the order in which programs
+finish (no atomics).
 
 Triton is imported defensively: this module imports on machines without it (`TRITON_AVAILABLE` is False and
 `TRITON_IMPORT_ERROR` says why), and `causal_conv1d_triton` then raises a RuntimeError. The kernels run on CUDA
@@ -36,7 +37,7 @@ import torch
 
 from .orders import slice_geometry
 from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, columns, interpreting, jit,
-                            memory_position, next_power_of_2, on_device_of, rows, tl)
+                            memory_position, next_power_of_2, on_device_of, rows, sum_parts_into_columns, tl)
 
 __all__ = ["causal_conv1d_triton", "causal_conv1d_triton_bwd", "MAX_WIDTH"]
 
@@ -156,8 +157,8 @@ if TRITON_AVAILABLE:
 
     @jit
     def _causal_conv1d_bwd_kernel(
-        x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-        BATCH, D, L, n, M, n_tiles,
+        x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr,
+        D, L, n, M, n_tiles,
         stride_xb, stride_xd, stride_gb, stride_gd, stride_dxb, stride_dxd,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
@@ -190,17 +191,20 @@ if TRITON_AVAILABLE:
             dx = dx + (acc,)
         tl.store(dx_ptr + b * stride_dxb + c * stride_dxd + _position(t, in_seq, L, n, M, MODE),
                  rows(dx).to(dx_ptr.dtype.element_ty), mask=in_seq)
-        # the partial sums laid out (channel, [tap,] batch, tile), so that torch adds each one's up along memory
+        # the partial sums as the row (batch, tile) of a (batch * tiles, channels, taps [+ 1 for the bias]) buffer,
+        # which `sum_parts_into_columns` adds up into the weight's and the bias's gradients
+        W: tl.constexpr = K + 1 if HAS_BIAS else K
+        part = ((b * n_tiles + tile) * D + c) * W
         for j in tl.static_range(K):
             acc = x[0] * _step(g_after, g, j - ROW)
             for m in tl.static_range(1, ROW):
                 acc += x[m] * _step(g_after, g, m + j - ROW)
-            tl.store(dw_part_ptr + ((c * K + K - 1 - j) * BATCH + b) * n_tiles + tile, tl.sum(acc, axis=0))
+            tl.store(part_ptr + part + K - 1 - j, tl.sum(acc, axis=0))
         if HAS_BIAS:
             acc = g[0]
             for m in tl.static_range(1, ROW):
                 acc += g[m]
-            tl.store(db_part_ptr + (c * BATCH + b) * n_tiles + tile, tl.sum(acc, axis=0))
+            tl.store(part_ptr + part + K, tl.sum(acc, axis=0))
 
 
 def _block_size(length: int) -> int:
@@ -265,20 +269,20 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
     width = w.shape[-1]
     n_tiles = cdiv(length, block)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    # Zero-filled so that an empty x (no programs launched) still sums to zero gradients.
-    dw_part = torch.zeros((dim, width, batch * n_tiles), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros((dim, batch * n_tiles) if b is not None else (1,), dtype=torch.float32, device=x.device)
+    # every program writes its row; an empty x has no rows, and sums to zero gradients
+    parts = torch.empty((batch * n_tiles, dim, width + (b is not None)), dtype=torch.float32, device=x.device)
     if x.numel():
         with on_device_of(x):
             _causal_conv1d_bwd_kernel[(batch * dim, n_tiles)](
-                x, w, b if b is not None else w, dout, dx, dw_part, db_part,
-                batch, dim, length, num_slices, slice_len, n_tiles,
+                x, w, b if b is not None else w, dout, dx, parts,
+                dim, length, num_slices, slice_len, n_tiles,
                 *_row_strides(x), *_row_strides(dout), *_row_strides(dx),
                 K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
                 num_warps=_warps(block),
             )
-    dweight = dw_part.sum(-1).to(w.dtype)
-    dbias = db_part.sum(-1).to(b.dtype) if b is not None else None
+    dweight = torch.empty(w.shape, dtype=w.dtype, device=x.device)
+    dbias = torch.empty(b.shape, dtype=b.dtype, device=x.device) if b is not None else None
+    sum_parts_into_columns(parts, [dweight] + ([dbias] if b is not None else []))
     return dx, dweight, dbias
 
 
