@@ -53,9 +53,11 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # states split over programs: with one program per channel the first stage at 128^3 had 192 programs for 132
 # multiprocessors) and its warps; whether the backward's main kernel scans its chunks in rows of 8 steps
 # (`_scan_rows`) rather than with tl.associative_scan and flips: True, False, or None for where the rows were timed
-# faster (`_bwd_in_rows`). benchmarks/bench_scan_gpu.py --tune sweeps them; docs/performance.md records the choice.
+# faster (`_bwd_in_rows`); the backward's main kernel is not split where its unsplit grid already gives
+# `bwd_unsplit_programs_per_sm` programs per multiprocessor (`_bwd_split`). benchmarks/bench_scan_gpu.py --tune sweeps
+# them; docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16,
-          "carry_states": 8, "warps_carry": 2, "bwd_rows": None}
+          "bwd_unsplit_programs_per_sm": 8, "carry_states": 8, "warps_carry": 2, "bwd_rows": None}
 
 # The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
 CARRY_TILE = 256
@@ -502,6 +504,18 @@ def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: tor
     return split
 
 
+def _bwd_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device) -> int:
+    """The channel split of the backward's main kernel: `_d_split` at TUNING["bwd_programs_per_sm"], except none where
+    the unsplit grid already gives TUNING["bwd_unsplit_programs_per_sm"] programs per multiprocessor. Beyond one split
+    the kernel writes float32 partial sums of dB and dC, which one more kernel adds up; where the unsplit grid nearly
+    fills the GPU (the hippocampus patch's first stage: 2016 programs, split in two for 16 per multiprocessor) they
+    cost more than the extra programs gain (docs/performance.md)."""
+    target = TUNING["bwd_unsplit_programs_per_sm"] * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
+    if batch * groups * chunks >= target:
+        return 1
+    return _d_split(batch, groups, chunks, d_per_group, device, TUNING["bwd_programs_per_sm"])
+
+
 def _bwd_in_rows(u: torch.Tensor, z: torch.Tensor | None) -> bool:
     """Whether the backward's main kernel scans its chunks in rows of 8 steps: TUNING["bwd_rows"], where None means
     where the rows were timed faster than the flips, 16-bit inputs with the gate outside the scan (the trainers'
@@ -645,7 +659,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
         MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, reverse=True)
-    d_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["bwd_programs_per_sm"])
+    d_split = _bwd_split(batch, groups, chunks, dim // groups, u.device)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
     # dB and dC in one buffer; the kernel writes them in the inputs' dtype when nothing is added up after it (one

@@ -193,6 +193,16 @@ def test_channel_splits_of_the_chunk_kernels(monkeypatch, one_multiprocessor, pr
     check_order(inputs, "forward", tol=HALF_TOL[dtype] if dtype != torch.float32 else TOL, block_l=64)
 
 
+@pytest.mark.parametrize("chunks, splits", [(3, 4), (4, 1)], ids=["grid-below-threshold", "grid-at-threshold"])
+def test_backward_is_unsplit_where_its_grid_fills_the_gpu(monkeypatch, one_multiprocessor, chunks, splits):
+    """The backward's main kernel splits a group's channels as the other chunk kernels do, up to
+    `bwd_programs_per_sm`, except where its unsplit grid already has `bwd_unsplit_programs_per_sm` programs per
+    multiprocessor (here one): batch 2 x 3 chunks = 6 programs are split for 24, 2 x 4 = 8 are not."""
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", 24)
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_unsplit_programs_per_sm", 8)
+    assert triton_scan._bwd_split(2, 1, chunks, 8, torch.device("cpu")) == splits
+
+
 @needs_kernels
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (12, 2), (10 ** 6, 8)],
                          ids=["one-split", "two-splits", "split-per-channel"])
