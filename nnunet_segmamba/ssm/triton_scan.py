@@ -177,11 +177,13 @@ def _step_sizes(delta, bias, mask, PADDED: tl.constexpr, SOFTPLUS: tl.constexpr)
 
 
 @jit
-def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM,
+def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH,
                  NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr):
     """What every (batch, group, channel split; chunk) program of the chunk kernels starts with: its coordinates,
     the first of its channels, the positions p(t) of its steps and their masks, and the offsets of its group's rows
-    of B / C (before the batch stride), which it loads once for all its channels."""
+    of B / C (before the batch stride), which it loads once for all its channels; and the first row of its batch
+    element's parameter set (A, D, delta_bias as (sets, D_, ...): each set serves SET_BATCH consecutive batch
+    elements)."""
     pid = tl.program_id(0)
     c = tl.program_id(1)
     split = pid % D_SPLIT
@@ -197,7 +199,7 @@ def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM,
     m2 = nmask[:, None] & mask[None, :]
     nl = g * N * L + n[:, None] * L + p[None, :]
     d0 = g * (D_ // G_) + split * D_PER_PROGRAM
-    return b, b.to(tl.int64), g, split, c, d0, s, p, mask, n, nmask, m2, nl
+    return b, b.to(tl.int64), g, split, c, d0, s, p, mask, n, nmask, m2, nl, (b // SET_BATCH) * D_
 
 
 @jit
@@ -226,12 +228,14 @@ def _channel_loads(delta_ptr, A_ptr, bias_ptr, row_ptr, z_ptr, b64, d, live, N, 
 
 @jit
 def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
-                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sB,
+                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, SET_BATCH, su, sdelta, sB,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PADDED: tl.constexpr):
     """Per channel: the chunk's end state from a zero start, S_c, and its summed step sizes, T_c."""
-    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
-        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl, row0 = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH, NP, BL, MODE)
+    A_ptr += row0 * N
+    bias_ptr += row0
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
     delta, u, no_z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, b64, d0, True, N, L, p, mask,
                                           n, nmask, sdelta, su, 0, False, HAS_BIAS)
@@ -251,12 +255,12 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
 
 
 @jit
-def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
+def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH, SET_BATCH,
                  NP: tl.constexpr, CB: tl.constexpr, REVERSE: tl.constexpr):
     """Scan over chunks. Forward: out[c + 1] = exp(A T_c) out[c] + X_c, out[0] = 0 (states entering chunks).
     Reverse: out[c] = X_c + exp(A T_c) out[c + 1], out[NCH] = 0 (adjoint entering each chunk from its right)."""
     bd = tl.program_id(0)
-    d = bd % D_
+    d = bd % D_ + (bd // D_ // SET_BATCH) * D_  # the channel's row of its batch element's parameter set
     n = tl.program_id(1) * NP + tl.arange(0, NP)  # this program's states
     nmask = n < N
     A2 = _base_2(tl.load(A_ptr + d * N + n, mask=nmask, other=0.0))
@@ -291,11 +295,14 @@ def _chunk_carry(T_ptr, X_ptr, A_ptr, out_ptr, D_, N, NCH,
 
 @jit
 def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, out_ptr,
-                      D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
+                      D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, SET_BATCH, su, sdelta, sz, sB, sC,
                       NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_D: tl.constexpr,
                       HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PADDED: tl.constexpr):
-    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
-        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl, row0 = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH, NP, BL, MODE)
+    A_ptr += row0 * N
+    bias_ptr += row0
+    D_ptr += row0
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
     first = (s == 0)[None, :]  # the entering state, folded into the first step's input
@@ -328,13 +335,15 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
 
 @jit
 def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr,
-                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, sdelta, sz, sC,
+                       D_, G_, N, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, SET_BATCH, sdelta, sz, sC,
                        NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr, HAS_Z: tl.constexpr,
                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, PADDED: tl.constexpr):
     """Per channel: R_c = sum_t exp(A cumsum(dt)_t) C_t dy_t, the adjoint a chunk hands to its left neighbour from
     a zero start."""
-    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
-        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl, row0 = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH, NP, BL, MODE)
+    A_ptr += row0 * N
+    bias_ptr += row0
     Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
     # dy is contiguous: its batch stride is D * L
     delta, dy, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, dout_ptr, z_ptr, b64, d0, True, N, L, p,
@@ -358,12 +367,15 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
 @jit
 def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, adj_ptr,
                du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dparam_ptr,
-               BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, su, sdelta, sz, sB, sC,
+               BATCH, D_, G_, N, W, L, M, NS, NCH, D_PER_PROGRAM, D_SPLIT, SET_BATCH, su, sdelta, sz, sB, sC,
                s_ddelta, s_dBC_split, s_dBC_batch, s_dBC_C, NP: tl.constexpr, BL: tl.constexpr,
                MODE: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                SOFTPLUS: tl.constexpr, ROWS: tl.constexpr, PADDED: tl.constexpr):
-    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl = _group_chunk(
-        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, NP, BL, MODE)
+    b, b64, g, split, c, d0, s, p, mask, n, nmask, m2, nl, row0 = _group_chunk(
+        D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH, NP, BL, MODE)
+    A_ptr += row0 * N
+    bias_ptr += row0
+    D_ptr += row0
     Bt = tl.load(B_ptr + b64 * sB + nl, mask=m2, other=0.0).to(tl.float32)
     Ct = tl.load(C_ptr + b64 * sC + nl, mask=m2, other=0.0).to(tl.float32)
     dB_acc = tl.zeros([NP, BL], dtype=tl.float32)
@@ -473,11 +485,12 @@ def _carry_tile(chunks: int) -> int:
     return min(CARRY_TILE, max(16, next_power_of_2(chunks)))
 
 
-def _carry(chunk_sum, X, A32, out, batch: int, dim: int, n: int, NP: int, chunks: int, reverse: bool) -> None:
+def _carry(chunk_sum, X, A32, out, batch: int, dim: int, n: int, NP: int, chunks: int, set_batch: int,
+           reverse: bool) -> None:
     """The scan over chunks (`_chunk_carry`) of every (batch, channel) row, its n states (NP padded) split over
     programs."""
     states = min(TUNING["carry_states"], NP)
-    _chunk_carry[(batch * dim, cdiv(n, states))](chunk_sum, X, A32, out, dim, n, chunks, NP=states,
+    _chunk_carry[(batch * dim, cdiv(n, states))](chunk_sum, X, A32, out, dim, n, chunks, set_batch, NP=states,
                                                  CB=_carry_tile(chunks), REVERSE=reverse,
                                                  num_warps=TUNING["warps_carry"])
 
@@ -563,6 +576,11 @@ class _Prepared(NamedTuple):
     NS: int
     BL: int
     chunks: int
+    set_batch: int  # batch elements per parameter set (A of shape (sets, d, n)); the batch with one set
+
+    @property
+    def sets(self) -> int:
+        return self.u.shape[0] // self.set_batch
 
     @property
     def padded(self) -> bool:
@@ -571,7 +589,8 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(u, delta, A, B, C, z, mode: str, num_slices: int | None, block_l: int | None) -> _Prepared:
-    length = u.shape[-1]
+    batch, length = u.shape[0], u.shape[-1]
+    sets = A.shape[0] if A.dim() == 3 else 1
     mode_id, M, NS = _geometry(length, mode, num_slices)
     squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
     B = _rows_along_L(B.unsqueeze(1) if squeeze_B else B)
@@ -583,9 +602,14 @@ def _prepare(u, delta, A, B, C, z, mode: str, num_slices: int | None, block_l: i
     B = B.repeat_interleave(groups // groups_B, dim=1) if groups_B != groups else B
     C = C.repeat_interleave(groups // groups_C, dim=1) if groups_C != groups else C
     BL = _block_length(length, block_l)
-    return _Prepared(_rows_along_L(u), _rows_along_L(delta), A.float().contiguous(), B, C,
+    return _Prepared(_rows_along_L(u), _rows_along_L(delta), _params_32(A), B, C,
                      _rows_along_L(z) if z is not None else None, groups_B, groups_C, squeeze_B, squeeze_C,
-                     mode_id, M, NS, BL, cdiv(length, BL))
+                     mode_id, M, NS, BL, cdiv(length, BL), batch // sets)
+
+
+def _params_32(A: torch.Tensor) -> torch.Tensor:
+    """A as the kernels read it: float32 rows (sets x d, n), each set's d rows after the one before's."""
+    return A.float().reshape(-1, A.shape[-1]).contiguous()
 
 
 def residual_shapes(u_shape, d_state: int, block_l: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -619,12 +643,13 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     per_program = dim // groups // d_split
     _fwd_chunk_summary[grid](u, delta, A32, B, delta_bias if delta_bias is not None else dummy, chunk_sum,
                              chunk_end, dim, groups, n, length, p.M, p.NS, chunks, per_program, d_split,
-                             u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
+                             p.set_batch, u.stride(0), delta.stride(0), B.stride(0), NP=NP, BL=p.BL, MODE=p.mode_id,
                              num_warps=TUNING["warps_fwd"], **flags)
-    _carry(chunk_sum, chunk_end, A32, states, batch, dim, n, NP, chunks, reverse=False)
+    _carry(chunk_sum, chunk_end, A32, states, batch, dim, n, NP, chunks, p.set_batch, reverse=False)
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
-                            p.M, p.NS, chunks, per_program, d_split, *_batch_strides(u, delta, z, B, C), NP=NP,
+                            p.M, p.NS, chunks, per_program, d_split, p.set_batch, *_batch_strides(u, delta, z, B, C),
+                            NP=NP,
                             BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
                             HAS_Z=z is not None, **flags)
     return out, states, chunk_sum
@@ -655,10 +680,10 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     summary_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
     _bwd_chunk_summary[(batch * groups * summary_split, chunks)](
         delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n, length, p.M, p.NS, chunks,
-        dim // groups // summary_split, summary_split, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
+        dim // groups // summary_split, summary_split, p.set_batch, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
         MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
-    _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, reverse=True)
+    _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, p.set_batch, reverse=True)
     d_split = _bwd_split(batch, groups, chunks, dim // groups, u.device)
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
@@ -686,7 +711,7 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     _bwd_chunk[(batch * groups * d_split, chunks)](
         u, delta, A32, B, C, D if D is not None else dummy, z_arg, bias_arg, dout, states, adjoint,
         du, ddelta, dz if dz is not None else du, dBC, dparams,
-        batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split,
+        batch, dim, groups, n, width, length, p.M, p.NS, chunks, dim // groups // d_split, d_split, p.set_batch,
         *_batch_strides(u, delta, z, B, C), ddelta.stride(0), *dBC_strides,
         NP=NP, BL=p.BL, MODE=p.mode_id, HAS_D=D is not None, HAS_Z=z is not None, ROWS=_bwd_in_rows(u, z),
         num_warps=TUNING["warps_bwd"], **flags)
@@ -694,7 +719,11 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dA = torch.empty(A.shape, device=u.device, dtype=A.dtype)
     dD = torch.empty(D.shape, device=u.device, dtype=D.dtype) if D is not None else None
     dbias = torch.empty(delta_bias.shape, device=u.device, dtype=delta_bias.dtype) if delta_bias is not None else None
-    sum_parts_into_columns(dparams.view(batch * chunks, dim, width), [g for g in (dA, dD, dbias) if g is not None])
+    # each parameter set's (batch, chunk) rows follow the set before's
+    parts = dparams.view(p.sets, p.set_batch * chunks, dim, width)
+    per_set = [g.view(p.sets, dim, -1) for g in (dA, dD, dbias) if g is not None]
+    for i in range(p.sets):
+        sum_parts_into_columns(parts[i], [g[i] for g in per_set])
     if in_place:
         return du, d_delta_B_C, dA, dD, dz, dbias
     if packed:  # the splits' summed into the rows after delta's, in their dtype
@@ -737,7 +766,7 @@ class _TritonSelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, *_):
         u, delta, A, B, C, D, z, delta_bias, states, chunk_sum = ctx.saved_tensors
-        p = ctx.prepared._replace(u=u, delta=delta, A32=A.float().contiguous(), B=B, C=C, z=z)
+        p = ctx.prepared._replace(u=u, delta=delta, A32=_params_32(A), B=B, C=C, z=z)
         grads = _backward(p, A, D, delta_bias, ctx.softplus, dout, states, chunk_sum)
         return (*grads, None, None, None, None, None)
 

@@ -430,3 +430,41 @@ def test_tri_oriented_layer_index_maps_equal_copies_and_torch():
     for name in ("copies", "torch"):
         for a, b in zip(results["maps"], results[name]):
             assert_close(a.float().cpu(), b.double().cpu(), **TOL, what=f"maps vs {name}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("packed, programs_per_sm", [(False, 0), (True, 10 ** 6)],
+                         ids=["unpacked-one-split", "packed-split-per-channel"])
+def test_parameter_sets_are_the_scans_of_each_set(monkeypatch, one_multiprocessor, packed, programs_per_sm):
+    """A, D and delta_bias as (sets, d, ...): set i serves the i-th block of batch / sets consecutive batch elements,
+    so one scan over the blocks stacked on the batch gives each block's own scan, outputs and gradients (their
+    parameters' gradients summed over the block only), bit for bit."""
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
+    sets, block = 3, 2
+    dim, n, length = 4, 4, 70  # two chunks of 64, the last partial
+    x = [make_inputs(40 + i, batch=block, dim=dim, n=n, length=length, with_z=False, device=DEVICE)
+         for i in range(sets)]
+    stacked = {k: torch.cat([xi[k] for xi in x]) if k in ("u", "delta", "B", "C") else torch.stack([xi[k] for xi in x])
+               for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")}
+    dout = torch.randn(sets * block, dim, length, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def scan_and_grads(t, dy):
+        delta, B, C = t["delta"], t["B"], t["C"]
+        out, _, states, chunk_sum = triton_scan.selective_scan_triton_fwd(t["u"], delta, t["A"], B, C, t["D"], None,
+                                                                          t["delta_bias"], True)
+        if packed:  # delta | B | C as one tensor, as the layers' projection gives them
+            delta_B_C = torch.cat([delta, B, C], 1)
+            delta, B, C = delta_B_C[:, :dim], delta_B_C[:, dim:dim + n], delta_B_C[:, dim + n:]
+        grads = triton_scan.selective_scan_triton_bwd(dy, t["u"], delta, t["A"], B, C, t["D"], None, t["delta_bias"],
+                                                      True, states, chunk_sum, packed=packed)
+        return out, [g for g in grads if g is not None]
+
+    out, grads = scan_and_grads(stacked, dout)
+    for i in range(sets):
+        rows = slice(i * block, (i + 1) * block)
+        out_i, grads_i = scan_and_grads(x[i], dout[rows].contiguous())
+        torch.testing.assert_close(out[rows], out_i, rtol=0, atol=0)
+        # per batch element: du, d delta | B | C (packed) or ddelta, dB, dC; per set: dA, dD, dbias
+        per_batch = [True, True, False, False, False] if packed else [True, True, False, True, True, False, False]
+        for g, g_i, batched in zip(grads, grads_i, per_batch):
+            torch.testing.assert_close(g[rows] if batched else g[i], g_i, rtol=0, atol=0)
