@@ -680,8 +680,8 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     summary_split = _d_split(batch, groups, chunks, dim // groups, u.device, TUNING["fwd_programs_per_sm"])
     _bwd_chunk_summary[(batch * groups * summary_split, chunks)](
         delta, A32, C, z_arg, bias_arg, dout, adjoint_in, dim, groups, n, length, p.M, p.NS, chunks,
-        dim // groups // summary_split, summary_split, p.set_batch, delta.stride(0), z_arg.stride(0), C.stride(0), NP=NP, BL=p.BL,
-        MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
+        dim // groups // summary_split, summary_split, p.set_batch, delta.stride(0), z_arg.stride(0), C.stride(0),
+        NP=NP, BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_Z=z is not None, **flags)
     adjoint = torch.empty(batch, dim, chunks + 1, n, **f32)
     _carry(chunk_sum, adjoint_in, A32, adjoint, batch, dim, n, NP, chunks, p.set_batch, reverse=True)
     d_split = _bwd_split(batch, groups, chunks, dim // groups, u.device)
