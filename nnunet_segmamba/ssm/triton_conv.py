@@ -121,27 +121,30 @@ if TRITON_AVAILABLE:
         return g
 
     @jit
-    def _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """A (batch * channel, tile) program's batch, channel, x row, weights and bias."""
+    def _tile_start(x_ptr, w_ptr, b_ptr, D, SET_BATCH, stride_xb, stride_xd, K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+        """A (batch * channel, tile) program's batch, channel, x row, weights and bias (those of its channel in its
+        batch element's parameter set: each set serves SET_BATCH consecutive batch elements)."""
         row = tl.program_id(0)
         # 64-bit row offsets: batch * d * L can pass 2**31 for large volumes.
         b = (row // D).to(tl.int64)
         c = (row % D).to(tl.int64)
+        param = (b // SET_BATCH) * D + c
         bias = 0.0
         if HAS_BIAS:
-            bias = tl.load(b_ptr + c).to(tl.float32)
-        return b, c, x_ptr + b * stride_xb + c * stride_xd, _weights(w_ptr + c * K, K), bias
+            bias = tl.load(b_ptr + param).to(tl.float32)
+        return b, c, x_ptr + b * stride_xb + c * stride_xd, _weights(w_ptr + param * K, K), bias
 
     @jit
     def _causal_conv1d_fwd_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr,
-        D, L, n, M,
+        D, L, n, M, SET_BATCH,
         stride_xb, stride_xd, stride_ob, stride_od,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
         """out at the tile's steps. Each thread computes a row of ROW steps from that row and the row before, both
         loaded whole: the K taps of a step are registers of its thread."""
-        b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K, HAS_BIAS)
+        b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, SET_BATCH, stride_xb, stride_xd, K, HAS_BIAS)
         t = _tile_steps(tl.program_id(1), BLOCK_L)
         in_seq = t < L
         x = columns(_load_scan(x_row, t, in_seq, L, n, M, MODE))
@@ -158,7 +161,7 @@ if TRITON_AVAILABLE:
     @jit
     def _causal_conv1d_bwd_kernel(
         x_ptr, w_ptr, b_ptr, dout_ptr, dx_ptr, part_ptr,
-        D, L, n, M, n_tiles,
+        D, L, n, M, n_tiles, SET_BATCH,
         stride_xb, stride_xd, stride_gb, stride_gd, stride_dxb, stride_dxd,
         K: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_L: tl.constexpr,
     ):
@@ -170,7 +173,7 @@ if TRITON_AVAILABLE:
         g at its row's steps and at the next row's first K-1, from x of the row before, its own and the next, and
         takes every shifted g(s + j) from its registers."""
         tile = tl.program_id(1)
-        b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, stride_xb, stride_xd, K, HAS_BIAS)
+        b, c, x_row, ws, bias = _tile_start(x_ptr, w_ptr, b_ptr, D, SET_BATCH, stride_xb, stride_xd, K, HAS_BIAS)
         dout_row = dout_ptr + b * stride_gb + c * stride_gd
         t = _tile_steps(tile, BLOCK_L)
         in_seq = t < L
@@ -222,6 +225,13 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
+def _weight_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The weight as the kernels read it, (d, K) or (sets, d, K): without nn.Conv1d's size-1 axis of (d, 1, K)."""
+    if weight.dim() >= 3 and weight.shape[-2] == 1 and weight.shape[-3] == dim:
+        return weight.squeeze(-2)
+    return weight
+
+
 def _contiguous_along_l(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -232,8 +242,9 @@ class _CausalConv1dTriton(torch.autograd.Function):
         x = _contiguous_along_l(x)
         batch, dim, length = x.shape
         width = weight.shape[-1]
-        w = weight.contiguous()
+        w = weight.contiguous()  # (d, K), or (sets, d, K)
         b = bias.contiguous() if bias is not None else None
+        set_batch = batch // (w.shape[0] if w.dim() == 3 else 1)
         out = torch.empty((batch, dim, length), dtype=x.dtype, device=x.device)
         block = _block_size(length)
         if out.numel():
@@ -241,7 +252,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
             with on_device_of(x):
                 _causal_conv1d_fwd_kernel[grid](
                     x, w, b if b is not None else w, out,
-                    dim, length, num_slices, slice_len,
+                    dim, length, num_slices, slice_len, set_batch,
                     *_row_strides(x), *_row_strides(out),
                     K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
                     num_warps=_warps(block),
@@ -261,12 +272,13 @@ class _CausalConv1dTriton(torch.autograd.Function):
 
 
 def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
-    """Gradients of x, the (d, K) weight and the bias (None without one), in one pass over x and dout
-    (`_causal_conv1d_bwd_kernel`)."""
+    """Gradients of x, the (d, K) or (sets, d, K) weight and the bias (None without one), in one pass over x and
+    dout (`_causal_conv1d_bwd_kernel`)."""
     dout = _contiguous_along_l(dout)
     x = _contiguous_along_l(x)
     batch, dim, length = x.shape
     width = w.shape[-1]
+    sets = w.shape[0] if w.dim() == 3 else 1
     n_tiles = cdiv(length, block)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # every program writes its row; an empty x has no rows, and sums to zero gradients
@@ -275,14 +287,18 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
         with on_device_of(x):
             _causal_conv1d_bwd_kernel[(batch * dim, n_tiles)](
                 x, w, b if b is not None else w, dout, dx, parts,
-                dim, length, num_slices, slice_len, n_tiles,
+                dim, length, num_slices, slice_len, n_tiles, batch // sets,
                 *_row_strides(x), *_row_strides(dout), *_row_strides(dx),
                 K=width, MODE=mode_id, HAS_BIAS=b is not None, SILU=silu, BLOCK_L=block,
                 num_warps=_warps(block),
             )
     dweight = torch.empty(w.shape, dtype=w.dtype, device=x.device)
     dbias = torch.empty(b.shape, dtype=b.dtype, device=x.device) if b is not None else None
-    sum_parts_into_columns(parts, [dweight] + ([dbias] if b is not None else []))
+    # each parameter set's (batch, tile) rows follow the set before's
+    per_set = parts.view(sets, -1, dim, parts.shape[-1])
+    for i in range(sets):
+        sum_parts_into_columns(per_set[i], [dweight.view(sets, dim, width)[i]]
+                               + ([dbias.view(sets, dim)[i]] if b is not None else []))
     return dx, dweight, dbias
 
 
@@ -292,8 +308,9 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
     Args:
         x: (batch, d, L), float16 / bfloat16 / float32, on CUDA (or CPU under TRITON_INTERPRET=1).
-        weight: (d, K) or (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d); K <= 8.
-        bias: optional (d,).
+        weight: (d, K) or (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d); K <= 8. Or parameter sets
+            (sets, d, K) / (sets, d, 1, K): set i serves the i-th block of batch / sets consecutive batch elements.
+        bias: optional (d,), or (sets, d) with sets of weights.
         silu: apply SiLU to the result.
         mode: "forward", "reverse" or "slice" (see the module docstring for the index maps).
         num_slices: for mode "slice", the number n of slices; it must divide L. Ignored by the other modes.
@@ -307,20 +324,21 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if x.dtype not in _DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; the Triton causal conv takes float16, bfloat16 or float32 "
                          "(use causal_conv1d(..., backend='torch') for other dtypes)")
-    if weight.dim() == 3 and weight.shape[1] == 1:
-        weight = weight.squeeze(1)
-    if weight.dim() != 2 or weight.shape[0] != dim:
-        raise ValueError(f"weight must be (d, K) or (d, 1, K) with d = {dim} (x's channels), got shape "
-                         f"{tuple(weight.shape)}")
-    width = weight.shape[1]
+    weight = _weight_rows(weight, dim)
+    sets = weight.shape[0] if weight.dim() == 3 else 1
+    if weight.dim() not in (2, 3) or weight.shape[-2] != dim or batch % sets:
+        raise ValueError(f"weight must be (d, K) or (d, 1, K) with d = {dim} (x's channels), or (sets, d, K) with "
+                         f"sets dividing the batch ({batch}), got shape {tuple(weight.shape)}")
+    width = weight.shape[-1]
     if not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"weight has kernel width K = {width}; the Triton causal conv supports 1 <= K <= "
                          f"{MAX_WIDTH} (use causal_conv1d(..., backend='torch') for wider kernels)")
     if not weight.is_floating_point():
         raise ValueError(f"weight must be floating point, got {weight.dtype}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != dim):
-        raise ValueError(f"bias must be (d,) with d = {dim} (x's channels), got shape {tuple(bias.shape)}; "
-                         "pass bias=None for no bias")
+    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:-1]):
+        raise ValueError(f"bias must be {'(d,)' if sets == 1 else '(sets, d)'} = {tuple(weight.shape[:-1])} "
+                         f"(the weight's sets and x's channels), got shape {tuple(bias.shape)}; pass bias=None for no "
+                         "bias")
     if bias is not None and not bias.is_floating_point():
         raise ValueError(f"bias must be floating point, got {bias.dtype}")
     num_slices, slice_len = slice_geometry(mode, length, num_slices, "mode")
@@ -344,7 +362,7 @@ def causal_conv1d_triton_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.
     against `dout`, without running the forward: for the custom op's backward (`ops.py`), whose forward took
     the same, already checked, arguments. Each gradient has its input's shape and dtype."""
     num_slices, slice_len = slice_geometry(mode, x.shape[-1], num_slices, "mode")
-    w = weight.reshape(weight.shape[0], weight.shape[-1]).contiguous()
+    w = _weight_rows(weight, x.shape[1]).contiguous()
     dx, dweight, dbias = _backward(dout, x, w, bias.contiguous() if bias is not None else None, bool(silu),
                                    MODES[mode], num_slices, slice_len, _block_size(x.shape[-1]))
     return dx, dweight.reshape(weight.shape), dbias

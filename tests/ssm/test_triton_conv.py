@@ -187,10 +187,36 @@ def test_interpreted_strided_input(one_thread):
     torch.testing.assert_close(dx.double(), dx_ref, rtol=1e-5, atol=1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("weight_form", ["sdK", "sd1K"])
+def test_interpreted_parameter_sets(weight_form, one_thread):
+    """Weights (sets, d, K) or (sets, d, 1, K) and biases (sets, d): set i serves the i-th block of consecutive batch
+    elements, so one call over the blocks stacked gives each block's own convolution and gradients (the weight's
+    and bias's summed over the block only), bit for bit."""
+    from nnunet_segmamba.ssm import triton_conv
+
+    g = torch.Generator().manual_seed(400)
+    sets, block, dim, width, length = 3, 2, 4, 4, 40
+    x = torch.randn(sets * block, dim, length, generator=g).requires_grad_(True)
+    weight = torch.randn(sets, dim, *((1,) if weight_form == "sd1K" else ()), width, generator=g).requires_grad_(True)
+    bias = torch.randn(sets, dim, generator=g).requires_grad_(True)
+    dout = torch.randn(sets * block, dim, length, generator=g)
+    out = triton_conv.causal_conv1d_triton(x, weight, bias, silu=True, mode="reverse")
+    grads = torch.autograd.grad(out, [x, weight, bias], dout)
+    for i in range(sets):
+        rows = slice(i * block, (i + 1) * block)
+        x_i, w_i, b_i = (t.detach()[sel].clone().requires_grad_(True) for t, sel in ((x, rows), (weight, i), (bias, i)))
+        out_i = triton_conv.causal_conv1d_triton(x_i, w_i, b_i, silu=True, mode="reverse")
+        grads_i = torch.autograd.grad(out_i, [x_i, w_i, b_i], dout[rows])
+        torch.testing.assert_close(out[rows], out_i, rtol=0, atol=0)
+        for got, want in zip((grads[0][rows], grads[1][i], grads[2][i]), grads_i):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_kernels_under_interpreter(run_under_triton_interpreter):
     """Run this file's interpreted tests on CPU through Triton's interpreter (how CI checks the kernels)."""
-    # the cases, 4 tile boundaries, 4 dtypes and widths, the strided input
-    run_under_triton_interpreter(__file__, "interpreted", min_passed=len(CASES) + 9)
+    # the cases, 4 tile boundaries, 4 dtypes and widths, the strided input, the two forms of parameter sets
+    run_under_triton_interpreter(__file__, "interpreted", min_passed=len(CASES) + 11)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,11 +236,13 @@ def _args(**over):
     (dict(weight=torch.zeros(3, 2, 4)), "weight must be (d, K)"),
     (dict(weight=torch.zeros(3, 9)), "K = 9"),
     (dict(bias=torch.zeros(4)), "bias must be (d,)"),
+    (dict(x=torch.zeros(4, 3, 12), weight=torch.zeros(3, 3, 4)), "sets dividing the batch"),
+    (dict(weight=torch.zeros(2, 3, 4)), "bias must be (sets, d)"),
     (dict(mode="sideways"), "mode must be one of"),
     (dict(mode="slice"), "needs num_slices"),
     (dict(mode="slice", num_slices=5), "positive divisor of the sequence length L=12"),
     (dict(mode="slice", num_slices=0), "positive divisor of the sequence length L=12"),
-], ids=["x-rank", "x-dtype", "weight-d", "weight-middle", "width", "bias", "mode", "no-slices", "slices-divide",
+], ids=["x-rank", "x-dtype", "weight-d", "weight-middle", "width", "bias", "sets-divide", "sets-bias", "mode", "no-slices", "slices-divide",
         "slices-zero"])
 def test_bad_arguments_are_value_errors(over, words):
     from nnunet_segmamba.ssm.triton_conv import causal_conv1d_triton
