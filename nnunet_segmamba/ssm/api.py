@@ -21,7 +21,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Args:
         u: (batch, d, L) input.
         delta: (batch, d, L) step sizes (before `delta_bias` and softplus).
-        A: (d, n) state matrix (negative for a stable scan; Mamba uses -exp(A_log)).
+        A: (d, n) state matrix (negative for a stable scan; Mamba uses -exp(A_log)); or parameter sets (sets, d, n),
+            set i serving the i-th block of batch / sets consecutive batch elements, with D and delta_bias then
+            (sets, d): several scans with their own parameters as one call (the Triton kernels run them in one
+            launch; the other implementations set by set).
         B, C: (batch, n, L) or (batch, groups, n, L) input-dependent projections.
         D: optional (d,) skip connection.
         z: optional (batch, d, L) gate: out = y * silu(z).
@@ -58,7 +61,7 @@ def selective_scan_packed(u, delta_B_C, A, D=None, z=None, delta_bias=None, delt
                           backend: str = "auto", order: str = "forward", num_slices: int | None = None,
                           as_op: bool = False):
     """`selective_scan` with delta, B and C given as the rows of one tensor: delta_B_C (batch, d + 2 n, L), delta
-    in the first d rows, then B, then C (ungrouped), for n = A.shape[1]. Returns out (batch, d, L).
+    in the first d rows, then B, then C (ungrouped), for n = A.shape[-1]. Returns out (batch, d, L).
 
     The output of one projection that gives all three (`TriOrientedMamba.delta_B_C`): under torch.compile (or
     with `as_op`) the custom op `nnunet_segmamba::selective_scan_packed_fwd` takes it whole, and its backward
@@ -66,11 +69,11 @@ def selective_scan_packed(u, delta_B_C, A, D=None, z=None, delta_bias=None, delt
     gradients would be concatenated again for the projection's backward. In eager mode, the same as
     `selective_scan` on the three row slices.
     """
-    rows = u.shape[1] + 2 * A.shape[1] if u.dim() == 3 and A.dim() == 2 else None
+    rows = u.shape[1] + 2 * A.shape[-1] if u.dim() == 3 and A.dim() in (2, 3) else None
     if rows is None or delta_B_C.dim() != 3 or delta_B_C.shape[1] != rows:
-        raise ValueError(f"delta_B_C must be (batch, d + 2 n, L) for u (batch, d, L) and A (d, n), got delta_B_C "
-                         f"{tuple(delta_B_C.shape)}, u {tuple(u.shape)} and A {tuple(A.shape)}")
-    delta, B, C = ops.split_delta_B_C(delta_B_C, A.shape[1])
+        raise ValueError(f"delta_B_C must be (batch, d + 2 n, L) for u (batch, d, L) and A (d, n) or (sets, d, n), "
+                         f"got delta_B_C {tuple(delta_B_C.shape)}, u {tuple(u.shape)} and A {tuple(A.shape)}")
+    delta, B, C = ops.split_delta_B_C(delta_B_C, A.shape[-1])
     check_scan_shapes(u, delta, A, B, C, D, z, delta_bias)
     if as_op or torch.compiler.is_compiling():
         return ops.selective_scan_packed(u, delta_B_C, A, D, z, delta_bias, bool(delta_softplus), backend, order,
@@ -88,8 +91,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     Args:
         x: (batch, d, L).
-        weight: (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d), or (d, K).
-        bias: optional (d,).
+        weight: (d, 1, K) as stored by nn.Conv1d(d, d, K, groups=d), or (d, K); or parameter sets (sets, d, 1, K)
+            / (sets, d, K), set i serving the i-th block of batch / sets consecutive batch elements.
+        bias: optional (d,), or (sets, d) with sets of weights.
         silu: apply SiLU to the result.
         backend: as for `selective_scan`; "cuda" uses causal-conv1d's fused kernel where it imports (else our
             Triton kernel), "triton" our Triton kernel, "cpu" our fused CPU kernel.

@@ -159,6 +159,9 @@ def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     one name in `resolve`); the custom op's forward and backward call it too.
     """
     name = resolve(backend, u.device)
+    if A.dim() == 3 and name != "triton":
+        return _scan_each_set(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, order,
+                              num_slices)
     if name == "cpu":
         return cpu_scan.selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                            order=order, num_slices=num_slices)
@@ -190,6 +193,30 @@ def selective_scan_eager(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return visit(result, order, num_slices, inverse=True)
 
 
+def _block(t: torch.Tensor | None, i: int, blocks: int) -> torch.Tensor | None:
+    """The i-th of `blocks` equal blocks of a batch-first tensor (None stays None)."""
+    return None if t is None else t.chunk(blocks)[i]
+
+
+def _set(t: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    """Parameter set i of a (sets, ...) parameter (None stays None)."""
+    return None if t is None else t[i]
+
+
+def _scan_each_set(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend, order,
+                   num_slices):
+    """Parameter sets (A of shape (sets, d, n)) where the implementation has none: each set's block of the batch
+    scanned alone, the results stacked again (what the Triton kernels compute in one launch)."""
+    sets = A.shape[0]
+    results = [selective_scan_eager(_block(u, i, sets), _block(delta, i, sets), A[i], _block(B, i, sets),
+                                    _block(C, i, sets), _set(D, i), _block(z, i, sets), _set(delta_bias, i),
+                                    delta_softplus, return_last_state, backend, order, num_slices)
+               for i in range(sets)]
+    if return_last_state:
+        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+    return torch.cat(results)
+
+
 @functools.lru_cache(maxsize=None)
 def _keeps_residuals(backend: str, device_type: str, from_env: str) -> bool:
     return resolve(backend, torch.device(device_type)) == "triton"
@@ -217,7 +244,7 @@ def selective_scan_keeping_residuals(u, delta, A, B, C, D, z, delta_bias, delta_
         out, last = selective_scan_eager(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, backend, order,
                                          num_slices)
         return (out, last, *(u.new_empty(shape, dtype=torch.float32)
-                             for shape in residual_shapes(u.shape, A.shape[1])))
+                             for shape in residual_shapes(u.shape, A.shape[-1])))
 
     if not triton_scan_status()[0]:
         return fallback()
@@ -231,10 +258,14 @@ def causal_conv1d_eager(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         num_slices: int | None = None) -> torch.Tensor:
     """`api.causal_conv1d` without the custom op: resolve the backend, run it, fall back on failure (the one place
     that maps a backend name to a conv implementation; the custom op calls it too)."""
-    from .triton_conv import causal_conv1d_triton  # imports without triton; raises only when called
+    from .triton_conv import causal_conv1d_triton, conv_weight_rows  # imports without triton; raises only when called
 
-    weight = weight if weight.dim() == 2 else weight.squeeze(1)
+    weight = conv_weight_rows(weight, x.shape[1])
     name = resolve(backend, x.device)
+    if weight.dim() == 3 and name != "triton":  # parameter sets where the implementation has none: set by set
+        sets = weight.shape[0]
+        return torch.cat([causal_conv1d_eager(_block(x, i, sets), weight[i], _set(bias, i), silu, backend, order,
+                                              num_slices) for i in range(sets)])
     if name == "cpu":
         return cpu_scan.causal_conv1d_cpu(x, weight, bias, silu=silu, order=order, num_slices=num_slices)
     if name == "triton":

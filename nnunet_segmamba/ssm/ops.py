@@ -144,11 +144,11 @@ def _scan_forward_fake(u: Tensor, A: Tensor, backend: str) -> tuple[Tensor, ...]
     if dispatch.scan_keeps_residuals(backend, u.device):
         from .triton_scan import residual_shapes
 
-        shapes = residual_shapes(u.shape, A.shape[1])
+        shapes = residual_shapes(u.shape, A.shape[-1])
     else:
         shapes = ((0,), (0,))
     return (torch.empty_like(u, memory_format=torch.contiguous_format),
-            u.new_empty((u.shape[0], u.shape[1], A.shape[1]), dtype=_state_dtype(u)),
+            u.new_empty((u.shape[0], u.shape[1], A.shape[-1]), dtype=_state_dtype(u)),
             *(u.new_empty(shape, dtype=torch.float32) for shape in shapes))
 
 
@@ -235,7 +235,7 @@ def split_delta_B_C(delta_B_C: Tensor, d_state: int) -> tuple[Tensor, Tensor, Te
 
 def _unpack(inputs):
     u, delta_B_C, A, D, z, delta_bias = inputs
-    delta, B, C = split_delta_B_C(delta_B_C, A.shape[1])
+    delta, B, C = split_delta_B_C(delta_B_C, A.shape[-1])
     return u, delta, A, B, C, D, z, delta_bias
 
 

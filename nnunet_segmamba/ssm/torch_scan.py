@@ -31,19 +31,20 @@ def check_scan_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     batch, dim, length = u.shape
     if delta.shape != u.shape:
         raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}")
-    if A.dim() != 2 or A.shape[0] != dim:
-        raise ValueError(f"A must be (d={dim}, d_state), got shape {tuple(A.shape)}")
+    if A.dim() not in (2, 3) or A.shape[-2] != dim or batch % (A.shape[0] if A.dim() == 3 else 1):
+        raise ValueError(f"A must be (d={dim}, d_state), or parameter sets (sets, d, d_state) with sets dividing the "
+                         f"batch ({batch}), got shape {tuple(A.shape)}")
     for name, t in (("B", B), ("C", C)):
-        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-1] != length or t.shape[-2] != A.shape[1]:
+        if t.dim() not in (3, 4) or t.shape[0] != batch or t.shape[-1] != length or t.shape[-2] != A.shape[-1]:
             raise ValueError(
-                f"{name} must be (batch={batch}, d_state={A.shape[1]}, L={length}) or "
+                f"{name} must be (batch={batch}, d_state={A.shape[-1]}, L={length}) or "
                 f"(batch, groups, d_state, L), got shape {tuple(t.shape)}"
             )
         if t.dim() == 4 and dim % t.shape[1] != 0:
             raise ValueError(f"{name} has {t.shape[1]} groups, which does not divide d={dim}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and t.shape != (dim,):
-            raise ValueError(f"{name} must be (d={dim},), got shape {tuple(t.shape)}")
+        if t is not None and t.shape != A.shape[:-1]:
+            raise ValueError(f"{name} must be {tuple(A.shape[:-1])} (A's sets and d), got shape {tuple(t.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
 

@@ -39,7 +39,7 @@ from .orders import slice_geometry
 from .triton_common import (MODES, TRITON_AVAILABLE, TRITON_IMPORT_ERROR, cdiv, columns, interpreting, jit,
                             memory_position, next_power_of_2, on_device_of, rows, sum_parts_into_columns, tl)
 
-__all__ = ["causal_conv1d_triton", "causal_conv1d_triton_bwd", "MAX_WIDTH"]
+__all__ = ["causal_conv1d_triton", "causal_conv1d_triton_bwd", "conv_weight_rows", "MAX_WIDTH"]
 
 MAX_WIDTH = 8
 # Largest tile of scan-order steps per program. Module-level so tests can shrink it to cover tile boundaries
@@ -225,7 +225,7 @@ def _row_strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def _weight_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
+def conv_weight_rows(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """The weight as the kernels read it, (d, K) or (sets, d, K): without nn.Conv1d's size-1 axis of (d, 1, K)."""
     if weight.dim() >= 3 and weight.shape[-2] == 1 and weight.shape[-3] == dim:
         return weight.squeeze(-2)
@@ -324,7 +324,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if x.dtype not in _DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; the Triton causal conv takes float16, bfloat16 or float32 "
                          "(use causal_conv1d(..., backend='torch') for other dtypes)")
-    weight = _weight_rows(weight, dim)
+    weight = conv_weight_rows(weight, dim)
     sets = weight.shape[0] if weight.dim() == 3 else 1
     if weight.dim() not in (2, 3) or weight.shape[-2] != dim or batch % sets:
         raise ValueError(f"weight must be (d, K) or (d, 1, K) with d = {dim} (x's channels), or (sets, d, K) with "
@@ -362,7 +362,7 @@ def causal_conv1d_triton_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.
     against `dout`, without running the forward: for the custom op's backward (`ops.py`), whose forward took
     the same, already checked, arguments. Each gradient has its input's shape and dtype."""
     num_slices, slice_len = slice_geometry(mode, x.shape[-1], num_slices, "mode")
-    w = _weight_rows(weight, x.shape[1]).contiguous()
+    w = conv_weight_rows(weight, x.shape[1]).contiguous()
     dx, dweight, dbias = _backward(dout, x, w, bias.contiguous() if bias is not None else None, bool(silu),
                                    MODES[mode], num_slices, slice_len, _block_size(x.shape[-1]))
     return dx, dweight.reshape(weight.shape), dbias

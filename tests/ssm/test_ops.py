@@ -147,6 +147,39 @@ def test_packed_scan_op_gives_the_three_gradients_as_one(monkeypatch, one_multip
         _assert_same(gp, gs, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ([pytest.param("triton", marks=pytest.mark.gpu)] if CUDA else []))
+def test_parameter_sets_through_the_ops_are_each_sets_ops(backend):
+    """The packed scan op and the causal conv op with parameter sets (A (sets, d, n), D and delta_bias (sets, d), the
+    conv's weight (sets, d, 1, K) and bias (sets, d)): each block of the batch gets its set's outputs and gradients,
+    as the ops called on each block with its own parameters (in one launch on the Triton kernels, set by set
+    elsewhere)."""
+    device = "cuda" if CUDA and backend == "triton" else "cpu"
+    sets, blocks = 3, [_scan_inputs(seed=10 + i, optional=True, device=device) for i in range(3)]
+    for inputs in blocks:
+        inputs[6] = None  # no gate, as the compiled layers call the scan
+    g = torch.Generator().manual_seed(7)
+    conv_w = [(torch.randn(4, 1, 4, generator=g) * 0.5).to(device) for _ in range(sets)]
+    conv_b = [torch.randn(4, generator=g).to(device) for _ in range(sets)]
+
+    def layer(x, delta_B_C, A, D, bias, w, b):
+        u = ops.causal_conv1d(x, w, b, True, backend, "forward", None)
+        return ops.selective_scan_packed(u, delta_B_C, A, D, None, bias, True, backend, "slice", 3)[0]
+
+    def args(inputs, w, b):
+        x, delta, A, B, C, D, _, bias = inputs
+        return [x, torch.cat([delta, B, C], 1), A, D, bias, w, b]
+
+    stacked = [torch.cat(ts) if k in (0, 1) else torch.stack(ts)
+               for k, ts in enumerate(zip(*[args(blocks[i], conv_w[i], conv_b[i]) for i in range(sets)]))]
+    out, grads = _grads(layer, stacked)
+    for i in range(sets):
+        out_i, grads_i = _grads(layer, args(blocks[i], conv_w[i], conv_b[i]))
+        rows = slice(2 * i, 2 * i + 2)
+        _assert_same(out[rows], out_i, atol=1e-6, what=f"out of set {i}")
+        for k, (g_all, g_i) in enumerate(zip(grads, grads_i)):
+            _assert_same(g_all[rows] if k < 2 else g_all[i], g_i, atol=1e-5, what=f"grad {k} of set {i}")
+
+
 def test_packed_scan_names_a_wrong_row_count():
     u, delta, A, B, C, *_ = _scan_inputs()
     with pytest.raises(ValueError, match="delta_B_C must be"):

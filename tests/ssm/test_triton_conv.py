@@ -242,8 +242,8 @@ def _args(**over):
     (dict(mode="slice"), "needs num_slices"),
     (dict(mode="slice", num_slices=5), "positive divisor of the sequence length L=12"),
     (dict(mode="slice", num_slices=0), "positive divisor of the sequence length L=12"),
-], ids=["x-rank", "x-dtype", "weight-d", "weight-middle", "width", "bias", "sets-divide", "sets-bias", "mode", "no-slices", "slices-divide",
-        "slices-zero"])
+], ids=["x-rank", "x-dtype", "weight-d", "weight-middle", "width", "bias", "sets-divide", "sets-bias", "mode",
+        "no-slices", "slices-divide", "slices-zero"])
 def test_bad_arguments_are_value_errors(over, words):
     from nnunet_segmamba.ssm.triton_conv import causal_conv1d_triton
 
