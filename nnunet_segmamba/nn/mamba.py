@@ -182,6 +182,12 @@ class TriOrientedMamba(nn.Module):
             Triton kernels; elsewhere its custom op's backward repeats the scan's forward (`ssm/ops.py`). None:
             for CUDA inputs only (measured there: 2.2 GiB less for SegMamba at 128^3 at the same step time,
             docs/performance.md; on the CPU it costs a small network time, and memory is rarely the limit).
+        stack_directions: run the directions' branches as one: their ordered copies of the in_proj output stacked
+            on the batch (direction-major), one causal conv, one batched projection and one scan, each direction
+            with its own parameters as a parameter set (`ssm.selective_scan`'s A of shape (sets, d, n)). The same
+            arithmetic as the branches one by one; on the GPU one chain of kernels with three times the programs,
+            where the smaller stages' scans are bound by their kernels' latency (docs/performance.md). None: for
+            CUDA inputs only (the CPU kernels read the orders in place, without copies).
 
     Shapes:
         forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
@@ -195,7 +201,7 @@ class TriOrientedMamba(nn.Module):
                  dt_rank: int | str = "auto", directions: Sequence[str] = ("forward", "backward", "slice"),
                  num_slices: int | None = None, dt_init_all_branches: bool = False, dt_min: float = 0.001,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_backend: str = "auto",
-                 recompute_branches: bool | None = False) -> None:
+                 recompute_branches: bool | None = False, stack_directions: bool | None = None) -> None:
         super().__init__()
         directions = tuple(directions)
         unknown = [d for d in directions if d not in DIRECTIONS]
@@ -214,6 +220,7 @@ class TriOrientedMamba(nn.Module):
             raise ValueError(f"scan_backend must be one of {dispatch.BACKENDS}, got {scan_backend!r}")
         self.scan_backend = scan_backend
         self.recompute_branches = recompute_branches
+        self.stack_directions = stack_directions
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         for direction in self.directions:
@@ -333,8 +340,12 @@ class TriOrientedMamba(nn.Module):
             check_num_slices(n, hidden_states.shape[1])
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))
-        in_kernels = self._orders_read_in_kernels(xz.device)
         recompute = recomputes(self.recompute_branches, xz)
+        if self._stacks_directions(xz):
+            out = (selective_checkpoint(self._stacked_output, xz, n, context_fn=_RECOMPUTE_ALL_BUT_THE_SCAN)
+                   if recompute else self._stacked_output(xz, n))
+            return _project(self.out_proj.weight, out, positions_first=True)
+        in_kernels = self._orders_read_in_kernels(xz.device)
         out = 0
         for direction in self.directions:
             if recompute:
@@ -352,6 +363,58 @@ class TriOrientedMamba(nn.Module):
         if order == "forward" or order in in_kernels:
             return self.branch(xz, direction, order, ns, scan_as_op)
         return visit(self.branch(visit(xz, order, ns), direction, scan_as_op=scan_as_op), order, ns, inverse=True)
+
+    def _stacks_directions(self, xz: torch.Tensor) -> bool:
+        if self.stack_directions is None:
+            return xz.is_cuda and len(self.directions) > 1
+        return bool(self.stack_directions)
+
+    def _stacked_output(self, xz: torch.Tensor, num_slices: int | None) -> torch.Tensor:
+        """The directions' branches as one (`stack_directions`): xz (B, 2 d_inner, L) in raster order -> the sum of
+        their outputs (B, d_inner, L) in raster order."""
+        orders = [(ORDERS[d], num_slices if d == "slice" else None) for d in self.directions]
+        batch = xz.shape[0]
+        # each direction's visiting order of xz, direction-major on the batch: its parameter set's block
+        xz_all = torch.cat([xz if order == "forward" else visit(xz, order, ns) for order, ns in orders])
+        y = self.stacked_branch(xz_all)
+        out = 0
+        for i, (order, ns) in enumerate(orders):
+            y_i = y[i * batch:(i + 1) * batch]
+            out = out + (y_i if order == "forward" else visit(y_i, order, ns, inverse=True))
+        return out
+
+    def stacked_branch(self, xz_all: torch.Tensor, gate_outside: bool | None = None) -> torch.Tensor:
+        """The directions' branches on their ordered copies stacked direction-major: xz_all (sets x B, 2 d_inner, L)
+        -> y * silu(z) (sets x B, d_inner, L), each block with its direction's parameters; `gate_outside` as in
+        `branch`."""
+        suffixes = [DIRECTIONS[d] for d in self.directions]
+        A_log = torch.stack([getattr(self, f"A{s}_log") for s in suffixes])  # (sets, d_inner, d_state)
+        D = torch.stack([getattr(self, f"D{s}") for s in suffixes])  # (sets, d_inner)
+        dt_bias = torch.stack([getattr(self, f"dt_proj{s}").bias for s in suffixes])
+        conv_weight = torch.stack([getattr(self, f"conv1d{s}").weight for s in suffixes])  # (sets, d_inner, 1, K)
+        conv_bias = torch.stack([getattr(self, f"conv1d{s}").bias for s in suffixes])
+        x, z = xz_all.chunk(2, dim=1)
+        u = causal_conv1d(x, conv_weight, conv_bias, silu=True, backend=self.scan_backend)  # (sets x B, d_inner, L)
+        if gate_outside is None:
+            gate_outside = torch.compiler.is_compiling() and xz_all.is_cuda
+        y = selective_scan_packed(u, self.stacked_delta_B_C(u), -torch.exp(_scan_precision(A_log)),
+                                  D=_scan_precision(D), z=None if gate_outside else z,
+                                  delta_bias=_scan_precision(dt_bias), delta_softplus=True, backend=self.scan_backend)
+        if gate_outside:
+            precision = _scan_precision(y).dtype
+            return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
+        return y
+
+    def stacked_delta_B_C(self, u: torch.Tensor) -> torch.Tensor:
+        """`delta_B_C` of every direction on its block of u (sets x B, d_inner, L), as one batched product."""
+        sets = len(self.directions)
+        with torch.autocast(u.device.type, enabled=False):  # the merged weights in the parameters' precision
+            weights = torch.stack([
+                torch.cat([getattr(self, f"dt_proj{s}").weight @ getattr(self, f"x_proj{s}").weight[:self.dt_rank],
+                           getattr(self, f"x_proj{s}").weight[self.dt_rank:]])
+                for s in (DIRECTIONS[d] for d in self.directions)])  # (sets, d_inner + 2 d_state, d_inner)
+        blocks = u.unflatten(0, (sets, -1))  # (sets, B, d_inner, L)
+        return torch.matmul(weights.unsqueeze(1), blocks).flatten(0, 1)
 
     def _orders_read_in_kernels(self, device: torch.device) -> tuple[str, ...]:
         """The orders whose branch passes the order to the kernels instead of working on a flipped or permuted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -437,6 +438,41 @@ def test_recomputed_branches_give_the_same_values_from_less_memory(backend):
     # without gradients there is nothing to keep: the same code as the plain layer
     with torch.no_grad():
         torch.testing.assert_close(recomputed(hidden, num_slices=8), out_p, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("directions", [tuple(DIRECTIONS), ("backward", "slice")], ids=["three", "two"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_stacked_directions_are_the_branches_one_by_one(directions, recompute):
+    """stack_directions=True (the default on CUDA): the directions' ordered copies stacked on the batch, one causal
+    conv, one batched projection and one scan with a parameter set per direction give the output and every gradient
+    of the branches run one by one, to float64 rounding; with the branches recomputed too."""
+    torch.manual_seed(0)
+    mixer = TriOrientedMamba(8, d_state=4, directions=directions, dt_init_all_branches=True, scan_backend="torch",
+                             recompute_branches=recompute).double()
+    hidden = torch.randn(2, 4 * 4 * 4, 8, dtype=torch.float64)
+    results = []
+    for stack in (False, True):
+        mixer.stack_directions = stack
+        mixer.zero_grad(set_to_none=True)
+        x = hidden.clone().requires_grad_(True)
+        out = mixer(x, num_slices=4)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        results.append((out.detach(), x.grad, {n: p.grad for n, p in mixer.named_parameters()}))
+    (out_1, dx_1, grads_1), (out_s, dx_s, grads_s) = results
+    torch.testing.assert_close(out_s, out_1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx_s, dx_1, rtol=1e-12, atol=1e-12)
+    assert grads_s.keys() == grads_1.keys()
+    for name in grads_1:
+        torch.testing.assert_close(grads_s[name], grads_1[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_directions_are_stacked_on_cuda_only_by_default():
+    cuda_tensor = types.SimpleNamespace(is_cuda=True)  # what the choice looks at
+    assert TriOrientedMamba(8)._stacks_directions(cuda_tensor)
+    assert not TriOrientedMamba(8)._stacks_directions(torch.zeros(1))
+    assert not TriOrientedMamba(8, directions=("forward",))._stacks_directions(cuda_tensor)  # nothing to stack
+    assert not TriOrientedMamba(8, stack_directions=False)._stacks_directions(cuda_tensor)
+    assert TriOrientedMamba(8, stack_directions=True)._stacks_directions(torch.zeros(1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -315,6 +315,14 @@ def test_segmamba_compiles_without_graph_breaks(channels_last, monkeypatch):
     _compare_compiled(net, (x,), "aot_eager")
 
 
+def test_stacked_directions_compile_without_graph_breaks():
+    """The layer with its directions stacked (`stack_directions`, the default on CUDA), the branches recomputed as
+    the trainers do at 128^3, in one graph: eager's values and gradients."""
+    torch.manual_seed(0)
+    model = TriOrientedMamba(8, d_state=4, scan_backend="torch", stack_directions=True, recompute_branches=True)
+    _compare_compiled(model, (torch.randn(2, 64, 8), 4), "aot_eager")
+
+
 def test_inductor_matches_eager():
     """inductor's generated code (C++ on the CPU) around the ops gives eager's values and gradients. Two of the
     three directions: the inter-slice one has the permutations around the ops; a fresh inductor cache costs
