@@ -186,8 +186,11 @@ class TriOrientedMamba(nn.Module):
             on the batch (direction-major), one causal conv, one batched projection and one scan, each direction
             with its own parameters as a parameter set (`ssm.selective_scan`'s A of shape (sets, d, n)). The same
             arithmetic as the branches one by one; on the GPU one chain of kernels with three times the programs,
-            where the smaller stages' scans are bound by their kernels' latency (docs/performance.md). None: for
-            CUDA inputs only (the CPU kernels read the orders in place, without copies).
+            where the smaller stages' scans are bound by their kernels' latency. None: for CUDA inputs whose
+            branches are kept (measured: 0.6 ms less per training step at the hippocampus patch, where the trainers
+            keep them; docs/performance.md). Not where the branches are recomputed (the trainers at 128^3): the
+            backward would then make the three directions' inputs again at once, a peak not yet measured against
+            the memory target; nor on the CPU, whose kernels read the orders in place, without copies.
 
     Shapes:
         forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
@@ -341,7 +344,7 @@ class TriOrientedMamba(nn.Module):
         # (B, 2 d_inner, L), contiguous along L as the scan kernels want it
         xz = _project(self.in_proj.weight, hidden_states.transpose(1, 2))
         recompute = recomputes(self.recompute_branches, xz)
-        if self._stacks_directions(xz):
+        if self._stacks_directions(xz, recompute):
             out = (selective_checkpoint(self._stacked_output, xz, n, context_fn=_RECOMPUTE_ALL_BUT_THE_SCAN)
                    if recompute else self._stacked_output(xz, n))
             return _project(self.out_proj.weight, out, positions_first=True)
@@ -364,9 +367,9 @@ class TriOrientedMamba(nn.Module):
             return self.branch(xz, direction, order, ns, scan_as_op)
         return visit(self.branch(visit(xz, order, ns), direction, scan_as_op=scan_as_op), order, ns, inverse=True)
 
-    def _stacks_directions(self, xz: torch.Tensor) -> bool:
+    def _stacks_directions(self, xz: torch.Tensor, recompute: bool) -> bool:
         if self.stack_directions is None:
-            return xz.is_cuda and len(self.directions) > 1
+            return xz.is_cuda and not recompute and len(self.directions) > 1
         return bool(self.stack_directions)
 
     def _stacked_output(self, xz: torch.Tensor, num_slices: int | None) -> torch.Tensor:

@@ -466,13 +466,40 @@ def test_stacked_directions_are_the_branches_one_by_one(directions, recompute):
         torch.testing.assert_close(grads_s[name], grads_1[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_directions_are_stacked_on_cuda_only_by_default():
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_stacked_directions_on_cuda_are_the_branches_one_by_one(compiled):
+    """On the Triton kernels, eager and compiled: the stacked directions' output and gradients are those of the
+    branches one by one, to float32 rounding."""
+    torch.manual_seed(0)
+    mixer = TriOrientedMamba(16, d_state=8, scan_backend="triton", dt_init_all_branches=True).cuda()
+    hidden = torch.randn(2, 8 * 8 * 8, 16, device="cuda")
+    results = []
+    for stack in (False, True):
+        mixer.stack_directions = stack
+        mixer.zero_grad(set_to_none=True)
+        run = torch.compile(mixer, fullgraph=True) if compiled else mixer
+        x = hidden.clone().requires_grad_(True)
+        out = run(x, num_slices=8)
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad, {n: p.grad for n, p in mixer.named_parameters()}))
+        torch._dynamo.reset()
+    (out_1, dx_1, grads_1), (out_s, dx_s, grads_s) = results
+    torch.testing.assert_close(out_s, out_1, rtol=1e-5, atol=1e-5 * out_1.abs().max().item())
+    torch.testing.assert_close(dx_s, dx_1, rtol=1e-4, atol=1e-5 * dx_1.abs().max().item())
+    for name, want in grads_1.items():
+        torch.testing.assert_close(grads_s[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+def test_directions_are_stacked_by_default_on_cuda_with_the_branches_kept():
     cuda_tensor = types.SimpleNamespace(is_cuda=True)  # what the choice looks at
-    assert TriOrientedMamba(8)._stacks_directions(cuda_tensor)
-    assert not TriOrientedMamba(8)._stacks_directions(torch.zeros(1))
-    assert not TriOrientedMamba(8, directions=("forward",))._stacks_directions(cuda_tensor)  # nothing to stack
-    assert not TriOrientedMamba(8, stack_directions=False)._stacks_directions(cuda_tensor)
-    assert TriOrientedMamba(8, stack_directions=True)._stacks_directions(torch.zeros(1))
+    assert TriOrientedMamba(8)._stacks_directions(cuda_tensor, recompute=False)
+    assert not TriOrientedMamba(8)._stacks_directions(cuda_tensor, recompute=True)
+    assert not TriOrientedMamba(8)._stacks_directions(torch.zeros(1), recompute=False)
+    assert not TriOrientedMamba(8, directions=("forward",))._stacks_directions(cuda_tensor, False)  # one: no stack
+    assert not TriOrientedMamba(8, stack_directions=False)._stacks_directions(cuda_tensor, recompute=False)
+    assert TriOrientedMamba(8, stack_directions=True)._stacks_directions(torch.zeros(1), recompute=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -438,7 +438,9 @@ def test_tri_oriented_layer_index_maps_equal_copies_and_torch():
 def test_parameter_sets_are_the_scans_of_each_set(monkeypatch, one_multiprocessor, packed, programs_per_sm):
     """A, D and delta_bias as (sets, d, ...): set i serves the i-th block of batch / sets consecutive batch elements,
     so one scan over the blocks stacked on the batch gives each block's own scan, outputs and gradients (their
-    parameters' gradients summed over the block only), bit for bit."""
+    parameters' gradients summed over the block only): bit for bit, except dB and dC where the channel splits'
+    float32 partial sums are added up (`sum_parts` tiles their rows by the column count, which the stacked batch
+    triples: the same terms, summed in another order on a GPU)."""
     monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", programs_per_sm)
     sets, block = 3, 2
     dim, n, length = 4, 4, 70  # two chunks of 64, the last partial
@@ -466,5 +468,7 @@ def test_parameter_sets_are_the_scans_of_each_set(monkeypatch, one_multiprocesso
         torch.testing.assert_close(out[rows], out_i, rtol=0, atol=0)
         # per batch element: du, d delta | B | C (packed) or ddelta, dB, dC; per set: dA, dD, dbias
         per_batch = [True, True, False, False, False] if packed else [True, True, False, True, True, False, False]
-        for g, g_i, batched in zip(grads, grads_i, per_batch):
-            torch.testing.assert_close(g[rows] if batched else g[i], g_i, rtol=0, atol=0)
+        for k, (g, g_i, batched) in enumerate(zip(grads, grads_i, per_batch)):
+            summed_splits = programs_per_sm and (k == 1 if packed else k in (3, 4))  # d delta | B | C, or dB, dC
+            tol = dict(rtol=1e-5, atol=1e-6 * g_i.abs().max().item()) if summed_splits else dict(rtol=0, atol=0)
+            torch.testing.assert_close(g[rows] if batched else g[i], g_i, **tol)
