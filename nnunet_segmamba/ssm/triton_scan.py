@@ -29,6 +29,10 @@ Index maps. `mode` says in which order the scan visits the (raster-ordered) sequ
 M = L / n: the transpose of the (n, M) view, SegMamba's inter-slice order). Inputs are read and outputs written
 through p, so the tri-orientated layer needs no flipped or permuted copies of its activations.
 
+Parameter sets. A, D and delta_bias may come as (sets, d, ...): each program reads its batch element's set (set i
+serves the i-th block of batch / sets consecutive elements), so several scans with their own parameters, such as
+the tri-orientated layer's three directions stacked on the batch, run as one launch of every kernel.
+
 Gradients of B and C sum over the channels of a group. The backward's program for a chunk owns its block of
 dB / dC for the channels it walks, so no atomics are needed and the result is deterministic.
 """
