@@ -61,12 +61,15 @@ RECOMPUTE_NETWORKS = ("segmamba_recompute[triton]", "segmamba_recompute_compiled
 # conv blocks recompute their norms and shortcuts, the network's default on a GPU); `segmamba_cl_recompute`: with
 # recomputed Mamba branches too, and compiled with CUDA graphs the trainers' setting on one GPU from 2^21 voxels per
 # batch (BraTS's 2 x 128^3); `segmamba_cl_keep`: nothing recomputed, compiled with CUDA graphs the trainers' setting
-# below (the hippocampus's 7 x 48 x 64 x 48)
+# below (the hippocampus's 7 x 48 x 64 x 48); `_stacked` / `_unstacked`: every Mamba layer's directions as one scan,
+# or a branch at a time, where the default would choose the other (`SegMamba(stack_mamba_directions=...)`)
 CHANNELS_LAST_NETWORKS = ("segmamba_cl[cuda]", "segmamba_cl[triton]", "segmamba_cl_compiled[triton]",
                           "segmamba_cl_compiled_cg[triton]", "segmamba_cl_recompute[triton]",
                           "segmamba_cl_recompute_compiled[triton]", "segmamba_cl_recompute_compiled_cg[triton]",
                           "segmamba_cl_keep[triton]", "segmamba_cl_keep_compiled[triton]",
-                          "segmamba_cl_keep_compiled_cg[triton]")
+                          "segmamba_cl_keep_compiled_cg[triton]", "segmamba_cl_recompute_stacked[triton]",
+                          "segmamba_cl_recompute_stacked_compiled_cg[triton]", "segmamba_cl_keep_unstacked[triton]",
+                          "segmamba_cl_keep_unstacked_compiled_cg[triton]")
 # `segmamba_cl16`: channels-last with the 3D convolutions' weights stored in float16 (what fp16 autocast casts
 # them to on every call, so the same arithmetic): inference only. Compiled, the casts inside the graph are
 # intermediate buffers that inductor lays out channels-first, and cuDNN converts around every convolution
@@ -96,6 +99,10 @@ NETWORK_HELP = {
     "segmamba_cl_keep_compiled[triton]": "the same under torch.compile",
     "segmamba_cl_keep_compiled_cg[triton]": "the same compiled with CUDA graphs: the trainers' setting on one GPU "
                                             "below 2^21 voxels per batch (the hippocampus's 7 x 48 x 64 x 48)",
+    "segmamba_cl_recompute_stacked[triton]": "segmamba_cl_recompute with each Mamba layer's directions as one scan",
+    "segmamba_cl_recompute_stacked_compiled_cg[triton]": "the same compiled with CUDA graphs",
+    "segmamba_cl_keep_unstacked[triton]": "segmamba_cl_keep with each Mamba layer's directions one branch at a time",
+    "segmamba_cl_keep_unstacked_compiled_cg[triton]": "the same compiled with CUDA graphs",
     "segmamba_cl16_compiled[triton]": "SegMamba in channels_last_3d, 3D conv weights in float16, compiled (inference)",
     "segmamba_cl16_compiled_cg[triton]": "the same compiled with mode='reduce-overhead' (CUDA graphs; inference)",
     "segmamba_compiled[cuda]": "SegMamba under torch.compile (as nnU-Net compiles), cuda scan",
@@ -208,6 +215,8 @@ def build_network(name: str, in_channels: int, out_channels: int, segmamba_width
                         recompute_mamba_branches="recompute" in variant,
                         # None: the network's default, recomputed on a GPU
                         recompute_conv_blocks=False if "keep" in variant else None,
+                        stack_mamba_directions=True if "stacked" in variant else False if "unstacked" in variant
+                        else None,
                         scan_backend=_backend_of(name) or "auto")
         if "cl16" in variant:
             from .training.inference import half_precision_convs

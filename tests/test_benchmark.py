@@ -366,6 +366,11 @@ def test_compiled_networks_build_and_train(tmp_path):
     assert recomputes(channels_last, "recompute_activations") == {None}
     assert recomputes(below_voxel_rule, "recompute_branches") == {False}
     assert recomputes(below_voxel_rule, "recompute_activations") == {False}
+    # the Mamba layers' directions stacked at the layers' default (None) unless the name says otherwise
+    assert recomputes(trainers_setting, "stack_directions") == {None}
+    for name, stacked in (("segmamba_cl_recompute_stacked_compiled_cg[triton]", True),
+                          ("segmamba_cl_keep_unstacked_compiled_cg[triton]", False)):
+        assert recomputes(benchmark.build_network(name, 1, 2, segmamba_width=4), "stack_directions") == {stacked}
     torch._dynamo.reset()
     report = benchmark.run_benchmark(
         networks=["segmamba_compiled[cuda]", "segmamba_compiled[torch]"], device="cpu", batch=1, patch=(32, 16, 16),

@@ -288,12 +288,12 @@ class MambaLayer(nn.Module):
 
     def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
                  dt_init_all_branches: bool = False, scan_backend: str = "auto",
-                 recompute_branches: bool | None = False) -> None:
+                 recompute_branches: bool | None = False, stack_directions: bool | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.mamba = TriOrientedMamba(dim, d_state=16, d_conv=4, expand=2, directions=directions,
                                       dt_init_all_branches=dt_init_all_branches, scan_backend=scan_backend,
-                                      recompute_branches=recompute_branches)
+                                      recompute_branches=recompute_branches, stack_directions=stack_directions)
         self.num_slices = num_slices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,11 +310,13 @@ class MambaLayerV1(nn.Module):
 
     def __init__(self, dim: int, directions: tuple[str, ...], num_slices: int | None = None,
                  dt_init_all_branches: bool = False, scan_backend: str = "auto",
-                 recompute_branches: bool | None = False, mlp_ratio: int = 4) -> None:
+                 recompute_branches: bool | None = False, stack_directions: bool | None = None,
+                 mlp_ratio: int = 4) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.mamba = TriOrientedMamba(dim, directions=directions, dt_init_all_branches=dt_init_all_branches,
-                                      scan_backend=scan_backend, recompute_branches=recompute_branches)
+                                      scan_backend=scan_backend, recompute_branches=recompute_branches,
+                                      stack_directions=stack_directions)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.num_slices = num_slices

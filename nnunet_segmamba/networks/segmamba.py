@@ -38,7 +38,7 @@ class MambaEncoder(nn.Module):
     def __init__(self, spatial_dims: int, in_chans: int, depths: Sequence[int], dims: Sequence[int],
                  num_slices: Sequence[int | None], mixer: str, block: str, dt_init_all_branches: bool,
                  gradient_checkpointing: bool, scan_backend: str,
-                 recompute_mamba_branches: bool | None = False) -> None:
+                 recompute_mamba_branches: bool | None = False, stack_mamba_directions: bool | None = None) -> None:
         super().__init__()
         Conv, Norm = conv_nd(spatial_dims), instance_norm_nd(spatial_dims)
         self.downsample_layers = nn.ModuleList([nn.Sequential(Conv(in_chans, dims[0], 7, stride=2, padding=3))])
@@ -50,7 +50,7 @@ class MambaEncoder(nn.Module):
             if MIXERS[mixer]:
                 self.stages.append(nn.Sequential(*[
                     Layer(dims[i], MIXERS[mixer], num_slices[i], dt_init_all_branches, scan_backend,
-                          recompute_mamba_branches)
+                          recompute_mamba_branches, stack_mamba_directions)
                     for _ in range(depths[i])
                 ]))
             else:  # the ablation: identity in place of every Mamba layer
@@ -110,6 +110,9 @@ class SegMamba(nn.Module):
             shortcut convolutions): 2.6 GiB less at the peak of a training step on a GPU (batch 2, 128^3), for
             about 1 ms (docs/performance.md). None (default): on for CUDA inputs. The same values and gradients
             either way.
+        stack_mamba_directions: run each Mamba layer's directions as one batch of one scan
+            (`TriOrientedMamba(stack_directions=...)`): None (default) on CUDA where the branches are kept. The same
+            values and gradients either way.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
         scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on
@@ -135,7 +138,8 @@ class SegMamba(nn.Module):
                  num_slices: Sequence[int | None] | None = None, deep_supervision: bool = False, mixer: str = "tom",
                  block: str = "published", dt_init_all_branches: bool = False,
                  gradient_checkpointing: bool = False, pad_input: bool = True, scan_backend: str = "auto",
-                 recompute_mamba_branches: bool | None = None, recompute_conv_blocks: bool | None = None) -> None:
+                 recompute_mamba_branches: bool | None = None, recompute_conv_blocks: bool | None = None,
+                 stack_mamba_directions: bool | None = None) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -163,7 +167,8 @@ class SegMamba(nn.Module):
 
         dims = list(feat_size)
         self.vit = MambaEncoder(spatial_dims, in_chans, depths, dims, num_slices, mixer, block,
-                                dt_init_all_branches, gradient_checkpointing, scan_backend, recompute_mamba_branches)
+                                dt_init_all_branches, gradient_checkpointing, scan_backend, recompute_mamba_branches,
+                                stack_mamba_directions)
         self.encoder1 = ResidualConvBlock(spatial_dims, in_chans, dims[0], recompute_conv_blocks)
         self.encoder2 = ResidualConvBlock(spatial_dims, dims[0], dims[1], recompute_conv_blocks)
         self.encoder3 = ResidualConvBlock(spatial_dims, dims[1], dims[2], recompute_conv_blocks)

@@ -182,6 +182,25 @@ def test_recomputing_options_give_the_same_gradients(option):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_stacked_mamba_directions_give_the_same_gradients():
+    """stack_mamba_directions=True on the CPU, where the default runs a branch at a time: the same output and
+    gradients, in float64 (in float32 the stacked layers' merged delta projection rounds otherwise than the CPU's two
+    projections, and this small input amplifies that at the stem, 1e-4 of its gradient's scale)."""
+    torch.manual_seed(0)
+    plain = SegMamba(1, 2, **TINY).double()
+    stacked = SegMamba(1, 2, stack_mamba_directions=True, **TINY).double()
+    stacked.load_state_dict(plain.state_dict())
+    assert {m.stack_directions for m in stacked.modules() if hasattr(m, "stack_directions")} == {True}
+    x = torch.randn(1, 1, 32, 16, 16, dtype=torch.float64)
+    outs = [net(x) for net in (plain, stacked)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), stacked.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12 * max(p.grad.abs().max().item(), 1.0),
+                                   msg=name)
+
+
 def test_mamba_branches_are_recomputed_by_default_on_cuda_only(monkeypatch):
     """recompute_mamba_branches=None (default): each layer recomputes its branches for CUDA inputs, not on the CPU,
     where it costs time; never with gradient_checkpointing, which recomputes whole stages."""
