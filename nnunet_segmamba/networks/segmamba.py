@@ -111,8 +111,8 @@ class SegMamba(nn.Module):
             about 1 ms (docs/performance.md). None (default): on for CUDA inputs. The same values and gradients
             either way.
         stack_mamba_directions: run each Mamba layer's directions as one batch of one scan
-            (`TriOrientedMamba(stack_directions=...)`): None (default) on CUDA where the branches are kept. The same
-            values and gradients either way.
+            (`TriOrientedMamba(stack_directions=...)`): None (default) in training on CUDA where the branches are
+            kept. The same values and gradients either way.
         pad_input: zero-pad inputs whose spatial size is not a multiple of 16 and crop the logits back. With
             False such inputs raise a ValueError.
         scan_backend: the selective-scan implementation of every Mamba layer: "auto" (the fastest that runs on

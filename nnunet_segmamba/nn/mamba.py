@@ -186,11 +186,13 @@ class TriOrientedMamba(nn.Module):
             on the batch (direction-major), one causal conv, one batched projection and one scan, each direction
             with its own parameters as a parameter set (`ssm.selective_scan`'s A of shape (sets, d, n)). The same
             arithmetic as the branches one by one; on the GPU one chain of kernels with three times the programs,
-            where the smaller stages' scans are bound by their kernels' latency. None: for CUDA inputs whose
-            branches are kept (measured: 0.6 ms less per training step at the hippocampus patch, where the trainers
+            where the smaller stages' scans are bound by their kernels' latency. None: in training on CUDA with
+            the branches kept (measured: 0.6 ms less per training step at the hippocampus patch, where the trainers
             keep them; docs/performance.md). Not where the branches are recomputed (the trainers at 128^3): the
             backward would then make the three directions' inputs again at once, a peak not yet measured against
-            the memory target; nor on the CPU, whose kernels read the orders in place, without copies.
+            the memory target; not without gradients (inference, where the predictor batches a tile's 8 flips and
+            the three directions' intermediates would be held at once, not measured either); nor on the CPU, whose
+            kernels read the orders in place, without copies.
 
     Shapes:
         forward(hidden_states (B, L, d_model), num_slices=None) -> (B, L, d_model)
@@ -369,7 +371,7 @@ class TriOrientedMamba(nn.Module):
 
     def _stacks_directions(self, xz: torch.Tensor, recompute: bool) -> bool:
         if self.stack_directions is None:
-            return xz.is_cuda and not recompute and len(self.directions) > 1
+            return xz.is_cuda and torch.is_grad_enabled() and not recompute and len(self.directions) > 1
         return bool(self.stack_directions)
 
     def _stacked_output(self, xz: torch.Tensor, num_slices: int | None) -> torch.Tensor:

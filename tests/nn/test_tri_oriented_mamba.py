@@ -492,9 +492,11 @@ def test_stacked_directions_on_cuda_are_the_branches_one_by_one(compiled):
         torch.testing.assert_close(grads_s[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
-def test_directions_are_stacked_by_default_on_cuda_with_the_branches_kept():
+def test_directions_are_stacked_by_default_in_training_on_cuda_with_the_branches_kept():
     cuda_tensor = types.SimpleNamespace(is_cuda=True)  # what the choice looks at
     assert TriOrientedMamba(8)._stacks_directions(cuda_tensor, recompute=False)
+    with torch.no_grad():
+        assert not TriOrientedMamba(8)._stacks_directions(cuda_tensor, recompute=False)
     assert not TriOrientedMamba(8)._stacks_directions(cuda_tensor, recompute=True)
     assert not TriOrientedMamba(8)._stacks_directions(torch.zeros(1), recompute=False)
     assert not TriOrientedMamba(8, directions=("forward",))._stacks_directions(cuda_tensor, False)  # one: no stack
