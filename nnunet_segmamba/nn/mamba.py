@@ -138,6 +138,17 @@ def _keep_scan_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
 _RECOMPUTE_ALL_BUT_THE_SCAN = selective_checkpoint_contexts(_keep_scan_outputs)
 
 
+def _gates_outside(gate_outside: bool | None, xz: torch.Tensor) -> bool:
+    """`branch`'s gate_outside: None means under torch.compile on CUDA (see there)."""
+    return torch.compiler.is_compiling() and xz.is_cuda if gate_outside is None else gate_outside
+
+
+def _gated(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """y * silu(z) in the precision the kernels compute it (float32, float64 for float64), in y's dtype."""
+    precision = _scan_precision(y).dtype
+    return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
+
+
 def dt_projection_init(dt_rank: int, d_inner: int, dt_min: float, dt_max: float, dt_init_floor: float,
                        dt_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Mamba's dt projection init: weight uniform(+-dt_scale / sqrt(dt_rank)), bias = softplus^-1(dt) with dt
@@ -290,8 +301,7 @@ class TriOrientedMamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         u = causal_conv1d(x, conv.weight, conv.bias, silu=True, backend=self.scan_backend, order=order,
                           num_slices=num_slices)  # (B, d_inner, L)
-        if gate_outside is None:
-            gate_outside = torch.compiler.is_compiling() and xz.is_cuda
+        gate_outside = _gates_outside(gate_outside, xz)
         scan_args = dict(D=_scan_precision(getattr(self, f"D{s}")), z=None if gate_outside else z,
                          delta_bias=_scan_precision(dt_proj.bias), delta_softplus=True, backend=self.scan_backend,
                          order=order, num_slices=num_slices, as_op=scan_as_op)
@@ -301,10 +311,7 @@ class TriOrientedMamba(nn.Module):
         else:
             delta, B, C = self.scan_inputs(u, x_proj.weight, dt_proj.weight, merged=False)
             y = selective_scan(u, delta, A, B, C, **scan_args)
-        if gate_outside:
-            precision = _scan_precision(y).dtype  # as the kernels compute it: float32, float64 for float64
-            return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
-        return y
+        return _gated(y, z) if gate_outside else y
 
     def scan_inputs(self, u: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor,
                     merged: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -328,10 +335,15 @@ class TriOrientedMamba(nn.Module):
 
     def delta_B_C(self, u: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor) -> torch.Tensor:
         """The merged product of `scan_inputs`: delta | B | C as the rows of one (B, d_inner + 2 d_state, L)."""
-        # the merged weight in the parameters' precision, not autocast's: autocast casts it once, in `_project`
-        with torch.autocast(u.device.type, enabled=False):
+        return _project(self._merged_weight(x_proj_weight, dt_proj_weight), u)
+
+    def _merged_weight(self, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor) -> torch.Tensor:
+        """The weight of delta | B | C from u, (d_inner + 2 d_state, d_inner): delta's rows dt_proj's weight times
+        x_proj's first dt_rank rows; in the parameters' precision, not autocast's (autocast casts it once, in the
+        product)."""
+        with torch.autocast(x_proj_weight.device.type, enabled=False):
             delta_weight = dt_proj_weight @ x_proj_weight[:self.dt_rank]
-        return _project(torch.cat([delta_weight, x_proj_weight[self.dt_rank:]]), u)
+        return torch.cat([delta_weight, x_proj_weight[self.dt_rank:]])
 
     def forward(self, hidden_states: torch.Tensor, num_slices: int | None = None) -> torch.Tensor:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
@@ -400,24 +412,19 @@ class TriOrientedMamba(nn.Module):
         conv_bias = torch.stack([getattr(self, f"conv1d{s}").bias for s in suffixes])
         x, z = xz_all.chunk(2, dim=1)
         u = causal_conv1d(x, conv_weight, conv_bias, silu=True, backend=self.scan_backend)  # (sets x B, d_inner, L)
-        if gate_outside is None:
-            gate_outside = torch.compiler.is_compiling() and xz_all.is_cuda
+        gate_outside = _gates_outside(gate_outside, xz_all)
         y = selective_scan_packed(u, self.stacked_delta_B_C(u), -torch.exp(_scan_precision(A_log)),
                                   D=_scan_precision(D), z=None if gate_outside else z,
                                   delta_bias=_scan_precision(dt_bias), delta_softplus=True, backend=self.scan_backend)
-        if gate_outside:
-            precision = _scan_precision(y).dtype
-            return (y.to(precision) * nn.functional.silu(z.to(precision))).to(y.dtype)
-        return y
+        return _gated(y, z) if gate_outside else y
 
     def stacked_delta_B_C(self, u: torch.Tensor) -> torch.Tensor:
         """`delta_B_C` of every direction on its block of u (sets x B, d_inner, L), as one batched product."""
         sets = len(self.directions)
-        with torch.autocast(u.device.type, enabled=False):  # the merged weights in the parameters' precision
-            weights = torch.stack([
-                torch.cat([getattr(self, f"dt_proj{s}").weight @ getattr(self, f"x_proj{s}").weight[:self.dt_rank],
-                           getattr(self, f"x_proj{s}").weight[self.dt_rank:]])
-                for s in (DIRECTIONS[d] for d in self.directions)])  # (sets, d_inner + 2 d_state, d_inner)
+        suffixes = [DIRECTIONS[d] for d in self.directions]
+        # (sets, d_inner + 2 d_state, d_inner)
+        weights = torch.stack([self._merged_weight(getattr(self, f"x_proj{s}").weight,
+                                                   getattr(self, f"dt_proj{s}").weight) for s in suffixes])
         blocks = u.unflatten(0, (sets, -1))  # (sets, B, d_inner, L)
         return torch.matmul(weights.unsqueeze(1), blocks).flatten(0, 1)
 

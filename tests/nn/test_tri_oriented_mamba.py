@@ -440,30 +440,43 @@ def test_recomputed_branches_give_the_same_values_from_less_memory(backend):
         torch.testing.assert_close(recomputed(hidden, num_slices=8), out_p, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("directions", [tuple(DIRECTIONS), ("backward", "slice")], ids=["three", "two"])
-@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
-def test_stacked_directions_are_the_branches_one_by_one(directions, recompute):
-    """stack_directions=True (the default on CUDA): the directions' ordered copies stacked on the batch, one causal
-    conv, one batched projection and one scan with a parameter set per direction give the output and every gradient
-    of the branches run one by one, to float64 rounding; with the branches recomputed too."""
-    torch.manual_seed(0)
-    mixer = TriOrientedMamba(8, d_state=4, directions=directions, dt_init_all_branches=True, scan_backend="torch",
-                             recompute_branches=recompute).double()
-    hidden = torch.randn(2, 4 * 4 * 4, 8, dtype=torch.float64)
+def stacked_and_one_by_one(mixer, hidden, num_slices, loss, compiled=False):
+    """The mixer's output, input gradient and parameter gradients with its directions one by one and stacked."""
     results = []
     for stack in (False, True):
         mixer.stack_directions = stack
         mixer.zero_grad(set_to_none=True)
+        run = torch.compile(mixer, fullgraph=True) if compiled else mixer
         x = hidden.clone().requires_grad_(True)
-        out = mixer(x, num_slices=4)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
+        out = run(x, num_slices=num_slices)
+        loss(out).backward()
         results.append((out.detach(), x.grad, {n: p.grad for n, p in mixer.named_parameters()}))
-    (out_1, dx_1, grads_1), (out_s, dx_s, grads_s) = results
-    torch.testing.assert_close(out_s, out_1, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(dx_s, dx_1, rtol=1e-12, atol=1e-12)
+        torch._dynamo.reset()
+    return results
+
+
+def assert_same_results(got, want, rtol, atol_scale):
+    """`stacked_and_one_by_one`'s two results equal within rtol and atol_scale x each tensor's largest value."""
+    (out_s, dx_s, grads_s), (out_1, dx_1, grads_1) = got, want
     assert grads_s.keys() == grads_1.keys()
-    for name in grads_1:
-        torch.testing.assert_close(grads_s[name], grads_1[name], rtol=1e-10, atol=1e-12, msg=name)
+    for name, g, w in [("out", out_s, out_1), ("input gradient", dx_s, dx_1)] + [
+            (name, grads_s[name], grads_1[name]) for name in grads_1]:
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol_scale * max(w.abs().max().item(), 1.0), msg=name)
+
+
+@pytest.mark.parametrize("directions", [tuple(DIRECTIONS), ("backward", "slice")], ids=["three", "two"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+def test_stacked_directions_are_the_branches_one_by_one(directions, recompute):
+    """stack_directions=True (the default in training on CUDA): the directions' ordered copies stacked on the batch,
+    one causal conv, one batched projection and one scan with a parameter set per direction give the output and every
+    gradient of the branches run one by one, to float64 rounding; with the branches recomputed too."""
+    torch.manual_seed(0)
+    mixer = TriOrientedMamba(8, d_state=4, directions=directions, dt_init_all_branches=True, scan_backend="torch",
+                             recompute_branches=recompute).double()
+    hidden = torch.randn(2, 4 * 4 * 4, 8, dtype=torch.float64)
+    one_by_one, stacked = stacked_and_one_by_one(
+        mixer, hidden, 4, lambda out: (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)).sum())
+    assert_same_results(stacked, one_by_one, rtol=1e-10, atol_scale=1e-12)
 
 
 @pytest.mark.gpu
@@ -475,21 +488,8 @@ def test_stacked_directions_on_cuda_are_the_branches_one_by_one(compiled):
     torch.manual_seed(0)
     mixer = TriOrientedMamba(16, d_state=8, scan_backend="triton", dt_init_all_branches=True).cuda()
     hidden = torch.randn(2, 8 * 8 * 8, 16, device="cuda")
-    results = []
-    for stack in (False, True):
-        mixer.stack_directions = stack
-        mixer.zero_grad(set_to_none=True)
-        run = torch.compile(mixer, fullgraph=True) if compiled else mixer
-        x = hidden.clone().requires_grad_(True)
-        out = run(x, num_slices=8)
-        out.square().mean().backward()
-        results.append((out.detach(), x.grad, {n: p.grad for n, p in mixer.named_parameters()}))
-        torch._dynamo.reset()
-    (out_1, dx_1, grads_1), (out_s, dx_s, grads_s) = results
-    torch.testing.assert_close(out_s, out_1, rtol=1e-5, atol=1e-5 * out_1.abs().max().item())
-    torch.testing.assert_close(dx_s, dx_1, rtol=1e-4, atol=1e-5 * dx_1.abs().max().item())
-    for name, want in grads_1.items():
-        torch.testing.assert_close(grads_s[name], want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+    one_by_one, stacked = stacked_and_one_by_one(mixer, hidden, 8, lambda out: out.square().mean(), compiled)
+    assert_same_results(stacked, one_by_one, rtol=1e-4, atol_scale=1e-5)
 
 
 def test_directions_are_stacked_by_default_in_training_on_cuda_with_the_branches_kept():
