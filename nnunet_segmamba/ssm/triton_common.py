@@ -166,6 +166,12 @@ def _sum_parts_kernel(part_ptr, out_ptr, R, COLS, INNER, s_out, BR: tl.constexpr
 @jit
 def _sum_parts_into_columns_kernel(part_ptr, out0_ptr, out1_ptr, out2_ptr, R, D, W, E1, E2,
                                    NUM_OUT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    # the second grid axis walks the sets: set s's rows and outputs follow set s - 1's
+    s = tl.program_id(1).to(tl.int64)
+    part_ptr += s * R * D * W
+    out0_ptr += s * D * E1
+    out1_ptr += s * D * (E2 - E1)
+    out2_ptr += s * D * (W - E2)
     col, cmask, total = _column_sums(part_ptr, R, D * W, BR, BC)
     d = col // W
     w = col % W
@@ -202,22 +208,26 @@ def sum_parts(parts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def sum_parts_into_columns(parts: torch.Tensor, outs: list[torch.Tensor]) -> list[torch.Tensor]:
     """`parts` (R, D, W), contiguous float32, summed over R into up to three contiguous tensors of any dtype, which
     take its columns in turn: (D, k) or (D,) (k = 1) each, their k adding up to W. E.g. the scan's dA (D, n), dD
-    (D,) and dbias (D,) from per-chunk partial sums (R, D, n + 2)."""
-    _, dim, width = parts.shape
+    (D,) and dbias (D,) from per-chunk partial sums (R, D, n + 2). With parameter sets, parts (S, R, D, W) and
+    outputs (S, D, k) / (S, D): each set's rows summed into its own outputs, all in one launch."""
+    if parts.dim() not in (3, 4):
+        raise ValueError(f"sum_parts_into_columns takes parts (R, D, W) or (S, R, D, W), got {tuple(parts.shape)}")
+    lead = tuple(parts.shape[:-3])  # () or (S,)
+    rows, dim, width = parts.shape[-3:]
     ends = [0]
     for out in outs:
-        ends.append(ends[-1] + (out.shape[1] if out.dim() == 2 else 1))
+        ends.append(ends[-1] + (out.shape[-1] if out.dim() == len(lead) + 2 else 1))
     if not 1 <= len(outs) <= 3 or ends[-1] != width or not parts.is_contiguous() \
-            or any(out.shape[0] != dim or not out.is_contiguous() for out in outs):
-        raise ValueError(f"sum_parts_into_columns takes contiguous parts (R, D, W) and one to three contiguous "
-                         f"(D, k) / (D,) outputs whose k add up to W, got parts {tuple(parts.shape)} and outputs "
-                         f"{[tuple(o.shape) for o in outs]}")
+            or any(tuple(out.shape[:len(lead) + 1]) != (*lead, dim) or not out.is_contiguous() for out in outs):
+        raise ValueError(f"sum_parts_into_columns takes contiguous parts ([S,] R, D, W) and one to three contiguous "
+                         f"([S,] D, k) / ([S,] D) outputs whose k add up to W, got parts {tuple(parts.shape)} and "
+                         f"outputs {[tuple(o.shape) for o in outs]}")
     if dim * width:  # with no rows (nothing to add up) the kernel writes zeros
-        programs, br, bc = _sum_launch(parts.shape[0], dim * width)
+        programs, br, bc = _sum_launch(rows, dim * width)
         padded = outs + [outs[0]] * (3 - len(outs))
         with on_device_of(parts):
-            _sum_parts_into_columns_kernel[(programs,)](parts, *padded, parts.shape[0], dim, width, ends[1],
-                                                        ends[min(2, len(outs))], NUM_OUT=len(outs), BR=br, BC=bc)
+            _sum_parts_into_columns_kernel[(programs, lead[0] if lead else 1)](
+                parts, *padded, rows, dim, width, ends[1], ends[min(2, len(outs))], NUM_OUT=len(outs), BR=br, BC=bc)
     return outs
 
 

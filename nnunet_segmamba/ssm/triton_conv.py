@@ -295,10 +295,8 @@ def _backward(dout, x, w, b, silu, mode_id, num_slices, slice_len, block):
     dweight = torch.empty(w.shape, dtype=w.dtype, device=x.device)
     dbias = torch.empty(b.shape, dtype=b.dtype, device=x.device) if b is not None else None
     # each parameter set's (batch, tile) rows follow the set before's
-    per_set = parts.view(sets, -1, dim, parts.shape[-1])
-    for i in range(sets):
-        sum_parts_into_columns(per_set[i], [dweight.view(sets, dim, width)[i]]
-                               + ([dbias.view(sets, dim)[i]] if b is not None else []))
+    sum_parts_into_columns(parts.view(sets, batch // sets * n_tiles, dim, parts.shape[-1]),
+                           [dweight.view(sets, dim, width)] + ([dbias.view(sets, dim)] if b is not None else []))
     return dx, dweight, dbias
 
 

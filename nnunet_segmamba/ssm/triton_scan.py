@@ -653,8 +653,7 @@ def _forward(p: _Prepared, D, delta_bias, softplus: bool):
     _fwd_chunk_output[grid](u, delta, A32, B, C, D if D is not None else dummy, z if z is not None else u,
                             delta_bias if delta_bias is not None else dummy, states, out, dim, groups, n, length,
                             p.M, p.NS, chunks, per_program, d_split, p.set_batch, *_batch_strides(u, delta, z, B, C),
-                            NP=NP,
-                            BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
+                            NP=NP, BL=p.BL, MODE=p.mode_id, num_warps=TUNING["warps_fwd"], HAS_D=D is not None,
                             HAS_Z=z is not None, **flags)
     return out, states, chunk_sum
 
@@ -724,10 +723,8 @@ def _backward(p: _Prepared, A, D, delta_bias, softplus: bool, dout, states, chun
     dD = torch.empty(D.shape, device=u.device, dtype=D.dtype) if D is not None else None
     dbias = torch.empty(delta_bias.shape, device=u.device, dtype=delta_bias.dtype) if delta_bias is not None else None
     # each parameter set's (batch, chunk) rows follow the set before's
-    parts = dparams.view(p.sets, p.set_batch * chunks, dim, width)
-    per_set = [g.view(p.sets, dim, -1) for g in (dA, dD, dbias) if g is not None]
-    for i in range(p.sets):
-        sum_parts_into_columns(parts[i], [g[i] for g in per_set])
+    sum_parts_into_columns(dparams.view(p.sets, p.set_batch * chunks, dim, width),
+                           [g.view(p.sets, dim, -1) for g in (dA, dD, dbias) if g is not None])
     if in_place:
         return du, d_delta_B_C, dA, dD, dz, dbias
     if packed:  # the splits' summed into the rows after delta's, in their dtype

@@ -254,6 +254,14 @@ def test_partial_sums_added_up(rows):
     assert torch.equal(again, packed)
     with pytest.raises(ValueError, match="add up to W"):
         triton_common.sum_parts_into_columns(parts, [dA])
+    # parameter sets in one launch: each set's rows into its own outputs, as each set alone gives them
+    sets = torch.stack([parts, parts.flip(0) * 2])
+    dA_s, dD_s = torch.empty(2, 5, 16, device=DEVICE), torch.empty(2, 5, device=DEVICE)
+    triton_common.sum_parts_into_columns(sets, [dA_s, dD_s, torch.empty(2, 5, 1, device=DEVICE)])
+    for i in range(2):
+        alone = [torch.empty(5, 16, device=DEVICE), torch.empty(5, device=DEVICE), torch.empty(5, 1, device=DEVICE)]
+        triton_common.sum_parts_into_columns(sets[i].contiguous(), alone)
+        assert torch.equal(dA_s[i], alone[0]) and torch.equal(dD_s[i], alone[1])
 
 
 def test_triton_without_gather_is_reported_unavailable(monkeypatch):
