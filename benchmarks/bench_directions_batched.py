@@ -1,16 +1,19 @@
-"""GPU: the tri-orientated layer's three directions as three scans, or as one scan over their channels stacked.
+"""GPU: the tri-orientated layer's three directions as three scans, or as one scan over their batches stacked.
 
 Each direction of SegMamba's Mamba layer has its own parameters (A, D, delta_bias, the causal conv's weights) and
-its own B and C, so the layer runs three scans and three causal convs per layer at every stage. The scan treats its
-channels independently and reads B and C per group of channels, so the three directions are also one scan over
-3 x d_inner channels in 3 groups: one chain of kernels with three times the programs, where the smaller stages'
-chains are bound by their kernels' latency rather than their work. This times, at each shape, the forward and
-backward of the scan (bf16, no gate, D, delta_bias and softplus, as the trainers' compiled layers call it) and of
-the causal conv (fp16, width 4, SiLU), both ways, each captured in a CUDA graph and replayed back to back (the GPU's
-time alone, as the trainers replay their steps):
+its own B and C, so the layer runs three scans and three causal convs per layer at every stage. Stacked (as
+`TriOrientedMamba(stack_directions=True)` runs them) the three directions' inputs are one batch, direction-major,
+and the kernels read each batch element's parameters from its direction's set: one chain of kernels with three
+times the programs, where the smaller stages' chains are bound by their kernels' latency rather than their work.
+This times, at each shape, the forward and backward of the scan (bf16, no gate, D, delta_bias and softplus, as the
+trainers' compiled layers call it) and of the causal conv (fp16, width 4, SiLU), both ways, each captured in a CUDA
+graph and replayed back to back (the GPU's time alone, as the trainers replay their steps):
 
     python -m benchmarks.bench_directions_batched --shapes 18432x96,2304x192,288x384,36x768 --batch 7 \
         --out $OUT/directions_batched_hippo.json
+
+`--tuning bwd_programs_per_sm=32` (repeatable; `key=value[,key=value]` of `triton_scan.TUNING`) adds a column: the
+stacked scan with those settings, to find the channel splits that suit its larger grid.
 
 Prints a markdown table and writes JSON. Needs a CUDA device; nothing is asserted.
 """
@@ -24,24 +27,26 @@ import torch
 from benchmarks.bench_scan_gpu import parse_shapes, time_graphed
 from benchmarks.gpu_timing import write_report
 from nnunet_segmamba.ssm.triton_conv import causal_conv1d_triton
+from nnunet_segmamba.ssm import triton_scan
 from nnunet_segmamba.ssm.triton_scan import selective_scan_triton
 
 DIRECTIONS = 3
 
 
-def scan_case(batch: int, dim: int, length: int, groups: int, n: int = 16, seed: int = 0) -> dict:
-    """Leaves of one scan over `groups` directions' channels stacked (groups = 1: one direction)."""
+def scan_case(batch: int, dim: int, length: int, sets: int, n: int = 16, seed: int = 0) -> dict:
+    """Leaves of one scan over `sets` directions' batches stacked, each with its own parameter set (sets = 1: one
+    direction, parameters without a set axis)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, device="cuda", generator=g)  # noqa: E731
-    channels = groups * dim
-    leaves = dict(u=r(batch, channels, length).bfloat16(), delta=(r(batch, channels, length) * 0.5 - 1.0).bfloat16(),
-                  A=-torch.rand(channels, n, device="cuda", generator=g).add(0.5),
-                  B=r(batch, groups, n, length).bfloat16(), C=r(batch, groups, n, length).bfloat16(),
-                  D=r(channels), delta_bias=r(channels) * 0.1)
-    if groups == 1:
-        leaves["B"], leaves["C"] = leaves["B"][:, 0], leaves["C"][:, 0]
+    rows = sets * batch
+    leaves = dict(u=r(rows, dim, length).bfloat16(), delta=(r(rows, dim, length) * 0.5 - 1.0).bfloat16(),
+                  A=-torch.rand(sets, dim, n, device="cuda", generator=g).add(0.5),
+                  B=r(rows, n, length).bfloat16(), C=r(rows, n, length).bfloat16(),
+                  D=r(sets, dim), delta_bias=r(sets, dim) * 0.1)
+    if sets == 1:
+        leaves.update(A=leaves["A"][0], D=leaves["D"][0], delta_bias=leaves["delta_bias"][0])
     leaves = {k: v.requires_grad_(True) for k, v in leaves.items()}
-    return {"leaves": leaves, "dout": r(batch, channels, length).bfloat16()}
+    return {"leaves": leaves, "dout": r(rows, dim, length).bfloat16()}
 
 
 def scan_step(case: dict) -> None:
@@ -51,13 +56,38 @@ def scan_step(case: dict) -> None:
     torch.autograd.grad(out, list(leaves.values()), case["dout"])
 
 
-def conv_case(batch: int, dim: int, length: int, seed: int = 0) -> dict:
+def conv_case(batch: int, dim: int, length: int, sets: int, seed: int = 0) -> dict:
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(batch, dim, length, device="cuda", dtype=torch.float16, generator=g).requires_grad_(True)
-    weight = (torch.randn(dim, 1, 4, device="cuda", generator=g) * 0.5).requires_grad_(True)
-    bias = (torch.randn(dim, device="cuda", generator=g) * 0.1).requires_grad_(True)
-    dout = torch.randn(batch, dim, length, device="cuda", dtype=torch.float16, generator=g)
-    return {"leaves": (x, weight, bias), "dout": dout}
+    x = torch.randn(sets * batch, dim, length, device="cuda", dtype=torch.float16, generator=g).requires_grad_(True)
+    weight = (torch.randn(sets, dim, 1, 4, device="cuda", generator=g) * 0.5)
+    bias = (torch.randn(sets, dim, device="cuda", generator=g) * 0.1)
+    if sets == 1:
+        weight, bias = weight[0], bias[0]
+    dout = torch.randn(sets * batch, dim, length, device="cuda", dtype=torch.float16, generator=g)
+    return {"leaves": (x, weight.requires_grad_(True), bias.requires_grad_(True)), "dout": dout}
+
+
+def parse_tuning(text: str) -> dict:
+    """'key=value[,key=value]' of triton_scan.TUNING -> {key: int value}."""
+    settings = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in triton_scan.TUNING or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"--tuning {text!r}: each item must be KEY=INTEGER with KEY one of "
+                                             f"{sorted(triton_scan.TUNING)}")
+        settings[key] = int(value)
+    return settings
+
+
+def time_with_tuning(step, settings: dict, warmup: int, runs: int) -> float:
+    """`step` captured and timed with TUNING changed by `settings` (the kernels' grids are fixed at capture)."""
+    saved = dict(triton_scan.TUNING)
+    triton_scan.TUNING.update(settings)
+    try:
+        return time_graphed(step, warmup, runs)["mean_ms"]
+    finally:
+        triton_scan.TUNING.clear()
+        triton_scan.TUNING.update(saved)
 
 
 def conv_step(case: dict) -> None:
@@ -72,6 +102,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--tuning", type=parse_tuning, action="append", default=[],
+                        help="KEY=VALUE[,KEY=VALUE] of triton_scan.TUNING: one more column, the stacked scan with them")
     parser.add_argument("--out", type=Path, default=Path("directions_batched.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -80,19 +112,24 @@ def main(argv=None) -> dict:
     for length, dim in args.shapes:
         separate = [scan_case(args.batch, dim, length, 1, seed=i) for i in range(DIRECTIONS)]
         stacked = scan_case(args.batch, dim, length, DIRECTIONS)
-        convs = [conv_case(args.batch, dim, length, seed=i) for i in range(DIRECTIONS)]
-        conv_stacked = conv_case(args.batch, DIRECTIONS * dim, length)
+        convs = [conv_case(args.batch, dim, length, 1, seed=i) for i in range(DIRECTIONS)]
+        conv_stacked = conv_case(args.batch, dim, length, DIRECTIONS)
 
         def each(step, cases):
             return lambda: [step(case) for case in cases]
 
-        rows[f"{length}x{dim}"] = {
+        row = {
             "scan: three": time_graphed(each(scan_step, separate), args.warmup, args.runs)["mean_ms"],
             "scan: one, stacked": time_graphed(lambda: scan_step(stacked), args.warmup, args.runs)["mean_ms"],
-            "conv: three": time_graphed(each(conv_step, convs), args.warmup, args.runs)["mean_ms"],
-            "conv: one, stacked": time_graphed(lambda: conv_step(conv_stacked), args.warmup, args.runs)["mean_ms"],
         }
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch, "rows": rows,
+        for settings in args.tuning:
+            name = "scan: one, stacked, " + ",".join(f"{k}={v}" for k, v in settings.items())
+            row[name] = time_with_tuning(lambda: scan_step(stacked), settings, args.warmup, args.runs)
+        row["conv: three"] = time_graphed(each(conv_step, convs), args.warmup, args.runs)["mean_ms"]
+        row["conv: one, stacked"] = time_graphed(lambda: conv_step(conv_stacked), args.warmup, args.runs)["mean_ms"]
+        rows[f"{length}x{dim}"] = row
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+              "stacked": "the batch, direction-major, with parameter sets", "rows": rows,
               "command": "python -m benchmarks.bench_directions_batched " + " ".join(argv or [])}
     print(f"three directions, fwd + bwd graphed, GPU ms, batch {args.batch}, {report['gpu']}")
     columns = list(next(iter(rows.values())))
