@@ -199,9 +199,9 @@ class TriOrientedMamba(nn.Module):
             arithmetic as the branches one by one; on the GPU one chain of kernels with three times the programs,
             where the smaller stages' scans are bound by their kernels' latency. None: in training on CUDA with
             the branches kept (measured: 0.6 ms less per training step at the hippocampus patch, where the trainers
-            keep them; docs/performance.md). Not where the branches are recomputed (the trainers at 128^3): the
-            backward would then make the three directions' inputs again at once, a peak not yet measured against
-            the memory target; not without gradients (inference, where the predictor batches a tile's 8 flips and
+            keep them; docs/performance.md). Not where the branches are recomputed (the trainers at 128^3):
+            measured there, stacked the step took 4.9 ms longer and its first step's peak rose 2.2 GiB, over the
+            memory target; not without gradients (inference, where the predictor batches a tile's 8 flips and
             the three directions' intermediates would be held at once, not measured either); nor on the CPU, whose
             kernels read the orders in place, without copies.
 
