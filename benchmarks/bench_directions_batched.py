@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_scan_gpu import parse_shapes, time_graphed
-from benchmarks.gpu_timing import write_report
+from benchmarks.gpu_timing import settings_applied, write_report
 from nnunet_segmamba.ssm.triton_conv import causal_conv1d_triton
 from nnunet_segmamba.ssm import triton_scan
 from nnunet_segmamba.ssm.triton_scan import selective_scan_triton
@@ -79,17 +79,6 @@ def parse_tuning(text: str) -> dict:
     return settings
 
 
-def time_with_tuning(step, settings: dict, warmup: int, runs: int) -> float:
-    """`step` captured and timed with TUNING changed by `settings` (the kernels' grids are fixed at capture)."""
-    saved = dict(triton_scan.TUNING)
-    triton_scan.TUNING.update(settings)
-    try:
-        return time_graphed(step, warmup, runs)["mean_ms"]
-    finally:
-        triton_scan.TUNING.clear()
-        triton_scan.TUNING.update(saved)
-
-
 def conv_step(case: dict) -> None:
     x, weight, bias = case["leaves"]
     torch.autograd.grad(causal_conv1d_triton(x, weight, bias, silu=True), [x, weight, bias], case["dout"])
@@ -124,7 +113,9 @@ def main(argv=None) -> dict:
         }
         for settings in args.tuning:
             name = "scan: one, stacked, " + ",".join(f"{k}={v}" for k, v in settings.items())
-            row[name] = time_with_tuning(lambda: scan_step(stacked), settings, args.warmup, args.runs)
+            # the kernels' grids are fixed at capture, inside the block
+            with settings_applied(triton_scan.TUNING, **settings):
+                row[name] = time_graphed(lambda: scan_step(stacked), args.warmup, args.runs)["mean_ms"]
         row["conv: three"] = time_graphed(each(conv_step, convs), args.warmup, args.runs)["mean_ms"]
         row["conv: one, stacked"] = time_graphed(lambda: conv_step(conv_stacked), args.warmup, args.runs)["mean_ms"]
         rows[f"{length}x{dim}"] = row
