@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench_scan_gpu import parse_shapes, time_graphed
-from benchmarks.gpu_timing import settings_applied, write_report
+from benchmarks.gpu_timing import settings_applied, settings_parser, write_report
 from nnunet_segmamba.ssm.triton_conv import causal_conv1d_triton
 from nnunet_segmamba.ssm import triton_scan
 from nnunet_segmamba.ssm.triton_scan import selective_scan_triton
@@ -67,18 +67,6 @@ def conv_case(batch: int, dim: int, length: int, sets: int, seed: int = 0) -> di
     return {"leaves": (x, weight.requires_grad_(True), bias.requires_grad_(True)), "dout": dout}
 
 
-def parse_tuning(text: str) -> dict:
-    """'key=value[,key=value]' of triton_scan.TUNING -> {key: int value}."""
-    settings = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in triton_scan.TUNING or not value.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"--tuning {text!r}: each item must be KEY=INTEGER with KEY one of "
-                                             f"{sorted(triton_scan.TUNING)}")
-        settings[key] = int(value)
-    return settings
-
-
 def conv_step(case: dict) -> None:
     x, weight, bias = case["leaves"]
     torch.autograd.grad(causal_conv1d_triton(x, weight, bias, silu=True), [x, weight, bias], case["dout"])
@@ -91,7 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--tuning", type=parse_tuning, action="append", default=[],
+    parser.add_argument("--tuning", type=settings_parser(triton_scan.TUNING), action="append", default=[],
                         help="KEY=VALUE[,KEY=VALUE] of triton_scan.TUNING: one more column, the stacked scan with them")
     parser.add_argument("--out", type=Path, default=Path("directions_batched.json"))
     args = parser.parse_args(argv)

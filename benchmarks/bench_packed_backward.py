@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_timing import gpu_times_ms, summary, summary_cell, write_report
+from benchmarks.gpu_timing import (gpu_times_ms, settings_applied, settings_parser, summary, summary_cell,
+                                   write_report)
 from nnunet_segmamba.ssm import triton_scan
 
 SLEEP_CYCLES = 20_000_000  # longer than the host takes to queue one backward call
@@ -49,26 +50,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("packed_backward.json"))
-    parser.add_argument("--tuning", nargs="*", default=[], metavar="KEY=INT",
-                        help="launch settings of triton_scan.TUNING to time instead of the kept ones, e.g. "
-                             "bwd_programs_per_sm=8")
+    parser.add_argument("--tuning", type=settings_parser(triton_scan.TUNING), default={},
+                        metavar="KEY=INT[,KEY=INT]", help="launch settings of triton_scan.TUNING to time instead of "
+                        "the kept ones, e.g. bwd_programs_per_sm=8")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_packed_backward: needs a CUDA device")
-    for setting in args.tuning:
-        key, _, value = setting.partition("=")
-        if key not in triton_scan.TUNING or not value.lstrip("-").isdigit():
-            raise SystemExit(f"bench_packed_backward: --tuning {setting!r}: give KEY=INT with KEY one of "
-                             f"{', '.join(triton_scan.TUNING)}")
-        triton_scan.TUNING[key] = int(value)
     rows = {}
-    for shape in args.shapes.split(","):
-        length, dim = (int(v) for v in shape.split("x"))
-        case = inputs(length, dim, args.batch)
-        time_backward(case, args.warmup)
-        rows[shape] = summary(time_backward(case, args.iters))
+    with settings_applied(triton_scan.TUNING, **args.tuning):
+        for shape in args.shapes.split(","):
+            length, dim = (int(v) for v in shape.split("x"))
+            case = inputs(length, dim, args.batch)
+            time_backward(case, args.warmup)
+            rows[shape] = summary(time_backward(case, args.iters))
+        tuning = dict(triton_scan.TUNING)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
-              "package": triton_scan.__file__, "tuning": dict(triton_scan.TUNING), "backward": rows,
+              "package": triton_scan.__file__, "tuning": tuning, "backward": rows,
               "command": "python -m benchmarks.bench_packed_backward " + " ".join(argv or [])}
     print(f"packed backward, bf16, batch {args.batch}, {report['gpu']} ({triton_scan.__file__})")
     print("| L x d_inner | GPU ms per call (median; fastest / slowest) |\n|---|---|")

@@ -2,6 +2,7 @@
 launches left out, the summary of such times, its table cell, and the JSON report written."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import statistics
@@ -10,8 +11,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["conv_report_with_full_search", "gpu_times_ms", "settings_applied", "summary", "summary_cell",
-           "write_report"]
+__all__ = ["conv_report_with_full_search", "gpu_times_ms", "settings_applied", "settings_parser", "summary",
+           "summary_cell", "write_report"]
 
 
 def gpu_times_ms(call: Callable[[], object], iters: int, sleep_cycles: int,
@@ -57,6 +58,21 @@ def settings_applied(settings: dict, **values):
     finally:
         settings.clear()
         settings.update(saved)
+
+
+def settings_parser(settings: dict, option: str = "--tuning") -> Callable[[str], dict]:
+    """An argparse `type` for `option`: 'KEY=INT[,KEY=INT]' with each KEY one of `settings` (a Triton module's
+    TUNING) and each value a non-negative integer -> {KEY: value}, for `settings_applied`."""
+    def parse(text: str) -> dict:
+        values = {}
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            if key not in settings or not value.strip().isdigit():
+                raise argparse.ArgumentTypeError(f"{option} {text!r}: each item must be KEY=INTEGER (0 or more) with "
+                                                 f"KEY one of {sorted(settings)}")
+            values[key] = int(value)
+        return values
+    return parse
 
 
 def summary(times: list[float]) -> dict[str, float]:

@@ -822,3 +822,23 @@ def test_settings_applied_holds_the_values_in_the_block_and_restores_the_dict_af
         with settings_applied(tuning, block_m=64):
             raise RuntimeError("a launch that does not fit")
     assert tuning == {"block_m": 128, "warps": 4}
+
+
+def test_tuning_option_takes_known_keys_with_non_negative_integers_in_both_triton_benchmarks(capsys):
+    """benchmarks.gpu_timing.settings_parser, the `--tuning` of bench_directions_batched and bench_packed_backward:
+    'KEY=INT[,KEY=INT]' of triton_scan.TUNING -> a dict; an unknown key, a negative or missing value stops argparse
+    with a one-line message naming the option's text, before either benchmark asks for a GPU."""
+    from benchmarks import bench_directions_batched, bench_packed_backward
+    from benchmarks.gpu_timing import settings_parser
+    from nnunet_segmamba.ssm import triton_scan
+
+    parse = settings_parser(triton_scan.TUNING)
+    assert parse("bwd_programs_per_sm=32,block_l=128") == {"bwd_programs_per_sm": 32, "block_l": 128}
+    for bad in ("bwd_programs_per_sm=-8", "no_such_key=1", "block_l", "block_l=x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"--tuning '{bad}'"):
+            parse(bad)
+        for bench in (bench_directions_batched, bench_packed_backward):
+            with pytest.raises(SystemExit) as stopped:
+                bench.main(["--tuning", bad])
+            assert stopped.value.code == 2
+            assert f"--tuning '{bad}': each item must be KEY=INTEGER" in capsys.readouterr().err
