@@ -10,9 +10,11 @@ Each run predicts one random (C, *volume) image with `predict_sliding_window_ret
     <network>:nnunet_compiled   the same with nnUNet_compile=t (torch.compile, default mode)
     <network>:segmamba          `SegMambaPredictor` (CUDA graphs, channels-last, float16 conv weights, batched flips)
 
-for networks `segmamba` (the reference width; scan backend "auto", named in the JSON), `segmamba_nomamba` (the same
-without its Mamba layers: what SegMamba's convolutions alone cost) and `plainconv` (nnU-Net's PlainConvUNet for the
-patch), all from `nnunet_segmamba.benchmark.build_network`. Each run: --warmup untimed passes
+for networks `segmamba` (the reference width; scan backend "auto", named in the JSON), `segmamba_stacked` (the same
+with each Mamba layer's three directions as one scan, which the layer does by default only in training: its time and
+peak memory where a tile's 8 flips are one batch), `segmamba_nomamba` (the same without its Mamba layers: what
+SegMamba's convolutions alone cost) and `plainconv` (nnU-Net's PlainConvUNet for the patch), all from
+`nnunet_segmamba.benchmark.build_network`. Each run: --warmup untimed passes
 (compiles, CUDA graph recording, cuDNN's search; the first one's time is reported), then --repeats timed passes.
 Prints a table and writes JSON; not a test.
 """
@@ -33,8 +35,9 @@ from nnunet_segmamba.ssm import dispatch
 
 DEFAULT_RUNS = ("segmamba:segmamba", "segmamba:nnunet", "plainconv:segmamba", "plainconv:nnunet",
                 "plainconv:nnunet_compiled")
-# the benchmark's names: SegMamba with the scan backend "auto", its conv skeleton (mixer="none"), PlainConvUNet
-NETWORKS = ("segmamba", "segmamba_nomamba", "plainconv")
+# the benchmark's names: SegMamba with the scan backend "auto", the same with its directions stacked
+# (SegMamba(stack_mamba_directions=True)), its conv skeleton (mixer="none"), PlainConvUNet
+NETWORKS = ("segmamba", "segmamba_stacked", "segmamba_nomamba", "plainconv")
 # each predictor and the nnUNet_compile setting it is set up under (both predictors read it then)
 PREDICTORS = {"nnunet": "f", "nnunet_compiled": "t", "segmamba": "t"}
 # BraTS as nnU-Net trains it: three overlapping regions, one sigmoid head each

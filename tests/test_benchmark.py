@@ -531,14 +531,28 @@ def test_predictor_volume_runs_both_predictors_and_writes_json(tmp_path, capsys)
     out = tmp_path / "volume.json"
     assert predictor_volume_gpu.main(["--device", "cpu", "--volume", "36,32,32", "--patch", "32",
                                       "--segmamba-width", "4", "--warmup", "0", "--repeats", "1", "--out", str(out),
-                                      "--runs", "segmamba:segmamba,segmamba_nomamba:segmamba,plainconv:nnunet"]) == 0
+                                      "--runs", "segmamba:segmamba,segmamba_stacked:segmamba,"
+                                      "segmamba_nomamba:segmamba,plainconv:nnunet"]) == 0
     report = json.loads(out.read_text())
-    assert list(report["runs"]) == ["segmamba:segmamba", "segmamba_nomamba:segmamba", "plainconv:nnunet"]
+    assert list(report["runs"]) == ["segmamba:segmamba", "segmamba_stacked:segmamba", "segmamba_nomamba:segmamba",
+                                    "plainconv:nnunet"]
     for run in report["runs"].values():
         assert run["output_finite"] and run["seconds_median"] > 0 and not run["cuda_graphs"]
     assert "plainconv:nnunet" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         predictor_volume_gpu.main(["--device", "cpu", "--runs", "resnet:nnunet"])
+
+
+def test_predictor_volume_networks_stack_the_directions_only_where_named():
+    """benchmarks.predictor_volume_gpu's `segmamba_stacked` is SegMamba with every Mamba layer's directions forced into
+    one scan; `segmamba` leaves the layer's default (a branch at a time without gradients)."""
+    from nnunet_segmamba.benchmark import build_network
+    from nnunet_segmamba.nn.mamba import TriOrientedMamba
+
+    for name, stacked in (("segmamba", None), ("segmamba_stacked", True)):
+        layers = [m for m in build_network(name, 1, 3, 4, patch=(32, 32, 32)).modules()
+                  if isinstance(m, TriOrientedMamba)]
+        assert layers and all(m.stack_directions is stacked for m in layers)
 
 
 def test_conv_cpu_benchmark_times_every_pass_and_writes_json(tmp_path, capsys):
