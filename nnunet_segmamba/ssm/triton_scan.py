@@ -58,10 +58,12 @@ __all__ = ["selective_scan_triton", "selective_scan_triton_fwd", "selective_scan
 # multiprocessors) and its warps; whether the backward's main kernel scans its chunks in rows of 8 steps
 # (`_scan_rows`) rather than with tl.associative_scan and flips: True, False, or None for where the rows were timed
 # faster (`_bwd_in_rows`); the backward's main kernel is not split where its unsplit grid already gives
-# `bwd_unsplit_programs_per_sm` programs per multiprocessor (`_bwd_split`). benchmarks/bench_scan_gpu.py --tune sweeps
-# them; docs/performance.md records the choice.
+# `bwd_unsplit_programs_per_sm` programs per multiprocessor, and where it is split a program walks at most
+# `bwd_channels_per_program` channels (`_bwd_split`). benchmarks/bench_scan_gpu.py --tune sweeps them;
+# docs/performance.md records the choice.
 TUNING = {"block_l": 64, "warps_fwd": 1, "warps_bwd": 1, "fwd_programs_per_sm": 64, "bwd_programs_per_sm": 16,
-          "bwd_unsplit_programs_per_sm": 8, "carry_states": 8, "warps_carry": 2, "bwd_rows": None}
+          "bwd_unsplit_programs_per_sm": 8, "bwd_channels_per_program": 32, "carry_states": 8, "warps_carry": 2,
+          "bwd_rows": None}
 
 # The carry kernel scans a row's chunks in tiles of at most this many, each tile starting from the one before's edge
 CARRY_TILE = 256
@@ -526,11 +528,17 @@ def _bwd_split(batch: int, groups: int, chunks: int, d_per_group: int, device: t
     the unsplit grid already gives TUNING["bwd_unsplit_programs_per_sm"] programs per multiprocessor. Beyond one split
     the kernel writes float32 partial sums of dB and dC, which one more kernel adds up; where the unsplit grid nearly
     fills the GPU (the hippocampus patch's first stage: 2016 programs, split in two for 16 per multiprocessor) they
-    cost more than the extra programs gain (docs/performance.md)."""
+    cost more than the extra programs gain (docs/performance.md). Where it is split, a program walks at most
+    TUNING["bwd_channels_per_program"] channels: the directions stacked on the batch reach the programs per
+    multiprocessor with fewer, longer programs (the hippocampus patch's second stage: 756 programs, split in three for
+    64 channels each), which the finer split of the directions one by one ran faster (docs/performance.md)."""
     target = TUNING["bwd_unsplit_programs_per_sm"] * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     if batch * groups * chunks >= target:
         return 1
-    return _d_split(batch, groups, chunks, d_per_group, device, TUNING["bwd_programs_per_sm"])
+    split = _d_split(batch, groups, chunks, d_per_group, device, TUNING["bwd_programs_per_sm"])
+    while d_per_group // split > TUNING["bwd_channels_per_program"]:
+        split = next(s for s in range(split + 1, d_per_group + 1) if d_per_group % s == 0)
+    return split
 
 
 def _bwd_in_rows(u: torch.Tensor, z: torch.Tensor | None) -> bool:

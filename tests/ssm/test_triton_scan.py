@@ -203,6 +203,19 @@ def test_backward_is_unsplit_where_its_grid_fills_the_gpu(monkeypatch, one_multi
     assert triton_scan._bwd_split(2, 1, chunks, 8, torch.device("cpu")) == splits
 
 
+@pytest.mark.parametrize("channels_per_program, splits", [(8, 2), (4, 2), (3, 4), (2, 4), (1, 8)])
+def test_split_backward_walks_at_most_the_capped_channels_a_program(monkeypatch, one_multiprocessor,
+                                                                      channels_per_program, splits):
+    """Where the backward's main kernel is split, each program walks at most `bwd_channels_per_program` of the
+    group's 8 channels: the fewest splits (divisors of 8) beyond what the grid asks for (here 2) that do so."""
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_programs_per_sm", 12)  # 2 x 3 programs, split in two
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_unsplit_programs_per_sm", 8)
+    monkeypatch.setitem(triton_scan.TUNING, "bwd_channels_per_program", channels_per_program)
+    assert triton_scan._bwd_split(2, 1, 3, 8, torch.device("cpu")) == splits
+    # an unsplit grid stays unsplit, whatever the cap
+    assert triton_scan._bwd_split(2, 1, 4, 8, torch.device("cpu")) == 1
+
+
 @needs_kernels
 @pytest.mark.parametrize("programs_per_sm, splits", [(0, 1), (12, 2), (10 ** 6, 8)],
                          ids=["one-split", "two-splits", "split-per-channel"])
