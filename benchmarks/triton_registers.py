@@ -7,13 +7,13 @@ many programs share a multiprocessor: the H200 sweeps in docs/performance.md fou
 limited by exactly this, so this script lets launch settings and kernel changes be compared without a GPU.
 Pointers and the length / batch strides are specialised as divisible by 16, as Triton does at run time for
 SegMamba's shapes (that specialisation decides the vector width of loads, and with it the registers).
-The SASS instructions of a kernel's channel loop (`nvdisasm` from the same package) are what its time scaled
-with in the backward's changes recorded there; `--by-line` also lists the source lines those instructions come
-from (ptxas' line info), which is how a costly library routine shows up. The causal conv's kernels have no loop
-and are bound by memory: for them the global loads and stores count, and how wide they are (one 16-byte access per
-thread for 8 bf16 steps, or 8 two-byte ones). The GPU machine's Triton may differ
-from this machine's, and its code can differ a lot: put an install of the GPU's version first on PYTHONPATH to
-compile as it does.
+The SASS instructions of a kernel's channel loop (`nvdisasm` from the same package) are what its time scaled with in
+the backward's changes recorded there; `--by-line [LINES]` also lists the LINES (default 12) source lines those
+instructions come from most (ptxas' line info), which is how a costly library routine shows up. The causal conv's
+kernels have no loop and are bound by memory: for them the global loads and stores count, and how wide they are (one
+16-byte access per thread for 8 bf16 steps, or 8 two-byte ones). The GPU machine's Triton may differ from this
+machine's, and its code can differ a lot: put an install of the GPU's version first on PYTHONPATH to compile as it
+does.
 Not a test and not a timing: the GPU sweep (`bench_scan_gpu.py --tune`) decides the defaults.
 
     python -m benchmarks.triton_registers --out triton_registers.json
@@ -106,7 +106,9 @@ def compile_sass(kernel, consts: dict, pointer_dtype: Callable[[str], str], divi
 
 
 def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int, arch: int,
-                  flags_off: tuple[str, ...] = (), by_line: bool = False, bwd_rows: bool = False) -> dict:
+                  flags_off: tuple[str, ...] = (), by_line: int = 0, bwd_rows: bool = False) -> dict:
+    """Registers, spills and the channel loop's counts of one kernel compiled with these settings; with `by_line`,
+    also the loop's `by_line` source lines with the most instructions."""
     if is_conv_kernel(kernel):
         consts = {k: v for k, v in CONV_CONSTANTS.items() if k in kernel.arg_names}
     else:
@@ -115,9 +117,10 @@ def compile_stats(kernel, block_l: int, num_warps: int, dtype: str, d_state: int
         if "ROWS" in kernel.arg_names:  # the backward's in-chunk scans (triton_scan.TUNING["bwd_rows"])
             consts["ROWS"] = bwd_rows
     text, listing = compile_sass(kernel, consts, lambda name: dtype if name in INPUT_DTYPE_POINTERS else "fp32",
-                                 DIVISIBLE_INTS, arch, num_warps, line_info=by_line)
+                                 DIVISIBLE_INTS, arch, num_warps, line_info=bool(by_line))
     code = parse_listing(listing)
-    return {**register_usage(text), **loop_body(code), **({"loop_by_line": loop_lines(code)} if by_line else {})}
+    lines = {"loop_by_line": loop_lines(code, by_line)} if by_line else {}
+    return {**register_usage(text), **loop_body(code), **lines}
 
 
 def register_usage(ptxas_report: str) -> dict:
@@ -194,6 +197,13 @@ def loop_lines(code: list[Instruction], top: int = 12) -> list[dict]:
              "top_opcodes": dict(collections.Counter(ops).most_common(3))} for where, ops in ranked]
 
 
+def _line_count(text: str) -> int:
+    """--by-line's LINES: a positive integer."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of source lines, got {text!r}")
+    return int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["bwd_chunk", "fwd_chunk_output"])
@@ -207,8 +217,9 @@ def main() -> int:
     parser.add_argument("--bwd-rows", action="store_true",
                         help="compile the backward's main kernel with its in-chunk scans in rows of 8 steps, as "
                              "the launch does for 16-bit inputs without the gate (default: with flips)")
-    parser.add_argument("--by-line", action="store_true",
-                        help="also list the channel loop's instructions by source line (ptxas -lineinfo, nvdisasm)")
+    parser.add_argument("--by-line", type=_line_count, nargs="?", const=12, default=0, metavar="LINES",
+                        help="also list the channel loop's instructions by source line (ptxas -lineinfo, nvdisasm): "
+                             "the LINES lines with the most (default 12)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
     args = parser.parse_args()
 

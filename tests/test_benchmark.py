@@ -856,3 +856,25 @@ def test_tuning_option_takes_known_keys_with_non_negative_integers_in_both_trito
                 bench.main(["--tuning", bad])
             assert stopped.value.code == 2
             assert f"--tuning '{bad}': each item must be KEY=INTEGER" in capsys.readouterr().err
+
+
+def test_triton_registers_by_line_takes_an_optional_positive_count_of_lines(monkeypatch, capsys):
+    """--by-line alone lists 12 source lines, --by-line N lists N; 0, negative or non-numeric counts are refused
+    with argparse's one-line error before anything compiles."""
+    pytest.importorskip("triton")
+    from benchmarks import triton_registers
+
+    seen = []
+    monkeypatch.setattr(triton_registers, "compile_stats", lambda *args: seen.append(args[7]) or {
+        "registers": 1, "spill_stores": 0, "spill_loads": 0, "instructions": 1, "loop_instructions": 1,
+        "loop_shuffles": 0, "global_loads": 0, "global_stores": 0, "wide_accesses": 0, "loop_by_line": []})
+    for argv, lines in ((["--by-line"], 12), (["--by-line", "30"], 30), ([], 0)):
+        monkeypatch.setattr(sys, "argv", ["triton_registers", "--kernels", "bwd_chunk", "--block-l", "64",
+                                          "--warps", "1", "--dtypes", "fp16", *argv])
+        assert triton_registers.main() == 0 and seen.pop() == lines
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setattr(sys, "argv", ["triton_registers", "--by-line", bad])
+        with pytest.raises(SystemExit):
+            triton_registers.main()
+        assert "positive number of source lines" in capsys.readouterr().err
+    assert not seen
