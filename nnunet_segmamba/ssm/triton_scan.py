@@ -508,17 +508,18 @@ def _sm_count(device_index: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _d_split(batch: int, groups: int, chunks: int, d_per_group: int, device: torch.device,
-             programs_per_sm: int) -> int:
+             programs_per_sm: int, max_channels: int | None = None) -> int:
     """Each (batch, group, chunk) program of a chunk kernel walks the group's channels; they are split over this
-    many programs (the fewest that give `programs_per_sm` programs per multiprocessor) when there are too few
-    (batch, chunk) pairs to fill the GPU. Cached: a scan's forward and backward ask for the same splits, and the
-    search is a Python loop over up to d_per_group divisors, on the host's path of every eager call."""
+    many programs (the fewest that give `programs_per_sm` programs per multiprocessor, and leave each program at
+    most `max_channels` channels where given) when there are too few (batch, chunk) pairs to fill the GPU. Cached: a
+    scan's forward and backward ask for the same splits, and the search is a Python loop over up to d_per_group
+    divisors, on the host's path of every eager call."""
     target = programs_per_sm * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     split = 1
     for s in range(1, d_per_group + 1):
         if d_per_group % s == 0:
             split = s
-            if batch * groups * chunks * s >= target:
+            if batch * groups * chunks * s >= target and (max_channels is None or d_per_group // s <= max_channels):
                 break
     return split
 
@@ -535,10 +536,8 @@ def _bwd_split(batch: int, groups: int, chunks: int, d_per_group: int, device: t
     target = TUNING["bwd_unsplit_programs_per_sm"] * (_sm_count(device.index or 0) if device.type == "cuda" else 1)
     if batch * groups * chunks >= target:
         return 1
-    split = _d_split(batch, groups, chunks, d_per_group, device, TUNING["bwd_programs_per_sm"])
-    while d_per_group // split > TUNING["bwd_channels_per_program"]:
-        split = next(s for s in range(split + 1, d_per_group + 1) if d_per_group % s == 0)
-    return split
+    return _d_split(batch, groups, chunks, d_per_group, device, TUNING["bwd_programs_per_sm"],
+                    TUNING["bwd_channels_per_program"])
 
 
 def _bwd_in_rows(u: torch.Tensor, z: torch.Tensor | None) -> bool:
