@@ -56,6 +56,8 @@ FLAGS = {"MODE": 0, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": 
 # The causal conv as Mamba runs it (width 4, bias, SiLU) on long sequences, whose tiles are the largest; its block is
 # not --block-l (the scan's chunk). Its weight and bias pointers are float32, as the parameters are.
 CONV_CONSTANTS = {"K": 4, "MODE": 0, "HAS_BIAS": True, "SILU": True, "BLOCK_L": triton_conv.MAX_BLOCK_L}
+# the channel loop's source lines that --by-line lists, and loop_lines, unless told otherwise
+BY_LINE_LINES = 12
 
 
 def is_conv_kernel(kernel) -> bool:
@@ -185,7 +187,7 @@ def loop_body(code: list[Instruction]) -> dict:
                                  for i in code)}
 
 
-def loop_lines(code: list[Instruction], top: int = 12) -> list[dict]:
+def loop_lines(code: list[Instruction], top: int = BY_LINE_LINES) -> list[dict]:
     """The innermost loop's instructions by the source line they come from (file name and line; a library routine
     inlined into the kernel counts under its own file), the `top` lines with the most, and each line's three
     commonest opcodes. Empty without a loop."""
@@ -217,9 +219,9 @@ def main() -> int:
     parser.add_argument("--bwd-rows", action="store_true",
                         help="compile the backward's main kernel with its in-chunk scans in rows of 8 steps, as "
                              "the launch does for 16-bit inputs without the gate (default: with flips)")
-    parser.add_argument("--by-line", type=_line_count, nargs="?", const=12, default=0, metavar="LINES",
+    parser.add_argument("--by-line", type=_line_count, nargs="?", const=BY_LINE_LINES, default=0, metavar="LINES",
                         help="also list the channel loop's instructions by source line (ptxas -lineinfo, nvdisasm): "
-                             "the LINES lines with the most (default 12)")
+                             f"the LINES lines with the most (default {BY_LINE_LINES})")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON to this file")
     args = parser.parse_args()
 
