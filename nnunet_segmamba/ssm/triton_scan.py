@@ -187,9 +187,9 @@ def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH,
                  NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr):
     """What every (batch, group, channel split; chunk) program of the chunk kernels starts with: its coordinates,
     the first of its channels, the positions p(t) of its steps and their masks, and the offsets of its group's rows
-    of B / C (before the batch stride), which it loads once for all its channels; and the first row of its batch
-    element's parameter set (A, D, delta_bias as (sets, D_, ...): each set serves SET_BATCH consecutive batch
-    elements)."""
+    of B / C (before the batch stride), which it loads once for all its channels (`_group_rows`); and the first row
+    of its batch element's parameter set (A, D, delta_bias as (sets, D_, ...): each set serves SET_BATCH consecutive
+    batch elements)."""
     pid = tl.program_id(0)
     c = tl.program_id(1)
     split = pid % D_SPLIT
