@@ -187,7 +187,7 @@ def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH,
                  NP: tl.constexpr, BL: tl.constexpr, MODE: tl.constexpr):
     """What every (batch, group, channel split; chunk) program of the chunk kernels starts with: its coordinates,
     the first of its channels, the positions p(t) of its steps and their masks, and the offsets of its group's rows
-    of B / C (before the batch stride), which it loads once for all its channels (`_group_rows`); and the first row
+    of B / C (before the batch stride), which it loads once for all its channels (`_group_tile`); and the first row
     of its batch element's parameter set (A, D, delta_bias as (sets, D_, ...): each set serves SET_BATCH consecutive
     batch elements)."""
     pid = tl.program_id(0)
@@ -209,7 +209,7 @@ def _group_chunk(D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH,
 
 
 @jit
-def _group_rows(ptr, b64, stride, nl, m2):
+def _group_tile(ptr, b64, stride, nl, m2):
     """The program's (NP, BL) tile of B or C (its group's rows at its chunk's steps; `nl`, `m2` from `_group_chunk`)
     in float32: loaded once, before the channel loop, and read by every channel the program walks."""
     return tl.load(ptr + b64 * stride + nl, mask=m2, other=0.0).to(tl.float32)
@@ -249,7 +249,7 @@ def _fwd_chunk_summary(u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, T_ptr, S_ptr,
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH, NP, BL, MODE)
     A_ptr += row0 * N
     bias_ptr += row0
-    Bt = _group_rows(B_ptr, b64, sB, nl, m2)
+    Bt = _group_tile(B_ptr, b64, sB, nl, m2)
     delta, u, no_z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, u_ptr, b64, d0, True, N, L, p, mask,
                                           n, nmask, sdelta, su, 0, False, HAS_BIAS)
     for i in range(0, D_PER_PROGRAM):
@@ -316,8 +316,8 @@ def _fwd_chunk_output(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     A_ptr += row0 * N
     bias_ptr += row0
     D_ptr += row0
-    Bt = _group_rows(B_ptr, b64, sB, nl, m2)
-    Ct = _group_rows(C_ptr, b64, sC, nl, m2)
+    Bt = _group_tile(B_ptr, b64, sB, nl, m2)
+    Ct = _group_tile(C_ptr, b64, sC, nl, m2)
     first = (s == 0)[None, :]  # the entering state, folded into the first step's input
     # each iteration loads the next channel's inputs before its own arithmetic, so that their latency overlaps it
     delta, u, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, u_ptr, z_ptr, b64, d0, True, N, L, p, mask,
@@ -357,7 +357,7 @@ def _bwd_chunk_summary(delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, dout_ptr, R_ptr
         D_, G_, N, L, M, NS, D_SPLIT, D_PER_PROGRAM, SET_BATCH, NP, BL, MODE)
     A_ptr += row0 * N
     bias_ptr += row0
-    Ct = _group_rows(C_ptr, b64, sC, nl, m2)
+    Ct = _group_tile(C_ptr, b64, sC, nl, m2)
     # dy is contiguous: its batch stride is D * L
     delta, dy, z, A, bias = _channel_loads(delta_ptr, A_ptr, bias_ptr, dout_ptr, z_ptr, b64, d0, True, N, L, p,
                                            mask, n, nmask, sdelta, D_ * L, sz, HAS_Z, HAS_BIAS)
@@ -389,8 +389,8 @@ def _bwd_chunk(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, do
     A_ptr += row0 * N
     bias_ptr += row0
     D_ptr += row0
-    Bt = _group_rows(B_ptr, b64, sB, nl, m2)
-    Ct = _group_rows(C_ptr, b64, sC, nl, m2)
+    Bt = _group_tile(B_ptr, b64, sB, nl, m2)
+    Ct = _group_tile(C_ptr, b64, sC, nl, m2)
     dB_acc = tl.zeros([NP, BL], dtype=tl.float32)
     dC_acc = tl.zeros([NP, BL], dtype=tl.float32)
     # each iteration loads the next channel's inputs before its own arithmetic, so that their latency overlaps it
