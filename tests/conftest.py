@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the interpreted kernel tests' reductions and scans a slice at a time: the same results, bit for bit, in a
+    # fraction of the time (tests/triton_interpreter.py says why)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import triton_interpreter
+
+    triton_interpreter.install()
+
 
 @pytest.fixture
 def one_thread():
