@@ -9,12 +9,21 @@ at once: the functions below walk the axis and hand the combine function whole s
 the same operations, in the same order and with the same rounding to the operands' dtype between steps, as in the
 interpreter's own loops: the results are equal bit for bit (`tests/ssm/test_triton_interpreter.py` checks them
 against the originals).
+
+The interpreter also patches `triton.language` again at every call of a `@triton.jit` helper from a kernel (each
+call walks every member of the language's modules), although the kernel's launch has patched the same modules for
+the whole launch and restores them at its end: in the causal conv's interpreted tests, 85 of their 145 s, profiled.
+`patch_language_once` skips the repeats within a launch, so every module is patched as before, once.
 """
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 
 _INSTALLED = {}
+# within a kernel's launch: the language modules patched since it began (ids), else None
+_patched_in_launch = None
 
 
 def _results(ret) -> tuple:
@@ -67,23 +76,59 @@ def reduce_by_slices(self, input):
     return ret
 
 
+class _NothingToRestore:
+    def restore(self) -> None:
+        pass
+
+
+def patch_language_once(fn):
+    """The interpreter's `_patch_lang(fn)`, except within a kernel's launch for modules the launch has patched."""
+    global _patched_in_launch
+    patch = _INSTALLED["_patch_lang"]
+    if _patched_in_launch is None:
+        return patch(fn)
+    from triton import language as tl
+
+    modules = {id(value) for value in fn.__globals__.values() if inspect.ismodule(value) and value in (tl, tl.core)}
+    if modules <= _patched_in_launch:
+        return _NothingToRestore()
+    _patched_in_launch |= modules
+    return patch(fn)
+
+
+def _launch(self, *args, **kwargs):
+    # `GridExecutor.__call__`: patches the kernel's language modules, runs the grid, restores them
+    global _patched_in_launch
+    outer, _patched_in_launch = _patched_in_launch, set()
+    try:
+        return _INSTALLED["GridExecutor.__call__"](self, *args, **kwargs)
+    finally:
+        _patched_in_launch = outer
+
+
 def install() -> bool:
-    """Puts the slice-at-a-time loops into Triton's interpreter; False (and nothing changed) where it lacks the
-    loops they replace."""
+    """Puts the slice-at-a-time loops and the patching once per launch into Triton's interpreter; False (and
+    nothing changed) where it lacks what they replace."""
     try:
         from triton.runtime import interpreter
     except ImportError:
         return False
     targets = {"ScanOps": ("generic_scan", scan_by_slices), "ReduceOps": ("generic_reduce", reduce_by_slices)}
-    if not all(hasattr(getattr(interpreter, cls, None), name) for cls, (name, _) in targets.items()):
+    if not (all(hasattr(getattr(interpreter, cls, None), name) for cls, (name, _) in targets.items())
+            and callable(getattr(interpreter, "_patch_lang", None)) and hasattr(interpreter, "GridExecutor")):
         return False
     for cls, (name, function) in targets.items():
         owner = getattr(interpreter, cls)
         _INSTALLED.setdefault(cls, getattr(owner, name))
         setattr(owner, name, function)
+    _INSTALLED.setdefault("_patch_lang", interpreter._patch_lang)
+    _INSTALLED.setdefault("GridExecutor.__call__", interpreter.GridExecutor.__call__)
+    interpreter._patch_lang = patch_language_once
+    interpreter.GridExecutor.__call__ = _launch
     return True
 
 
-def original(cls: str):
-    """The interpreter's own loop that `install` replaced in class `cls` ("ScanOps" or "ReduceOps"), or None."""
-    return _INSTALLED.get(cls)
+def original(name: str):
+    """What `install` replaced: the interpreter's own loop of class `name` ("ScanOps" or "ReduceOps"), or its
+    "_patch_lang" or "GridExecutor.__call__"; None where nothing was installed."""
+    return _INSTALLED.get(name)

@@ -1,7 +1,9 @@
-"""The interpreter's reductions and scans a slice at a time (`tests/triton_interpreter.py`, which the interpreted
-kernel tests run with) give the interpreter's own results bit for bit: a forward and a reverse linear scan, as the
-scan kernels' `tl.associative_scan` runs it, `tl.flip` (a reduction per level) and a reduction to a scalar, each
-run once with the slice-at-a-time loops and once with the interpreter's originals."""
+"""The interpreter as the interpreted kernel tests run it (`tests/triton_interpreter.py`: reductions and scans a
+slice at a time, the language patched once per launch) gives the interpreter's own results bit for bit: a forward
+and a reverse linear scan, as the scan kernels' `tl.associative_scan` runs it, `tl.flip` (a reduction per level,
+and a call into Triton's standard library, whose module the launch has not patched) and a reduction to a scalar,
+each run once as the tests run them and once with the interpreter's originals; and the launch leaves
+`triton.language` as it found it."""
 from __future__ import annotations
 
 import pytest
@@ -55,12 +57,17 @@ def test_slices_give_the_interpreters_results(monkeypatch):
 
     assert interpreter.ScanOps.generic_scan is triton_interpreter.scan_by_slices, "not installed (tests/conftest.py)"
     assert interpreter.ReduceOps.generic_reduce is triton_interpreter.reduce_by_slices
+    assert interpreter._patch_lang is triton_interpreter.patch_language_once
     gen = torch.Generator().manual_seed(0)
     a = torch.rand(4, 16, generator=gen) * 0.5 + 0.5  # decays, as the scan's
     b = torch.randn(4, 16, generator=gen)
+    load = tl.load
     by_slices = _run(a, b)
+    assert tl.load is load and tl.core.is_builtin(tl.load), "the launch left triton.language patched"
     monkeypatch.setattr(interpreter.ScanOps, "generic_scan", triton_interpreter.original("ScanOps"))
     monkeypatch.setattr(interpreter.ReduceOps, "generic_reduce", triton_interpreter.original("ReduceOps"))
+    monkeypatch.setattr(interpreter, "_patch_lang", triton_interpreter.original("_patch_lang"))
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", triton_interpreter.original("GridExecutor.__call__"))
     by_elements = _run(a, b)
     for name, result in by_slices.items():
         assert torch.equal(result, by_elements[name]), name
