@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    # the interpreted kernel tests' reductions and scans a slice at a time: the same results, bit for bit, in a
-    # fraction of the time (tests/triton_interpreter.py says why)
+    # the interpreted kernel tests' reductions and scans a slice at a time, and triton.language patched once per
+    # launch: the same results, bit for bit, in a fraction of the time (tests/triton_interpreter.py says why)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import triton_interpreter
 

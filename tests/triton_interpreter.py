@@ -1,4 +1,5 @@
-"""Triton's interpreter with its reductions and scans taken a slice at a time.
+"""Triton's interpreter as the interpreted kernel tests run it: its reductions and scans a slice at a time, and
+`triton.language` patched once per kernel launch.
 
 For `tl.associative_scan` and `tl.reduce` with a combine function of its own (`tl.flip` is one: a reduction per
 level), Triton's interpreter calls the combine function once per element, through the whole of `tl`'s semantic
@@ -40,13 +41,12 @@ def scan_by_slices(self, input):
     axis = self.axis
     data = [arg.handle.data for arg in input]
     out = [np.empty_like(d) for d in data]
-    for k in range(data[0].shape[axis]):
+    first = (slice(None),) * axis + (0,)
+    for o, d in zip(out, data):
+        o[first] = d[first]
+    for k in range(1, data[0].shape[axis]):
         at = (slice(None),) * axis + (k,)
         step = tuple(self.to_tensor(d[at], arg.dtype) for d, arg in zip(data, input))
-        if k == 0:
-            for o, d in zip(out, data):
-                o[at] = d[at]
-            continue
         before = (slice(None),) * axis + (k - 1,)
         acc = tuple(self.to_tensor(o[before], arg.dtype) for o, arg in zip(out, input))
         for o, value in zip(out, _results(self.combine_fn.fn(*acc, *step))):

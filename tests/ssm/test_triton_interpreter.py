@@ -51,7 +51,7 @@ def _run(a, b):
 
 
 @interpreted
-def test_slices_give_the_interpreters_results(monkeypatch):
+def test_faster_interpreter_gives_the_interpreters_results(monkeypatch):
     import triton_interpreter
     from triton.runtime import interpreter
 
@@ -62,28 +62,28 @@ def test_slices_give_the_interpreters_results(monkeypatch):
     a = torch.rand(4, 16, generator=gen) * 0.5 + 0.5  # decays, as the scan's
     b = torch.randn(4, 16, generator=gen)
     load = tl.load
-    by_slices = _run(a, b)
+    as_tests_run = _run(a, b)
     assert tl.load is load and tl.core.is_builtin(tl.load), "the launch left triton.language patched"
     monkeypatch.setattr(interpreter.ScanOps, "generic_scan", triton_interpreter.original("ScanOps"))
     monkeypatch.setattr(interpreter.ReduceOps, "generic_reduce", triton_interpreter.original("ReduceOps"))
     monkeypatch.setattr(interpreter, "_patch_lang", triton_interpreter.original("_patch_lang"))
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", triton_interpreter.original("GridExecutor.__call__"))
-    by_elements = _run(a, b)
-    for name, result in by_slices.items():
-        assert torch.equal(result, by_elements[name]), name
+    as_triton_runs = _run(a, b)
+    for name, result in as_tests_run.items():
+        assert torch.equal(result, as_triton_runs[name]), name
     # and what they compute
-    assert torch.equal(by_slices["flip"], b.flip(1))
+    assert torch.equal(as_tests_run["flip"], b.flip(1))
     expected = torch.zeros(4, 16, dtype=torch.float64)
     state = torch.zeros(4, dtype=torch.float64)
     for t in range(16):
         state = a[:, t].double() * state + b[:, t].double()
         expected[:, t] = state
-    torch.testing.assert_close(by_slices["scan"].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(as_tests_run["scan"].double(), expected, rtol=1e-5, atol=1e-6)
     largest = b.gather(1, b.abs().argmax(1, keepdim=True)).squeeze(1)
-    assert torch.equal(by_slices["reduction along rows"], largest)
-    assert torch.equal(by_slices["reduction to a scalar"], b.flatten()[b.abs().argmax()].reshape(1))
+    assert torch.equal(as_tests_run["reduction along rows"], largest)
+    assert torch.equal(as_tests_run["reduction to a scalar"], b.flatten()[b.abs().argmax()].reshape(1))
 
 
 def test_kernels_under_interpreter(run_under_triton_interpreter):
     """Run this file's interpreted test on CPU through Triton's interpreter."""
-    run_under_triton_interpreter(__file__, "test_slices_give_the_interpreters_results")
+    run_under_triton_interpreter(__file__, "test_faster_interpreter_gives_the_interpreters_results")
