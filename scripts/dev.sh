@@ -18,7 +18,7 @@ setup() {
         return 0
     fi
     echo "[dev.sh] creating the environment in $venv (about 2 minutes) ..."
-    "$python" -m venv "$venv"
+    "$python" -m venv --clear "$venv"  # --clear: nothing of an older environment stays behind
     # torch first, pinned together with its torchvision (constraints-cpu.txt says why)
     "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" torch torchvision
     "$venv/bin/python" -m pip install -q -c "$root/constraints-cpu.txt" -e "$root[test]"

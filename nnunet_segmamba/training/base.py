@@ -143,7 +143,7 @@ class nnUNetTrainerSegMambaBase(nnUNetTrainer):
     #: SegMamba arguments besides in_chans / out_chans / spatial_dims / deep_supervision (defaults: the paper's)
     network_kwargs: ClassVar[Mapping[str, Any]] = {}
     #: the selective-scan implementation of the Mamba layers ("auto": the fastest on the device; "cuda",
-    #: "triton", "torch": see nnunet_segmamba.ssm.dispatch). Also used by nnUNetv2_predict with this trainer.
+    #: "triton", "cpu", "torch": see nnunet_segmamba.ssm.dispatch). Also used by nnUNetv2_predict with this trainer.
     scan_backend: ClassVar[str] = "auto"
     #: None keeps nnU-Net's value (1000 epochs of 250 training and 50 validation iterations)
     epochs: ClassVar[int | None] = None
