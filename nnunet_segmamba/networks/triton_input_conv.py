@@ -196,6 +196,15 @@ def input_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return y
 
 
+def weight_gradient_tiles(channels: int, size: int, block_k: int) -> tuple[int, int]:
+    """The weight gradient's tile of patch columns for a cubic kernel of `size` over `channels` input channels, at
+    most `block_k` (at least 16, for tl.dot), and how many tiles cover the size^3 x channels columns: one program
+    each per run of positions."""
+    columns = size ** 3 * channels
+    block_k = min(block_k, max(16, next_power_of_2(columns)))
+    return block_k, cdiv(columns, block_k)
+
+
 def input_conv3d_weight_gradient(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
                                  with_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradients of `input_conv3d_forward`'s weight (in the weight's dtype and layout) and bias (None without)."""
@@ -205,8 +214,8 @@ def input_conv3d_weight_gradient(dy: torch.Tensor, x: torch.Tensor, weight: torc
     features = weight.shape[0]
     K = size ** 3 * channels
     M = batch * Do * Ho * Wo
-    block_m, block_k = TUNING["wgrad_block_m"], min(TUNING["wgrad_block_k"], max(16, next_power_of_2(K)))
-    k_tiles = cdiv(K, block_k)
+    block_m = TUNING["wgrad_block_m"]
+    block_k, k_tiles = weight_gradient_tiles(channels, size, TUNING["wgrad_block_k"])
     blocks = cdiv(M, block_m)
     if x.device.type == "cuda":
         sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -229,3 +229,15 @@ def test_segmamba_step_on_the_input_kernels_matches_cudnn(monkeypatch):
         error, cudnn_error = ((got[name] - want).abs().max().item() for got in (routed, cudnn))
         scale = want.abs().max().item()
         assert error <= 2 * cudnn_error + 1e-3 * scale, f"{name}: max error {error:.3g}, cuDNN's {cudnn_error:.3g}"
+
+
+@pytest.mark.parametrize("channels, size", [(1, 7), (4, 7), (1, 3), (4, 3), (4, 1), (3, 3)])
+@pytest.mark.parametrize("block_k", [16, 64, 128])
+def test_weight_gradient_tiles_cover_every_column_once(channels, size, block_k):
+    """The weight gradient's launch: tiles of a power of two columns (at least 16, for tl.dot, at most the setting
+    where the kernel has more), as many as cover the kernel's size^3 x channels columns with no tile left empty."""
+    tile, tiles = triton_input_conv.weight_gradient_tiles(channels, size, block_k)
+    columns = size ** 3 * channels
+    assert tile >= 16 and tile & (tile - 1) == 0
+    assert tile <= block_k or tile == 16
+    assert (tiles - 1) * tile < columns <= tiles * tile
