@@ -109,7 +109,7 @@ def bench_case(batch: int, channels: int, spatial: tuple[int, ...], pads: list[i
 #: per multiprocessor)
 FWD_SETTINGS = ((128, 4), (64, 4), (256, 8), (128, 8), (64, 2))
 WGRAD_SETTINGS = ((64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 4), (64, 64, 4, 8), (64, 32, 4, 4),
-                  (128, 64, 8, 4))
+                  (128, 64, 8, 4), (64, 128, 4, 4), (64, 128, 4, 8))
 
 
 def tune_case(batch: int, channels: int, spatial: tuple[int, ...], features: int, iters: int) -> list[dict]:

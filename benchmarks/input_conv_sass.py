@@ -26,6 +26,7 @@ import triton
 
 from benchmarks.triton_registers import compile_sass, gpu_name, innermost_loop, parse_listing, register_usage
 from nnunet_segmamba.networks import triton_input_conv
+from nnunet_segmamba.ssm.triton_common import next_power_of_2
 
 CASES = (("stem 7^3 / 2", 7, 2, 3), ("block 3^3", 3, 1, 1), ("shortcut 1^3", 1, 1, 0))
 DIVISIBLE_INTS = ("sxb", "sxd", "sxh")
@@ -58,8 +59,9 @@ def weight_gradient_stats(channels: int, size: int, stride: int, padding: int, b
                           num_warps: int, arch: int) -> dict:
     kernel = triton_input_conv._input_conv_wgrad
     block_k, tiles = triton_input_conv.weight_gradient_tiles(channels, size, block_k)  # as the launch has them
-    consts = dict(C=channels, KS=size, STRIDE=stride, PAD=padding, HAS_BIAS=False, PRECISION="tf32",
-                  BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_F=triton_input_conv._blocks(channels, size, FEATURES)[1])
+    consts = dict(C=channels, CP=next_power_of_2(channels), KS=size, STRIDE=stride, PAD=padding, HAS_BIAS=False,
+                  PRECISION="tf32", BLOCK_M=block_m, BLOCK_K=block_k,
+                  BLOCK_F=triton_input_conv._blocks(channels, size, FEATURES)[1])
     text, listing = compile_sass(kernel, consts, lambda name: "fp32" if name.startswith(("dw", "dbias")) else "fp16",
                                  WGRAD_DIVISIBLE_INTS, arch, num_warps)
     body = innermost_loop(parse_listing(listing))
