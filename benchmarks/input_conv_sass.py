@@ -62,6 +62,8 @@ def weight_gradient_stats(channels: int, size: int, stride: int, padding: int, b
     consts = dict(C=channels, CP=next_power_of_2(channels), KS=size, STRIDE=stride, PAD=padding, HAS_BIAS=False,
                   PRECISION="tf32", BLOCK_M=block_m, BLOCK_K=block_k,
                   BLOCK_F=triton_input_conv._blocks(channels, size, FEATURES)[1])
+    # CP (the channels padded to a power of two) for a kernel whose tiles hold whole taps
+    consts = {name: value for name, value in consts.items() if name in kernel.arg_names}
     text, listing = compile_sass(kernel, consts, lambda name: "fp32" if name.startswith(("dw", "dbias")) else "fp16",
                                  WGRAD_DIVISIBLE_INTS, arch, num_warps)
     body = innermost_loop(parse_listing(listing))

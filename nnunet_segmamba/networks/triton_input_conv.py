@@ -16,8 +16,6 @@ The forward walks the kernel's tap rows (kd, kh): in a channels-last input a row
 other, so a position's row is one contiguous load (whole taps at 4 channels). The weight gradient instead gathers
 tiles of BLOCK_K columns over all taps: its programs each own a tile of dw and sum over a run of positions, and
 walking tap rows there made them read dy once per row (9x for a 3^3 kernel), which measured slower than cuDNN's.
-Its tiles hold whole taps, each tap's channels one load of C adjacent elements (8 bytes at 4 channels, copied
-asynchronously into shared memory), not one load per column.
 
 The output is written channels-last, the layout of the network around it. The input's gradient is not computed
 here (the network's input needs none); the op's backward hands it to torch.
@@ -120,49 +118,40 @@ def _input_conv_fwd(x_ptr, w_ptr, bias_ptr, y_ptr, M, F, D, H, W, Do, Ho, Wo, sx
 
 
 @jit
-def _patch_taps(x_ptr, base, inside_z, inside_y, inside_x, tap, sxd, sxh, C: tl.constexpr, CP: tl.constexpr,
-                KS: tl.constexpr):
-    """The positions' patches at the kernel's taps `tap` (t = (kd * KS + kh) * KS + kw), each tap's C channels
-    (padded to CP) side by side: (positions, taps x CP) columns of a channels-last input, where a tap's channels lie
-    next to each other, so each is one load (zero outside the input, past the last tap and in the padding)."""
-    c = tl.arange(0, CP)
+def _patch_columns(x_ptr, base, inside_z, inside_y, inside_x, k, K, sxd, sxh, C: tl.constexpr, KS: tl.constexpr):
+    """Columns k = ((kd * KS + kh) * KS + kw) * C + c of the positions' patches, gathered from a channels-last
+    input (zero outside it and past K)."""
+    c = k % C
+    tap = k // C
     kw = tap % KS
     kh = (tap // KS) % KS
-    kd = tl.where(tap < KS * KS * KS, tap // (KS * KS), 31)  # past the last tap: a bit no position has
-    column = kd * sxd + kh * sxh + kw * C
+    kd = tl.where(k < K, tap // (KS * KS), 31)  # past K: a bit no position has
+    column = kd * sxd + kh * sxh + kw * C + c
     inside = ((inside_z[:, None] >> kd[None, :]) & (inside_y[:, None] >> kh[None, :])
               & (inside_x[:, None] >> kw[None, :]) & 1) != 0
-    patch = tl.load(x_ptr + (base[:, None, None] + column[None, :, None] + c[None, None, :]),
-                    mask=inside[:, :, None] & (c < C)[None, None, :], other=0.0)
-    return tl.reshape(patch, (base.shape[0], tap.shape[0] * CP))
+    return tl.load(x_ptr + (base[:, None] + column[None, :]), mask=inside, other=0.0)
 
 
 @jit
-def _input_conv_wgrad(x_ptr, dy_ptr, dw_ptr, dbias_ptr, M, F, D, H, W, Do, Ho, Wo, sxb, sxd, sxh,
-                      BLOCKS_PER_PROGRAM, C: tl.constexpr, CP: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
+def _input_conv_wgrad(x_ptr, dy_ptr, dw_ptr, dbias_ptr, M, K, F, D, H, W, Do, Ho, Wo, sxb, sxd, sxh,
+                      BLOCKS_PER_PROGRAM, C: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr,
                       PAD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr):
-    pk = tl.program_id(0)  # the tile of patch columns: BLOCK_K // CP taps
+    pk = tl.program_id(0)  # the tile of patch columns
     pm = tl.program_id(1)
-    tap = pk * (BLOCK_K // CP) + tl.arange(0, BLOCK_K // CP)
+    k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     f = tl.arange(0, BLOCK_F)
     acc = tl.zeros([BLOCK_K, BLOCK_F], dtype=tl.float32)
     bias_acc = tl.zeros([BLOCK_F], dtype=tl.float32)
     for i in range(0, BLOCKS_PER_PROGRAM):
         m = (pm * BLOCKS_PER_PROGRAM + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         base, inside_z, inside_y, inside_x = _rows(m, M, D, H, W, Do, Ho, Wo, sxb, sxd, sxh, C, KS, STRIDE, PAD)
-        a = _patch_taps(x_ptr, base, inside_z, inside_y, inside_x, tap, sxd, sxh, C, CP, KS)
+        a = _patch_columns(x_ptr, base, inside_z, inside_y, inside_x, k, K, sxd, sxh, C, KS)
         g = tl.load(dy_ptr + m[:, None] * F + f[None, :], mask=(m < M)[:, None] & (f < F)[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), g, acc, input_precision=PRECISION)
         if HAS_BIAS:
             bias_acc += tl.sum(g.to(tl.float32), 0)
-    # row (t, c) of the tile is the weight's column k = t * C + c
-    row = tl.arange(0, BLOCK_K)
-    t = pk * (BLOCK_K // CP) + row // CP
-    c = row % CP
-    K: tl.constexpr = KS * KS * KS * C
-    tl.store(dw_ptr + (pm * K + t * C + c)[:, None] * F + f[None, :], acc,
-             mask=((t < KS * KS * KS) & (c < C))[:, None] & (f < F)[None, :])
+    tl.store(dw_ptr + (pm * K + k[:, None]) * F + f[None, :], acc, mask=(k < K)[:, None] & (f < F)[None, :])
     if HAS_BIAS:
         tl.store(dbias_ptr + pm * F + f, bias_acc, mask=(f < F) & (pk == 0))
 
@@ -208,13 +197,12 @@ def input_conv3d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 def weight_gradient_tiles(channels: int, size: int, block_k: int) -> tuple[int, int]:
-    """The weight gradient's tile of patch columns for a cubic kernel of `size` over `channels` input channels, and
-    how many tiles cover its size^3 taps: one program each per run of positions. A tile holds whole taps, each tap's
-    channels padded to a power of two, so it has at most `block_k` columns where a tap fits, and at least 16 (for
-    tl.dot)."""
-    padded_channels = next_power_of_2(channels)
-    block_k = min(max(block_k, padded_channels), max(16, next_power_of_2(size ** 3 * padded_channels)))
-    return block_k, cdiv(size ** 3, block_k // padded_channels)
+    """The weight gradient's tile of patch columns for a cubic kernel of `size` over `channels` input channels, at
+    most `block_k` (at least 16, for tl.dot), and how many tiles cover the size^3 x channels columns: one program
+    each per run of positions."""
+    columns = size ** 3 * channels
+    block_k = min(block_k, max(16, next_power_of_2(columns)))
+    return block_k, cdiv(columns, block_k)
 
 
 def input_conv3d_weight_gradient(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int,
@@ -239,10 +227,9 @@ def input_conv3d_weight_gradient(dy: torch.Tensor, x: torch.Tensor, weight: torc
     parts = torch.empty((programs, K, features), device=x.device, dtype=torch.float32)
     bias_parts = torch.empty((programs, features), device=x.device, dtype=torch.float32) if with_bias else parts
     _input_conv_wgrad[(k_tiles, programs)](
-        x, dy, parts, bias_parts, M, features, D, H, W, Do, Ho, Wo, x.stride(0), x.stride(2), x.stride(3),
-        per_program, C=channels, CP=next_power_of_2(channels), KS=size, STRIDE=stride, PAD=padding,
-        HAS_BIAS=with_bias, PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k,
-        BLOCK_F=_blocks(channels, size, features)[1],
+        x, dy, parts, bias_parts, M, K, features, D, H, W, Do, Ho, Wo, x.stride(0), x.stride(2), x.stride(3),
+        per_program, C=channels, KS=size, STRIDE=stride, PAD=padding, HAS_BIAS=with_bias,
+        PRECISION=_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_F=_blocks(channels, size, features)[1],
         num_warps=TUNING["wgrad_warps"])
     dw = parts.sum(0).reshape(size, size, size, channels, features)
     dw = torch.empty_like(weight).copy_(dw.permute(4, 3, 0, 1, 2))  # in the weight's dtype and layout

@@ -235,11 +235,9 @@ def test_segmamba_step_on_the_input_kernels_matches_cudnn(monkeypatch):
 @pytest.mark.parametrize("block_k", [16, 64, 128])
 def test_weight_gradient_tiles_cover_every_column_once(channels, size, block_k):
     """The weight gradient's launch: tiles of a power of two columns (at least 16, for tl.dot, at most the setting
-    where the kernel has more) holding whole taps, each tap's channels padded to a power of two, as many as cover the
-    kernel's size^3 taps with no tile left empty."""
+    where the kernel has more), as many as cover the kernel's size^3 x channels columns with no tile left empty."""
     tile, tiles = triton_input_conv.weight_gradient_tiles(channels, size, block_k)
-    padded = 1 << (channels - 1).bit_length()
-    assert tile >= 16 and tile & (tile - 1) == 0 and tile % padded == 0
+    columns = size ** 3 * channels
+    assert tile >= 16 and tile & (tile - 1) == 0
     assert tile <= block_k or tile == 16
-    taps = tile // padded
-    assert (tiles - 1) * taps < size ** 3 <= tiles * taps
+    assert (tiles - 1) * tile < columns <= tiles * tile
