@@ -104,11 +104,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for channels in args.channels:
         for name, size, stride, padding in CASES:
-            seen = set()
+            launches = set()
             for block_m, block_k, warps in wgrad_settings:
-                if (block_m, triton_input_conv.weight_gradient_tiles(channels, size, block_k), warps) in seen:
+                launch = (block_m, triton_input_conv.weight_gradient_tiles(channels, size, block_k), warps)
+                if launch in launches:
                     continue  # the same launch: BLOCK_K capped by the kernel's columns
-                seen.add((block_m, triton_input_conv.weight_gradient_tiles(channels, size, block_k), warps))
+                launches.add(launch)
                 stats = weight_gradient_stats(channels, size, stride, padding, block_m, block_k, warps, args.arch)
                 wgrad_rows.append({"conv": name, "channels": channels, "block_m": block_m, "warps": warps, **stats})
                 print(f"| {name} | {channels} | {block_m}, {stats['block_k']}, {warps} | {stats['tiles']} | "
